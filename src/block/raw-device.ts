@@ -1,0 +1,47 @@
+import { AddCowError } from "../errors";
+import type { FileIO } from "../io/file-io";
+import type { BlockDevice } from "./block-device";
+import { checkRange } from "./range";
+
+/** A raw disk image: the virtual disk is the file's bytes. */
+export class RawDevice implements BlockDevice {
+  private constructor(
+    readonly file: FileIO,
+    readonly size: number,
+  ) {}
+
+  static async open(file: FileIO): Promise<RawDevice> {
+    return new RawDevice(file, await file.size());
+  }
+
+  get readOnly(): boolean {
+    return !this.file.writable;
+  }
+
+  async read(buf: Buffer, offset: number): Promise<void> {
+    checkRange(this, buf.length, offset);
+    const n = await this.file.read(buf, offset);
+    // The file may have been shortened behind our back; the disk still has its size.
+    if (n < buf.length) buf.fill(0, n);
+  }
+
+  async write(buf: Buffer, offset: number): Promise<void> {
+    if (this.readOnly) {
+      throw new AddCowError(`${this.file.path} is open read-only`, { code: "EROFS" });
+    }
+    checkRange(this, buf.length, offset);
+    await this.file.write(buf, offset);
+  }
+
+  async flush(): Promise<void> {
+    if (!this.readOnly) await this.file.sync();
+  }
+
+  async close(): Promise<void> {
+    try {
+      await this.flush();
+    } finally {
+      await this.file.close();
+    }
+  }
+}

@@ -1,0 +1,357 @@
+import type { BlockDevice } from "../block/block-device";
+import { checkRange } from "../block/range";
+import { AddCowError } from "../errors";
+import {
+  type AddCowHeader,
+  COMPATIBLE_FEATURES_OFFSET,
+  FEATURE_ALL_ALLOCATED,
+} from "../format/header";
+import { BitmapCache, DEFAULT_BITMAP_CACHE_BYTES } from "../format/bitmap-cache";
+import type { FileIO } from "../io/file-io";
+import { log } from "../log";
+import { FlushCoalescer } from "./flush-coalescer";
+import { RangeLock } from "./range-lock";
+
+/** writeback: bits reach disk on flush; writethrough: every write is durable when acknowledged. */
+export type CacheMode = "writeback" | "writethrough";
+
+export interface AddCowDeviceParts {
+  /** Path of the .add-cow file, for messages. */
+  path: string;
+  header: AddCowHeader;
+  /** The .add-cow file (header + bitmap). */
+  meta: FileIO;
+  /** The image file: allocated clusters at their own offset; its length is the disk size. */
+  image: FileIO;
+  imageSize: number;
+  /** The backing disk, opened read-only; null when there is none or it is not used. */
+  backing: BlockDevice | null;
+  /** Resolved paths, for info. */
+  imagePath: string;
+  backingPath: string | null;
+  cacheMode?: CacheMode;
+  bitmapCacheBytes?: number;
+  /** Called once when the device is closed (releases locks). */
+  onClose?: () => Promise<void> | void;
+}
+
+/** Where the bytes of a run of clusters come from. */
+export type ClusterSource = "image" | "backing" | "zero";
+
+/**
+ * An add-cow disk. Reads are served per run of clusters from the image file
+ * (bit 1) or the backing disk (bit 0; zeros past its end). Writes go to the
+ * image file; a first write that covers only part of a cluster fills the rest
+ * from the backing disk (copy-on-write) before the cluster's bit is set.
+ */
+export class AddCowDevice implements BlockDevice {
+  readonly path: string;
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly clusterBits: number;
+  readonly clusterSize: number;
+  readonly numClusters: number;
+  readonly header: AddCowHeader;
+  readonly imagePath: string;
+  readonly backingPath: string | null;
+  readonly backing: BlockDevice | null;
+  readonly image: FileIO;
+  readonly meta: FileIO;
+  readonly bitmap: BitmapCache;
+  cacheMode: CacheMode;
+
+  /** Held while clusters are being allocated (copy-on-write, block-job copies). */
+  readonly allocating = new RangeLock();
+  private readonly flusher = new FlushCoalescer(() => this.flushOrdered());
+  /** Counts completed image writes; compared with syncedWrites to skip needless syncs. */
+  private completedWrites = 0;
+  private syncedWrites = 0;
+  private closed = false;
+  private readonly onClose: (() => Promise<void> | void) | undefined;
+
+  constructor(parts: AddCowDeviceParts) {
+    this.path = parts.path;
+    this.header = parts.header;
+    this.meta = parts.meta;
+    this.image = parts.image;
+    this.size = parts.imageSize;
+    this.readOnly = !parts.image.writable;
+    this.backing = parts.backing;
+    this.imagePath = parts.imagePath;
+    this.backingPath = parts.backingPath;
+    this.cacheMode = parts.cacheMode ?? "writeback";
+    this.onClose = parts.onClose;
+    this.clusterBits = parts.header.clusterBits;
+    this.clusterSize = 2 ** this.clusterBits;
+    this.numClusters = Math.ceil(this.size / this.clusterSize);
+    this.bitmap = new BitmapCache(parts.meta, {
+      offset: parts.header.headerSize,
+      clusterBits: this.clusterBits,
+      numClusters: this.numClusters,
+      capacityBytes: parts.bitmapCacheBytes ?? DEFAULT_BITMAP_CACHE_BYTES,
+      onPressure: () => this.flush(),
+    });
+  }
+
+  /** Compatible bit 0: the image file holds every cluster; bitmap and backing are not used. */
+  get allAllocated(): boolean {
+    return (this.header.compatibleFeatures & FEATURE_ALL_ALLOCATED) !== 0n;
+  }
+
+  private clusterOf(offset: number): number {
+    return Math.floor(offset / this.clusterSize);
+  }
+
+  private clusterEnd(end: number): number {
+    return Math.ceil(end / this.clusterSize);
+  }
+
+  async read(buf: Buffer, offset: number): Promise<void> {
+    checkRange(this, buf.length, offset);
+    if (buf.length === 0) return;
+    if (this.allAllocated) {
+      await this.readImage(buf, offset);
+      return;
+    }
+    const end = offset + buf.length;
+    const c0 = this.clusterOf(offset);
+    const c1 = this.clusterEnd(end);
+    const pinning = this.bitmap.pin(c0, c1);
+    if (pinning) await pinning;
+    try {
+      let pos = offset;
+      let c = c0;
+      const reads: Array<Promise<void>> = [];
+      while (pos < end) {
+        const allocated = this.bitmap.isSet(c);
+        const n = this.bitmap.runLength(c, c1);
+        const runEnd = Math.min(end, (c + n) * this.clusterSize);
+        const part = buf.subarray(pos - offset, runEnd - offset);
+        log.engine("read run [%d, %d) from %s", pos, runEnd, allocated ? "image" : "backing");
+        reads.push(allocated ? this.readImage(part, pos) : this.readBacking(part, pos));
+        pos = runEnd;
+        c += n;
+      }
+      if (reads.length === 1) await reads[0];
+      else await Promise.all(reads);
+    } finally {
+      this.bitmap.unpin(c0, c1);
+    }
+  }
+
+  private async readImage(buf: Buffer, pos: number): Promise<void> {
+    const n = await this.image.read(buf, pos);
+    if (n < buf.length) buf.fill(0, n);
+  }
+
+  /** Backing data for [pos, pos + buf.length): zeros past the backing disk's end or without one. */
+  private async readBacking(buf: Buffer, pos: number): Promise<void> {
+    const backing = this.backing;
+    const avail = backing ? Math.max(0, Math.min(buf.length, backing.size - pos)) : 0;
+    if (avail > 0) await backing!.read(avail === buf.length ? buf : buf.subarray(0, avail), pos);
+    if (avail < buf.length) buf.fill(0, avail);
+  }
+
+  async write(buf: Buffer, offset: number): Promise<void> {
+    if (this.readOnly) {
+      throw new AddCowError(`${this.path} is open read-only`, { code: "EROFS" });
+    }
+    checkRange(this, buf.length, offset);
+    if (buf.length === 0) return;
+    if (this.allAllocated) {
+      await this.image.write(buf, offset);
+      this.completedWrites++;
+    } else {
+      const c0 = this.clusterOf(offset);
+      const c1 = this.clusterEnd(offset + buf.length);
+      const pinning = this.bitmap.pin(c0, c1);
+      if (pinning) await pinning;
+      try {
+        if (this.isAllocated(c0, c1)) {
+          // Hot path: every cluster is in the image file already.
+          await this.image.write(buf, offset);
+          this.completedWrites++;
+        } else {
+          await this.allocateAndWrite(buf, offset, c0, c1);
+        }
+      } finally {
+        this.bitmap.unpin(c0, c1);
+      }
+    }
+    if (this.cacheMode === "writethrough") await this.flush();
+  }
+
+  private isAllocated(c0: number, c1: number): boolean {
+    return this.bitmap.isSet(c0) && this.bitmap.runLength(c0, c1) === c1 - c0;
+  }
+
+  /**
+   * First write into at least one cluster: under the allocation lock, fill the
+   * uncovered head and tail of unallocated edge clusters from the backing disk,
+   * write everything with one I/O, and only then set the bits in memory.
+   */
+  private async allocateAndWrite(buf: Buffer, offset: number, c0: number, c1: number) {
+    const release = await this.allocating.acquire(c0, c1);
+    try {
+      // Another request may have allocated these clusters while we waited.
+      if (this.isAllocated(c0, c1)) {
+        await this.image.write(buf, offset);
+        this.completedWrites++;
+        return;
+      }
+      const end = offset + buf.length;
+      const cs = this.clusterSize;
+      const headFill = offset % cs !== 0 && !this.bitmap.isSet(c0);
+      const tailFill = end % cs !== 0 && end < this.size && !this.bitmap.isSet(c1 - 1);
+      const start = headFill ? c0 * cs : offset;
+      const stop = tailFill ? Math.min(c1 * cs, this.size) : end;
+      let data = buf;
+      if (start !== offset || stop !== end) {
+        data = Buffer.allocUnsafe(stop - start);
+        const fills: Array<Promise<void>> = [];
+        if (start < offset) fills.push(this.readBacking(data.subarray(0, offset - start), start));
+        if (stop > end) fills.push(this.readBacking(data.subarray(end - start), end));
+        await Promise.all(fills);
+        buf.copy(data, offset - start);
+        log.engine("copy-on-write [%d, %d) around write [%d, %d)", start, stop, offset, end);
+      }
+      await this.image.write(data, start);
+      this.completedWrites++;
+      this.bitmap.set(c0, c1);
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * Copies clusters [c0, c1) that are still unallocated from the backing disk
+   * into the image file and sets their bits (block jobs: stream). Takes the same
+   * allocation lock as writes, so a user's write is never overwritten by a copy.
+   * Returns the number of clusters copied.
+   */
+  async copyFromBacking(c0: number, c1: number, scratch?: Buffer): Promise<number> {
+    if (this.readOnly) throw new AddCowError(`${this.path} is open read-only`, { code: "EROFS" });
+    if (this.allAllocated) return 0;
+    const pinning = this.bitmap.pin(c0, c1);
+    if (pinning) await pinning;
+    try {
+      const release = await this.allocating.acquire(c0, c1);
+      try {
+        let copied = 0;
+        let c = c0;
+        while (c < c1) {
+          const n = this.bitmap.runLength(c, c1);
+          if (!this.bitmap.isSet(c)) {
+            const start = c * this.clusterSize;
+            const stop = Math.min((c + n) * this.clusterSize, this.size);
+            const len = stop - start;
+            const data =
+              scratch && scratch.length >= len ? scratch.subarray(0, len) : Buffer.allocUnsafe(len);
+            await this.readBacking(data, start);
+            await this.image.write(data, start);
+            this.completedWrites++;
+            this.bitmap.set(c, c + n);
+            copied += n;
+          }
+          c += n;
+        }
+        return copied;
+      } finally {
+        release();
+      }
+    } finally {
+      this.bitmap.unpin(c0, c1);
+    }
+  }
+
+  /** Where the bytes of clusters [c0, c0 + result.count) come from. */
+  async sourceRuns(
+    fn: (start: number, length: number, source: ClusterSource) => void | Promise<void>,
+  ): Promise<void> {
+    if (this.size === 0) return;
+    if (this.allAllocated) {
+      await fn(0, this.size, "image");
+      return;
+    }
+    const backingSize = this.backing ? this.backing.size : 0;
+    let pending: { start: number; end: number; source: ClusterSource } | null = null;
+    const emit = async (start: number, end: number, source: ClusterSource) => {
+      if (start >= end) return;
+      if (pending && pending.source === source && pending.end === start) {
+        pending.end = end;
+        return;
+      }
+      if (pending) await fn(pending.start, pending.end - pending.start, pending.source);
+      pending = { start, end, source };
+    };
+    await this.bitmap.forEachRun(0, this.numClusters, async (c, n, allocated) => {
+      const start = c * this.clusterSize;
+      const end = Math.min((c + n) * this.clusterSize, this.size);
+      if (allocated) return emit(start, end, "image");
+      const split = Math.max(start, Math.min(end, backingSize));
+      await emit(start, split, "backing");
+      await emit(split, end, "zero");
+    });
+    const last = pending as { start: number; end: number; source: ClusterSource } | null;
+    if (last) await fn(last.start, last.end - last.start, last.source);
+  }
+
+  /** Number of allocated clusters (scans the bitmap one bitmap cluster at a time). */
+  async countAllocated(): Promise<number> {
+    if (this.allAllocated) return this.numClusters;
+    let count = 0;
+    await this.bitmap.forEachRun(0, this.numClusters, (_c, n, allocated) => {
+      if (allocated) count += n;
+    });
+    return count;
+  }
+
+  flush(): Promise<void> {
+    if (this.readOnly) return Promise.resolve();
+    return this.flusher.flush();
+  }
+
+  /** The ordered flush: image data durable, then bitmap clusters, then the .add-cow file. */
+  private async flushOrdered(): Promise<void> {
+    const writes = this.completedWrites;
+    if (writes === this.syncedWrites && !this.bitmap.hasDirty()) return;
+    await this.bitmap.writeBack(async () => {
+      if (writes !== this.syncedWrites) await this.image.sync();
+    });
+    this.syncedWrites = writes;
+  }
+
+  /** Sets the "all allocated" feature once every cluster is in the image file. */
+  async markAllAllocated(): Promise<void> {
+    if (this.allAllocated) return;
+    await this.flush();
+    if ((await this.countAllocated()) !== this.numClusters) {
+      throw new AddCowError(`${this.path}: not every cluster is allocated yet`);
+    }
+    const features = this.header.compatibleFeatures | FEATURE_ALL_ALLOCATED;
+    const field = Buffer.alloc(8);
+    field.writeBigUInt64LE(features);
+    await this.meta.write(field, COMPATIBLE_FEATURES_OFFSET);
+    await this.meta.sync();
+    this.header.compatibleFeatures = features;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    const errors: unknown[] = [];
+    const attempt = async (fn: () => Promise<void> | void) => {
+      try {
+        await fn();
+      } catch (err) {
+        errors.push(err);
+      }
+    };
+    await attempt(() => this.flush());
+    await attempt(() => this.backing?.close());
+    await attempt(() => this.image.close());
+    await attempt(() => this.meta.close());
+    await attempt(() => this.onClose?.());
+    if (errors.length > 0) throw errors[0];
+  }
+}

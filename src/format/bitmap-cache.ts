@@ -1,0 +1,326 @@
+import type { FileIO } from "../io/file-io";
+import { log } from "../log";
+
+/**
+ * The COW bitmap, cached in units of one bitmap cluster (clusterSize bytes of
+ * bitmap = clusterSize * 8 disk clusters), so a 16 TiB disk opens without
+ * reading its whole bitmap and memory stays bounded.
+ *
+ * Bits only go 0 -> 1 while the disk runs. A set bit is first only in memory
+ * ("dirty"); writeBack() persists dirty bitmap clusters in the order that keeps
+ * a crash harmless: sync the image data, then write the bitmap clusters, then
+ * sync the .add-cow file. Eviction of a dirty cluster goes through the same path.
+ */
+interface Entry {
+  readonly index: number;
+  readonly bits: Buffer;
+  /** Bumped on every change; equal to savedVersion when the entry matches the disk. */
+  version: number;
+  savedVersion: number;
+  /** The bits as last made durable, kept while dirty so a failed data sync can roll back. */
+  durable: Buffer | null;
+  pins: number;
+  lastUse: number;
+}
+
+export interface BitmapCacheOptions {
+  /** Byte offset of the bitmap in the .add-cow file (HEADER_SIZE). */
+  offset: number;
+  clusterBits: number;
+  numClusters: number;
+  /** Upper bound for cached bitmap bytes (soft: pinned entries may exceed it briefly). */
+  capacityBytes: number;
+  /** Called when every cached entry is dirty and one must go: must run writeBack(). */
+  onPressure: () => Promise<void>;
+}
+
+export const DEFAULT_BITMAP_CACHE_BYTES = 32 * 1024 * 1024;
+
+export class BitmapCache {
+  readonly numClusters: number;
+  /** Disk clusters described by one cached bitmap cluster. */
+  readonly clustersPerEntry: number;
+  private readonly entryShift: number;
+  private readonly entryBytes: number;
+  private readonly capacity: number;
+  private readonly entries = new Map<number, Entry>();
+  private readonly loading = new Map<number, Promise<Entry>>();
+  private clock = 0;
+  private versionCounter = 0;
+  private dirtyCount = 0;
+
+  constructor(
+    private readonly meta: FileIO,
+    private readonly opts: BitmapCacheOptions,
+  ) {
+    this.numClusters = opts.numClusters;
+    this.entryBytes = 2 ** opts.clusterBits;
+    this.entryShift = opts.clusterBits + 3;
+    this.clustersPerEntry = 2 ** this.entryShift;
+    this.capacity = Math.max(2, Math.floor(opts.capacityBytes / this.entryBytes));
+  }
+
+  /**
+   * Loads and pins the entries covering clusters [c0, c1) so they cannot be
+   * evicted while a request uses them; pair with unpin(). Returns undefined
+   * (no promise, no allocation) when everything is cached already. Either
+   * pins everything or, on a read error, nothing.
+   */
+  pin(c0: number, c1: number): Promise<void> | undefined {
+    const first = Math.floor(c0 / this.clustersPerEntry);
+    const last = Math.floor((c1 - 1) / this.clustersPerEntry);
+    let missing: number[] | undefined;
+    for (let i = first; i <= last; i++) {
+      const e = this.entries.get(i);
+      if (e) {
+        e.pins++;
+        e.lastUse = ++this.clock;
+      } else {
+        (missing ??= []).push(i);
+      }
+    }
+    if (!missing) return undefined;
+    return this.pinMissing(first, last, missing);
+  }
+
+  private async pinMissing(first: number, last: number, missing: number[]): Promise<void> {
+    const pinned: Entry[] = [];
+    try {
+      for (const i of missing) {
+        const e = await this.load(i);
+        e.pins++;
+        e.lastUse = ++this.clock;
+        pinned.push(e);
+      }
+    } catch (err) {
+      for (const e of pinned) e.pins--;
+      for (let i = first; i <= last; i++) {
+        if (!missing.includes(i)) this.entries.get(i)!.pins--;
+      }
+      throw err;
+    }
+  }
+
+  unpin(c0: number, c1: number): void {
+    const first = Math.floor(c0 / this.clustersPerEntry);
+    const last = Math.floor((c1 - 1) / this.clustersPerEntry);
+    for (let i = first; i <= last; i++) {
+      const e = this.entries.get(i);
+      if (e) e.pins--;
+    }
+  }
+
+  private load(index: number): Promise<Entry> {
+    const ready = this.entries.get(index);
+    if (ready) return Promise.resolve(ready);
+    let p = this.loading.get(index);
+    if (!p) {
+      p = this.loadFromDisk(index).finally(() => this.loading.delete(index));
+      this.loading.set(index, p);
+    }
+    return p;
+  }
+
+  private async loadFromDisk(index: number): Promise<Entry> {
+    await this.makeRoom();
+    const bits = Buffer.alloc(this.entryBytes);
+    // A bitmap without its trailing padding reads short: the missing bytes are 0.
+    await this.meta.read(bits, this.opts.offset + index * this.entryBytes);
+    const v = ++this.versionCounter;
+    const e: Entry = {
+      index,
+      bits,
+      version: v,
+      savedVersion: v,
+      durable: null,
+      pins: 0,
+      lastUse: ++this.clock,
+    };
+    this.entries.set(index, e);
+    log.bitmap("loaded bitmap cluster %d", index);
+    return e;
+  }
+
+  private async makeRoom(): Promise<void> {
+    for (let attempt = 0; this.entries.size + this.loading.size >= this.capacity; attempt++) {
+      let victim: Entry | undefined;
+      for (const e of this.entries.values()) {
+        if (e.pins > 0 || e.version !== e.savedVersion) continue;
+        if (!victim || e.lastUse < victim.lastUse) victim = e;
+      }
+      if (victim) {
+        this.entries.delete(victim.index);
+        log.bitmap("evicted bitmap cluster %d", victim.index);
+        continue;
+      }
+      // Every candidate is dirty (or pinned): persist in the safe order, then retry once.
+      if (attempt > 0 || this.dirtyCount === 0) return;
+      await this.opts.onPressure();
+    }
+  }
+
+  private entry(c: number): Entry {
+    const e = this.entries.get(Math.floor(c / this.clustersPerEntry));
+    if (!e) throw new Error(`bitmap cluster for disk cluster ${c} used without pin()`);
+    return e;
+  }
+
+  isSet(c: number): boolean {
+    const e = this.entry(c);
+    const bit = c % this.clustersPerEntry;
+    return ((e.bits[bit >> 3]! >> (bit & 7)) & 1) === 1;
+  }
+
+  /**
+   * Number of clusters from c (before end) that have the same state as c.
+   * Skips whole bytes of equal bits; never walks bit by bit over long runs.
+   */
+  runLength(c: number, end: number): number {
+    const state = this.isSet(c);
+    const fullByte = state ? 0xff : 0x00;
+    let pos = c;
+    while (pos < end) {
+      const e = this.entry(pos);
+      const base = e.index * this.clustersPerEntry;
+      const limit = Math.min(end, base + this.clustersPerEntry) - base;
+      let bit = pos - base;
+      const bits = e.bits;
+      while (bit < limit) {
+        if ((bit & 7) === 0 && bit + 8 <= limit) {
+          let byte = bit >> 3;
+          const lastByte = limit >> 3;
+          while (byte < lastByte && bits[byte] === fullByte) byte++;
+          if (byte << 3 !== bit) {
+            bit = byte << 3;
+            continue;
+          }
+        }
+        if ((((bits[bit >> 3]! >> (bit & 7)) & 1) === 1) !== state) return base + bit - c;
+        bit++;
+      }
+      pos = base + limit;
+    }
+    return end - c;
+  }
+
+  /** Marks clusters [c0, c1) allocated in memory (they become dirty). */
+  set(c0: number, c1: number): void {
+    let c = c0;
+    while (c < c1) {
+      const e = this.entry(c);
+      const base = e.index * this.clustersPerEntry;
+      const stop = Math.min(c1, base + this.clustersPerEntry);
+      let changed = false;
+      for (; c < stop; c++) {
+        const bit = c - base;
+        const mask = 1 << (bit & 7);
+        const old = e.bits[bit >> 3]!;
+        if (old & mask) continue;
+        if (!changed && e.version === e.savedVersion) {
+          e.durable = Buffer.from(e.bits);
+          this.dirtyCount++;
+        }
+        changed = true;
+        e.bits[bit >> 3] = old | mask;
+      }
+      if (changed) e.version = ++this.versionCounter;
+    }
+  }
+
+  hasDirty(): boolean {
+    return this.dirtyCount > 0;
+  }
+
+  /**
+   * Persists every dirty bitmap cluster. syncData must make the image data of
+   * every bit set so far durable; it runs after the snapshot and before any
+   * bitmap byte is written. If it fails, the unflushed bits are rolled back in
+   * memory (those clusters read as before their writes) because the data they
+   * describe may never reach the disk.
+   */
+  async writeBack(syncData: () => Promise<void>): Promise<void> {
+    const snapshot: Array<{ e: Entry; version: number; bits: Buffer }> = [];
+    for (const e of this.entries.values()) {
+      if (e.version !== e.savedVersion) {
+        snapshot.push({ e, version: e.version, bits: Buffer.from(e.bits) });
+      }
+    }
+    try {
+      await syncData();
+    } catch (err) {
+      this.rollBack();
+      throw err;
+    }
+    if (snapshot.length === 0) return;
+    for (const s of snapshot) {
+      await this.meta.write(s.bits, this.opts.offset + s.e.index * this.entryBytes);
+    }
+    await this.meta.sync();
+    for (const s of snapshot) {
+      const e = s.e;
+      if (e.version === s.version) {
+        e.savedVersion = e.version;
+        e.durable = null;
+        this.dirtyCount--;
+      } else {
+        // Bits set since the snapshot stay dirty for the next write-back.
+        e.durable = s.bits;
+      }
+    }
+    log.bitmap("wrote back %d bitmap cluster(s)", snapshot.length);
+  }
+
+  private rollBack(): void {
+    for (const e of this.entries.values()) {
+      if (e.version === e.savedVersion || !e.durable) continue;
+      e.durable.copy(e.bits);
+      e.durable = null;
+      e.version = e.savedVersion = ++this.versionCounter;
+      this.dirtyCount--;
+    }
+    log.bitmap("data sync failed: rolled back unflushed bits");
+  }
+
+  /**
+   * Calls fn for each maximal run of equal bits in [c0, c1), loading one
+   * bitmap cluster at a time, so scanning a huge disk keeps memory bounded.
+   */
+  async forEachRun(
+    c0: number,
+    c1: number,
+    fn: (start: number, count: number, allocated: boolean) => void | Promise<void>,
+  ): Promise<void> {
+    let runStart = c0;
+    let runCount = 0;
+    let runState = false;
+    let c = c0;
+    while (c < c1) {
+      const entryEnd = Math.min(
+        c1,
+        (Math.floor(c / this.clustersPerEntry) + 1) * this.clustersPerEntry,
+      );
+      await this.pin(c, entryEnd);
+      const pieces: Array<[number, boolean]> = [];
+      try {
+        while (c < entryEnd) {
+          const n = this.runLength(c, entryEnd);
+          pieces.push([n, this.isSet(c)]);
+          c += n;
+        }
+      } finally {
+        this.unpin(c - 1, c);
+      }
+      for (const [n, state] of pieces) {
+        if (runCount > 0 && state === runState) {
+          runCount += n;
+          continue;
+        }
+        if (runCount > 0) await fn(runStart, runCount, runState);
+        runStart += runCount;
+        runCount = n;
+        runState = state;
+      }
+    }
+    if (runCount > 0) await fn(runStart, runCount, runState);
+  }
+}
