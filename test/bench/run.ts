@@ -199,7 +199,9 @@ async function main(): Promise<number> {
     if (a < 0 || b < a) throw new Error(`${mdFile} lacks the ${begin} ... ${end} markers`);
     fs.writeFileSync(mdFile, `${text.slice(0, a + begin.length)}\n${markdown}\n${text.slice(b)}`);
     // Keep `npm test`'s prettier --check green: let prettier align the tables.
-    await run(path.join(repoRoot, "node_modules/.bin/prettier"), ["--write", mdFile], { allowFail: true });
+    await run(path.join(repoRoot, "node_modules/.bin/prettier"), ["--write", mdFile], {
+      allowFail: true,
+    });
     log(`updated ${mdFile}`);
   }
   return interrupted ? 130 : failed ? 1 : 0;
