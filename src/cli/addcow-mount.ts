@@ -1,12 +1,12 @@
 #!/usr/bin/env node
 import * as path from "node:path";
-import { Command, CommanderError, Option } from "commander";
+import { Command, Option } from "commander";
 import { CHILD_FLAG, startInBackground, tellParent } from "../daemon/background";
 import { type DiskSpec, MountDaemon } from "../daemon/daemon";
 import { diskFileName } from "../daemon/mount-table";
-import { AddCowError, describeError } from "../errors";
+import { AddCowError } from "../errors";
 import { KNOWN_OPTIONS, parseMountOptions } from "../fuse/mount-options";
-import { log } from "../log";
+import { errorLine, packageVersion, runCli } from "./run-cli";
 
 const PROGRAM = "addcow-mount";
 
@@ -21,8 +21,10 @@ function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
 }
 
-function buildProgram(): Command {
+export function buildProgram(): Command {
   return new Command(PROGRAM)
+    .version(packageVersion(), "-V, --version", "print the version and exit")
+    .helpOption("-h, --help", "show help")
     .usage("[options] FILE.add-cow [FILE2.add-cow ...] MOUNTDIR")
     .description(
       "Presents add-cow disks as flat files: MOUNTDIR/NAME is the virtual disk of NAME.add-cow.\n" +
@@ -73,7 +75,7 @@ async function mountAction(paths: string[], opts: CliOptions): Promise<void> {
     });
   } catch (err) {
     if (!foreground) {
-      await tellParent({ type: "error", message: describeError(err) });
+      await tellParent({ type: "error", message: errorLine(err) });
       process.exit(1);
     }
     throw err;
@@ -92,28 +94,6 @@ async function mountAction(paths: string[], opts: CliOptions): Promise<void> {
   process.exit(code);
 }
 
-/** One line on stderr and exit code 1 for any failure; a stack trace only with DEBUG=addcow:*. */
-async function main(): Promise<void> {
-  const program = buildProgram();
-  program.exitOverride();
-  program.configureOutput({ outputError: () => undefined });
-  try {
-    await program.parseAsync(process.argv);
-  } catch (err) {
-    if (err instanceof CommanderError) {
-      if (err.code === "commander.helpDisplayed" || err.code === "commander.version") {
-        process.exitCode = err.exitCode;
-        return;
-      }
-      process.stderr.write(
-        `${PROGRAM}: ${err.message.replace(/^error: /, "")} (see '${PROGRAM} --help')\n`,
-      );
-    } else {
-      process.stderr.write(`${PROGRAM}: ${describeError(err)}\n`);
-      if (log.cli.enabled && err instanceof Error) process.stderr.write(`${err.stack}\n`);
-    }
-    process.exitCode = 1;
-  }
+if (require.main === module) {
+  void runCli(buildProgram());
 }
-
-void main();
