@@ -5,7 +5,7 @@ import type { CheckReport } from "../src/commands/check";
 import type { DiskInfo } from "../src/commands/info";
 import type { Extent } from "../src/commands/map";
 import { openDisk } from "../src/engine/open-disk";
-import { addcow, snapshotDir, stderrLines, tempDir } from "./cli-helpers";
+import { addcow, addcowEnv, snapshotDir, stderrLines, tempDir } from "./cli-helpers";
 
 let dir: string;
 beforeEach(() => {
@@ -133,10 +133,25 @@ describe("addcow create", () => {
     expectFailure(1, ["creat", "x"], /unknown command 'creat'/);
   });
 
+  it("adds a stack trace only when DEBUG=addcow:* is set", () => {
+    const plain = addcow(dir, "create", "disk.add-cow", "0");
+    expect(stderrLines(plain)).toHaveLength(1);
+    const traced = addcowEnv(dir, { DEBUG: "addcow:*" }, "create", "disk.add-cow", "0");
+    expect(traced.code).toBe(1);
+    expect(traced.stderr).toMatch(/^addcow: invalid size/);
+    expect(traced.stderr).toMatch(/\n\s+at .*create-disk/);
+  });
+
   it("prints help and version", () => {
     const help = addcow(dir, "create", "--help");
     expect(help.code).toBe(0);
     expect(help.stdout).toMatch(/Usage: addcow create \[options\] <file> \[size\]/);
+    for (const sub of ["info", "map", "check"]) {
+      const r = addcow(dir, sub, "--help");
+      expect(r.code).toBe(0);
+      expect(r.stdout).toMatch(new RegExp(`Usage: addcow ${sub} \\[options\\] <file>`));
+      expect(r.stdout).toMatch(/--json/);
+    }
     const version = addcow(dir, "--version");
     expect(version.code).toBe(0);
     expect(version.stdout.trim()).toMatch(/^\d+\.\d+\.\d+/);
