@@ -102,6 +102,23 @@ function report(
   for (const [sign, text] of notes) lines.push(`${sign} ${text}.  `);
   for (const s of skipped) lines.push(`Skipped: ${s}.  `);
 
+  // CPU time is far steadier than throughput on a shared machine: it shows the cost per request.
+  lines.push("", "### Daemon CPU time per fio I/O (user + system, all threads; µs, median)", "");
+  lines.push(`| system | ${wls.map((w) => w.name).join(" | ")} |`);
+  lines.push(`|---|${wls.map(() => "---:").join("|")}|`);
+  for (const s of systems) {
+    if (s.kind === "reference") continue;
+    const row = wls.map((w) => {
+      const cpu = med(s, w)?.cpuUsPerIo;
+      return cpu === undefined || !Number.isFinite(cpu) ? "-" : cpu.toFixed(0);
+    });
+    lines.push(`| ${s.label} | ${row.join(" | ")} |`);
+  }
+  lines.push(
+    "",
+    "A 1 MiB fio I/O is 8 FUSE requests of 128 KiB. nbdkit's CPU is not counted (only nbdfuse's).",
+  );
+
   const addcow = systems.find((s) => s.name === "addcow");
   const qsd = systems.find((s) => s.name === "qsd");
   const ceil = systems.find((s) => s.name === "ceiling");

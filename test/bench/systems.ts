@@ -267,7 +267,7 @@ export function ceiling(
     label:
       io === "null"
         ? "fuse-native doing no I/O (per-request cost)"
-        : `ceiling (fuse-native passthrough, ${io} I/O${small ? ", 4 KiB writes" : ""})`,
+        : `ceiling (fuse-native passthrough, ${io} I/O${small ? ", no big_writes/max_write/max_read" : ""})`,
     kind: "ceiling",
     durable: true,
     missing: () => (fs.existsSync(ceilingJs) ? null : `${ceilingJs} not built`),
