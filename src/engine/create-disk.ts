@@ -25,6 +25,12 @@ export interface CreateOptions {
   clusterSize?: number;
   /** Virtual size in bytes; default the existing image file's size, else the backing file's. */
   size?: number;
+  /**
+   * Size of the backing disk when the caller has it open already (a live
+   * snapshot, whose backing is open for writing in this process): the backing
+   * file is then not opened again to validate it.
+   */
+  backingSize?: number;
 }
 
 export interface CreateResult {
@@ -125,10 +131,14 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     if (path.resolve(opts.backing) === path.resolve(file)) {
       throw new AddCowError(`backing file ${opts.backing} is the new .add-cow file itself`);
     }
-    // Opening validates the backing disk (and its whole chain) and gives its size.
-    const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat);
-    backingSize = backing.size;
-    await backing.close();
+    if (opts.backingSize !== undefined) {
+      backingSize = opts.backingSize;
+    } else {
+      // Opening validates the backing disk (and its whole chain) and gives its size.
+      const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat);
+      backingSize = backing.size;
+      await backing.close();
+    }
   }
 
   let size: number;

@@ -270,6 +270,21 @@ export class BitmapCache {
     log.bitmap("wrote back %d bitmap cluster(s)", snapshot.length);
   }
 
+  /**
+   * Forgets every cached bit so the next use reads the bitmap from the file
+   * again (after it was rewritten on disk: commit empties the overlay).
+   * Only legal while nothing is pinned, loading or dirty.
+   */
+  reset(): void {
+    if (this.dirtyCount > 0 || this.loading.size > 0) {
+      throw new Error("bitmap reset while bits are dirty or loading");
+    }
+    for (const e of this.entries.values()) {
+      if (e.pins > 0) throw new Error("bitmap reset while a request uses it");
+    }
+    this.entries.clear();
+  }
+
   private rollBack(): void {
     for (const e of this.entries.values()) {
       if (e.version === e.savedVersion || !e.durable) continue;
