@@ -120,7 +120,10 @@ async function openFile(
   } catch (err) {
     const code = errnoCode(err);
     const why = code === "EACCES" ? "permission denied" : (err as Error).message;
-    throw new AddCowError(`cannot open ${role} ${file} for ${mode}ing: ${why}`, { file, code });
+    throw new AddCowError(
+      `cannot open ${role} ${file} for ${mode === "write" ? "writing" : "reading"}: ${why}`,
+      { file, code },
+    );
   }
   state.cleanup.push(() => io.close());
   if (state.opts.lock !== false) lockFile(io, mode === "write" ? "exclusive" : "shared", role);
