@@ -12,6 +12,9 @@ import {
   headerSizeFor,
 } from "../format/header";
 import { formatSize } from "../util/size";
+import type { BlockDevice } from "../block/block-device";
+import { RawDevice } from "../block/raw-device";
+import { AddCowDevice } from "./addcow-device";
 import { openBacking } from "./open-disk";
 
 export interface CreateOptions {
@@ -118,6 +121,12 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     });
   }
 
+  if (path.resolve(imageGiven) === path.resolve(file)) {
+    throw new AddCowError(
+      `image file ${imageGiven} is the .add-cow file itself; choose another image file with -i`,
+    );
+  }
+
   let backingSize: number | null = null;
   if (opts.backing !== undefined) {
     const bst = statOrNull(opts.backing);
@@ -132,12 +141,27 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
       throw new AddCowError(`backing file ${opts.backing} is the new .add-cow file itself`);
     }
     if (opts.backingSize !== undefined) {
+      // The caller has the backing open (a live snapshot) and vouches for it.
       backingSize = opts.backingSize;
     } else {
       // Opening validates the backing disk (and its whole chain) and gives its size.
       const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat);
-      backingSize = backing.size;
-      await backing.close();
+      try {
+        backingSize = backing.size;
+        // Writing the new disk must never modify a file its backing chain reads.
+        if (imageStat) {
+          for (const used of chainFiles(backing)) {
+            const st = statOrNull(used);
+            if (st && st.dev === imageStat.dev && st.ino === imageStat.ino) {
+              throw new AddCowError(
+                `image file ${imageGiven} is ${used}, a file of the backing chain of ${opts.backing}; choose another image file with -i`,
+              );
+            }
+          }
+        }
+      } finally {
+        await backing.close();
+      }
     }
   }
 
@@ -223,6 +247,21 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     clusterSize: 2 ** clusterBits,
     backingPath: opts.backing ?? null,
   };
+}
+
+/** Every file a backing device reads: each layer's .add-cow, image and raw files. */
+function chainFiles(dev: BlockDevice): string[] {
+  const files: string[] = [];
+  for (let layer: BlockDevice | null = dev; layer;) {
+    if (layer instanceof AddCowDevice) {
+      files.push(layer.path, layer.imagePath);
+      layer = layer.backing;
+    } else {
+      if (layer instanceof RawDevice) files.push(layer.file.path);
+      layer = null;
+    }
+  }
+  return files;
 }
 
 export function describeCreate(r: CreateResult): string {

@@ -1,0 +1,21 @@
+#!/usr/bin/env node
+import { Command } from "commander";
+import { packageVersion, runCli } from "./run-cli";
+import * as create from "./commands/create";
+
+/** Every subcommand is a module exporting register(program); add new ones here. */
+const COMMANDS: Array<{ register(program: Command): void }> = [create];
+
+export function buildProgram(): Command {
+  const program = new Command("addcow")
+    .description("create, inspect and check add-cow copy-on-write disks")
+    .version(packageVersion(), "-V, --version", "print the version and exit")
+    .helpOption("-h, --help", "show help")
+    .addHelpText("after", "\nSee docs/cli.md for the full reference. Tracing: DEBUG=addcow:*");
+  for (const command of COMMANDS) command.register(program);
+  return program;
+}
+
+if (require.main === module) {
+  void runCli(buildProgram());
+}
