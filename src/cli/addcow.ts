@@ -2,9 +2,21 @@
 import { Command } from "commander";
 import { packageVersion, runCli } from "./run-cli";
 import * as create from "./commands/create";
+import * as stream from "./commands/stream";
+import * as commit from "./commands/commit";
+import * as snapshot from "./commands/snapshot";
+import * as jobs from "./commands/jobs";
+import * as job from "./commands/job";
 
 /** Every subcommand is a module exporting register(program); add new ones here. */
-const COMMANDS: Array<{ register(program: Command): void }> = [create];
+const COMMANDS: Array<{ register(program: Command): void }> = [
+  create,
+  stream,
+  commit,
+  snapshot,
+  jobs,
+  job,
+];
 
 export function buildProgram(): Command {
   const program = new Command("addcow")

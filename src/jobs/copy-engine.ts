@@ -1,4 +1,5 @@
 import { EventEmitter } from "node:events";
+import { AddCowError } from "../errors";
 import { log } from "../log";
 
 /**
@@ -31,7 +32,7 @@ export interface CopyOptions {
   granularity?: number;
   /** Bytes per second; 0 or undefined means no limit. */
   speed?: number;
-  /** Interval between checkpoints (flushes) in ms (default 1000). */
+  /** Interval between checkpoints (flushes) in ms (default 500). */
   checkpointMs?: number;
   /** Bytes of work in total, for progress (default: all clusters). */
   total?: number;
@@ -39,6 +40,8 @@ export interface CopyOptions {
 
 export const DEFAULT_IN_FLIGHT = 16;
 export const DEFAULT_BUF_SIZE = 16 * 1024 * 1024;
+/** How often a job flushes, so a kill or power loss loses at most this much copying. */
+export const DEFAULT_CHECKPOINT_MS = 500;
 
 export interface CopyProgress {
   /** Bytes handled so far (copied, or found done meanwhile by someone else). */
@@ -86,8 +89,8 @@ export class CopyEngine extends EventEmitter {
     const cs = work.clusterSize;
     const granularity = opts.granularity ?? cs;
     if (granularity % cs !== 0 || granularity <= 0) {
-      throw new RangeError(
-        `granularity ${granularity} is not a multiple of the cluster size ${cs}`,
+      throw new AddCowError(
+        `invalid granularity ${granularity}: must be a multiple of the disk's cluster size ${cs}`,
       );
     }
     this.granularityClusters = granularity / cs;
@@ -100,7 +103,7 @@ export class CopyEngine extends EventEmitter {
     this.inFlightLimit = Math.min(inFlight, buffers);
     for (let i = 0; i < this.inFlightLimit; i++) this.pool.push(Buffer.allocUnsafe(share));
     this.speed = opts.speed ?? 0;
-    this.checkpointMs = opts.checkpointMs ?? 1000;
+    this.checkpointMs = opts.checkpointMs ?? DEFAULT_CHECKPOINT_MS;
     this.total = opts.total ?? work.size;
     this.resetChanged();
   }
