@@ -250,7 +250,9 @@ describe("commit", () => {
     const job = new Job("commit", layers[0]!);
     const status = await job.start((j) => commitOffline(layers[0]!, j, {}, { opener }));
     expect(status.state).toBe("failed");
-    expect(status.error).toMatch(/cannot commit .*backing file .*base\.raw.*permission denied/);
+    expect(status.error).toMatch(
+      /cannot commit .*backing file .*base\.raw cannot be opened for writing \(permission denied\)/,
+    );
     expect(fs.readFileSync(base).equals(before)).toBe(true);
   });
 });

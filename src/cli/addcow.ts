@@ -1,7 +1,10 @@
 #!/usr/bin/env node
 import { Command } from "commander";
 import { packageVersion, runCli } from "./run-cli";
+import * as check from "./commands/check";
 import * as create from "./commands/create";
+import * as info from "./commands/info";
+import * as map from "./commands/map";
 import * as stream from "./commands/stream";
 import * as commit from "./commands/commit";
 import * as snapshot from "./commands/snapshot";
@@ -11,6 +14,9 @@ import * as job from "./commands/job";
 /** Every subcommand is a module exporting register(program); add new ones here. */
 const COMMANDS: Array<{ register(program: Command): void }> = [
   create,
+  info,
+  map,
+  check,
   stream,
   commit,
   snapshot,

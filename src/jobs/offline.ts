@@ -78,8 +78,9 @@ async function explainReadOnlyBacking(file: string, err: unknown): Promise<unkno
     return err;
   }
   if (own.includes(path.resolve(err.file))) return err;
+  const why = code === "EROFS" ? "read-only file system" : "permission denied";
   return new AddCowError(
-    `cannot commit ${file}: ${err.message}; commit writes into the backing file, so it must be writable (or use stream to make the overlay standalone instead)`,
+    `cannot commit ${file}: backing file ${err.file} cannot be opened for writing (${why}); commit writes into the backing file, so make it writable, or use stream to make the overlay standalone instead`,
     { file: err.file, code, cause: err },
   );
 }

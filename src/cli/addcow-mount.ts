@@ -1,0 +1,99 @@
+#!/usr/bin/env node
+import * as path from "node:path";
+import { Command, Option } from "commander";
+import { CHILD_FLAG, startInBackground, tellParent } from "../daemon/background";
+import { type DiskSpec, MountDaemon } from "../daemon/daemon";
+import { diskFileName } from "../daemon/mount-table";
+import { AddCowError } from "../errors";
+import { KNOWN_OPTIONS, parseMountOptions } from "../fuse/mount-options";
+import { errorLine, packageVersion, runCli } from "./run-cli";
+
+const PROGRAM = "addcow-mount";
+
+interface CliOptions {
+  options: string[];
+  foreground?: boolean;
+  name?: string;
+  daemonChild?: boolean;
+}
+
+function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+export function buildProgram(): Command {
+  return new Command(PROGRAM)
+    .version(packageVersion(), "-V, --version", "print the version and exit")
+    .helpOption("-h, --help", "show help")
+    .usage("[options] FILE.add-cow [FILE2.add-cow ...] MOUNTDIR")
+    .description(
+      "Presents add-cow disks as flat files: MOUNTDIR/NAME is the virtual disk of NAME.add-cow.\n" +
+        "Goes to the background once the files are ready; stop with fusermount -u MOUNTDIR.",
+    )
+    .argument("<paths...>", "one or more .add-cow files, then the mount directory")
+    .option("-o, --options <list>", `comma-separated mount options: ${KNOWN_OPTIONS}`, collect, [])
+    .option("-f, --foreground", "stay in the foreground (stop with Ctrl-C or SIGTERM)")
+    .option(
+      "--name <name>",
+      "file name inside MOUNTDIR (one disk only; default FILE without .add-cow)",
+    )
+    .addOption(new Option(CHILD_FLAG).hideHelp())
+    .action(mountAction);
+}
+
+async function mountAction(paths: string[], opts: CliOptions): Promise<void> {
+  if (paths.length < 2) {
+    throw new AddCowError(
+      "give at least one FILE.add-cow and a MOUNTDIR, e.g. addcow-mount disk.add-cow /mnt/disk",
+    );
+  }
+  const files = paths.slice(0, -1);
+  const mountDir = path.resolve(paths[paths.length - 1]!);
+  if (opts.name !== undefined && files.length > 1) {
+    throw new AddCowError(`--name applies to a single disk; ${files.length} disks were given`);
+  }
+  const options = parseMountOptions(opts.options);
+  const disks: DiskSpec[] = files.map((f) => ({
+    file: path.resolve(f),
+    name: opts.name ?? diskFileName(f),
+  }));
+
+  if (!opts.foreground && !opts.daemonChild) {
+    // The child repeats the parsing above; errors it finds come back over IPC.
+    process.exitCode = await startInBackground(process.argv[1]!, process.argv.slice(2), PROGRAM);
+    return;
+  }
+
+  const foreground = !opts.daemonChild;
+  let daemon: MountDaemon;
+  try {
+    daemon = await MountDaemon.start({
+      disks,
+      mountDir,
+      options,
+      onWarning: (m) => process.stderr.write(`${PROGRAM}: ${m}\n`),
+    });
+  } catch (err) {
+    if (!foreground) {
+      await tellParent({ type: "error", message: errorLine(err) });
+      process.exit(1);
+    }
+    throw err;
+  }
+  const stop = (sig: string) => void daemon.stop(`received ${sig}`);
+  process.on("SIGINT", () => stop("SIGINT"));
+  process.on("SIGTERM", () => stop("SIGTERM"));
+  if (foreground) process.on("SIGHUP", () => stop("SIGHUP"));
+  else process.on("SIGHUP", () => undefined);
+  if (!foreground) {
+    await tellParent({ type: "ready" });
+    // Do not keep the directory we were started from busy.
+    process.chdir("/");
+  }
+  const code = await daemon.stopped;
+  process.exit(code);
+}
+
+if (require.main === module) {
+  void runCli(buildProgram());
+}

@@ -1,0 +1,254 @@
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { execFile } from "node:child_process";
+import { promisify } from "node:util";
+import { openDisk } from "../engine/open-disk";
+import { AddCowError, describeError } from "../errors";
+import { DiskEntry } from "../fuse/disk-entry";
+import { createFuseFrontEnd } from "../fuse/fuse-fs";
+import type { MountOptions } from "../fuse/mount-options";
+import { log } from "../log";
+import { deviceId, prepareMountDir, readMountTable, readMountTableAsync } from "./mount-table";
+import { type DaemonService, daemonServiceFactories } from "./services";
+
+const execFileAsync = promisify(execFile);
+
+export interface DiskSpec {
+  /** The .add-cow file. */
+  file: string;
+  /** File name inside the mount directory. */
+  name: string;
+}
+
+export interface DaemonConfig {
+  disks: DiskSpec[];
+  mountDir: string;
+  options: MountOptions;
+  /** cache=writeback: how often dirty disks are flushed (default 5 s). */
+  writebackIntervalMs?: number;
+  /** How often the mount table is checked for an external unmount (default 500 ms). */
+  pollIntervalMs?: number;
+  /** Called for problems after start (failed periodic write-back, ...). */
+  onWarning?: (message: string) => void;
+}
+
+const MOUNT_TIMEOUT_MS = 20_000;
+
+/**
+ * One mounted directory and its disks: opens the disks, mounts, keeps
+ * cache=writeback data flowing to disk, notices an external unmount, and
+ * stops cleanly (flush, unmount, close).
+ */
+export class MountDaemon {
+  readonly entries: DiskEntry[];
+  readonly mountDir: string;
+  private readonly services: DaemonService[] = [];
+  private timers: NodeJS.Timeout[] = [];
+  private mountDevice: string | null = null;
+  private stopping: Promise<void> | null = null;
+  private stoppedResolve!: (code: number) => void;
+  /** Resolves with the exit code once the daemon has stopped. */
+  readonly stopped: Promise<number>;
+  private exitCode = 0;
+
+  private constructor(
+    readonly config: DaemonConfig,
+    entries: DiskEntry[],
+  ) {
+    this.entries = entries;
+    this.mountDir = config.mountDir;
+    this.stopped = new Promise((resolve) => (this.stoppedResolve = resolve));
+  }
+
+  /** Opens every disk and mounts; on failure nothing stays open or mounted. */
+  static async start(config: DaemonConfig): Promise<MountDaemon> {
+    const mountDir = path.resolve(config.mountDir);
+    config = { ...config, mountDir };
+    checkNames(config.disks);
+    const createdDir = prepareMountDir(mountDir);
+    const entries: DiskEntry[] = [];
+    let mounted = false;
+    try {
+      for (const disk of config.disks) {
+        const device = await openDisk(disk.file, {
+          writable: !config.options.readOnly,
+          cacheMode: config.options.cacheMode,
+        });
+        entries.push(new DiskEntry(disk.name, disk.file, device));
+      }
+      const daemon = new MountDaemon(config, entries);
+      const frontEnd = createFuseFrontEnd(mountDir, entries, config.options);
+      await withTimeout(frontEnd.mount(), MOUNT_TIMEOUT_MS, `mounting ${mountDir} timed out`);
+      mounted = true;
+      // A stat through the mount proves the kernel reaches us (async: it is served on this thread).
+      const st = await fs.promises.stat(mountDir);
+      daemon.mountDevice = deviceId(st.dev);
+      await fs.promises.stat(path.join(mountDir, entries[0]!.name));
+      for (const factory of daemonServiceFactories()) daemon.services.push(await factory(daemon));
+      daemon.startTimers();
+      log.daemon(
+        "mounted %s at %s (device %s)",
+        config.disks.map((d) => d.file).join(", "),
+        mountDir,
+        daemon.mountDevice,
+      );
+      return daemon;
+    } catch (err) {
+      if (mounted || isMountedAt(mountDir)) await unmountDir(mountDir, true).catch(() => undefined);
+      for (const e of entries) await e.close().catch(() => undefined);
+      if (createdDir) fs.promises.rmdir(mountDir).catch(() => undefined);
+      throw mountError(err, mountDir);
+    }
+  }
+
+  /** Stops the daemon: services, flush, unmount (when still mounted), close. Idempotent. */
+  stop(reason: string): Promise<void> {
+    if (!this.stopping) this.stopping = this.doStop(reason);
+    return this.stopping;
+  }
+
+  private async doStop(reason: string): Promise<void> {
+    log.daemon("stopping: %s", reason);
+    for (const t of this.timers) clearInterval(t);
+    this.timers = [];
+    for (const s of this.services.reverse()) {
+      await s
+        .stop()
+        .catch((err: unknown) => this.warn(`stopping a service: ${describeError(err)}`));
+    }
+    // Flush before unmounting so the data is durable even if the unmount fails.
+    await this.flushAll("before unmount");
+    if (this.mountDevice !== null && (await this.stillMounted())) {
+      await unmountDir(this.mountDir, false).catch((err: unknown) => {
+        this.warn(`unmounting ${this.mountDir}: ${describeError(err)}`);
+      });
+    }
+    for (const e of this.entries) {
+      await e.close().catch((err: unknown) => {
+        this.exitCode = 1;
+        this.warn(`closing ${e.file}: ${describeError(err)}`);
+      });
+    }
+    log.daemon("stopped");
+    this.stoppedResolve(this.exitCode);
+  }
+
+  private warn(message: string): void {
+    log.daemon("warning: %s", message);
+    this.config.onWarning?.(message);
+  }
+
+  private async flushAll(why: string): Promise<void> {
+    for (const e of this.entries) {
+      if (e.device.readOnly) continue;
+      await e.flushIfDirty().catch((err: unknown) => {
+        this.exitCode = 1;
+        this.warn(`flushing ${e.file} (${why}): ${describeError(err)}`);
+      });
+    }
+  }
+
+  private startTimers(): void {
+    const poll = setInterval(() => {
+      this.stillMounted().then(
+        (yes) => {
+          if (!yes) void this.stop(`${this.mountDir} was unmounted`);
+        },
+        (err: unknown) => log.daemon("reading the mount table: %s", describeError(err)),
+      );
+    }, this.config.pollIntervalMs ?? 500);
+    this.timers.push(poll);
+    if (!this.config.options.readOnly && this.config.options.cacheMode === "writeback") {
+      let flushing = false;
+      const writeback = setInterval(() => {
+        if (flushing) return;
+        flushing = true;
+        void this.flushAll("periodic write-back").finally(() => (flushing = false));
+      }, this.config.writebackIntervalMs ?? 5000);
+      // The mount-table poll keeps the process alive; this one need not.
+      writeback.unref();
+      this.timers.push(writeback);
+    }
+  }
+
+  private async stillMounted(): Promise<boolean> {
+    const table = await readMountTableAsync();
+    return table.some((m) => m.mountPoint === this.mountDir && m.device === this.mountDevice);
+  }
+}
+
+function checkNames(disks: DiskSpec[]): void {
+  if (disks.length === 0) throw new AddCowError("no disk given: name at least one FILE.add-cow");
+  const seen = new Map<string, string>();
+  for (const d of disks) {
+    if (d.name === "" || d.name === "." || d.name === ".." || d.name.includes("/")) {
+      throw new AddCowError(
+        `invalid file name ${JSON.stringify(d.name)} for ${d.file}: give a plain name without "/"`,
+      );
+    }
+    const other = seen.get(d.name);
+    if (other !== undefined) {
+      throw new AddCowError(
+        `${other} and ${d.file} would both appear as ${d.name}; mount them in separate directories`,
+      );
+    }
+    seen.set(d.name, d.file);
+  }
+}
+
+function isMountedAt(dir: string): boolean {
+  try {
+    return readMountTable().some((m) => m.mountPoint === dir && m.fsType.startsWith("fuse"));
+  } catch {
+    return false;
+  }
+}
+
+/** fusermount -u; when that fails (busy) or `lazy` is asked for, a lazy unmount so nothing stays mounted. */
+export async function unmountDir(dir: string, lazy: boolean): Promise<void> {
+  if (!lazy) {
+    try {
+      await execFileAsync("fusermount", ["-u", dir]);
+      return;
+    } catch (err) {
+      log.daemon("fusermount -u %s failed (%s); unmounting lazily", dir, describeError(err));
+    }
+  }
+  await execFileAsync("fusermount", ["-uz", dir]);
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number, message: string): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    const t = setTimeout(() => reject(new AddCowError(message, { code: "ETIMEDOUT" })), ms);
+    p.then(
+      (v) => {
+        clearTimeout(t);
+        resolve(v);
+      },
+      (err: unknown) => {
+        clearTimeout(t);
+        reject(err);
+      },
+    );
+  });
+}
+
+/** fuse-native's errors say little ("fuse failed"): name the directory and the likely cause. */
+function mountError(err: unknown, dir: string): unknown {
+  if (err instanceof AddCowError) return err;
+  const text = describeError(err);
+  if (/fuse failed/i.test(text)) {
+    return new AddCowError(
+      `cannot mount ${dir}: the FUSE mount failed (is /dev/fuse there and are you allowed to use it? is the fuse package installed?)`,
+      { file: dir, code: "EIO", cause: err },
+    );
+  }
+  if (/Mountpoint in use/i.test(text)) {
+    return new AddCowError(`cannot mount ${dir}: it is already a mount point`, {
+      file: dir,
+      code: "EBUSY",
+      cause: err,
+    });
+  }
+  return err;
+}

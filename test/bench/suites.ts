@@ -1,0 +1,6 @@
+import type { BenchSuite } from "./suite";
+import { fioSuite } from "./fio-bench";
+import { sparseSuite } from "./sparse-bench";
+
+/** Every benchmark suite, in run order. Add one import and one entry per new suite. */
+export const suites: BenchSuite[] = [fioSuite, sparseSuite];
