@@ -13,6 +13,9 @@ import { log } from "../log";
 import { FlushCoalescer } from "./flush-coalescer";
 import { RangeLock } from "./range-lock";
 
+/** Larger copy-on-write buffers are not kept for reuse. */
+const MAX_SPARE_BUFFER = 4 * 1024 * 1024;
+
 /** writeback: bits reach disk on flush; writethrough: every write is durable when acknowledged. */
 export type CacheMode = "writeback" | "writethrough";
 
@@ -69,6 +72,8 @@ export class AddCowDevice implements BlockDevice {
   private syncedWrites = 0;
   private closed = false;
   private readonly onClose: (() => Promise<void> | void) | undefined;
+  /** Copy-on-write buffers not in use (as many as ever ran concurrently). */
+  private readonly spareBuffers: Buffer[] = [];
 
   constructor(parts: AddCowDeviceParts) {
     this.path = parts.path;
@@ -207,21 +212,37 @@ export class AddCowDevice implements BlockDevice {
       const start = headFill ? c0 * cs : offset;
       const stop = tailFill ? Math.min(c1 * cs, this.size) : end;
       let data = buf;
-      if (start !== offset || stop !== end) {
-        data = Buffer.allocUnsafe(stop - start);
-        const fills: Array<Promise<void>> = [];
-        if (start < offset) fills.push(this.readBacking(data.subarray(0, offset - start), start));
-        if (stop > end) fills.push(this.readBacking(data.subarray(end - start), end));
-        await Promise.all(fills);
-        buf.copy(data, offset - start);
-        log.engine("copy-on-write [%d, %d) around write [%d, %d)", start, stop, offset, end);
+      let scratch: Buffer | undefined;
+      try {
+        if (start !== offset || stop !== end) {
+          scratch = this.takeScratch(stop - start);
+          data = scratch.subarray(0, stop - start);
+          const fills: Array<Promise<void>> = [];
+          if (start < offset) fills.push(this.readBacking(data.subarray(0, offset - start), start));
+          if (stop > end) fills.push(this.readBacking(data.subarray(end - start), end));
+          await Promise.all(fills);
+          buf.copy(data, offset - start);
+          log.engine("copy-on-write [%d, %d) around write [%d, %d)", start, stop, offset, end);
+        }
+        await this.image.write(data, start);
+      } finally {
+        if (scratch && scratch.length <= MAX_SPARE_BUFFER) this.spareBuffers.push(scratch);
       }
-      await this.image.write(data, start);
       this.completedWrites++;
       this.bitmap.set(c0, c1);
     } finally {
       release();
     }
+  }
+
+  /**
+   * A buffer for a copy-on-write span, reused across first writes: allocating
+   * a fresh cluster-sized buffer each time costs more than the copy itself.
+   */
+  private takeScratch(len: number): Buffer {
+    const spare = this.spareBuffers.pop();
+    if (spare && spare.length >= len) return spare;
+    return Buffer.allocUnsafe(Math.max(len, 2 * this.clusterSize));
   }
 
   /**
