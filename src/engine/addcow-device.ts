@@ -5,6 +5,7 @@ import {
   type AddCowHeader,
   COMPATIBLE_FEATURES_OFFSET,
   FEATURE_ALL_ALLOCATED,
+  bitmapBytes,
 } from "../format/header";
 import { BitmapCache, DEFAULT_BITMAP_CACHE_BYTES } from "../format/bitmap-cache";
 import type { FileIO } from "../io/file-io";
@@ -359,6 +360,34 @@ export class AddCowDevice implements BlockDevice {
     await this.meta.write(field, COMPATIBLE_FEATURES_OFFSET);
     await this.meta.sync();
     this.header.compatibleFeatures = features;
+  }
+
+  /**
+   * Empties the overlay (commit): every bit becomes 0, so every cluster reads
+   * from the backing disk again. The one place where bits go 1 -> 0. It is
+   * safe only when the backing disk already holds every allocated cluster
+   * durably (the caller synced it): then each cleared bit, whenever it reaches
+   * the disk, changes no byte the disk reads, so a crash at any point leaves a
+   * consistent disk. The caller must have stopped every request to this device.
+   */
+  async clearAllocation(): Promise<void> {
+    if (this.readOnly) throw new AddCowError(`${this.path} is open read-only`, { code: "EROFS" });
+    if (this.allAllocated) {
+      throw new AddCowError(
+        `${this.path} has the "all allocated" feature set; its bitmap cannot be emptied`,
+      );
+    }
+    await this.flush();
+    if (this.allocating.size > 0) throw new Error("clearAllocation while clusters are allocated");
+    const total = bitmapBytes(this.numClusters, this.clusterBits).padded;
+    const zeros = Buffer.alloc(Math.min(total, 1 << 20));
+    for (let done = 0; done < total; done += zeros.length) {
+      const n = Math.min(zeros.length, total - done);
+      await this.meta.write(zeros.subarray(0, n), this.header.headerSize + done);
+    }
+    await this.meta.sync();
+    this.bitmap.reset();
+    log.engine("%s: bitmap emptied", this.path);
   }
 
   async close(): Promise<void> {
