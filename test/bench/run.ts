@@ -7,13 +7,15 @@
  *
  * --only takes suite, system and workload names; in each of those categories
  * where a name matches, only the named ones run (e.g. --only addcow,qsd,randread).
+ * Opt-in rows (fuse-null, ceiling-async, ceiling-small, addcow-alt) are added
+ * to the default set by naming them.
  */
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import type { BenchContext, Selection, SuiteReport } from "./suite";
 import { suites } from "./suites";
-import { allSystems } from "./systems";
+import { allSystems, optInSystems } from "./systems";
 import { workloads } from "./fio";
 import { repoRoot } from "./systems";
 import { run } from "./util";
@@ -69,7 +71,10 @@ function makeSelection(only: string[]): Selection {
   }
   return {
     has(category, name) {
-      const named = only.filter((n) => known[category].includes(n));
+      // Opt-in rows (e.g. fuse-null) are added by naming them; they do not narrow the default set.
+      const named = only.filter(
+        (n) => known[category].includes(n) && !(category === "system" && optInSystems.has(n)),
+      );
       return named.length === 0 || named.includes(name);
     },
     named: (name) => only.includes(name),

@@ -105,6 +105,13 @@ async function ownCopy(base: string, dir: string, w: Workload): Promise<string> 
   if (!w.writes) return base;
   const copy = path.join(dir, "disk.raw");
   await copyFile(base, copy);
+  // Write the 1 GiB copy out now, so its writeback does not run during the next timed run.
+  const fd = fs.openSync(copy, "r+");
+  try {
+    fs.fdatasyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
   return copy;
 }
 
