@@ -292,8 +292,7 @@ export async function attachLoop(file: string, opts: { partitions?: boolean } = 
  */
 async function ensurePartitions(dev: string): Promise<void> {
   const name = path.basename(dev);
-  const hasParts = () =>
-    fs.readdirSync(`/sys/block/${name}`).some((e) => e.startsWith(`${name}p`));
+  const hasParts = () => fs.readdirSync(`/sys/block/${name}`).some((e) => e.startsWith(`${name}p`));
   if (hasParts()) return;
   await run("partx", ["-a", dev]);
 }
