@@ -2,7 +2,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import type { BlockDevice } from "../block/block-device";
 import { RawDevice } from "../block/raw-device";
-import { AddCowError, errnoCode } from "../errors";
+import { AddCowError, describeError, errnoCode } from "../errors";
 import {
   type AddCowHeader,
   type BackingFormat,
@@ -72,6 +72,54 @@ function fileId(st: fs.Stats): FileId {
   return `${st.dev}:${st.ino}`;
 }
 
+/** What kind of non-regular file a path names, for messages. */
+function fileKind(st: fs.Stats): string {
+  if (st.isDirectory()) return "a directory";
+  if (st.isFIFO()) return "a FIFO";
+  if (st.isSocket()) return "a socket";
+  if (st.isCharacterDevice()) return "a character device";
+  if (st.isBlockDevice()) return "a block device";
+  return "not a regular file";
+}
+
+/** Why a stat or open failed, in words, from its errno code. */
+function reason(err: unknown, file: string): string {
+  const code = errnoCode(err);
+  switch (code) {
+    case "ENOENT": {
+      try {
+        if (fs.lstatSync(file).isSymbolicLink()) {
+          return `is a symbolic link to ${JSON.stringify(fs.readlinkSync(file))}, which does not exist`;
+        }
+      } catch {
+        // Not even the link is there: plainly missing.
+      }
+      return "does not exist";
+    }
+    case "EACCES":
+    case "EPERM":
+      return "cannot be accessed: permission denied";
+    case "ELOOP":
+      return "cannot be opened: too many levels of symbolic links";
+    case "ENOTDIR":
+      return "cannot be opened: a component of the path is not a directory";
+    case "ENAMETOOLONG":
+      return "cannot be opened: the name is too long";
+    case "EISDIR":
+      return "is a directory";
+    case "EROFS":
+      return "is on a read-only file system";
+    default:
+      return `cannot be opened: ${describeError(err)}`;
+  }
+}
+
+/** What to do about a file of the disk that cannot be used. */
+function fixAdvice(role: string, file: string, namedIn?: string): string {
+  if (!namedIn) return "check the path";
+  return `restore ${role === "image file" ? "the image file" : "the backing file"} at ${file}, or fix the name stored in ${namedIn}`;
+}
+
 async function statExisting(file: string, role: string, namedIn?: string): Promise<fs.Stats> {
   const where = namedIn ? ` (named in ${namedIn})` : "";
   let st: fs.Stats;
@@ -79,19 +127,16 @@ async function statExisting(file: string, role: string, namedIn?: string): Promi
     st = await fs.promises.stat(file);
   } catch (err) {
     const code = errnoCode(err);
-    if (code === "ENOENT") {
-      throw new AddCowError(`${role} ${file}${where} does not exist`, { file, code: "ENOENT" });
-    }
-    if (code === "EACCES") {
-      throw new AddCowError(`${role} ${file}${where}: permission denied`, { file, code });
-    }
-    throw new AddCowError(`${role} ${file}${where}: ${(err as Error).message}`, { file, code });
+    throw new AddCowError(
+      `${role} ${file}${where} ${reason(err, file)}; ${fixAdvice(role, file, namedIn)}`,
+      { file, code: code ?? "EIO" },
+    );
   }
   if (!st.isFile()) {
-    throw new AddCowError(`${role} ${file}${where} is not a regular file`, {
-      file,
-      code: "EINVAL",
-    });
+    throw new AddCowError(
+      `${role} ${file}${where} is ${fileKind(st)}, not a regular file; ${fixAdvice(role, file, namedIn)}`,
+      { file, code: "EINVAL" },
+    );
   }
   return st;
 }
@@ -101,6 +146,7 @@ async function openFile(
   mode: "read" | "write",
   role: string,
   state: ChainState,
+  namedIn?: string,
 ): Promise<FileIO> {
   const opener = state.opts.opener ?? openPosixFile;
   let io: FileIO;
@@ -108,20 +154,48 @@ async function openFile(
     io = await opener(file, mode);
   } catch (err) {
     const code = errnoCode(err);
-    const why = code === "EACCES" ? "permission denied" : (err as Error).message;
-    throw new AddCowError(`cannot open ${role} ${file} for ${mode}ing: ${why}`, { file, code });
+    const advice =
+      mode === "write" && (code === "EACCES" || code === "EPERM" || code === "EROFS")
+        ? "open the disk read-only, or make the file writable"
+        : "check the file and its permissions";
+    throw new AddCowError(
+      `${role} ${file}${namedIn ? ` (named in ${namedIn})` : ""} cannot be opened for ${mode === "write" ? "writing" : "reading"}: ${reason(err, file).replace(/^cannot be (accessed|opened): /, "")}; ${advice}`,
+      { file, code: code ?? "EIO" },
+    );
   }
   state.cleanup.push(() => io.close());
-  if (state.opts.lock !== false) lockFile(io, mode === "write" ? "exclusive" : "shared", role);
+  if (state.opts.lock !== false) {
+    try {
+      lockFile(io, mode === "write" ? "exclusive" : "shared", role);
+    } catch (err) {
+      if (err instanceof AddCowError) throw err;
+      throw new AddCowError(`${role} ${file} cannot be locked: ${describeError(err)}`, {
+        file,
+        code: errnoCode(err) ?? "EIO",
+      });
+    }
+  }
   return io;
 }
 
-function remember(state: ChainState, st: fs.Stats, file: string, role: string): void {
+function remember(
+  state: ChainState,
+  st: fs.Stats,
+  file: string,
+  role: string,
+  namedIn?: string,
+): void {
   const id = fileId(st);
   const earlier = state.seen.get(id);
   if (earlier !== undefined) {
+    const where = namedIn ? ` (named in ${namedIn})` : "";
+    const fix = namedIn ? `; fix the name stored in ${namedIn}` : "";
+    const loops = role === "backing file" && /add-cow file|backing file/.test(earlier);
+    const what = loops
+      ? `the backing chain loops: ${role} ${file}${where} is ${earlier}, opened earlier in the chain`
+      : `${role} ${file}${where} is the same file as ${earlier} (through another path, a symbolic link or a hard link)`;
     throw new AddCowError(
-      `${role} ${file} is the same file as ${earlier}: every file of a disk and its backing chain must be distinct (does the chain loop back on itself?)`,
+      `${what}; every file of a disk and its backing chain must be distinct${fix}`,
       { file, code: "ELOOP" },
     );
   }
@@ -137,8 +211,8 @@ async function openLayer(
 ): Promise<BlockDevice> {
   if (format === "add-cow") return openAddCow(file, false, state, namedIn);
   const st = await statExisting(file, role, namedIn);
-  remember(state, st, file, role);
-  return RawDevice.open(await openFile(file, "read", role, state));
+  remember(state, st, file, role, namedIn);
+  return RawDevice.open(await openFile(file, "read", role, state, namedIn));
 }
 
 /** Reads and validates the header of an open .add-cow file. */
@@ -166,15 +240,15 @@ async function openAddCow(
   state.depth++;
   if (state.depth > MAX_CHAIN_DEPTH) {
     throw new AddCowError(
-      `${file}: backing chain is deeper than ${MAX_CHAIN_DEPTH} layers (limit MAX_CHAIN_DEPTH); stream or commit it first`,
+      `${file}${namedIn ? ` (named in ${namedIn})` : ""}: the backing chain is deeper than MAX_CHAIN_DEPTH = ${MAX_CHAIN_DEPTH} layers; shorten the chain (stream or commit layers) or check that it does not loop`,
       { file, code: "ELOOP" },
     );
   }
   const role = namedIn ? "backing file" : "add-cow file";
   const st = await statExisting(file, role, namedIn);
-  remember(state, st, file, role);
+  remember(state, st, file, role, namedIn);
   const mode = writable ? "write" : "read";
-  const meta = await openFile(file, mode, "add-cow file", state);
+  const meta = await openFile(file, mode, role, state, namedIn);
   const header = await readHeader(meta, file);
   log.open(
     "%s: cluster_bits %d, image %s, backing %s",
@@ -186,22 +260,12 @@ async function openAddCow(
 
   const imagePath = resolveStoredName(file, header.imageName);
   const imageStat = await statExisting(imagePath, "image file", file);
-  remember(state, imageStat, imagePath, "image file");
-  const image = await openFile(imagePath, mode, "image file", state);
+  remember(state, imageStat, imagePath, "image file", file);
+  const image = await openFile(imagePath, mode, "image file", state, file);
   const imageSize = await image.size();
 
-  const numClusters = Math.ceil(imageSize / 2 ** header.clusterBits);
   const allAllocated = (header.compatibleFeatures & FEATURE_ALL_ALLOCATED) !== 0n;
-  if (!allAllocated) {
-    const need = header.headerSize + bitmapBytes(numClusters, header.clusterBits).needed;
-    const metaSize = await meta.size();
-    if (metaSize < need) {
-      throw new AddCowError(
-        `${file}: bitmap is shorter than the disk needs: the file has ${metaSize} bytes, ${need} are needed for ${numClusters} clusters of image file ${imagePath} (${imageSize} bytes)`,
-        { file, code: "EINVAL" },
-      );
-    }
-  }
+  if (!allAllocated) checkBitmapLength(file, header, await meta.size(), imagePath, imageSize);
 
   let backing: BlockDevice | null = null;
   let backingPath: string | null = null;
@@ -224,4 +288,34 @@ async function openAddCow(
     cacheMode: state.opts.cacheMode,
     bitmapCacheBytes: state.opts.bitmapCacheBytes,
   });
+}
+
+/**
+ * The bitmap must cover every cluster of the disk (the image file's length), and
+ * must not be longer than that disk's padded bitmap: a longer one means the image
+ * file lost its tail (truncated or replaced), and with it written clusters.
+ */
+function checkBitmapLength(
+  file: string,
+  header: AddCowHeader,
+  metaSize: number,
+  imagePath: string,
+  imageSize: number,
+): void {
+  const numClusters = Math.ceil(imageSize / 2 ** header.clusterBits);
+  const { needed, padded } = bitmapBytes(numClusters, header.clusterBits);
+  const have = metaSize - header.headerSize;
+  const disk = `image file ${imagePath} (${imageSize} bytes, ${numClusters} clusters)`;
+  if (have < needed) {
+    throw new AddCowError(
+      `${file}: bitmap is ${have} bytes, shorter than the ${needed} bytes the disk needs for ${disk}; the .add-cow file is truncated or the image file was grown: restore the original files`,
+      { file, code: "EINVAL" },
+    );
+  }
+  if (have > padded) {
+    throw new AddCowError(
+      `${file}: bitmap is ${have} bytes, longer than the ${padded} bytes (padded) of ${disk}; the image file was truncated or replaced: restore it`,
+      { file, code: "EINVAL" },
+    );
+  }
 }

@@ -67,8 +67,28 @@ export function headerSizeFor(clusterBits: number): number {
   return Math.max(HEADER_ALIGN, 2 ** clusterBits);
 }
 
-function bad(file: string, message: string): AddCowError {
-  return new AddCowError(`${file}: ${message}`, { file, code: "EINVAL" });
+/** What a user can do about a header that breaks a rule. */
+export const DAMAGED_ADVICE =
+  "the .add-cow file is damaged (or not add-cow revision 19/20): restore it from a backup";
+
+function bad(file: string, message: string, advice: string = DAMAGED_ADVICE): AddCowError {
+  return new AddCowError(`${file}: ${message}; ${advice}`, { file, code: "EINVAL" });
+}
+
+/** A string from the file, quoted so control characters never break the one-line message. */
+function quote(text: string): string {
+  return JSON.stringify(text).replace(
+    /[\u007f-\u009f]/g,
+    (ch) => `\\u${ch.charCodeAt(0).toString(16).padStart(4, "0")}`,
+  );
+}
+
+/** "bits 0 and 5 (0x21)": the unknown feature bits, by number. */
+export function describeBits(bits: bigint): string {
+  const set: number[] = [];
+  for (let i = 0; i < 64; i++) if ((bits >> BigInt(i)) & 1n) set.push(i);
+  const list = set.length === 1 ? `bit ${set[0]}` : `bits ${set.join(", ")}`;
+  return `${list} (0x${bits.toString(16)})`;
 }
 
 /**
@@ -81,28 +101,43 @@ function decodeFormatField(buf: Buffer, offset: number, file: string, field: str
   const end = nul === -1 ? FORMAT_FIELD_SIZE : nul;
   for (let i = end; i < FORMAT_FIELD_SIZE; i++) {
     if (raw[i] !== 0) {
-      throw bad(file, `${field} has non-zero bytes after its terminating NUL (byte ${offset + i})`);
+      throw bad(
+        file,
+        `${field} (bytes ${offset}..${offset + FORMAT_FIELD_SIZE - 1}) has byte ${raw[i]} at offset ${offset + i}, after its terminating NUL (must be 0)`,
+      );
     }
   }
   const text = raw.subarray(0, end).toString("latin1");
   if (!/^[\x20-\x7e]*$/.test(text)) {
-    throw bad(file, `${field} is not printable text (${JSON.stringify(text)})`);
+    throw bad(file, `${field} is ${quote(text)}, not printable text`);
   }
   return text;
 }
 
 export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): FixedHeader {
+  if (fileSize === 0 || buf.length === 0) {
+    throw bad(file, `the file is empty (0 bytes), not an add-cow file`, "check the file name");
+  }
+  // Magic first, on whatever is there: a short file of another kind is "not add-cow", not "truncated".
+  if (buf.subarray(0, 8).equals(Buffer.from("ADD_COW\xff", "latin1"))) {
+    throw bad(
+      file,
+      `magic is "ADD_COW\\xff": the old big-endian add-cow layout (2011-2012), which addcow does not read`,
+      "only the revision 19/20 layout (magic ACOW) is supported",
+    );
+  }
+  const magic = buf.subarray(0, Math.min(4, buf.length));
+  if (!magic.equals(Buffer.from(MAGIC, "latin1").subarray(0, magic.length))) {
+    throw bad(
+      file,
+      `magic is ${quote(magic.toString("latin1"))}, expected "ACOW": not an add-cow file (revision 19/20)`,
+      "check the file name",
+    );
+  }
   if (buf.length < FIXED_HEADER_SIZE) {
     throw bad(
       file,
-      `truncated header: ${buf.length} bytes, an add-cow header needs at least ${FIXED_HEADER_SIZE}`,
-    );
-  }
-  const magic = buf.subarray(0, 4);
-  if (!magic.equals(Buffer.from(MAGIC, "latin1"))) {
-    throw bad(
-      file,
-      `not an add-cow file: magic is ${JSON.stringify(magic.toString("latin1"))}, expected "ACOW"`,
+      `header is truncated: the file has ${buf.length} bytes, the fixed header needs ${FIXED_HEADER_SIZE}`,
     );
   }
   const h: FixedHeader = {
@@ -128,14 +163,21 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
   if (unknownIncompat !== 0n) {
     throw bad(
       file,
-      `unknown incompatible feature bits 0x${unknownIncompat.toString(16)}: this disk needs a newer addcow`,
+      `incompatible features has unknown ${describeBits(unknownIncompat)} set`,
+      "this disk needs a newer addcow, or the header is damaged; it is not opened",
     );
   }
-  if (h.headerSize < HEADER_ALIGN || h.headerSize % HEADER_ALIGN !== 0) {
-    throw bad(file, `HEADER_SIZE is ${h.headerSize}, must be a multiple of 4096 and at least 4096`);
+  if (h.headerSize < HEADER_ALIGN) {
+    throw bad(file, `HEADER_SIZE is ${h.headerSize}, too small (at least ${HEADER_ALIGN})`);
+  }
+  if (h.headerSize % HEADER_ALIGN !== 0) {
+    throw bad(file, `HEADER_SIZE is ${h.headerSize}, not a multiple of ${HEADER_ALIGN}`);
   }
   if (h.headerSize > MAX_HEADER_SIZE) {
-    throw bad(file, `HEADER_SIZE is ${h.headerSize}, larger than the maximum ${MAX_HEADER_SIZE}`);
+    throw bad(
+      file,
+      `HEADER_SIZE is ${h.headerSize}, larger than the largest valid header (${MAX_HEADER_SIZE})`,
+    );
   }
   if (h.headerSize > fileSize) {
     throw bad(
@@ -149,12 +191,14 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
     if (h.backingNameOffset === 0 || h.backingNameSize === 0) {
       throw bad(
         file,
-        `backing name offset is ${h.backingNameOffset} and size ${h.backingNameSize}: both must be 0 or both non-zero`,
+        `backing name offset is ${h.backingNameOffset} and backing name size ${h.backingNameSize}: both must be 0 (no backing file) or both non-zero`,
       );
     }
     checkNameField(file, "backing name", h.backingNameOffset, h.backingNameSize, h.headerSize);
   }
-  if (h.imageNameSize === 0) throw bad(file, `image name is empty (image name size is 0)`);
+  if (h.imageNameSize === 0) {
+    throw bad(file, `image name size is 0: the image name is empty (it is required)`);
+  }
   checkNameField(file, "image name", h.imageNameOffset, h.imageNameSize, h.headerSize);
   if (hasBackingName) {
     const a = [h.backingNameOffset, h.backingNameOffset + h.backingNameSize];
@@ -162,7 +206,7 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
     if (a[0]! < b[1]! && b[0]! < a[1]!) {
       throw bad(
         file,
-        `backing name [${a[0]}, ${a[1]}) and image name [${b[0]}, ${b[1]}) overlap in the header`,
+        `backing name (bytes ${a[0]}..${a[1]! - 1}) and image name (bytes ${b[0]}..${b[1]! - 1}) overlap`,
       );
     }
   }
@@ -171,27 +215,27 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
   const imageFormat = decodeFormatField(buf, OFF.imageFormat, file, "image format");
   if (hasBackingName) {
     if (backingFormat === "") {
-      throw bad(file, `a backing file is named but the backing format is empty`);
+      throw bad(
+        file,
+        `backing format is empty but a backing file is named (must be raw or add-cow)`,
+      );
     }
     if (!(BACKING_FORMATS as readonly string[]).includes(backingFormat)) {
       throw bad(
         file,
-        `backing format ${JSON.stringify(backingFormat)} is not supported (supported: raw, add-cow)`,
+        `backing format is ${quote(backingFormat)}, not supported (supported: raw, add-cow)`,
       );
     }
     h.backingFormat = backingFormat as BackingFormat;
   } else if (backingFormat !== "") {
     throw bad(
       file,
-      `backing format is ${JSON.stringify(backingFormat)} but no backing file is named`,
+      `backing format is ${quote(backingFormat)} but no backing file is named (backing name size is 0)`,
     );
   }
-  if (imageFormat === "") throw bad(file, `image format is empty`);
+  if (imageFormat === "") throw bad(file, `image format is empty (must be raw)`);
   if (imageFormat !== "raw") {
-    throw bad(
-      file,
-      `image format ${JSON.stringify(imageFormat)} is not supported (supported: raw)`,
-    );
+    throw bad(file, `image format is ${quote(imageFormat)}, not supported (supported: raw)`);
   }
   return h;
 }
@@ -206,11 +250,35 @@ function checkNameField(
   if (offset < FIXED_HEADER_SIZE) {
     throw bad(
       file,
-      `${what} offset is ${offset}, inside the fixed header (must be >= ${FIXED_HEADER_SIZE})`,
+      `${what} offset is ${offset}, inside the fixed header (must be at least ${FIXED_HEADER_SIZE})`,
     );
   }
   if (offset + size > headerSize) {
-    throw bad(file, `${what} [${offset}, +${size}) runs past HEADER_SIZE ${headerSize}`);
+    throw bad(
+      file,
+      `${what} offset ${offset} + size ${size} = ${offset + size} runs past HEADER_SIZE ${headerSize}`,
+    );
+  }
+}
+
+const utf8 = new TextDecoder("utf-8", { fatal: true });
+
+/** A stored file name: UTF-8, no NUL, no control characters (they would break messages and paths). */
+function decodeName(buf: Buffer, offset: number, size: number, what: string, file: string): string {
+  const bytes = buf.subarray(offset, offset + size);
+  for (let i = 0; i < bytes.length; i++) {
+    const b = bytes[i]!;
+    if (b < 0x20 || b === 0x7f) {
+      throw bad(
+        file,
+        `${what} has control byte 0x${b.toString(16).padStart(2, "0")} at offset ${offset + i} (names are plain UTF-8 text)`,
+      );
+    }
+  }
+  try {
+    return utf8.decode(bytes);
+  } catch {
+    throw bad(file, `${what} (bytes ${offset}..${offset + size - 1}) is not valid UTF-8`);
   }
 }
 
@@ -218,26 +286,38 @@ function checkNameField(
 export function decodeHeader(buf: Buffer, file: string, fileSize: number): AddCowHeader {
   const f = decodeFixedHeader(buf, file, fileSize);
   if (buf.length < f.headerSize) {
-    throw bad(file, `truncated header: ${buf.length} bytes, HEADER_SIZE is ${f.headerSize}`);
+    throw bad(
+      file,
+      `header is truncated: ${buf.length} bytes read, HEADER_SIZE is ${f.headerSize}`,
+    );
   }
-  const names: Array<[number, number]> = [[f.imageNameOffset, f.imageNameSize]];
-  if (f.backingNameSize) names.push([f.backingNameOffset, f.backingNameSize]);
-  for (let i = FIXED_HEADER_SIZE; i < f.headerSize; i++) {
-    if (buf[i] === 0) continue;
-    if (names.some(([o, s]) => i >= o && i < o + s)) continue;
-    throw bad(file, `byte ${i} of the name area is ${buf[i]}, outside both names (must be 0)`);
+  // Every byte of the name area outside the two names must be 0.
+  const names: Array<[number, number]> = [[f.imageNameOffset, f.imageNameOffset + f.imageNameSize]];
+  if (f.backingNameSize) {
+    names.push([f.backingNameOffset, f.backingNameOffset + f.backingNameSize]);
   }
-  const name = (o: number, s: number, what: string): string => {
-    const bytes = buf.subarray(o, o + s);
-    if (bytes.includes(0)) throw bad(file, `${what} contains a NUL byte`);
-    return bytes.toString("utf8");
-  };
-  const imageName = name(f.imageNameOffset, f.imageNameSize, "image name");
+  names.sort((x, y) => x[0] - y[0]);
+  let from = FIXED_HEADER_SIZE;
+  for (const [start, stop] of [...names, [f.headerSize, f.headerSize] as [number, number]]) {
+    for (let i = from; i < start; i++) {
+      if (buf[i] !== 0) {
+        throw bad(
+          file,
+          `name area byte at offset ${i} is ${buf[i]}, outside both names (must be 0)`,
+        );
+      }
+    }
+    from = Math.max(from, stop);
+  }
+  const imageName = decodeName(buf, f.imageNameOffset, f.imageNameSize, "image name", file);
   const backingName = f.backingNameSize
-    ? name(f.backingNameOffset, f.backingNameSize, "backing name")
+    ? decodeName(buf, f.backingNameOffset, f.backingNameSize, "backing name", file)
     : null;
   if (backingName !== null && backingName === imageName) {
-    throw bad(file, `image name and backing name are the same (${JSON.stringify(imageName)})`);
+    throw bad(
+      file,
+      `image name and backing name are both ${quote(imageName)} (they must name different files)`,
+    );
   }
   return {
     clusterBits: f.clusterBits,
@@ -263,6 +343,16 @@ export function encodeHeader(h: AddCowHeader): Buffer {
     );
   }
   if (image.length === 0) throw new AddCowError("image name is empty");
+  for (const [what, name] of [
+    ["image", h.imageName],
+    ["backing", h.backingName ?? ""],
+  ] as const) {
+    if ([...name].some((ch) => ch.charCodeAt(0) < 0x20 || ch === "\x7f")) {
+      throw new AddCowError(
+        `${what} file name ${quote(name)} contains a control character; rename the file`,
+      );
+    }
+  }
   buf.write(MAGIC, OFF.magic, "latin1");
   buf.writeUInt32LE(backing ? FIXED_HEADER_SIZE : 0, OFF.backingNameOffset);
   buf.writeUInt32LE(backing ? backing.length : 0, OFF.backingNameSize);
