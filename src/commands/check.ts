@@ -355,7 +355,8 @@ export const checkBacking: CheckStep = {
     try {
       backing = await openBacking(backingPath, h.backingFormat!, { lock: !ctx.forceShare });
     } catch (err) {
-      if (!(err instanceof AddCowError)) throw err;
+      // A layer in use by a writer cannot be checked now: that is not corruption.
+      if (!(err instanceof AddCowError) || err.code === "EBUSY") throw err;
       ctx.report({
         severity: "corruption",
         offset: null,

@@ -192,13 +192,31 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
 
   // 1. The image file: created sparse, or grown (never shrunk) to the size asked for.
   let imageCreated = false;
-  const imageFd = fs.openSync(imageGiven, imageStat ? "r+" : "wx");
   try {
+    const imageFd = fs.openSync(imageGiven, imageStat ? "r+" : "wx");
     imageCreated = !imageStat;
-    if (!imageStat || size > imageStat.size) fs.ftruncateSync(imageFd, size);
-    fs.fsyncSync(imageFd);
-  } finally {
-    fs.closeSync(imageFd);
+    try {
+      if (!imageStat || size > imageStat.size) fs.ftruncateSync(imageFd, size);
+      fs.fsyncSync(imageFd);
+    } finally {
+      fs.closeSync(imageFd);
+    }
+  } catch (err) {
+    // Leave nothing behind: a half-made image file would block the next attempt.
+    if (imageCreated) fs.rmSync(imageGiven, { force: true });
+    else if (imageStat && size > imageStat.size) fs.truncateSync(imageGiven, imageStat.size);
+    const code = errnoCode(err);
+    const why =
+      code === "EFBIG"
+        ? `${size} bytes is more than this filesystem allows in one file`
+        : (err as Error).message;
+    throw new AddCowError(
+      `cannot ${imageStat ? "grow" : "create"} image file ${imageGiven}: ${why}`,
+      {
+        file: imageGiven,
+        code,
+      },
+    );
   }
 
   // 2. The .add-cow file: written aside, synced, then linked into place without replacing anything.
