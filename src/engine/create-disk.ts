@@ -28,6 +28,12 @@ export interface CreateOptions {
   clusterSize?: number;
   /** Virtual size in bytes; default the existing image file's size, else the backing file's. */
   size?: number;
+  /**
+   * Size of the backing disk when the caller has it open already (a live
+   * snapshot, whose backing is open for writing in this process): the backing
+   * file is then not opened again to validate it.
+   */
+  backingSize?: number;
 }
 
 export interface CreateResult {
@@ -134,23 +140,28 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     if (path.resolve(opts.backing) === path.resolve(file)) {
       throw new AddCowError(`backing file ${opts.backing} is the new .add-cow file itself`);
     }
-    // Opening validates the backing disk (and its whole chain) and gives its size.
-    const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat);
-    try {
-      backingSize = backing.size;
-      // Writing the new disk must never modify a file its backing chain reads.
-      if (imageStat) {
-        for (const used of chainFiles(backing)) {
-          const st = statOrNull(used);
-          if (st && st.dev === imageStat.dev && st.ino === imageStat.ino) {
-            throw new AddCowError(
-              `image file ${imageGiven} is ${used}, a file of the backing chain of ${opts.backing}; choose another image file with -i`,
-            );
+    if (opts.backingSize !== undefined) {
+      // The caller has the backing open (a live snapshot) and vouches for it.
+      backingSize = opts.backingSize;
+    } else {
+      // Opening validates the backing disk (and its whole chain) and gives its size.
+      const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat);
+      try {
+        backingSize = backing.size;
+        // Writing the new disk must never modify a file its backing chain reads.
+        if (imageStat) {
+          for (const used of chainFiles(backing)) {
+            const st = statOrNull(used);
+            if (st && st.dev === imageStat.dev && st.ino === imageStat.ino) {
+              throw new AddCowError(
+                `image file ${imageGiven} is ${used}, a file of the backing chain of ${opts.backing}; choose another image file with -i`,
+              );
+            }
           }
         }
+      } finally {
+        await backing.close();
       }
-    } finally {
-      await backing.close();
     }
   }
 

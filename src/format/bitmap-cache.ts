@@ -19,6 +19,9 @@ interface Entry {
   savedVersion: number;
   /** The bits as last made durable, kept while dirty so a failed data sync can roll back. */
   durable: Buffer | null;
+  /** Byte range [dirtyLo, dirtyHi) of bits changed since the entry was last durable. */
+  dirtyLo: number;
+  dirtyHi: number;
   pins: number;
   lastUse: number;
 }
@@ -34,6 +37,9 @@ export interface BitmapCacheOptions {
   onPressure: () => Promise<void>;
 }
 
+/** Bitmap write-back granularity: a page. */
+const WRITE_ALIGN = 4096;
+
 export const DEFAULT_BITMAP_CACHE_BYTES = 32 * 1024 * 1024;
 
 export class BitmapCache {
@@ -43,6 +49,8 @@ export class BitmapCache {
   private readonly entryShift: number;
   private readonly entryBytes: number;
   private readonly capacity: number;
+  /** Bytes of bitmap the disk uses (the padding after it is never written). */
+  private readonly bitmapBytes: number;
   private readonly entries = new Map<number, Entry>();
   private readonly loading = new Map<number, Promise<Entry>>();
   private clock = 0;
@@ -58,6 +66,7 @@ export class BitmapCache {
     this.entryShift = opts.clusterBits + 3;
     this.clustersPerEntry = 2 ** this.entryShift;
     this.capacity = Math.max(2, Math.floor(opts.capacityBytes / this.entryBytes));
+    this.bitmapBytes = Math.ceil(opts.numClusters / 8);
   }
 
   /**
@@ -133,6 +142,8 @@ export class BitmapCache {
       version: v,
       savedVersion: v,
       durable: null,
+      dirtyLo: this.entryBytes,
+      dirtyHi: 0,
       pins: 0,
       lastUse: ++this.clock,
     };
@@ -222,6 +233,8 @@ export class BitmapCache {
         }
         changed = true;
         e.bits[bit >> 3] = old | mask;
+        if (bit >> 3 < e.dirtyLo) e.dirtyLo = bit >> 3;
+        if ((bit >> 3) + 1 > e.dirtyHi) e.dirtyHi = (bit >> 3) + 1;
       }
       if (changed) e.version = ++this.versionCounter;
     }
@@ -239,10 +252,15 @@ export class BitmapCache {
    * describe may never reach the disk.
    */
   async writeBack(syncData: () => Promise<void>): Promise<void> {
-    const snapshot: Array<{ e: Entry; version: number; bits: Buffer }> = [];
+    // Only the pages holding changed bits are written: a 4 KiB write per flush
+    // instead of a whole bitmap cluster (64 KiB, or 1 MiB with 1M clusters).
+    const snapshot: Array<{ e: Entry; version: number; lo: number; bits: Buffer }> = [];
     for (const e of this.entries.values()) {
       if (e.version !== e.savedVersion) {
-        snapshot.push({ e, version: e.version, bits: Buffer.from(e.bits) });
+        const valid = Math.min(this.entryBytes, this.bitmapBytes - e.index * this.entryBytes);
+        const lo = Math.floor(e.dirtyLo / WRITE_ALIGN) * WRITE_ALIGN;
+        const hi = Math.min(valid, Math.ceil(e.dirtyHi / WRITE_ALIGN) * WRITE_ALIGN);
+        snapshot.push({ e, version: e.version, lo, bits: Buffer.from(e.bits.subarray(lo, hi)) });
       }
     }
     try {
@@ -253,7 +271,7 @@ export class BitmapCache {
     }
     if (snapshot.length === 0) return;
     for (const s of snapshot) {
-      await this.meta.write(s.bits, this.opts.offset + s.e.index * this.entryBytes);
+      await this.meta.write(s.bits, this.opts.offset + s.e.index * this.entryBytes + s.lo);
     }
     await this.meta.sync();
     for (const s of snapshot) {
@@ -261,13 +279,31 @@ export class BitmapCache {
       if (e.version === s.version) {
         e.savedVersion = e.version;
         e.durable = null;
+        e.dirtyLo = this.entryBytes;
+        e.dirtyHi = 0;
         this.dirtyCount--;
-      } else {
-        // Bits set since the snapshot stay dirty for the next write-back.
-        e.durable = s.bits;
+      } else if (e.durable) {
+        // Bits set since the snapshot stay dirty for the next write-back; the
+        // dirty range keeps covering everything that differs from the disk.
+        s.bits.copy(e.durable, s.lo);
       }
     }
     log.bitmap("wrote back %d bitmap cluster(s)", snapshot.length);
+  }
+
+  /**
+   * Forgets every cached bit so the next use reads the bitmap from the file
+   * again (after it was rewritten on disk: commit empties the overlay).
+   * Only legal while nothing is pinned, loading or dirty.
+   */
+  reset(): void {
+    if (this.dirtyCount > 0 || this.loading.size > 0) {
+      throw new Error("bitmap reset while bits are dirty or loading");
+    }
+    for (const e of this.entries.values()) {
+      if (e.pins > 0) throw new Error("bitmap reset while a request uses it");
+    }
+    this.entries.clear();
   }
 
   private rollBack(): void {
@@ -275,6 +311,8 @@ export class BitmapCache {
       if (e.version === e.savedVersion || !e.durable) continue;
       e.durable.copy(e.bits);
       e.durable = null;
+      e.dirtyLo = this.entryBytes;
+      e.dirtyHi = 0;
       e.version = e.savedVersion = ++this.versionCounter;
       this.dirtyCount--;
     }
