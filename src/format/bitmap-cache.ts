@@ -26,6 +26,12 @@ interface Entry {
   lastUse: number;
 }
 
+/** A bitmap cluster being read; waiters are pinned when it arrives. */
+interface LoadSlot {
+  waiters: number;
+  promise: Promise<Entry>;
+}
+
 export interface BitmapCacheOptions {
   /** Byte offset of the bitmap in the .add-cow file (HEADER_SIZE). */
   offset: number;
@@ -52,7 +58,7 @@ export class BitmapCache {
   /** Bytes of bitmap the disk uses (the padding after it is never written). */
   private readonly bitmapBytes: number;
   private readonly entries = new Map<number, Entry>();
-  private readonly loading = new Map<number, Promise<Entry>>();
+  private readonly loading = new Map<number, LoadSlot>();
   private clock = 0;
   private versionCounter = 0;
   private dirtyCount = 0;
@@ -93,16 +99,11 @@ export class BitmapCache {
   }
 
   private async pinMissing(first: number, last: number, missing: number[]): Promise<void> {
-    const pinned: Entry[] = [];
+    const loaded: Entry[] = [];
     try {
-      for (const i of missing) {
-        const e = await this.load(i);
-        e.pins++;
-        e.lastUse = ++this.clock;
-        pinned.push(e);
-      }
+      for (const i of missing) loaded.push(await this.loadPinned(i));
     } catch (err) {
-      for (const e of pinned) e.pins--;
+      for (const e of loaded) e.pins--;
       for (let i = first; i <= last; i++) {
         if (!missing.includes(i)) this.entries.get(i)!.pins--;
       }
@@ -119,18 +120,30 @@ export class BitmapCache {
     }
   }
 
-  private load(index: number): Promise<Entry> {
+  /**
+   * Resolves to the entry, already pinned for this caller. The pin is taken in
+   * the same step that puts a loaded entry into the cache, so a concurrent
+   * eviction can never take an entry between its load and its first use.
+   */
+  private loadPinned(index: number): Promise<Entry> {
     const ready = this.entries.get(index);
-    if (ready) return Promise.resolve(ready);
-    let p = this.loading.get(index);
-    if (!p) {
-      p = this.loadFromDisk(index).finally(() => this.loading.delete(index));
-      this.loading.set(index, p);
+    if (ready) {
+      ready.pins++;
+      ready.lastUse = ++this.clock;
+      return Promise.resolve(ready);
     }
-    return p;
+    let slot = this.loading.get(index);
+    if (!slot) {
+      const fresh: LoadSlot = { waiters: 0, promise: Promise.resolve(null as unknown as Entry) };
+      fresh.promise = this.loadFromDisk(index, fresh).finally(() => this.loading.delete(index));
+      this.loading.set(index, fresh);
+      slot = fresh;
+    }
+    slot.waiters++;
+    return slot.promise;
   }
 
-  private async loadFromDisk(index: number): Promise<Entry> {
+  private async loadFromDisk(index: number, slot: LoadSlot): Promise<Entry> {
     await this.makeRoom();
     const bits = Buffer.alloc(this.entryBytes);
     // A bitmap without its trailing padding reads short: the missing bytes are 0.
@@ -144,7 +157,7 @@ export class BitmapCache {
       durable: null,
       dirtyLo: this.entryBytes,
       dirtyHi: 0,
-      pins: 0,
+      pins: slot.waiters,
       lastUse: ++this.clock,
     };
     this.entries.set(index, e);
