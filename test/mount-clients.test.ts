@@ -93,6 +93,7 @@ describe("addcow-mount with fio", () => {
       "--randrepeat=1",
       "--randseed=1234",
       "--group_reporting",
+      "--verify_state_save=0", // no state file in the working directory
     ];
     const write = await sh("fio", job(m.file));
     expect(write.stdout).toMatch(/err= 0/);
