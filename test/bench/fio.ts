@@ -106,6 +106,9 @@ function fioArgs(file: string, size: number): string[] {
     "--output-format=json",
     "--randrepeat=0",
     "--norandommap",
+    // fio drops the file's page cache before each job by default; on the raw
+    // row that would evict the shared base and slow whichever system runs next.
+    "--invalidate=0",
   ];
 }
 

@@ -159,7 +159,7 @@ async function main(): Promise<number> {
   } finally {
     await cleanup();
   }
-  if (reports.length === 0) return failed ? 1 : 0;
+  if (reports.length === 0) return interrupted ? 130 : failed ? 1 : 0;
 
   const endLoad = os.loadavg();
   const m = startMachine;
