@@ -70,7 +70,15 @@ function modelFromLog(logText: string, seed: number, backing: Buffer, writethrou
   return { model, point: lines.length, acked, flushed };
 }
 
-async function crashRound(round: number, options: string | undefined): Promise<void> {
+/**
+ * One round: mount, start the writer, then either kill -9 the daemon (a crash)
+ * or kill the writer and unmount cleanly (every acknowledged write must stay).
+ */
+async function crashRound(
+  round: number,
+  options: string | undefined,
+  ending: "kill-daemon" | "clean-unmount" = "kill-daemon",
+): Promise<void> {
   const seed = 1000 + round;
   const rng = new Rng(seed);
   const dir = tempDir("addcow-crash-");
@@ -92,9 +100,15 @@ async function crashRound(round: number, options: string | undefined): Promise<v
       () => fs.existsSync(logPath) && fs.statSync(logPath).size > 0,
     );
     await new Promise((r) => setTimeout(r, rng.int(10, 400)));
-    await m.kill("SIGKILL");
-    await run("fusermount", ["-uz", m.dir]);
-    await writerDone;
+    if (ending === "kill-daemon") {
+      await m.kill("SIGKILL");
+      await run("fusermount", ["-uz", m.dir]);
+      await writerDone;
+    } else {
+      writer.kill("SIGKILL");
+      await writerDone;
+      await m.unmount();
+    }
   } finally {
     if (writer.exitCode === null && writer.signalCode === null) writer.kill("SIGKILL");
   }
@@ -104,7 +118,7 @@ async function crashRound(round: number, options: string | undefined): Promise<v
     fs.readFileSync(logPath, "utf8"),
     seed,
     backing,
-    options === "cache=writethrough",
+    options === "cache=writethrough" || ending === "clean-unmount",
   );
   const again = await mountDisk(disk.addcow, mnt, { options });
   const dev = fileDevice(again.file);
@@ -136,5 +150,10 @@ describe("kill -9 of the mount daemon while a writer runs", () => {
     for (let round = 0; round < Math.ceil(ROUNDS / 2); round++) {
       await crashRound(500 + round, "cache=writethrough");
     }
+  }, 600_000);
+
+  it("a clean unmount keeps every acknowledged write (writer killed mid-way)", async () => {
+    for (let round = 0; round < 2; round++)
+      await crashRound(900 + round, undefined, "clean-unmount");
   }, 600_000);
 });
