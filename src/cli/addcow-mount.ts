@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import * as path from "node:path";
 import { Command, Option } from "commander";
+import { registerControlService } from "../control/server";
 import { CHILD_FLAG, startInBackground, tellParent } from "../daemon/background";
 import { type DiskSpec, MountDaemon } from "../daemon/daemon";
 import { diskFileName } from "../daemon/mount-table";
@@ -59,12 +60,19 @@ async function mountAction(paths: string[], opts: CliOptions): Promise<void> {
   }));
 
   if (!opts.foreground && !opts.daemonChild) {
-    // The child repeats the parsing above; errors it finds come back over IPC.
-    process.exitCode = await startInBackground(process.argv[1]!, process.argv.slice(2), PROGRAM);
+    // The child gets absolute paths: it leaves the working directory once mounted.
+    const childArgs = [
+      ...opts.options.flatMap((o) => ["-o", o]),
+      ...(opts.name !== undefined ? ["--name", opts.name] : []),
+      ...disks.map((d) => d.file),
+      mountDir,
+    ];
+    process.exitCode = await startInBackground(process.argv[1]!, childArgs, PROGRAM);
     return;
   }
 
   const foreground = !opts.daemonChild;
+  registerControlService();
   let daemon: MountDaemon;
   try {
     daemon = await MountDaemon.start({
