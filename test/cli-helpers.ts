@@ -15,11 +15,21 @@ export interface CliResult {
 
 /** Runs `addcow ...args` in cwd with DEBUG unset, so errors are the plain one-liners. */
 export function addcow(cwd: string, ...args: string[]): CliResult {
+  return addcowEnv(cwd, {}, ...args);
+}
+
+/** Like addcow(), with extra environment variables (e.g. DEBUG). */
+export function addcowEnv(
+  cwd: string,
+  extra: Record<string, string>,
+  ...args: string[]
+): CliResult {
   if (!fs.existsSync(ADDCOW)) {
     throw new Error(`${ADDCOW} is missing: run npm run build first`);
   }
   const env = { ...process.env };
   delete env.DEBUG;
+  Object.assign(env, extra);
   const r = spawnSync(process.execPath, [ADDCOW, ...args], { cwd, env, encoding: "utf8" });
   return { code: r.status, stdout: r.stdout, stderr: r.stderr };
 }

@@ -1,7 +1,11 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import { addcow, snapshotDir, stderrLines, tempDir } from "./cli-helpers";
+import type { CheckReport } from "../src/commands/check";
+import type { DiskInfo } from "../src/commands/info";
+import type { Extent } from "../src/commands/map";
+import { openDisk } from "../src/engine/open-disk";
+import { addcow, addcowEnv, snapshotDir, stderrLines, tempDir } from "./cli-helpers";
 
 let dir: string;
 beforeEach(() => {
@@ -129,12 +133,258 @@ describe("addcow create", () => {
     expectFailure(1, ["creat", "x"], /unknown command 'creat'/);
   });
 
+  it("adds a stack trace only when DEBUG=addcow:* is set", () => {
+    const plain = addcow(dir, "create", "disk.add-cow", "0");
+    expect(stderrLines(plain)).toHaveLength(1);
+    const traced = addcowEnv(dir, { DEBUG: "addcow:*" }, "create", "disk.add-cow", "0");
+    expect(traced.code).toBe(1);
+    expect(traced.stderr).toMatch(/^addcow: invalid size/);
+    expect(traced.stderr).toMatch(/\n\s+at .*create-disk/);
+  });
+
   it("prints help and version", () => {
     const help = addcow(dir, "create", "--help");
     expect(help.code).toBe(0);
     expect(help.stdout).toMatch(/Usage: addcow create \[options\] <file> \[size\]/);
+    for (const sub of ["info", "map", "check"]) {
+      const r = addcow(dir, sub, "--help");
+      expect(r.code).toBe(0);
+      expect(r.stdout).toMatch(new RegExp(`Usage: addcow ${sub} \\[options\\] <file>`));
+      expect(r.stdout).toMatch(/--json/);
+    }
     const version = addcow(dir, "--version");
     expect(version.code).toBe(0);
     expect(version.stdout.trim()).toMatch(/^\d+\.\d+\.\d+/);
+  });
+});
+
+/** Writes through the engine, as the FUSE daemon would, and closes (flushes) the disk. */
+async function writeDisk(file: string, writes: Array<[number, number, number]>): Promise<void> {
+  const disk = await openDisk(path.join(dir, file), { writable: true });
+  try {
+    for (const [offset, length, byte] of writes) {
+      await disk.write(Buffer.alloc(length, byte), offset);
+    }
+  } finally {
+    await disk.close();
+  }
+}
+
+function json<T>(args: string[]): T {
+  const r = addcow(dir, ...args);
+  expect(r.code, r.stderr).toBe(0);
+  expect(r.stderr).toBe("");
+  return JSON.parse(r.stdout) as T;
+}
+
+describe("addcow info and map", () => {
+  it("describes a fresh overlay over a 2 GiB sparse raw backing file", () => {
+    rawFile("base.raw", 2 * 2 ** 30);
+    expect(addcow(dir, "create", "-b", "base.raw", "-F", "raw", "disk.add-cow").code).toBe(0);
+    const info = json<DiskInfo>(["info", "--json", "disk.add-cow"]);
+    expect(info).toMatchObject({
+      file: "disk.add-cow",
+      format: "add-cow",
+      virtualSize: 2 * 2 ** 30,
+      clusterSize: 65536,
+      clusterBits: 16,
+      headerSize: 65536,
+      clusters: 32768,
+      allocatedClusters: 0,
+      allocatedPercent: 0,
+      chainDepth: 1,
+      image: { stored: "disk.raw", path: path.join(dir, "disk.raw"), format: "raw" },
+      backing: { stored: "base.raw", path: path.join(dir, "base.raw"), format: "raw" },
+      features: { allAllocated: false, compatibleBits: [], incompatibleBits: [] },
+    });
+    expect(info.backingChain).toBeUndefined();
+    const map = json<Extent[]>(["map", "--json", "disk.add-cow"]);
+    expect(map).toEqual([
+      {
+        start: 0,
+        length: 2 * 2 ** 30,
+        source: "backing",
+        depth: 1,
+        file: path.join(dir, "base.raw"),
+      },
+    ]);
+  });
+
+  it("reports allocation and extents after writes through the engine", async () => {
+    rawFile("base.raw", 1 << 20);
+    expect(
+      addcow(dir, "create", "-c", "4K", "-b", "base.raw", "-F", "raw", "d.add-cow", "2M").code,
+    ).toBe(0);
+    // Cluster 1 (partial write: copy-on-write fills it) and clusters 3..4.
+    await writeDisk("d.add-cow", [
+      [4096 + 100, 10, 1],
+      [3 * 4096, 2 * 4096, 2],
+    ]);
+    const info = json<DiskInfo>(["info", "--json", "d.add-cow"]);
+    expect(info.virtualSize).toBe(2 << 20);
+    expect(info.clusters).toBe(512);
+    expect(info.allocatedClusters).toBe(3);
+    expect(info.allocatedPercent).toBe(0.58);
+    const image = path.join(dir, "d.raw");
+    const base = path.join(dir, "base.raw");
+    expect(json<Extent[]>(["map", "--json", "d.add-cow"])).toEqual([
+      { start: 0, length: 4096, source: "backing", depth: 1, file: base },
+      { start: 4096, length: 4096, source: "image", depth: 0, file: image },
+      { start: 8192, length: 4096, source: "backing", depth: 1, file: base },
+      { start: 12288, length: 8192, source: "image", depth: 0, file: image },
+      { start: 20480, length: (1 << 20) - 20480, source: "backing", depth: 1, file: base },
+      { start: 1 << 20, length: 1 << 20, source: "zero", depth: null, file: null },
+    ]);
+    const text = addcow(dir, "map", "d.add-cow");
+    expect(text.code).toBe(0);
+    expect(text.stdout.split("\n")[0]).toMatch(/^Offset\s+Length\s+Source\s+Depth\s+File$/);
+    expect(text.stdout).toMatch(/^0x1000\s+0x1000\s+image\s+0\s+\S+d\.raw$/m);
+    expect(text.stdout).toMatch(/^0x100000\s+0x100000\s+zero\s+-\s+-$/m);
+    const human = addcow(dir, "info", "d.add-cow");
+    expect(human.stdout).toMatch(/^virtual size: 2 MiB \(2097152 bytes\)$/m);
+    expect(human.stdout).toMatch(/^allocated: 3 of 512 clusters \(0\.58%\)$/m);
+  });
+
+  it("walks an add-cow backing chain (--backing-chain, map depths)", async () => {
+    rawFile("base.raw", 1 << 20);
+    expect(
+      addcow(dir, "create", "-c", "4K", "-b", "base.raw", "-F", "raw", "mid.add-cow").code,
+    ).toBe(0);
+    await writeDisk("mid.add-cow", [[0, 8192, 3]]);
+    expect(
+      addcow(dir, "create", "-c", "4K", "-b", "mid.add-cow", "-F", "add-cow", "top.add-cow").code,
+    ).toBe(0);
+    await writeDisk("top.add-cow", [[4096, 4096, 4]]);
+    const info = json<DiskInfo>(["info", "--json", "--backing-chain", "top.add-cow"]);
+    expect(info.chainDepth).toBe(2);
+    expect(info.backing).toMatchObject({ stored: "mid.add-cow", format: "add-cow", inUse: true });
+    expect(info.backingChain).toHaveLength(2);
+    expect(info.backingChain![0]).toMatchObject({
+      depth: 1,
+      format: "add-cow",
+      allocatedClusters: 2,
+    });
+    expect(info.backingChain![1]).toMatchObject({ depth: 2, format: "raw", virtualSize: 1 << 20 });
+    expect(json<Extent[]>(["map", "--json", "top.add-cow"])).toEqual([
+      { start: 0, length: 4096, source: "backing", depth: 1, file: path.join(dir, "mid.raw") },
+      { start: 4096, length: 4096, source: "image", depth: 0, file: path.join(dir, "top.raw") },
+      {
+        start: 8192,
+        length: (1 << 20) - 8192,
+        source: "backing",
+        depth: 2,
+        file: path.join(dir, "base.raw"),
+      },
+    ]);
+  });
+
+  it("fails cleanly on a missing or non-add-cow file", () => {
+    expectFailure(1, ["info", "missing.add-cow"], /missing\.add-cow does not exist/);
+    rawFile("plain.raw", 8192, Buffer.from("hello"));
+    expectFailure(1, ["map", "plain.raw"], /not an add-cow file/);
+    expectFailure(1, ["info"], /missing required argument/);
+  });
+});
+
+describe("addcow check", () => {
+  function setup(): void {
+    rawFile("base.raw", 1 << 20);
+    expect(addcow(dir, "create", "-c", "4K", "-b", "base.raw", "-F", "raw", "d.add-cow").code).toBe(
+      0,
+    );
+  }
+
+  /** Runs check, expecting findings (exit 2), and proves nothing was modified. */
+  function checkCorrupt(): { report: CheckReport; lines: string[] } {
+    const before = snapshotDir(dir);
+    const r = addcow(dir, "check", "--json", "d.add-cow");
+    expect(r.code, r.stdout + r.stderr).toBe(2);
+    expect(r.stderr).toBe("");
+    const text = addcow(dir, "check", "d.add-cow");
+    expect(text.code).toBe(2);
+    expect(snapshotDir(dir)).toEqual(before);
+    return { report: JSON.parse(r.stdout) as CheckReport, lines: text.stdout.trim().split("\n") };
+  }
+
+  it("passes a clean disk with exit 0", async () => {
+    setup();
+    await writeDisk("d.add-cow", [[5000, 3, 7]]);
+    const r = addcow(dir, "check", "d.add-cow");
+    expect(r.code, r.stdout).toBe(0);
+    expect(r.stdout).toMatch(/^No errors were found on the disk\.$/m);
+    expect(r.stdout).toMatch(/^1\/256 = 0\.39% allocated$/m);
+    const report = json<CheckReport>(["check", "--json", "d.add-cow"]);
+    expect(report).toMatchObject({
+      clean: true,
+      findings: [],
+      clusters: 256,
+      allocatedClusters: 1,
+    });
+  });
+
+  it("finds a padding bit set past the end of the disk", () => {
+    setup();
+    // 256 clusters use bitmap bytes 4096..4127; byte 4200 is padding.
+    const fd = fs.openSync(path.join(dir, "d.add-cow"), "r+");
+    fs.writeSync(fd, Buffer.from([0x10]), 0, 1, 4200);
+    fs.closeSync(fd);
+    const { report, lines } = checkCorrupt();
+    expect(report.findings).toEqual([
+      expect.objectContaining({
+        severity: "corruption",
+        offset: 4200,
+        field: "bitmap",
+        file: "d.add-cow",
+      }),
+    ]);
+    expect(report.findings[0]!.message).toMatch(/bits set past the end of the disk/);
+    expect(lines[0]).toMatch(/^d\.add-cow: corruption: bitmap at byte 4200: bits set past the end/);
+  });
+
+  it("finds a truncated bitmap", () => {
+    setup();
+    fs.truncateSync(path.join(dir, "d.add-cow"), 4096 + 10);
+    const { report } = checkCorrupt();
+    expect(report.findings).toEqual([
+      expect.objectContaining({ severity: "corruption", offset: 4106, field: "bitmap" }),
+    ]);
+    expect(report.findings[0]!.message).toMatch(/bitmap is truncated/);
+  });
+
+  it("lists every finding: bad header field, missing backing file", () => {
+    setup();
+    fs.rmSync(path.join(dir, "base.raw"));
+    let r = checkCorrupt();
+    expect(r.report.findings.map((f) => f.field)).toEqual(["backing file"]);
+    expect(r.lines[0]).toMatch(/backing file .*base\.raw.* does not exist/);
+    const fd = fs.openSync(path.join(dir, "d.add-cow"), "r+");
+    fs.writeSync(fd, Buffer.from([30]), 0, 1, 20); // cluster_bits 30
+    fs.closeSync(fd);
+    r = checkCorrupt();
+    expect(r.report.findings).toEqual([
+      expect.objectContaining({ offset: 20, field: "cluster_bits" }),
+    ]);
+  });
+
+  it("finds the all-allocated feature set while bits are 0", () => {
+    setup();
+    const fd = fs.openSync(path.join(dir, "d.add-cow"), "r+");
+    fs.writeSync(fd, Buffer.from([1]), 0, 1, 32);
+    fs.closeSync(fd);
+    const { report } = checkCorrupt();
+    expect(report.findings).toEqual([
+      expect.objectContaining({ offset: 32, field: "compatible features" }),
+    ]);
+    expect(report.findings[0]!.message).toMatch(/256 of 256 clusters have bit 0/);
+  });
+
+  it("exits 1 when it cannot check at all", () => {
+    expectFailure(
+      1,
+      ["check", "nothere.add-cow"],
+      /cannot check nothere\.add-cow: it does not exist/,
+    );
+    fs.mkdirSync(path.join(dir, "adir.add-cow"));
+    expectFailure(1, ["check", "adir.add-cow"], /not a regular file/);
   });
 });

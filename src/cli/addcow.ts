@@ -1,10 +1,13 @@
 #!/usr/bin/env node
 import { Command } from "commander";
 import { packageVersion, runCli } from "./run-cli";
+import * as check from "./commands/check";
 import * as create from "./commands/create";
+import * as info from "./commands/info";
+import * as map from "./commands/map";
 
 /** Every subcommand is a module exporting register(program); add new ones here. */
-const COMMANDS: Array<{ register(program: Command): void }> = [create];
+const COMMANDS: Array<{ register(program: Command): void }> = [create, info, map, check];
 
 export function buildProgram(): Command {
   const program = new Command("addcow")

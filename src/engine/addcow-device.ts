@@ -311,8 +311,12 @@ export class AddCowDevice implements BlockDevice {
     return this.flusher.flush();
   }
 
-  /** The ordered flush: image data durable, then bitmap clusters, then the .add-cow file. */
-  private async flushOrdered(): Promise<void> {
+  /**
+   * The ordered flush: image data durable, then bitmap clusters, then the .add-cow file.
+   * Protected only so the crash tests can build a deliberately broken subclass and
+   * prove their checker catches a wrong order; nothing else overrides it.
+   */
+  protected async flushOrdered(): Promise<void> {
     const writes = this.completedWrites;
     if (writes === this.syncedWrites && !this.bitmap.hasDirty()) return;
     await this.bitmap.writeBack(async () => {

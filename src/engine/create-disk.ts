@@ -239,7 +239,7 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
 }
 
 /** Every file a backing device reads: each layer's .add-cow, image and raw files. */
-function chainFiles(dev: BlockDevice): string[] {
+export function chainFiles(dev: BlockDevice): string[] {
   const files: string[] = [];
   for (let layer: BlockDevice | null = dev; layer;) {
     if (layer instanceof AddCowDevice) {

@@ -1,0 +1,83 @@
+import type { Command } from "commander";
+import { type AddCowInfo, type LayerInfo, diskInfo } from "../../commands/info";
+import { formatSize } from "../../util/size";
+import { action } from "../run-cli";
+
+interface InfoFlags {
+  json?: boolean;
+  backingChain?: boolean;
+  forceShare?: boolean;
+}
+
+function sized(bytes: number): string {
+  return `${formatSize(bytes)} (${bytes} bytes)`;
+}
+
+/** qemu-img info style text for one add-cow layer. */
+export function formatAddCowInfo(info: AddCowInfo): string {
+  const lines = [
+    `image: ${info.file}`,
+    `file format: add-cow`,
+    `virtual size: ${sized(info.virtualSize)}`,
+    `cluster size: ${sized(info.clusterSize)}`,
+    `header size: ${info.headerSize} bytes`,
+    `image file: ${info.image.stored} (actual path: ${info.image.path})`,
+    `image file format: raw`,
+  ];
+  if (info.backing) {
+    const unused = info.backing.inUse ? "" : " (not used: all clusters allocated)";
+    lines.push(`backing file: ${info.backing.stored} (actual path: ${info.backing.path})${unused}`);
+    lines.push(`backing file format: ${info.backing.format}`);
+  } else {
+    lines.push(`backing file: none`);
+  }
+  lines.push(`backing chain depth: ${info.chainDepth}`);
+  lines.push(
+    `allocated: ${info.allocatedClusters} of ${info.clusters} clusters (${info.allocatedPercent.toFixed(2)}%)`,
+  );
+  const f = info.features;
+  const others = f.compatibleBits.filter((b) => b !== 0);
+  lines.push(
+    `features: all-allocated ${f.allAllocated ? "yes" : "no"}` +
+      (others.length ? `, other compatible bits ${others.join(" ")}` : "") +
+      (f.incompatibleBits.length ? `, incompatible bits ${f.incompatibleBits.join(" ")}` : ""),
+  );
+  return lines.join("\n");
+}
+
+function formatLayer(layer: LayerInfo): string {
+  if (layer.format === "raw") {
+    return [
+      `image: ${layer.file}`,
+      `file format: raw`,
+      `virtual size: ${sized(layer.virtualSize)}`,
+      `backing chain position: ${layer.depth}`,
+    ].join("\n");
+  }
+  return `${formatAddCowInfo(layer)}\nbacking chain position: ${layer.depth}`;
+}
+
+export function register(program: Command): void {
+  program
+    .command("info")
+    .description("show what an add-cow disk is made of: sizes, files, backing chain, allocation")
+    .argument("<file>", "the .add-cow file")
+    .option("--json", "print JSON (stable; see docs/cli.md)")
+    .option("--backing-chain", "also describe every layer of the backing chain")
+    .option("-U, --force-share", "do not take locks (answers may be stale while a writer runs)")
+    .action(
+      action(async (file: string, flags: InfoFlags) => {
+        const info = await diskInfo(file, {
+          backingChain: flags.backingChain,
+          forceShare: flags.forceShare,
+        });
+        if (flags.json) {
+          process.stdout.write(JSON.stringify(info, null, 2) + "\n");
+          return;
+        }
+        const parts = [formatAddCowInfo(info)];
+        for (const layer of info.backingChain ?? []) parts.push(formatLayer(layer));
+        process.stdout.write(parts.join("\n\n") + "\n");
+      }),
+    );
+}

@@ -1,0 +1,335 @@
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { afterEach, beforeEach, describe, expect, it } from "vitest";
+import type { AddCowDevice, CacheMode } from "../src/engine/addcow-device";
+import { createDisk } from "../src/engine/create-disk";
+import { openDisk } from "../src/engine/open-disk";
+import { openPosixFile } from "../src/io/file-io";
+import { DiskModel, orderViolations } from "./helpers/crash-model";
+import { FaultInjector } from "./helpers/fault-io";
+import { MemoryFs, SparseBytes, createMemoryDisk, openDiskVia } from "./helpers/memory-io";
+import { Rng, SECTOR, crashStates, describeCrash } from "./helpers/power-loss";
+import { Recorder } from "./helpers/recording-io";
+import { runWorkload } from "./helpers/workload";
+
+const CS = 4096;
+const CLUSTERS = 8;
+const SIZE = CS * CLUSTERS;
+
+let dir: string;
+let files: { addcow: string; image: string; backing: string };
+let backingData: Buffer;
+let faults: FaultInjector;
+const open: AddCowDevice[] = [];
+
+beforeEach(async () => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), "addcow-faults-"));
+  files = {
+    addcow: path.join(dir, "disk.add-cow"),
+    image: path.join(dir, "disk.raw"),
+    backing: path.join(dir, "base.raw"),
+  };
+  backingData = new Rng(7).bytes(SIZE);
+  fs.writeFileSync(files.backing, backingData);
+  await createDisk({
+    file: files.addcow,
+    backing: files.backing,
+    backingFormat: "raw",
+    clusterSize: CS,
+  });
+  faults = new FaultInjector();
+});
+
+afterEach(async () => {
+  faults.clear();
+  for (const d of open.splice(0)) await d.close().catch(() => undefined);
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+async function openFaulty(cacheMode?: CacheMode): Promise<AddCowDevice> {
+  const dev = await openDisk(files.addcow, {
+    writable: true,
+    cacheMode,
+    opener: faults.opener(openPosixFile),
+  });
+  open.push(dev);
+  return dev;
+}
+
+async function readAll(dev: AddCowDevice): Promise<Buffer> {
+  const buf = Buffer.alloc(dev.size);
+  await dev.read(buf, 0);
+  return buf;
+}
+
+/** The bit of cluster c as it is on disk (4 KiB clusters: HEADER_SIZE is 4096). */
+function bitOnDisk(c: number): number {
+  const meta = fs.readFileSync(files.addcow);
+  return (meta[4096 + (c >> 3)]! >> (c & 7)) & 1;
+}
+
+function snapshot(): Buffer[] {
+  return [files.addcow, files.image, files.backing].map((f) => fs.readFileSync(f));
+}
+
+/** Closes, reopens without faults and compares the whole disk with what it must hold. */
+async function reopenAndExpect(dev: AddCowDevice, expected: Buffer): Promise<void> {
+  await dev.close();
+  const again = await openDisk(files.addcow, { writable: false });
+  try {
+    expect((await readAll(again)).equals(expected)).toBe(true);
+  } finally {
+    await again.close();
+  }
+  expect(fs.readFileSync(files.backing).equals(backingData)).toBe(true);
+}
+
+describe("I/O errors from the backing file", () => {
+  it("EIO on a backing read goes to the reader and changes nothing", async () => {
+    const dev = await openFaulty();
+    const expected = Buffer.from(backingData);
+    const mine = Buffer.alloc(CS, 0xab);
+    await dev.write(mine, CS);
+    mine.copy(expected, CS);
+    await dev.flush();
+    const before = snapshot();
+
+    faults.arm({ file: "base.raw", op: "read", code: "EIO" });
+    await expect(dev.read(Buffer.alloc(CS), 0)).rejects.toMatchObject({ code: "EIO" });
+    await expect(dev.read(Buffer.alloc(2 * CS), 0)).rejects.toMatchObject({ code: "EIO" });
+    // Allocated clusters do not need the backing file.
+    const got = Buffer.alloc(CS);
+    await dev.read(got, CS);
+    expect(got.equals(mine)).toBe(true);
+    // A first partial write needs the backing data for copy-on-write: it fails the same way.
+    await expect(dev.write(Buffer.alloc(10, 1), 2 * CS + 5)).rejects.toMatchObject({
+      code: "EIO",
+    });
+    await dev.flush();
+    expect(snapshot()).toEqual(before);
+    expect(bitOnDisk(2)).toBe(0);
+
+    faults.clear();
+    expect((await readAll(dev)).equals(expected)).toBe(true);
+    await reopenAndExpect(dev, expected);
+  });
+});
+
+describe.each(["EIO", "ENOSPC"] as const)("%s from the image file", (code) => {
+  it.each([false, true])(
+    "a copy-on-write that fails (short write: %s) reports it and leaves the bit 0",
+    async (partial) => {
+      const dev = await openFaulty();
+      const expected = Buffer.from(backingData);
+      faults.arm({ file: "disk.raw", op: "write", code, partial });
+      await expect(dev.write(Buffer.alloc(100, 0x11), 3 * CS + 700)).rejects.toMatchObject({
+        code,
+      });
+      await expect(dev.write(Buffer.alloc(2 * CS, 0x12), 4 * CS)).rejects.toMatchObject({ code });
+      expect((await readAll(dev)).equals(expected)).toBe(true);
+      await dev.flush();
+      expect(bitOnDisk(3)).toBe(0);
+      expect(bitOnDisk(4)).toBe(0);
+      expect(bitOnDisk(5)).toBe(0);
+
+      // Once the fault is gone the same writes work, and nothing of the failed ones shows.
+      faults.clear();
+      const data = Buffer.alloc(100, 0x21);
+      await dev.write(data, 3 * CS + 700);
+      data.copy(expected, 3 * CS + 700);
+      await dev.flush();
+      expect(bitOnDisk(3)).toBe(1);
+      expect(bitOnDisk(4)).toBe(0);
+      expect((await readAll(dev)).equals(expected)).toBe(true);
+      await reopenAndExpect(dev, expected);
+    },
+  );
+
+  it("a failing write to an allocated cluster reports it; the disk works afterwards", async () => {
+    const dev = await openFaulty();
+    const expected = Buffer.from(backingData);
+    const first = Buffer.alloc(CS, 0x31);
+    await dev.write(first, 0);
+    first.copy(expected, 0);
+    await dev.flush();
+    faults.arm({ file: "disk.raw", op: "write", code, times: 1 });
+    await expect(dev.write(Buffer.alloc(CS, 0x32), 0)).rejects.toMatchObject({ code });
+    expect((await readAll(dev)).equals(expected)).toBe(true);
+    const second = Buffer.alloc(CS, 0x33);
+    await dev.write(second, 0);
+    second.copy(expected, 0);
+    await reopenAndExpect(dev, expected);
+  });
+});
+
+describe("failing syncs", () => {
+  it("an image sync error goes to flush; no bit reaches the disk without its data", async () => {
+    const dev = await openFaulty();
+    const expected = Buffer.from(backingData);
+    await dev.write(Buffer.alloc(300, 0x41), 4 * CS + 100);
+    await dev.write(Buffer.alloc(CS, 0x42), 5 * CS);
+    faults.arm({ file: "disk.raw", op: "sync", code: "EIO", times: 1 });
+    await expect(dev.flush()).rejects.toMatchObject({ code: "EIO" });
+    expect(bitOnDisk(4)).toBe(0);
+    expect(bitOnDisk(5)).toBe(0);
+    // The bits whose data may be lost were dropped: those clusters read as before.
+    expect((await readAll(dev)).equals(expected)).toBe(true);
+    expect(faults.injected).toHaveLength(1);
+
+    // The next flush works; writing again makes the data durable for good.
+    await dev.flush();
+    const again = Buffer.alloc(CS, 0x43);
+    await dev.write(again, 5 * CS);
+    again.copy(expected, 5 * CS);
+    await dev.flush();
+    expect(bitOnDisk(5)).toBe(1);
+    expect(bitOnDisk(4)).toBe(0);
+    await reopenAndExpect(dev, expected);
+  });
+
+  it("with cache=writethrough the failing sync goes to the writer", async () => {
+    const dev = await openFaulty("writethrough");
+    const expected = Buffer.from(backingData);
+    faults.arm({ file: "disk.raw", op: "sync", code: "ENOSPC", times: 1 });
+    await expect(dev.write(Buffer.alloc(CS, 0x51), 6 * CS)).rejects.toMatchObject({
+      code: "ENOSPC",
+    });
+    expect(bitOnDisk(6)).toBe(0);
+    const data = Buffer.alloc(CS, 0x52);
+    await dev.write(data, 6 * CS);
+    data.copy(expected, 6 * CS);
+    expect(bitOnDisk(6)).toBe(1);
+    await reopenAndExpect(dev, expected);
+  });
+
+  it.each([
+    ["sync", "EIO"],
+    ["write", "ENOSPC"],
+  ] as const)(
+    "a failing %s of the .add-cow file (%s) goes to flush; the next flush persists the bits",
+    async (op, code) => {
+      const dev = await openFaulty();
+      const expected = Buffer.from(backingData);
+      const data = Buffer.alloc(200, 0x61);
+      await dev.write(data, 7 * CS + 40);
+      data.copy(expected, 7 * CS + 40);
+      faults.arm({ file: "disk.add-cow", op, code, times: 1 });
+      await expect(dev.flush()).rejects.toMatchObject({ code });
+      // The data was synced first, so the cluster keeps reading the new data.
+      expect((await readAll(dev)).equals(expected)).toBe(true);
+      await dev.flush();
+      expect(bitOnDisk(7)).toBe(1);
+      await reopenAndExpect(dev, expected);
+    },
+  );
+
+  it("a failing sync during close is reported and leaves no bit without its data", async () => {
+    const dev = await openFaulty();
+    await dev.write(Buffer.alloc(CS, 0x71), 2 * CS);
+    faults.arm({ file: "disk.raw", op: "sync", code: "EIO" });
+    await expect(dev.close()).rejects.toMatchObject({ code: "EIO" });
+    faults.clear();
+    expect(bitOnDisk(2)).toBe(0);
+    const again = await openDisk(files.addcow, { writable: false });
+    try {
+      expect((await readAll(again)).equals(backingData)).toBe(true);
+    } finally {
+      await again.close();
+    }
+  });
+});
+
+describe("random faults during random workloads (in memory, with crash states)", () => {
+  it("never breaks the order or promise 2, and works again once the faults stop", async () => {
+    const seeds = Number(process.env.FAULT_SIM_SEEDS ?? 8);
+    let injected = 0;
+    for (let seed = 1; seed <= seeds; seed++) {
+      const rng = new Rng(seed * 31 + 3);
+      const size = 10 * CS;
+      const backing = SparseBytes.from(rng.bytes(size));
+      const mfs = new MemoryFs();
+      const paths = createMemoryDisk(mfs, { clusterBits: 12, size, backing });
+      const initial = new Map([...mfs.files].map(([p, b]) => [p, b.clone()] as const));
+      const recorder = new Recorder();
+      const inject = new FaultInjector();
+      const dev = await openDiskVia(inject.opener(recorder.opener(mfs.opener)), paths.addcow, {
+        writable: true,
+        cacheMode: seed % 4 === 0 ? "writethrough" : "writeback",
+      });
+      const original = (s: number) => {
+        const b = Buffer.alloc(SECTOR);
+        backing.read(b, s * SECTOR);
+        return b;
+      };
+      const model = new DiskModel(size, original, seed % 4 === 0);
+      await runWorkload(dev, recorder, model, {
+        rng,
+        clusterSize: CS,
+        zones: [[0, size]],
+        steps: 16,
+        sectorAligned: true,
+        tolerateErrors: true,
+        beforeStep: () => {
+          if (!rng.chance(0.3)) return;
+          inject.clear();
+          inject.arm({
+            file: rng.pick(["disk.raw", "disk.add-cow", "base.raw"]),
+            op: rng.pick(["read", "write", "sync"] as const),
+            code: rng.pick(["EIO", "ENOSPC"] as const),
+            nth: rng.int(1, 3),
+            times: rng.int(1, 2),
+            partial: rng.chance(0.5),
+          });
+        },
+      });
+      injected += inject.injected.length;
+      if (process.env.DUMP_LOG === String(seed)) {
+        for (const e of recorder.log) {
+          const what =
+            e.kind === "write"
+              ? `${e.file} @${e.pos}+${e.data.length}`
+              : e.kind === "sync"
+                ? `${e.file} covers ${e.covers}`
+                : `${e.label} ${JSON.stringify(e.info)}`;
+          console.log(e.seq, e.kind, what);
+        }
+        console.log(inject.injected);
+      }
+      inject.clear();
+      const start = recorder.mark("flush-start");
+      await dev.close();
+      model.flushed(start, recorder.mark("flush-done", { start }));
+
+      expect(
+        orderViolations(recorder.log, {
+          image: paths.image,
+          meta: paths.addcow,
+          headerSize: 4096,
+          clusterSize: CS,
+          numClusters: 10,
+          size,
+        }),
+      ).toEqual([]);
+      expect(recorder.illegalWrites).toEqual([]);
+      for (const state of crashStates(recorder.log, initial, {
+        seed,
+        samplesPerPoint: 6,
+        tornPerPoint: 1,
+        exhaustiveUpTo: 3,
+      })) {
+        const after = new MemoryFs();
+        for (const [p, b] of state.files) after.set(p, b);
+        const reopened = await openDiskVia(after.opener, paths.addcow, { writable: false });
+        const found = await model.check(reopened, state.point, [[0, size]]);
+        expect(
+          found.map((v) => v.message),
+          `seed ${seed}: ${describeCrash(state)}`,
+        ).toEqual([]);
+        expect(state.files.get(paths.backing!)!.equals(backing)).toBe(true);
+      }
+    }
+    // The faults really fired.
+    expect(injected).toBeGreaterThan(seeds);
+  });
+});

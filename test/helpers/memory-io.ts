@@ -1,0 +1,219 @@
+import { RawDevice } from "../../src/block/raw-device";
+import {
+  AddCowDevice,
+  type AddCowDeviceParts,
+  type CacheMode,
+} from "../../src/engine/addcow-device";
+import { readHeader, resolveStoredName } from "../../src/engine/open-disk";
+import { bitmapBytes, encodeHeader, headerSizeFor } from "../../src/format/header";
+import type { FileIO, FileOpener, OpenMode } from "../../src/io/file-io";
+
+const PAGE = 4096;
+
+/**
+ * The bytes of one file, kept sparse in 4 KiB pages so a disk of hundreds of
+ * MiB costs only the pages that were written. Missing pages read as zeros.
+ */
+export class SparseBytes {
+  private readonly pages = new Map<number, Buffer>();
+  constructor(public length = 0) {}
+
+  static from(data: Buffer): SparseBytes {
+    const s = new SparseBytes();
+    s.write(data, 0);
+    return s;
+  }
+
+  clone(): SparseBytes {
+    const c = new SparseBytes(this.length);
+    for (const [i, p] of this.pages) c.pages.set(i, Buffer.from(p));
+    return c;
+  }
+
+  /** Copies [pos, pos + buf.length) into buf (zeros past the end); returns the bytes inside the file. */
+  read(buf: Buffer, pos: number): number {
+    const n = Math.max(0, Math.min(buf.length, this.length - pos));
+    buf.fill(0);
+    let done = 0;
+    while (done < n) {
+      const at = pos + done;
+      const page = Math.floor(at / PAGE);
+      const inPage = at % PAGE;
+      const take = Math.min(n - done, PAGE - inPage);
+      const p = this.pages.get(page);
+      if (p) p.copy(buf, done, inPage, inPage + take);
+      done += take;
+    }
+    return n;
+  }
+
+  write(data: Buffer, pos: number): void {
+    let done = 0;
+    while (done < data.length) {
+      const at = pos + done;
+      const page = Math.floor(at / PAGE);
+      const inPage = at % PAGE;
+      const take = Math.min(data.length - done, PAGE - inPage);
+      let p = this.pages.get(page);
+      if (!p) {
+        p = Buffer.alloc(PAGE);
+        this.pages.set(page, p);
+      }
+      data.copy(p, inPage, done, done + take);
+      done += take;
+    }
+    this.length = Math.max(this.length, pos + data.length);
+  }
+
+  toBuffer(): Buffer {
+    const b = Buffer.alloc(this.length);
+    this.read(b, 0);
+    return b;
+  }
+
+  equals(other: SparseBytes): boolean {
+    if (other.length !== this.length) return false;
+    const a = Buffer.alloc(PAGE);
+    const b = Buffer.alloc(PAGE);
+    for (let pos = 0; pos < this.length; pos += PAGE) {
+      const pa = this.pages.has(pos / PAGE);
+      const pb = other.pages.has(pos / PAGE);
+      if (!pa && !pb) continue;
+      this.read(a, pos);
+      other.read(b, pos);
+      if (!a.equals(b)) return false;
+    }
+    return true;
+  }
+}
+
+/** A file held in memory; sync does nothing (durability is the simulator's business). */
+export class MemoryFile implements FileIO {
+  constructor(
+    readonly path: string,
+    readonly bytes: SparseBytes,
+    readonly writable: boolean,
+  ) {}
+
+  async read(buf: Buffer, pos: number): Promise<number> {
+    return this.bytes.read(buf, pos);
+  }
+
+  async write(buf: Buffer, pos: number): Promise<void> {
+    if (!this.writable)
+      throw Object.assign(new Error(`EBADF: ${this.path} is read-only`), { code: "EBADF" });
+    this.bytes.write(buf, pos);
+  }
+
+  async sync(): Promise<void> {}
+
+  async size(): Promise<number> {
+    return this.bytes.length;
+  }
+
+  async close(): Promise<void> {}
+}
+
+/** A set of in-memory files by path; opener() serves them to the engine. */
+export class MemoryFs {
+  readonly files = new Map<string, SparseBytes>();
+
+  set(path: string, data: Buffer | SparseBytes): void {
+    this.files.set(path, data instanceof SparseBytes ? data : SparseBytes.from(data));
+  }
+
+  get(path: string): SparseBytes {
+    const f = this.files.get(path);
+    if (!f) throw Object.assign(new Error(`ENOENT: no such file ${path}`), { code: "ENOENT" });
+    return f;
+  }
+
+  readonly opener: FileOpener = async (path: string, mode: OpenMode) =>
+    new MemoryFile(path, this.get(path), mode === "write");
+}
+
+export interface MemoryDiskSpec {
+  clusterBits: number;
+  /** Virtual disk size (the image file's length). */
+  size: number;
+  /** Backing file contents; omit for a disk without backing file. */
+  backing?: Buffer | SparseBytes;
+  dir?: string;
+}
+
+export interface MemoryDiskPaths {
+  addcow: string;
+  image: string;
+  backing: string | null;
+}
+
+/** Lays out a fresh add-cow disk in a MemoryFs: header, zero bitmap, sparse image, backing. */
+export function createMemoryDisk(mfs: MemoryFs, spec: MemoryDiskSpec): MemoryDiskPaths {
+  const dir = spec.dir ?? "/mem";
+  const paths: MemoryDiskPaths = {
+    addcow: `${dir}/disk.add-cow`,
+    image: `${dir}/disk.raw`,
+    backing: spec.backing ? `${dir}/base.raw` : null,
+  };
+  const headerSize = headerSizeFor(spec.clusterBits);
+  const header = encodeHeader({
+    clusterBits: spec.clusterBits,
+    headerSize,
+    incompatibleFeatures: 0n,
+    compatibleFeatures: 0n,
+    backingName: spec.backing ? "base.raw" : null,
+    backingFormat: spec.backing ? "raw" : null,
+    imageName: "disk.raw",
+    imageFormat: "raw",
+  });
+  const numClusters = Math.ceil(spec.size / 2 ** spec.clusterBits);
+  const meta = new SparseBytes(headerSize + bitmapBytes(numClusters, spec.clusterBits).padded);
+  meta.write(header, 0);
+  mfs.set(paths.addcow, meta);
+  mfs.set(paths.image, new SparseBytes(spec.size));
+  if (spec.backing) mfs.set(paths.backing!, spec.backing);
+  return paths;
+}
+
+export type DeviceClass = new (parts: AddCowDeviceParts) => AddCowDevice;
+
+/**
+ * Opens an add-cow disk through any opener without touching the real file
+ * system (openDisk stats real paths): header, image, raw backing file. The
+ * device class can be swapped for a test-only subclass.
+ */
+export async function openDiskVia(
+  opener: FileOpener,
+  addcowPath: string,
+  opts: {
+    writable: boolean;
+    cacheMode?: CacheMode;
+    bitmapCacheBytes?: number;
+    Device?: DeviceClass;
+  },
+): Promise<AddCowDevice> {
+  const mode = opts.writable ? "write" : "read";
+  const meta = await opener(addcowPath, mode);
+  const header = await readHeader(meta, addcowPath);
+  const imagePath = resolveStoredName(addcowPath, header.imageName);
+  const image = await opener(imagePath, mode);
+  let backing: RawDevice | null = null;
+  let backingPath: string | null = null;
+  if (header.backingName !== null) {
+    backingPath = resolveStoredName(addcowPath, header.backingName);
+    backing = await RawDevice.open(await opener(backingPath, "read"));
+  }
+  const Device = opts.Device ?? AddCowDevice;
+  return new Device({
+    path: addcowPath,
+    header,
+    meta,
+    image,
+    imageSize: await image.size(),
+    backing,
+    imagePath,
+    backingPath,
+    cacheMode: opts.cacheMode,
+    bitmapCacheBytes: opts.bitmapCacheBytes,
+  });
+}
