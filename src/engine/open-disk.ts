@@ -29,6 +29,8 @@ export interface OpenOptions {
   opener?: FileOpener;
   /** Take flock locks (default true). */
   lock?: boolean;
+  /** add-cow layers already open above this one (openBacking), counted against MAX_CHAIN_DEPTH. */
+  layersAbove?: number;
 }
 
 /** Identity of a file across paths, symlinks and hard links. */
@@ -59,7 +61,7 @@ export async function openBacking(
   format: BackingFormat,
   opts: OpenOptions = {},
 ): Promise<BlockDevice> {
-  const state: ChainState = { seen: new Map(), depth: 0, opts, cleanup: [] };
+  const state: ChainState = { seen: new Map(), depth: opts.layersAbove ?? 0, opts, cleanup: [] };
   try {
     return await openLayer(file, format, state, "backing file");
   } catch (err) {
