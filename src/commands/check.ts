@@ -213,6 +213,14 @@ export const checkBitmapLength: CheckStep = {
           ? `bitmap is truncated (${sizes}); harmless while the all-allocated feature is set`
           : `bitmap is truncated: ${sizes}`,
       });
+    } else if (have > padded && !ctx.allAllocated) {
+      // openDisk refuses this too: the image file lost its tail (and written clusters with it).
+      ctx.report({
+        severity: "corruption",
+        offset: h.headerSize + padded,
+        field: "bitmap",
+        message: `bitmap is ${have} bytes, longer than the ${padded} bytes (padded) of the disk (${ctx.numClusters} clusters of ${ctx.imageSize} bytes): the image file was truncated or replaced`,
+      });
     } else if (have < padded) {
       ctx.report({
         severity: "warning",
@@ -348,7 +356,10 @@ export const checkBacking: CheckStep = {
     if (ctx.allAllocated) return;
     let backing;
     try {
-      backing = await openBacking(backingPath, h.backingFormat!, { lock: !ctx.forceShare });
+      backing = await openBacking(backingPath, h.backingFormat!, {
+        lock: !ctx.forceShare,
+        layersAbove: 1,
+      });
     } catch (err) {
       if (!(err instanceof AddCowError)) throw err;
       ctx.report({
