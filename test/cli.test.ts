@@ -5,6 +5,7 @@ import type { CheckReport } from "../src/commands/check";
 import type { DiskInfo } from "../src/commands/info";
 import type { Extent } from "../src/commands/map";
 import { openDisk } from "../src/engine/open-disk";
+import { encodeHeader } from "../src/format/header";
 import { addcow, addcowEnv, snapshotDir, stderrLines, tempDir } from "./cli-helpers";
 
 let dir: string;
@@ -96,6 +97,12 @@ describe("addcow create", () => {
     expect(r.stdout).toMatch(/size 3 MiB .*kept existing/);
     expect(fs.statSync(path.join(dir, "disk.raw")).size).toBe(3 << 20);
     expect(fs.readFileSync(path.join(dir, "disk.raw")).subarray(0, 7).toString()).toBe("keep me");
+    // Past the backing file's end the disk reads zeros.
+    const map = JSON.parse(addcow(dir, "map", "--json", "disk.add-cow").stdout) as Extent[];
+    expect(map.map((e) => [e.start, e.length, e.source])).toEqual([
+      [0, 1 << 20, "backing"],
+      [1 << 20, 2 << 20, "zero"],
+    ]);
   });
 
   it("refuses a SIZE smaller than an existing image file", () => {
@@ -376,6 +383,73 @@ describe("addcow check", () => {
       expect.objectContaining({ offset: 32, field: "compatible features" }),
     ]);
     expect(report.findings[0]!.message).toMatch(/256 of 256 clusters have bit 0/);
+  });
+
+  it("finds a missing image file and a backing chain that loops", () => {
+    setup();
+    expect(addcow(dir, "create", "-b", "d.add-cow", "-F", "add-cow", "top.add-cow").code).toBe(0);
+    // Make d.add-cow name top.add-cow as its backing file: top -> d -> top.
+    const file = path.join(dir, "d.add-cow");
+    const header = encodeHeader({
+      clusterBits: 12,
+      headerSize: 4096,
+      incompatibleFeatures: 0n,
+      compatibleFeatures: 0n,
+      backingName: "top.add-cow",
+      backingFormat: "add-cow",
+      imageName: "d.raw",
+      imageFormat: "raw",
+    });
+    const fd = fs.openSync(file, "r+");
+    fs.writeSync(fd, header, 0, header.length, 0);
+    fs.closeSync(fd);
+    const { report, lines } = checkCorrupt();
+    expect(report.findings.map((f) => f.field)).toEqual(["backing chain"]);
+    expect(lines[0]).toMatch(/^d\.add-cow: corruption: backing chain: .*(same file|loop)/);
+    fs.rmSync(path.join(dir, "d.raw"));
+    const again = checkCorrupt();
+    expect(again.report.findings[0]).toMatchObject({ field: "image file" });
+    expect(again.report.findings[0]!.message).toMatch(/d\.raw.* does not exist/);
+  });
+
+  it("refuses to check a disk open for writing (exit 1) unless -U is given", async () => {
+    setup();
+    const disk = await openDisk(path.join(dir, "d.add-cow"), { writable: true });
+    try {
+      expectFailure(1, ["check", "d.add-cow"], /in use by process/);
+      expectFailure(1, ["info", "d.add-cow"], /in use by process/);
+      const r = addcow(dir, "check", "-U", "d.add-cow");
+      expect(r.code, r.stdout + r.stderr).toBe(0);
+      expect(addcow(dir, "map", "-U", "d.add-cow").code).toBe(0);
+    } finally {
+      await disk.close();
+    }
+  });
+
+  it("accepts a fully allocated disk whose backing file is gone", async () => {
+    setup();
+    const disk = await openDisk(path.join(dir, "d.add-cow"), { writable: true });
+    try {
+      await disk.write(Buffer.alloc(1 << 20, 9), 0);
+      await disk.markAllAllocated();
+    } finally {
+      await disk.close();
+    }
+    fs.rmSync(path.join(dir, "base.raw"));
+    const r = addcow(dir, "check", "d.add-cow");
+    expect(r.code, r.stdout).toBe(0);
+    expect(r.stdout).toMatch(/^256\/256 = 100\.00% allocated$/m);
+    const info = json<DiskInfo>(["info", "--json", "d.add-cow"]);
+    expect(info).toMatchObject({
+      allocatedClusters: 256,
+      allocatedPercent: 100,
+      chainDepth: 0,
+      backing: { stored: "base.raw", inUse: false },
+      features: { allAllocated: true, compatibleBits: [0] },
+    });
+    expect(json<Extent[]>(["map", "--json", "d.add-cow"])).toEqual([
+      { start: 0, length: 1 << 20, source: "image", depth: 0, file: path.join(dir, "d.raw") },
+    ]);
   });
 
   it("exits 1 when it cannot check at all", () => {

@@ -5,9 +5,24 @@ import * as check from "./commands/check";
 import * as create from "./commands/create";
 import * as info from "./commands/info";
 import * as map from "./commands/map";
+import * as stream from "./commands/stream";
+import * as commit from "./commands/commit";
+import * as snapshot from "./commands/snapshot";
+import * as jobs from "./commands/jobs";
+import * as job from "./commands/job";
 
 /** Every subcommand is a module exporting register(program); add new ones here. */
-const COMMANDS: Array<{ register(program: Command): void }> = [create, info, map, check];
+const COMMANDS: Array<{ register(program: Command): void }> = [
+  create,
+  info,
+  map,
+  check,
+  stream,
+  commit,
+  snapshot,
+  jobs,
+  job,
+];
 
 export function buildProgram(): Command {
   const program = new Command("addcow")

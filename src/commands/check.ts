@@ -6,6 +6,7 @@ import { openBacking, resolveStoredName } from "../engine/open-disk";
 import { AddCowError, errnoCode } from "../errors";
 import {
   type AddCowHeader,
+  DAMAGED_ADVICE,
   FEATURE_ALL_ALLOCATED,
   FIXED_HEADER_SIZE,
   KNOWN_COMPATIBLE,
@@ -82,36 +83,40 @@ function readAt(fd: number, length: number, pos: number): Buffer {
   return buf.subarray(0, done);
 }
 
-/** Where each header field lives, to point findings at a byte offset. */
-const FIELD_OFFSETS: Array<[RegExp, string, number]> = [
-  [/magic|not an add-cow file/, "magic", 0],
-  [/backing name offset|backing name \[|backing name and/, "backing name offset", 4],
-  [/image name offset|image name \[|image name size|image name is empty/, "image name offset", 12],
-  [/cluster_bits/, "cluster_bits", 20],
-  [/incompatible feature/, "incompatible features", 24],
-  [/HEADER_SIZE|truncated header/, "HEADER_SIZE", 40],
-  [/backing format/, "backing format", 44],
-  [/image format/, "image format", 60],
+/**
+ * Where each header field lives, to point findings at a byte offset. Header
+ * errors name their field first ("cluster_bits is 30, ...").
+ */
+const FIELD_OFFSETS: Array<[RegExp, string, number | null]> = [
+  [/^magic\b/, "magic", 0],
+  [/^backing name offset\b/, "backing name offset", 4],
+  [/^backing name size\b/, "backing name size", 8],
+  [/^backing name\b/, "backing name", 4],
+  [/^image name offset\b/, "image name offset", 12],
+  [/^image name size\b/, "image name size", 16],
+  [/^image name\b/, "image name", 12],
+  [/^cluster_bits\b/, "cluster_bits", 20],
+  [/^incompatible features\b/, "incompatible features", 24],
+  [/^compatible features\b/, "compatible features", 32],
+  [/^HEADER_SIZE\b/, "HEADER_SIZE", 40],
+  [/^backing format\b/, "backing format", 44],
+  [/^image format\b/, "image format", 60],
+  [/^name area\b/, "name area", null],
 ];
 
 function headerFinding(ctx: CheckContext, err: AddCowError): void {
-  const message = err.message.startsWith(`${ctx.file}: `)
-    ? err.message.slice(ctx.file.length + 2)
-    : err.message;
-  const nameArea = /byte (\d+) of the name area/.exec(message);
-  if (nameArea) {
-    ctx.report({
-      severity: "corruption",
-      offset: Number(nameArea[1]),
-      field: "name area",
-      message,
-    });
-    return;
+  const prefix = `${ctx.file}: `;
+  let message = err.message.startsWith(prefix) ? err.message.slice(prefix.length) : err.message;
+  // The advice to restore from a backup fits an error; a check report lists facts.
+  if (message.endsWith(`; ${DAMAGED_ADVICE}`)) {
+    message = message.slice(0, -DAMAGED_ADVICE.length - 2);
   }
   const hit = FIELD_OFFSETS.find(([re]) => re.test(message));
+  // A message naming the exact byte ("... at offset 50 ...") beats the field's start.
+  const exact = /\bat offset (\d+)/.exec(message) ?? /\(bytes (\d+)\.\./.exec(message);
   ctx.report({
     severity: "corruption",
-    offset: hit ? hit[2] : null,
+    offset: exact ? Number(exact[1]) : hit ? hit[2] : null,
     field: hit ? hit[1] : "header",
     message,
   });
@@ -361,7 +366,8 @@ export const checkBacking: CheckStep = {
         layersAbove: 1,
       });
     } catch (err) {
-      if (!(err instanceof AddCowError)) throw err;
+      // A layer in use by a writer cannot be checked now: that is not corruption.
+      if (!(err instanceof AddCowError) || err.code === "EBUSY") throw err;
       ctx.report({
         severity: "corruption",
         offset: null,

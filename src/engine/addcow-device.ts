@@ -5,12 +5,16 @@ import {
   type AddCowHeader,
   COMPATIBLE_FEATURES_OFFSET,
   FEATURE_ALL_ALLOCATED,
+  bitmapBytes,
 } from "../format/header";
 import { BitmapCache, DEFAULT_BITMAP_CACHE_BYTES } from "../format/bitmap-cache";
 import type { FileIO } from "../io/file-io";
 import { log } from "../log";
 import { FlushCoalescer } from "./flush-coalescer";
 import { RangeLock } from "./range-lock";
+
+/** Larger copy-on-write buffers are not kept for reuse. */
+const MAX_SPARE_BUFFER = 4 * 1024 * 1024;
 
 /** writeback: bits reach disk on flush; writethrough: every write is durable when acknowledged. */
 export type CacheMode = "writeback" | "writethrough";
@@ -68,6 +72,8 @@ export class AddCowDevice implements BlockDevice {
   private syncedWrites = 0;
   private closed = false;
   private readonly onClose: (() => Promise<void> | void) | undefined;
+  /** Copy-on-write buffers not in use (as many as ever ran concurrently). */
+  private readonly spareBuffers: Buffer[] = [];
 
   constructor(parts: AddCowDeviceParts) {
     this.path = parts.path;
@@ -206,21 +212,37 @@ export class AddCowDevice implements BlockDevice {
       const start = headFill ? c0 * cs : offset;
       const stop = tailFill ? Math.min(c1 * cs, this.size) : end;
       let data = buf;
-      if (start !== offset || stop !== end) {
-        data = Buffer.allocUnsafe(stop - start);
-        const fills: Array<Promise<void>> = [];
-        if (start < offset) fills.push(this.readBacking(data.subarray(0, offset - start), start));
-        if (stop > end) fills.push(this.readBacking(data.subarray(end - start), end));
-        await Promise.all(fills);
-        buf.copy(data, offset - start);
-        log.engine("copy-on-write [%d, %d) around write [%d, %d)", start, stop, offset, end);
+      let scratch: Buffer | undefined;
+      try {
+        if (start !== offset || stop !== end) {
+          scratch = this.takeScratch(stop - start);
+          data = scratch.subarray(0, stop - start);
+          const fills: Array<Promise<void>> = [];
+          if (start < offset) fills.push(this.readBacking(data.subarray(0, offset - start), start));
+          if (stop > end) fills.push(this.readBacking(data.subarray(end - start), end));
+          await Promise.all(fills);
+          buf.copy(data, offset - start);
+          log.engine("copy-on-write [%d, %d) around write [%d, %d)", start, stop, offset, end);
+        }
+        await this.image.write(data, start);
+      } finally {
+        if (scratch && scratch.length <= MAX_SPARE_BUFFER) this.spareBuffers.push(scratch);
       }
-      await this.image.write(data, start);
       this.completedWrites++;
       this.bitmap.set(c0, c1);
     } finally {
       release();
     }
+  }
+
+  /**
+   * A buffer for a copy-on-write span, reused across first writes: allocating
+   * a fresh cluster-sized buffer each time costs more than the copy itself.
+   */
+  private takeScratch(len: number): Buffer {
+    const spare = this.spareBuffers.pop();
+    if (spare && spare.length >= len) return spare;
+    return Buffer.allocUnsafe(Math.max(len, 2 * this.clusterSize));
   }
 
   /**
@@ -338,6 +360,34 @@ export class AddCowDevice implements BlockDevice {
     await this.meta.write(field, COMPATIBLE_FEATURES_OFFSET);
     await this.meta.sync();
     this.header.compatibleFeatures = features;
+  }
+
+  /**
+   * Empties the overlay (commit): every bit becomes 0, so every cluster reads
+   * from the backing disk again. The one place where bits go 1 -> 0. It is
+   * safe only when the backing disk already holds every allocated cluster
+   * durably (the caller synced it): then each cleared bit, whenever it reaches
+   * the disk, changes no byte the disk reads, so a crash at any point leaves a
+   * consistent disk. The caller must have stopped every request to this device.
+   */
+  async clearAllocation(): Promise<void> {
+    if (this.readOnly) throw new AddCowError(`${this.path} is open read-only`, { code: "EROFS" });
+    if (this.allAllocated) {
+      throw new AddCowError(
+        `${this.path} has the "all allocated" feature set; its bitmap cannot be emptied`,
+      );
+    }
+    await this.flush();
+    if (this.allocating.size > 0) throw new Error("clearAllocation while clusters are allocated");
+    const total = bitmapBytes(this.numClusters, this.clusterBits).padded;
+    const zeros = Buffer.alloc(Math.min(total, 1 << 20));
+    for (let done = 0; done < total; done += zeros.length) {
+      const n = Math.min(zeros.length, total - done);
+      await this.meta.write(zeros.subarray(0, n), this.header.headerSize + done);
+    }
+    await this.meta.sync();
+    this.bitmap.reset();
+    log.engine("%s: bitmap emptied", this.path);
   }
 
   async close(): Promise<void> {

@@ -28,6 +28,12 @@ export interface CreateOptions {
   clusterSize?: number;
   /** Virtual size in bytes; default the existing image file's size, else the backing file's. */
   size?: number;
+  /**
+   * Size of the backing disk when the caller has it open already (a live
+   * snapshot, whose backing is open for writing in this process): the backing
+   * file is then not opened again to validate it.
+   */
+  backingSize?: number;
 }
 
 export interface CreateResult {
@@ -134,23 +140,28 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     if (path.resolve(opts.backing) === path.resolve(file)) {
       throw new AddCowError(`backing file ${opts.backing} is the new .add-cow file itself`);
     }
-    // Opening validates the backing disk (and its whole chain) and gives its size.
-    const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat);
-    try {
-      backingSize = backing.size;
-      // Writing the new disk must never modify a file its backing chain reads.
-      if (imageStat) {
-        for (const used of chainFiles(backing)) {
-          const st = statOrNull(used);
-          if (st && st.dev === imageStat.dev && st.ino === imageStat.ino) {
-            throw new AddCowError(
-              `image file ${imageGiven} is ${used}, a file of the backing chain of ${opts.backing}; choose another image file with -i`,
-            );
+    if (opts.backingSize !== undefined) {
+      // The caller has the backing open (a live snapshot) and vouches for it.
+      backingSize = opts.backingSize;
+    } else {
+      // Opening validates the backing disk (and its whole chain) and gives its size.
+      const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat);
+      try {
+        backingSize = backing.size;
+        // Writing the new disk must never modify a file its backing chain reads.
+        if (imageStat) {
+          for (const used of chainFiles(backing)) {
+            const st = statOrNull(used);
+            if (st && st.dev === imageStat.dev && st.ino === imageStat.ino) {
+              throw new AddCowError(
+                `image file ${imageGiven} is ${used}, a file of the backing chain of ${opts.backing}; choose another image file with -i`,
+              );
+            }
           }
         }
+      } finally {
+        await backing.close();
       }
-    } finally {
-      await backing.close();
     }
   }
 
@@ -192,13 +203,31 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
 
   // 1. The image file: created sparse, or grown (never shrunk) to the size asked for.
   let imageCreated = false;
-  const imageFd = fs.openSync(imageGiven, imageStat ? "r+" : "wx");
   try {
+    const imageFd = fs.openSync(imageGiven, imageStat ? "r+" : "wx");
     imageCreated = !imageStat;
-    if (!imageStat || size > imageStat.size) fs.ftruncateSync(imageFd, size);
-    fs.fsyncSync(imageFd);
-  } finally {
-    fs.closeSync(imageFd);
+    try {
+      if (!imageStat || size > imageStat.size) fs.ftruncateSync(imageFd, size);
+      fs.fsyncSync(imageFd);
+    } finally {
+      fs.closeSync(imageFd);
+    }
+  } catch (err) {
+    // Leave nothing behind: a half-made image file would block the next attempt.
+    if (imageCreated) fs.rmSync(imageGiven, { force: true });
+    else if (imageStat && size > imageStat.size) fs.truncateSync(imageGiven, imageStat.size);
+    const code = errnoCode(err);
+    const why =
+      code === "EFBIG"
+        ? `${size} bytes is more than this filesystem allows in one file`
+        : (err as Error).message;
+    throw new AddCowError(
+      `cannot ${imageStat ? "grow" : "create"} image file ${imageGiven}: ${why}`,
+      {
+        file: imageGiven,
+        code,
+      },
+    );
   }
 
   // 2. The .add-cow file: written aside, synced, then linked into place without replacing anything.

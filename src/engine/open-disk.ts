@@ -31,6 +31,17 @@ export interface OpenOptions {
   lock?: boolean;
   /** add-cow layers already open above this one (openBacking), counted against MAX_CHAIN_DEPTH. */
   layersAbove?: number;
+  /**
+   * Open the first backing layer for writing too, with exclusive locks (commit
+   * writes into it). Deeper layers stay read-only.
+   */
+  writableBacking?: boolean;
+  /**
+   * Use this already open device as the disk's backing instead of opening the
+   * named backing file (a live snapshot stacks a new overlay on the open disk).
+   * The new device owns it: closing the new device closes it.
+   */
+  backingDevice?: BlockDevice;
 }
 
 /** Identity of a file across paths, symlinks and hard links. */
@@ -210,11 +221,12 @@ async function openLayer(
   state: ChainState,
   role: string,
   namedIn?: string,
+  writable = false,
 ): Promise<BlockDevice> {
-  if (format === "add-cow") return openAddCow(file, false, state, namedIn);
+  if (format === "add-cow") return openAddCow(file, writable, state, namedIn);
   const st = await statExisting(file, role, namedIn);
   remember(state, st, file, role, namedIn);
-  return RawDevice.open(await openFile(file, "read", role, state, namedIn));
+  return RawDevice.open(await openFile(file, writable ? "write" : "read", role, state, namedIn));
 }
 
 /** Reads and validates the header of an open .add-cow file. */
@@ -273,9 +285,20 @@ async function openAddCow(
   let backingPath: string | null = null;
   if (header.backingName !== null) {
     backingPath = resolveStoredName(file, header.backingName);
-    // With every cluster allocated the backing file is never read: it may be gone.
-    if (!allAllocated) {
-      backing = await openLayer(backingPath, header.backingFormat!, state, "backing file", file);
+    const top = state.depth === 1;
+    if (top && state.opts.backingDevice) {
+      backing = state.opts.backingDevice;
+    } else if (!allAllocated) {
+      // With every cluster allocated the backing file is never read: it may be gone.
+      const writableBacking = top && writable && state.opts.writableBacking === true;
+      backing = await openLayer(
+        backingPath,
+        header.backingFormat!,
+        state,
+        "backing file",
+        file,
+        writableBacking,
+      );
     }
   }
   return new AddCowDevice({

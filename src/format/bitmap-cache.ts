@@ -19,8 +19,17 @@ interface Entry {
   savedVersion: number;
   /** The bits as last made durable, kept while dirty so a failed data sync can roll back. */
   durable: Buffer | null;
+  /** Byte range [dirtyLo, dirtyHi) of bits changed since the entry was last durable. */
+  dirtyLo: number;
+  dirtyHi: number;
   pins: number;
   lastUse: number;
+}
+
+/** A bitmap cluster being read; waiters are pinned when it arrives. */
+interface LoadSlot {
+  waiters: number;
+  promise: Promise<Entry>;
 }
 
 export interface BitmapCacheOptions {
@@ -34,6 +43,9 @@ export interface BitmapCacheOptions {
   onPressure: () => Promise<void>;
 }
 
+/** Bitmap write-back granularity: a page. */
+const WRITE_ALIGN = 4096;
+
 export const DEFAULT_BITMAP_CACHE_BYTES = 32 * 1024 * 1024;
 
 export class BitmapCache {
@@ -43,8 +55,10 @@ export class BitmapCache {
   private readonly entryShift: number;
   private readonly entryBytes: number;
   private readonly capacity: number;
+  /** Bytes of bitmap the disk uses (the padding after it is never written). */
+  private readonly bitmapBytes: number;
   private readonly entries = new Map<number, Entry>();
-  private readonly loading = new Map<number, Promise<Entry>>();
+  private readonly loading = new Map<number, LoadSlot>();
   private clock = 0;
   private versionCounter = 0;
   private dirtyCount = 0;
@@ -58,6 +72,7 @@ export class BitmapCache {
     this.entryShift = opts.clusterBits + 3;
     this.clustersPerEntry = 2 ** this.entryShift;
     this.capacity = Math.max(2, Math.floor(opts.capacityBytes / this.entryBytes));
+    this.bitmapBytes = Math.ceil(opts.numClusters / 8);
   }
 
   /**
@@ -84,16 +99,11 @@ export class BitmapCache {
   }
 
   private async pinMissing(first: number, last: number, missing: number[]): Promise<void> {
-    const pinned: Entry[] = [];
+    const loaded: Entry[] = [];
     try {
-      for (const i of missing) {
-        const e = await this.load(i);
-        e.pins++;
-        e.lastUse = ++this.clock;
-        pinned.push(e);
-      }
+      for (const i of missing) loaded.push(await this.loadPinned(i));
     } catch (err) {
-      for (const e of pinned) e.pins--;
+      for (const e of loaded) e.pins--;
       for (let i = first; i <= last; i++) {
         if (!missing.includes(i)) this.entries.get(i)!.pins--;
       }
@@ -110,18 +120,30 @@ export class BitmapCache {
     }
   }
 
-  private load(index: number): Promise<Entry> {
+  /**
+   * Resolves to the entry, already pinned for this caller. The pin is taken in
+   * the same step that puts a loaded entry into the cache, so a concurrent
+   * eviction can never take an entry between its load and its first use.
+   */
+  private loadPinned(index: number): Promise<Entry> {
     const ready = this.entries.get(index);
-    if (ready) return Promise.resolve(ready);
-    let p = this.loading.get(index);
-    if (!p) {
-      p = this.loadFromDisk(index).finally(() => this.loading.delete(index));
-      this.loading.set(index, p);
+    if (ready) {
+      ready.pins++;
+      ready.lastUse = ++this.clock;
+      return Promise.resolve(ready);
     }
-    return p;
+    let slot = this.loading.get(index);
+    if (!slot) {
+      const fresh: LoadSlot = { waiters: 0, promise: Promise.resolve(null as unknown as Entry) };
+      fresh.promise = this.loadFromDisk(index, fresh).finally(() => this.loading.delete(index));
+      this.loading.set(index, fresh);
+      slot = fresh;
+    }
+    slot.waiters++;
+    return slot.promise;
   }
 
-  private async loadFromDisk(index: number): Promise<Entry> {
+  private async loadFromDisk(index: number, slot: LoadSlot): Promise<Entry> {
     await this.makeRoom();
     const bits = Buffer.alloc(this.entryBytes);
     // A bitmap without its trailing padding reads short: the missing bytes are 0.
@@ -133,7 +155,9 @@ export class BitmapCache {
       version: v,
       savedVersion: v,
       durable: null,
-      pins: 0,
+      dirtyLo: this.entryBytes,
+      dirtyHi: 0,
+      pins: slot.waiters,
       lastUse: ++this.clock,
     };
     this.entries.set(index, e);
@@ -222,6 +246,8 @@ export class BitmapCache {
         }
         changed = true;
         e.bits[bit >> 3] = old | mask;
+        if (bit >> 3 < e.dirtyLo) e.dirtyLo = bit >> 3;
+        if ((bit >> 3) + 1 > e.dirtyHi) e.dirtyHi = (bit >> 3) + 1;
       }
       if (changed) e.version = ++this.versionCounter;
     }
@@ -239,10 +265,15 @@ export class BitmapCache {
    * describe may never reach the disk.
    */
   async writeBack(syncData: () => Promise<void>): Promise<void> {
-    const snapshot: Array<{ e: Entry; version: number; bits: Buffer }> = [];
+    // Only the pages holding changed bits are written: a 4 KiB write per flush
+    // instead of a whole bitmap cluster (64 KiB, or 1 MiB with 1M clusters).
+    const snapshot: Array<{ e: Entry; version: number; lo: number; bits: Buffer }> = [];
     for (const e of this.entries.values()) {
       if (e.version !== e.savedVersion) {
-        snapshot.push({ e, version: e.version, bits: Buffer.from(e.bits) });
+        const valid = Math.min(this.entryBytes, this.bitmapBytes - e.index * this.entryBytes);
+        const lo = Math.floor(e.dirtyLo / WRITE_ALIGN) * WRITE_ALIGN;
+        const hi = Math.min(valid, Math.ceil(e.dirtyHi / WRITE_ALIGN) * WRITE_ALIGN);
+        snapshot.push({ e, version: e.version, lo, bits: Buffer.from(e.bits.subarray(lo, hi)) });
       }
     }
     try {
@@ -253,7 +284,7 @@ export class BitmapCache {
     }
     if (snapshot.length === 0) return;
     for (const s of snapshot) {
-      await this.meta.write(s.bits, this.opts.offset + s.e.index * this.entryBytes);
+      await this.meta.write(s.bits, this.opts.offset + s.e.index * this.entryBytes + s.lo);
     }
     await this.meta.sync();
     for (const s of snapshot) {
@@ -261,13 +292,31 @@ export class BitmapCache {
       if (e.version === s.version) {
         e.savedVersion = e.version;
         e.durable = null;
+        e.dirtyLo = this.entryBytes;
+        e.dirtyHi = 0;
         this.dirtyCount--;
-      } else {
-        // Bits set since the snapshot stay dirty for the next write-back.
-        e.durable = s.bits;
+      } else if (e.durable) {
+        // Bits set since the snapshot stay dirty for the next write-back; the
+        // dirty range keeps covering everything that differs from the disk.
+        s.bits.copy(e.durable, s.lo);
       }
     }
     log.bitmap("wrote back %d bitmap cluster(s)", snapshot.length);
+  }
+
+  /**
+   * Forgets every cached bit so the next use reads the bitmap from the file
+   * again (after it was rewritten on disk: commit empties the overlay).
+   * Only legal while nothing is pinned, loading or dirty.
+   */
+  reset(): void {
+    if (this.dirtyCount > 0 || this.loading.size > 0) {
+      throw new Error("bitmap reset while bits are dirty or loading");
+    }
+    for (const e of this.entries.values()) {
+      if (e.pins > 0) throw new Error("bitmap reset while a request uses it");
+    }
+    this.entries.clear();
   }
 
   private rollBack(): void {
@@ -275,6 +324,8 @@ export class BitmapCache {
       if (e.version === e.savedVersion || !e.durable) continue;
       e.durable.copy(e.bits);
       e.durable = null;
+      e.dirtyLo = this.entryBytes;
+      e.dirtyHi = 0;
       e.version = e.savedVersion = ++this.versionCounter;
       this.dirtyCount--;
     }

@@ -9,6 +9,7 @@
  * --io sync (default): pread/pwrite on the JS thread (page-cache hits are far
  * cheaper than a thread-pool hop); --io async: libuv thread pool.
  * --small: no big_writes / large request options (shows what they are worth).
+ * --null: answer reads and writes without any file I/O (fuse-native's own per-request cost).
  * Prints "ready" on stdout once mounted; SIGTERM/SIGINT unmount and exit.
  */
 import * as fs from "node:fs";
@@ -29,13 +30,15 @@ const FuseBase = require("fuse-native") as FuseCtor & {
 /** libfuse 2 caps a request at 32 pages; ask for that much in both directions. */
 const MAX_REQUEST = 128 * 1024;
 
-function parseArgs(argv: string[]): {
-  io: "sync" | "async";
+interface Args {
+  io: "sync" | "async" | "null";
   small: boolean;
   raw: string;
   mnt: string;
-} {
-  let io: "sync" | "async" = "sync";
+}
+
+function parseArgs(argv: string[]): Args {
+  let io: Args["io"] = "sync";
   let small = false;
   const rest: string[] = [];
   for (let i = 0; i < argv.length; i++) {
@@ -45,10 +48,11 @@ function parseArgs(argv: string[]): {
       if (v !== "sync" && v !== "async") throw new Error(`--io takes sync or async, not ${v}`);
       io = v;
     } else if (a === "--small") small = true;
+    else if (a === "--null") io = "null";
     else rest.push(a);
   }
   if (rest.length !== 2)
-    throw new Error("usage: ceiling-daemon [--io sync|async] [--small] RAWFILE MOUNTDIR");
+    throw new Error("usage: ceiling-daemon [--io sync|async] [--null] [--small] RAWFILE MOUNTDIR");
   return { io, small, raw: rest[0] as string, mnt: rest[1] as string };
 }
 
@@ -85,7 +89,8 @@ function main(): void {
     },
     read: (_p, _fh, buf, len, pos, cb) => {
       const done = cb as Cb;
-      if (io === "sync") {
+      if (io === "null") done(len);
+      else if (io === "sync") {
         try {
           done(fs.readSync(fd, buf as Buffer, 0, len as number, pos as number));
         } catch (err) {
@@ -99,7 +104,8 @@ function main(): void {
     },
     write: (_p, _fh, buf, len, pos, cb) => {
       const done = cb as Cb;
-      if (io === "sync") {
+      if (io === "null") done(len);
+      else if (io === "sync") {
         try {
           done(fs.writeSync(fd, buf as Buffer, 0, len as number, pos as number));
         } catch (err) {

@@ -3,7 +3,7 @@ import * as path from "node:path";
 import { type FioResult, type Workload, fillFile, runFio, workloads } from "./fio";
 import type { BenchContext, BenchSuite, SuiteReport } from "./suite";
 import { type System, allSystems, optInSystems } from "./systems";
-import { GiB, MiB, median, writeRandomFile } from "./util";
+import { GiB, MiB, cpuSeconds, median, writeRandomFile } from "./util";
 
 const BASE_SIZE = GiB;
 
@@ -16,6 +16,7 @@ interface Median {
   bw: number;
   iops: number;
   latUs: number;
+  cpuUsPerIo: number;
   runs: number;
 }
 
@@ -25,6 +26,7 @@ function medianOf(cell: Cell | undefined): Median | undefined {
     bw: median(cell.runs.map((r) => r.bw)),
     iops: median(cell.runs.map((r) => r.iops)),
     latUs: median(cell.runs.map((r) => r.latUs)),
+    cpuUsPerIo: median(cell.runs.map((r) => r.cpuUsPerIo ?? NaN)),
     runs: cell.runs.length,
   };
 }
@@ -54,7 +56,11 @@ async function runOne(
     const mounted = await sys.start(ctx, base, dir, w);
     try {
       if (w.prefill) await fillFile(mounted.file, BASE_SIZE);
-      cell.runs.push(await runFio(mounted.file, BASE_SIZE, w, ctx.time));
+      const cpu0 = cpuSeconds(mounted.pid);
+      const result = await runFio(mounted.file, BASE_SIZE, w, ctx.time);
+      const cpu = cpuSeconds(mounted.pid) - cpu0;
+      if (Number.isFinite(cpu) && result.ios > 0) result.cpuUsPerIo = (cpu * 1e6) / result.ios;
+      cell.runs.push(result);
     } finally {
       await mounted.teardown();
     }
@@ -190,8 +196,12 @@ export const fioSuite: BenchSuite = {
           await runOne(ctx, s, base, w, cell);
           const last = cell.runs[cell.runs.length - 1];
           if (last && cell.runs.length + cell.errors.length === rep + 1) {
+            const cpu =
+              last.cpuUsPerIo === undefined
+                ? ""
+                : `  daemon CPU ${last.cpuUsPerIo.toFixed(1)} us/io`;
             ctx.log(
-              `  [${rep + 1}/${ctx.repeat}] ${w.name.padEnd(14)} ${s.name.padEnd(13)} ${fmtMBs(last.bw).padStart(6)} MB/s ${fmtIops(last.iops).padStart(7)} IOPS`,
+              `  [${rep + 1}/${ctx.repeat}] ${w.name.padEnd(14)} ${s.name.padEnd(13)} ${fmtMBs(last.bw).padStart(6)} MB/s ${fmtIops(last.iops).padStart(7)} IOPS${cpu}`,
             );
           }
         }

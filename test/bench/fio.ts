@@ -82,6 +82,10 @@ export interface FioResult {
   iops: number;
   /** Mean completion latency in microseconds. */
   latUs: number;
+  /** Requests completed (read + write). */
+  ios: number;
+  /** Daemon CPU time per request in microseconds (user + system, all threads), when known. */
+  cpuUsPerIo?: number;
 }
 
 interface FioSide {
@@ -89,6 +93,7 @@ interface FioSide {
   iops: number;
   clat_ns?: { mean: number };
   io_bytes: number;
+  total_ios: number;
 }
 
 function fioArgs(file: string, size: number): string[] {
@@ -136,6 +141,7 @@ export async function runFio(
     bw: job.read.bw_bytes + job.write.bw_bytes,
     iops: job.read.iops + job.write.iops,
     latUs: lat,
+    ios: job.read.total_ios + job.write.total_ios,
   };
 }
 

@@ -61,6 +61,7 @@ export const sparseSuite: BenchSuite = {
 
     ctx.log(`16 TiB sparse disk in ${dir}: ${RANDOM_WRITES} random 4 KiB writes over all of it`);
     let m = await mount();
+    let rssAfterWrites = NaN;
     try {
       await runFio(
         m.file,
@@ -69,6 +70,7 @@ export const sparseSuite: BenchSuite = {
         0,
         [`--number_ios=${RANDOM_WRITES}`],
       );
+      rssAfterWrites = peakRss(m.pid ?? -1);
     } finally {
       await m.teardown();
     }
@@ -99,6 +101,7 @@ export const sparseSuite: BenchSuite = {
       randomWrites: RANDOM_WRITES,
       location: sparseRoot(),
       mountMs,
+      rssAfterWrites,
       rssAfterMount,
       rssAfterDd,
       ddMBs,
@@ -108,7 +111,7 @@ export const sparseSuite: BenchSuite = {
     const markdown = [
       "### 16 TiB sparse disk (addcow, 64K clusters)",
       "",
-      `${RANDOM_WRITES} random 4 KiB writes spread over the whole disk, unmounted, then (median of ${ctx.repeat}):`,
+      `${RANDOM_WRITES} random 4 KiB writes spread over the whole disk (peak RSS of that daemon: ${mib(rssAfterWrites)}), unmounted, then mounted again (median of ${ctx.repeat}):`,
       "",
       "| mount until ready | peak RSS after mount | peak RSS after dd | dd bs=1M from the start (" +
         ctx.time +

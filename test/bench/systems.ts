@@ -108,16 +108,19 @@ async function ownCopy(base: string, dir: string, w: Workload): Promise<string> 
   return copy;
 }
 
-function addcow(name: string, label: string, clusterSize?: number): System {
+function addcow(
+  name: string,
+  label: string,
+  clusterSize?: number,
+  mountJs = addcowMountJs,
+): System {
   return {
     name,
     label,
     kind: "addcow",
     durable: true,
     missing: () =>
-      fs.existsSync(addcowMountJs)
-        ? null
-        : `${addcowMountJs} not built (the mount daemon is missing)`,
+      fs.existsSync(mountJs) ? null : `${mountJs} not built (the mount daemon is missing)`,
     async start(ctx, base, dir) {
       const { createDisk } =
         require("../../src/engine/create-disk") as typeof import("../../src/engine/create-disk");
@@ -131,7 +134,7 @@ function addcow(name: string, label: string, clusterSize?: number): System {
         ctx,
         name,
         process.execPath,
-        [...nodeArgs, addcowMountJs, "-f", ...mountArgs, file, mnt],
+        [...nodeArgs, mountJs, "-f", ...mountArgs, file, mnt],
         mnt,
         fileIn(mnt, size, "disk"),
       );
@@ -254,10 +257,17 @@ const nbdkit: System = {
 };
 
 /** The fastest variant measured on this machine (see BENCHMARKS.md). */
-export function ceiling(io: "sync" | "async" = "sync", small = false, name = "ceiling"): System {
+export function ceiling(
+  io: "sync" | "async" | "null" = "sync",
+  small = false,
+  name = "ceiling",
+): System {
   return {
     name,
-    label: `ceiling (fuse-native passthrough, ${io} I/O${small ? ", 4 KiB writes" : ""})`,
+    label:
+      io === "null"
+        ? "fuse-native doing no I/O (per-request cost)"
+        : `ceiling (fuse-native passthrough, ${io} I/O${small ? ", 4 KiB writes" : ""})`,
     kind: "ceiling",
     durable: true,
     missing: () => (fs.existsSync(ceilingJs) ? null : `${ceilingJs} not built`),
@@ -265,7 +275,13 @@ export function ceiling(io: "sync" | "async" = "sync", small = false, name = "ce
       const raw = await ownCopy(base, dir, w);
       const mnt = path.join(dir, "mnt");
       const size = fs.statSync(base).size;
-      const args = [ceilingJs, "--io", io, ...(small ? ["--small"] : []), raw, mnt];
+      const args = [
+        ceilingJs,
+        ...(io === "null" ? ["--null"] : ["--io", io]),
+        ...(small ? ["--small"] : []),
+        raw,
+        mnt,
+      ];
       return startDaemon(ctx, name, process.execPath, args, mnt, fileIn(mnt, size, "disk"));
     },
   };
@@ -282,9 +298,25 @@ const rawFile: System = {
   },
 };
 
+/**
+ * ADDCOW_BENCH_ALT=/path/to/other/checkout adds the opt-in row "addcow-alt":
+ * another build of addcow, for A/B comparisons of a change in one run.
+ */
+const altRoot = process.env.ADDCOW_BENCH_ALT;
+
 /** Every system, in table order. */
 export function allSystems(): System[] {
   return [
+    ...(altRoot
+      ? [
+          addcow(
+            "addcow-alt",
+            `addcow from ${altRoot}`,
+            undefined,
+            path.join(altRoot, "dist/src/cli/addcow-mount.js"),
+          ),
+        ]
+      : []),
     addcow("addcow", "addcow (64K clusters)"),
     addcow("addcow-4k", "addcow, 4K clusters", 4096),
     addcow("addcow-1m", "addcow, 1M clusters", 1024 * 1024),
@@ -294,9 +326,10 @@ export function allSystems(): System[] {
     ceiling(),
     ceiling("async", false, "ceiling-async"),
     ceiling("sync", true, "ceiling-small"),
+    ceiling("null", false, "fuse-null"),
     rawFile,
   ];
 }
 
 /** Systems run unless named in --only (variants that only explain the ceiling). */
-export const optInSystems = new Set(["ceiling-async", "ceiling-small"]);
+export const optInSystems = new Set(["addcow-alt", "ceiling-async", "ceiling-small", "fuse-null"]);

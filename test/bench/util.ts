@@ -154,3 +154,15 @@ export function writeRandomFile(file: string, size: number): void {
 export async function copyFile(src: string, dst: string): Promise<void> {
   await fs.promises.copyFile(src, dst, fs.constants.COPYFILE_FICLONE);
 }
+
+/** CPU seconds (user + system, all threads) a process has used so far, or NaN. */
+export function cpuSeconds(pid: number | undefined): number {
+  if (pid === undefined) return NaN;
+  try {
+    const fields = fs.readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]?.split(" ") ?? [];
+    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after "(comm) ".
+    return (Number(fields[11]) + Number(fields[12])) / 100;
+  } catch {
+    return NaN;
+  }
+}

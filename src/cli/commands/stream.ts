@@ -1,0 +1,29 @@
+import type { Command } from "commander";
+import { streamOffline } from "../../jobs/offline";
+import {
+  type CopyFlags,
+  addCopyOptions,
+  parseCopyFlags,
+  runLiveIfMounted,
+  runOffline,
+  wireOptions,
+} from "../../jobs/job-cli";
+import { action } from "../run-cli";
+
+export function register(program: Command): void {
+  addCopyOptions(
+    program
+      .command("stream")
+      .description(
+        "copy every cluster still read from the backing chain into the image file; at the end the image file is a standalone raw disk",
+      )
+      .argument("<file>", "the .add-cow disk (at rest, or mounted by addcow-mount)"),
+  ).action(
+    action(async (file: string, flags: CopyFlags) => {
+      const opts = parseCopyFlags(flags);
+      const live = await runLiveIfMounted("stream", file, flags, wireOptions(opts));
+      if (live !== null) return live;
+      return runOffline("stream", file, flags, (job) => streamOffline(file, job, opts));
+    }),
+  );
+}

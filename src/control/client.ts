@@ -1,0 +1,129 @@
+import * as fs from "node:fs";
+import * as net from "node:net";
+import { AddCowError, errnoCode } from "../errors";
+import type { JobStatus } from "../jobs/job";
+import {
+  type ControlRequest,
+  type ControlResponse,
+  type HelloResponse,
+  LineParser,
+  type WatchEvent,
+} from "./protocol";
+import { allSockets, socketPathFor } from "./paths";
+
+/** Talks to one daemon's control socket; one connection per request. */
+export class ControlClient {
+  constructor(readonly socketPath: string) {}
+
+  private open(): Promise<net.Socket> {
+    return new Promise((resolve, reject) => {
+      const sock = net.createConnection(this.socketPath);
+      sock.setEncoding("utf8");
+      sock.once("connect", () => {
+        sock.off("error", reject);
+        resolve(sock);
+      });
+      sock.once("error", reject);
+    });
+  }
+
+  /** Sends a request; resolves with the single response line. */
+  async request(req: ControlRequest): Promise<ControlResponse> {
+    const sock = await this.open();
+    return new Promise((resolve, reject) => {
+      let done = false;
+      const parser = new LineParser((msg) => {
+        done = true;
+        sock.end();
+        resolve(msg as ControlResponse);
+      });
+      sock.on("data", (chunk: string) => parser.push(chunk));
+      sock.on("error", (err) => (done ? undefined : reject(err)));
+      sock.on("close", () => {
+        if (!done)
+          reject(new AddCowError(`the daemon at ${this.socketPath} closed the connection`));
+      });
+      sock.write(JSON.stringify(req) + "\n");
+    });
+  }
+
+  /** Like request, but an { ok: false } answer becomes an AddCowError. */
+  async call<T extends ControlResponse>(req: ControlRequest): Promise<T> {
+    const res = await this.request(req);
+    if (!res.ok) throw new AddCowError(res.error);
+    return res as T;
+  }
+
+  /** Follows a job until it ends; resolves with its final status. */
+  async watch(id: string, onEvent: (e: WatchEvent) => void): Promise<JobStatus> {
+    const sock = await this.open();
+    return new Promise((resolve, reject) => {
+      let last: JobStatus | null = null;
+      let failed: string | null = null;
+      const parser = new LineParser((msg) => {
+        const m = msg as WatchEvent | { ok: false; error: string };
+        if ("ok" in m) {
+          failed = m.error;
+          return;
+        }
+        last = m.job;
+        onEvent(m);
+      });
+      sock.on("data", (chunk: string) => parser.push(chunk));
+      sock.on("error", (err) => reject(err));
+      sock.on("close", () => {
+        if (failed) reject(new AddCowError(failed));
+        else if (
+          last &&
+          (last.state === "completed" || last.state === "cancelled" || last.state === "failed")
+        )
+          resolve(last);
+        else
+          reject(
+            new AddCowError(
+              `lost the connection to the daemon at ${this.socketPath} while following job ${id}`,
+            ),
+          );
+      });
+      sock.write(JSON.stringify({ op: "watch", id } satisfies ControlRequest) + "\n");
+    });
+  }
+}
+
+/** The daemon serving this disk, or null when it is not mounted (no socket, or a stale one). */
+export async function findDaemon(
+  file: string,
+): Promise<{ client: ControlClient; hello: HelloResponse } | null> {
+  const socketPath = socketPathFor(file);
+  if (!fs.existsSync(socketPath)) return null;
+  const client = new ControlClient(socketPath);
+  try {
+    const hello = await client.call<HelloResponse>({ op: "hello" });
+    return { client, hello };
+  } catch (err) {
+    const code = errnoCode(err);
+    if (code === "ECONNREFUSED" || code === "ENOENT") return null;
+    throw err;
+  }
+}
+
+/** Every live daemon in the runtime directory. */
+export async function allDaemons(): Promise<
+  Array<{ client: ControlClient; hello: HelloResponse }>
+> {
+  const out: Array<{ client: ControlClient; hello: HelloResponse }> = [];
+  const seen = new Set<number>();
+  for (const socketPath of allSockets()) {
+    const client = new ControlClient(socketPath);
+    try {
+      const hello = await client.call<HelloResponse>({ op: "hello" });
+      // A daemon serving several disks has one socket per disk.
+      if (seen.has(hello.pid)) continue;
+      seen.add(hello.pid);
+      out.push({ client, hello });
+    } catch {
+      // A stale socket of a daemon that died: skip it.
+    }
+  }
+  return out;
+}

@@ -1,0 +1,52 @@
+import * as crypto from "node:crypto";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+
+/**
+ * Where control sockets live: $ADDCOW_RUNTIME_DIR, else /run/addcow for root,
+ * else $XDG_RUNTIME_DIR/addcow, else a per-user directory in the temp dir.
+ * The directory is mode 0700 and each socket 0600: only the owner may drive jobs.
+ */
+export function runtimeDir(): string {
+  const env = process.env.ADDCOW_RUNTIME_DIR;
+  if (env) return path.resolve(env);
+  if (process.getuid?.() === 0) return "/run/addcow";
+  const xdg = process.env.XDG_RUNTIME_DIR;
+  if (xdg) return path.join(xdg, "addcow");
+  return path.join(os.tmpdir(), `addcow-${process.getuid?.() ?? "user"}`);
+}
+
+export function ensureRuntimeDir(): string {
+  const dir = runtimeDir();
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  return dir;
+}
+
+/** The real path of a disk, so every name of the same file finds the same socket. */
+export function diskKey(file: string): string {
+  try {
+    return fs.realpathSync(file);
+  } catch {
+    return path.resolve(file);
+  }
+}
+
+/** The control socket of the daemon serving this .add-cow file (short: sun_path has 108 bytes). */
+export function socketPathFor(file: string): string {
+  const hash = crypto.createHash("sha256").update(diskKey(file)).digest("hex").slice(0, 20);
+  return path.join(runtimeDir(), `${hash}.ctl`);
+}
+
+/** Every control socket in the runtime directory. */
+export function allSockets(): string[] {
+  const dir = runtimeDir();
+  try {
+    return fs
+      .readdirSync(dir)
+      .filter((n) => n.endsWith(".ctl"))
+      .map((n) => path.join(dir, n));
+  } catch {
+    return [];
+  }
+}

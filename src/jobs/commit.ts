@@ -1,0 +1,104 @@
+import { AddCowError } from "../errors";
+import type { AddCowDevice } from "../engine/addcow-device";
+import type { RangeLock } from "../engine/range-lock";
+import { formatSize } from "../util/size";
+import { CopyEngine, type CopyOptions } from "./copy-engine";
+import type { Job } from "./job";
+import { findRun } from "./scan";
+import { bytesWithState } from "./stream";
+
+export interface CommitOptions extends CopyOptions {
+  /** Leave the overlay as it is (its clusters stay allocated) instead of emptying it. */
+  keep?: boolean;
+  /**
+   * Held on the clusters of each copy (live commit: user writes take it too,
+   * so a copy never puts older data into the backing over a newer write).
+   */
+  copyLock?: RangeLock;
+  /** Runs after the backing is synced and before the overlay is emptied (live: quiesce). */
+  beforeEmpty?: () => Promise<void>;
+}
+
+/**
+ * Commit: writes every allocated cluster of the overlay into its backing disk
+ * (opened writable for this job), makes the backing durable, and only then
+ * empties the overlay's bitmap. A crash before the backing sync leaves the
+ * overlay as it was (its bits still 1); a crash while the bitmap is being
+ * zeroed leaves some bits 1 and some 0, and both read the same bytes because
+ * the backing holds them durably. Running commit again is always safe.
+ */
+export async function commitDisk(
+  dev: AddCowDevice,
+  job: Job,
+  opts: CommitOptions = {},
+): Promise<string> {
+  const backing = dev.backing;
+  if (dev.backingPath === null) {
+    throw new AddCowError(`${dev.path} has no backing file: there is nothing to commit into`, {
+      file: dev.path,
+      code: "EINVAL",
+    });
+  }
+  if (dev.allAllocated || !backing) {
+    throw new AddCowError(
+      `${dev.path} has every cluster in its image file ("all allocated") and no longer reads its backing file; commit is not possible`,
+      { file: dev.path, code: "EINVAL" },
+    );
+  }
+  if (backing.readOnly || dev.readOnly) {
+    throw new AddCowError(
+      `backing file ${dev.backingPath} is open read-only; commit needs to write it`,
+      { file: dev.backingPath, code: "EROFS" },
+    );
+  }
+  // Data past the backing disk's end has nowhere to go: the backing is never grown.
+  let beyond = 0;
+  await dev.bitmap.forEachRun(0, dev.numClusters, (c, n, allocated) => {
+    const end = Math.min((c + n) * dev.clusterSize, dev.size);
+    if (allocated && end > backing.size)
+      beyond += end - Math.max(backing.size, c * dev.clusterSize);
+  });
+  if (beyond > 0) {
+    throw new AddCowError(
+      `${dev.path} has ${formatSize(beyond)} of data past the end of backing file ${dev.backingPath} (${backing.size} bytes); commit never grows a backing file: stream instead`,
+      { file: dev.path, code: "EFBIG" },
+    );
+  }
+  const total = await bytesWithState(dev, true);
+  const cs = dev.clusterSize;
+  const engine = new CopyEngine(
+    {
+      clusterSize: cs,
+      numClusters: dev.numClusters,
+      size: dev.size,
+      findRun: (from, maxLen) => findRun(dev.bitmap, from, dev.numClusters, true, maxLen),
+      copy: async (c0, c1, buf) => {
+        const start = c0 * cs;
+        const data = buf.subarray(0, Math.min(c1 * cs, dev.size) - start);
+        const release = opts.copyLock ? await opts.copyLock.acquire(c0, c1) : undefined;
+        try {
+          // Allocated clusters live in the image file; read it directly, not through the bitmap.
+          const n = await dev.image.read(data, start);
+          if (n < data.length) data.fill(0, n);
+          await backing.write(data, start);
+        } finally {
+          release?.();
+        }
+      },
+    },
+    { ...opts, total },
+  );
+  const outcome = await job.runEngine(engine);
+  if (outcome === "cancelled") {
+    await backing.flush();
+    return `commit of ${dev.path} stopped; the overlay is unchanged and the backing file holds part of its data: run commit again`;
+  }
+  // The crash-order rule of commit: backing data durable before any bit is cleared.
+  await backing.flush();
+  if (opts.keep) {
+    return `committed ${formatSize(total)} of ${dev.path} into ${dev.backingPath}; the overlay was kept as it is (--keep)`;
+  }
+  if (opts.beforeEmpty) await opts.beforeEmpty();
+  await dev.clearAllocation();
+  return `committed ${formatSize(total)} of ${dev.path} into ${dev.backingPath} and emptied the overlay: it now reads everything from its backing file`;
+}

@@ -1,0 +1,136 @@
+import { execFileSync } from "node:child_process";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import type { BlockDevice } from "../src/block/block-device";
+import { createDisk } from "../src/engine/create-disk";
+import { type OpenOptions, openDisk } from "../src/engine/open-disk";
+import type { FileIO, FileOpener } from "../src/io/file-io";
+import { openPosixFile } from "../src/io/file-io";
+
+export const KiB = 1024;
+export const MiB = 1024 * 1024;
+
+export function tempDir(tag: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `addcow-${tag}-`));
+}
+
+/** Deterministic pseudo-random bytes (xorshift32, seeded). */
+export function pattern(len: number, seed: number): Buffer {
+  const out = Buffer.alloc(Math.ceil(len / 4) * 4);
+  let x = (seed * 2654435761) >>> 0 || 1;
+  for (let off = 0; off < out.length; off += 4) {
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    out.writeUInt32LE(x, off);
+  }
+  return out.subarray(0, len);
+}
+
+export function writeRaw(file: string, data: Buffer): void {
+  fs.writeFileSync(file, data);
+}
+
+/** Reads the whole virtual disk through the engine. */
+export async function readAll(dev: BlockDevice): Promise<Buffer> {
+  const buf = Buffer.alloc(dev.size);
+  const step = 4 * MiB;
+  for (let off = 0; off < dev.size; off += step) {
+    await dev.read(buf.subarray(off, Math.min(dev.size, off + step)), off);
+  }
+  return buf;
+}
+
+export async function readDisk(file: string, opts: OpenOptions = {}): Promise<Buffer> {
+  const dev = await openDisk(file, opts);
+  try {
+    return await readAll(dev);
+  } finally {
+    await dev.close();
+  }
+}
+
+/** Writes scattered pieces (some partial clusters) through the engine. */
+export async function scribble(
+  file: string,
+  seed: number,
+  count: number,
+  maxLen = 200 * KiB,
+): Promise<void> {
+  const dev = await openDisk(file, { writable: true });
+  try {
+    const rnd = pattern(count * 8, seed);
+    for (let i = 0; i < count; i++) {
+      const len = 1 + (rnd.readUInt32LE(i * 8) % maxLen);
+      const off = rnd.readUInt32LE(i * 8 + 4) % (dev.size - len);
+      await dev.write(pattern(len, seed * 1000 + i), off);
+    }
+  } finally {
+    await dev.close();
+  }
+}
+
+/** base.raw (random data) <- a.add-cow [<- b.add-cow ...]; returns the .add-cow paths top last. */
+export async function makeChain(
+  dir: string,
+  size: number,
+  layers: number,
+  clusterSize = 64 * KiB,
+): Promise<{ base: string; layers: string[] }> {
+  const base = path.join(dir, "base.raw");
+  writeRaw(base, pattern(size, 1));
+  const out: string[] = [];
+  let below = base;
+  let format = "raw";
+  for (let i = 0; i < layers; i++) {
+    const file = path.join(dir, `layer${i}.add-cow`);
+    await createDisk({ file, backing: below, backingFormat: format, clusterSize });
+    out.push(file);
+    below = file;
+    format = "add-cow";
+  }
+  return { base, layers: out };
+}
+
+export function qemuCompareRaw(a: string, b: string): void {
+  execFileSync("qemu-img", ["compare", "-q", "-f", "raw", "-F", "raw", a, b]);
+}
+
+/** Wraps an opener: every read/write waits `delayMs` first and is counted while running. */
+export function delayingOpener(
+  delayMs: number,
+  match: (file: string) => boolean,
+  stats: { concurrentReads: number; peakReads: number; onRead?: (pos: number) => void },
+): FileOpener {
+  return async (file, mode) => {
+    const inner = await openPosixFile(file, mode);
+    if (!match(file)) return inner;
+    const wrapped: FileIO = {
+      path: inner.path,
+      writable: inner.writable,
+      fd: inner.fd,
+      async read(buf, pos) {
+        stats.concurrentReads++;
+        stats.peakReads = Math.max(stats.peakReads, stats.concurrentReads);
+        try {
+          stats.onRead?.(pos);
+          await new Promise((r) => setTimeout(r, delayMs));
+          return await inner.read(buf, pos);
+        } finally {
+          stats.concurrentReads--;
+        }
+      },
+      async write(buf, pos) {
+        await new Promise((r) => setTimeout(r, delayMs));
+        return inner.write(buf, pos);
+      },
+      sync: () => inner.sync(),
+      size: () => inner.size(),
+      close: () => inner.close(),
+    };
+    return wrapped;
+  };
+}
