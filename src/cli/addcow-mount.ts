@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import * as path from "node:path";
 import { Command, Option } from "commander";
+import { registerControlService } from "../control/server";
 import { CHILD_FLAG, startInBackground, tellParent } from "../daemon/background";
 import { type DiskSpec, MountDaemon } from "../daemon/daemon";
 import { diskFileName } from "../daemon/mount-table";
@@ -65,6 +66,7 @@ async function mountAction(paths: string[], opts: CliOptions): Promise<void> {
   }
 
   const foreground = !opts.daemonChild;
+  registerControlService();
   let daemon: MountDaemon;
   try {
     daemon = await MountDaemon.start({

@@ -16,6 +16,7 @@ import {
   decodeHeader,
 } from "../format/header";
 import { PosixFile } from "../io/file-io";
+import { checkCreateLeftovers, checkShrunkImage } from "./check-crash";
 
 /**
  * `addcow check`: verifies an add-cow disk without modifying anything. The
@@ -402,6 +403,8 @@ export const CHECKS: CheckStep[] = [
   checkPaddingBits,
   checkAllocation,
   checkBacking,
+  checkCreateLeftovers,
+  checkShrunkImage,
 ];
 
 export interface CheckOptions {

@@ -3,6 +3,7 @@ import * as path from "node:path";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
 import { openDisk } from "../engine/open-disk";
+import { openerFromEnvironment } from "../io/test-opener";
 import { AddCowError, describeError } from "../errors";
 import { DiskEntry } from "../fuse/disk-entry";
 import { createFuseFrontEnd } from "../fuse/fuse-fs";
@@ -73,6 +74,8 @@ export class MountDaemon {
         const device = await openDisk(disk.file, {
           writable: !config.options.readOnly,
           cacheMode: config.options.cacheMode,
+          // Undefined unless a fault test set ADDCOW_TEST_FILE_OPENER.
+          opener: openerFromEnvironment(),
         });
         entries.push(new DiskEntry(disk.name, disk.file, device));
       }

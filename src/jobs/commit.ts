@@ -15,8 +15,11 @@ export interface CommitOptions extends CopyOptions {
    * so a copy never puts older data into the backing over a newer write).
    */
   copyLock?: RangeLock;
-  /** Runs after the backing is synced and before the overlay is emptied (live: quiesce). */
-  beforeEmpty?: () => Promise<void>;
+  /**
+   * Runs the last step (sync the backing, empty the overlay) with every user
+   * request held back (live commit); offline it runs directly.
+   */
+  quiesce?: (finish: () => Promise<void>) => Promise<void>;
 }
 
 /**
@@ -74,7 +77,10 @@ export async function commitDisk(
       findRun: (from, maxLen) => findRun(dev.bitmap, from, dev.numClusters, true, maxLen),
       copy: async (c0, c1, buf) => {
         const start = c0 * cs;
-        const data = buf.subarray(0, Math.min(c1 * cs, dev.size) - start);
+        // Clusters past the backing's end (written during a live commit) stay in the overlay.
+        const stop = Math.min(c1 * cs, dev.size, backing.size);
+        if (stop <= start) return;
+        const data = buf.subarray(0, stop - start);
         const release = opts.copyLock ? await opts.copyLock.acquire(c0, c1) : undefined;
         try {
           // Allocated clusters live in the image file; read it directly, not through the bitmap.
@@ -93,12 +99,34 @@ export async function commitDisk(
     await backing.flush();
     return `commit of ${dev.path} stopped; the overlay is unchanged and the backing file holds part of its data: run commit again`;
   }
-  // The crash-order rule of commit: backing data durable before any bit is cleared.
-  await backing.flush();
+  const finish = async () => {
+    // The crash-order rule of commit: backing data durable before any bit is cleared.
+    await backing.flush();
+    if (opts.keep) return;
+    // Live: a user may have written past the backing's end meanwhile; that must stay.
+    const past = await bytesPastEnd(dev, backing.size);
+    if (past > 0) {
+      throw new AddCowError(
+        `${dev.path} got ${formatSize(past)} of data past the end of backing file ${dev.backingPath} during the commit; the overlay was kept as it is`,
+        { file: dev.path, code: "EFBIG" },
+      );
+    }
+    await dev.clearAllocation();
+  };
+  if (opts.quiesce) await opts.quiesce(finish);
+  else await finish();
   if (opts.keep) {
     return `committed ${formatSize(total)} of ${dev.path} into ${dev.backingPath}; the overlay was kept as it is (--keep)`;
   }
-  if (opts.beforeEmpty) await opts.beforeEmpty();
-  await dev.clearAllocation();
   return `committed ${formatSize(total)} of ${dev.path} into ${dev.backingPath} and emptied the overlay: it now reads everything from its backing file`;
+}
+
+/** Bytes of allocated clusters lying past `limit` (the backing disk's size). */
+async function bytesPastEnd(dev: AddCowDevice, limit: number): Promise<number> {
+  let beyond = 0;
+  await dev.bitmap.forEachRun(0, dev.numClusters, (c, n, allocated) => {
+    const end = Math.min((c + n) * dev.clusterSize, dev.size);
+    if (allocated && end > limit) beyond += end - Math.max(limit, c * dev.clusterSize);
+  });
+  return beyond;
 }

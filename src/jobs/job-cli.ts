@@ -1,3 +1,4 @@
+import * as path from "node:path";
 import type { Command } from "commander";
 import { findDaemon } from "../control/client";
 import type { JobOptionsWire } from "../control/protocol";
@@ -124,7 +125,7 @@ export async function runLiveIfMounted(
   const started = await client.call<{ ok: true; job: JobStatus }>({
     op: "start",
     kind,
-    disk,
+    disk: path.resolve(disk),
     options,
   });
   const id = started.job.id;

@@ -46,6 +46,8 @@ export class FaultInjector {
   readonly injected: string[] = [];
   /** Operations seen per "op path", for tests that want to aim at the n-th one. */
   readonly counts = new Map<string, number>();
+  /** Called before every operation is judged (the daemon hook reloads its rules there). */
+  beforeCheck?: () => void;
 
   arm(rule: FaultRule): void {
     this.rules.push({
@@ -72,6 +74,7 @@ export class FaultInjector {
 
   /** @internal Returns the rule that fails this operation, if any. */
   check(op: FaultOp, path: string): Armed | undefined {
+    this.beforeCheck?.();
     const key = `${op} ${path}`;
     this.counts.set(key, (this.counts.get(key) ?? 0) + 1);
     for (const r of this.rules) {
