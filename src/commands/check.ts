@@ -219,14 +219,6 @@ export const checkBitmapLength: CheckStep = {
           ? `bitmap is truncated (${sizes}); harmless while the all-allocated feature is set`
           : `bitmap is truncated: ${sizes}`,
       });
-    } else if (have > padded && !ctx.allAllocated) {
-      // openDisk refuses this too: the image file lost its tail (and written clusters with it).
-      ctx.report({
-        severity: "corruption",
-        offset: h.headerSize + padded,
-        field: "bitmap",
-        message: `bitmap is ${have} bytes, longer than the ${padded} bytes (padded) of the disk (${ctx.numClusters} clusters of ${ctx.imageSize} bytes): the image file was truncated or replaced`,
-      });
     } else if (have < padded) {
       ctx.report({
         severity: "warning",

@@ -316,9 +316,10 @@ async function openAddCow(
 }
 
 /**
- * The bitmap must cover every cluster of the disk (the image file's length), and
- * must not be longer than that disk's padded bitmap: a longer one means the image
- * file lost its tail (truncated or replaced), and with it written clusters.
+ * The bitmap must cover every cluster of the disk (the image file's length). A
+ * longer bitmap is accepted: the disk is as long as the image file, and bits
+ * past its last cluster are ignored like padding (`addcow check` reports an
+ * image file shorter than its bitmap, and set bits past the end).
  */
 function checkBitmapLength(
   file: string,
@@ -328,18 +329,11 @@ function checkBitmapLength(
   imageSize: number,
 ): void {
   const numClusters = Math.ceil(imageSize / 2 ** header.clusterBits);
-  const { needed, padded } = bitmapBytes(numClusters, header.clusterBits);
+  const { needed } = bitmapBytes(numClusters, header.clusterBits);
   const have = metaSize - header.headerSize;
-  const disk = `image file ${imagePath} (${imageSize} bytes, ${numClusters} clusters)`;
   if (have < needed) {
     throw new AddCowError(
-      `${file}: bitmap is ${have} bytes, shorter than the ${needed} bytes the disk needs for ${disk}; the .add-cow file is truncated or the image file was grown: restore the original files`,
-      { file, code: "EINVAL" },
-    );
-  }
-  if (have > padded) {
-    throw new AddCowError(
-      `${file}: bitmap is ${have} bytes, longer than the ${padded} bytes (padded) of ${disk}; the image file was truncated or replaced: restore it`,
+      `${file}: bitmap is ${have} bytes, shorter than the ${needed} bytes the disk needs for image file ${imagePath} (${imageSize} bytes, ${numClusters} clusters); the .add-cow file is truncated or the image file was grown: restore the original files`,
       { file, code: "EINVAL" },
     );
   }
