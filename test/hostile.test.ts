@@ -104,6 +104,31 @@ describe("accepted oddities", () => {
     expect(diffTrees(before, snapshotTree(dir))).toEqual([]);
   });
 
+  it("takes an image file shorter than its bitmap as a smaller disk, ignoring bits past its end", async () => {
+    const dir = tempDir("hostile-shrunk");
+    dirs.push(dir);
+    writeRaw(path.join(dir, "base.raw"), 32769 * 4096, 0x11);
+    // 32769 clusters need two bitmap clusters; every bit set, then the image loses half.
+    const bitmap = Buffer.alloc(8192, 0xff);
+    const d = plain(dir, {
+      size: 32769 * 4096,
+      fill: 0x22,
+      bitmap,
+      backingName: "base.raw",
+      backingFormat: "raw",
+    });
+    fs.truncateSync(d.image, 64 << 20);
+    const before = snapshotTree(dir);
+    const disk = await openDisk(d.addcow);
+    expect(disk.size).toBe(64 << 20);
+    const tail = Buffer.alloc(4096);
+    await disk.read(tail, (64 << 20) - 4096);
+    expect(tail.every((b) => b === 0x22)).toBe(true);
+    await expect(disk.read(Buffer.alloc(1), 64 << 20)).rejects.toBeInstanceOf(AddCowError);
+    await disk.close();
+    expect(diffTrees(before, snapshotTree(dir))).toEqual([]);
+  });
+
   it("resolves relative names against the .add-cow file's directory, with .. and absolute names", async () => {
     const dir = tempDir("hostile-names");
     dirs.push(dir);
