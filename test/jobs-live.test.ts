@@ -201,4 +201,13 @@ describe("live jobs on a mounted disk", () => {
     const base = fs.readFileSync(ov.backing!);
     expect(base.subarray(20 * MiB, 28 * MiB).every((b) => b === 0x5c)).toBe(true);
   });
+
+  it("runs mount-examples/overlay-lifecycle.sh to the end", async () => {
+    const dir = tempDir("addcow-jobs-lifecycle-");
+    const script = path.resolve(__dirname, "../mount-examples/overlay-lifecycle.sh");
+    const r = await run("bash", [script, path.join(dir, "work")], { timeoutMs: 120_000 });
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/base\.raw was never modified/);
+    expect(r.stdout).toMatch(/snap\.raw holds exactly what the mounted disk showed/);
+  });
 });

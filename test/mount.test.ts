@@ -167,6 +167,16 @@ describe("addcow-mount: lifecycle", () => {
     await sh("fusermount", ["-u", mnt]);
     await waitFor("daemon exit after external unmount", () => !processAlive(pid));
     expect(mounted(mnt)).toBe(false);
+
+    // Unmount and mount again at once: the new daemon waits for the old one to let go.
+    const again = await run(process.execPath, [MOUNT_BIN, o.addcow, mnt]);
+    expect(again).toMatchObject({ code: 0, stderr: "" });
+    const pid2 = daemonPid(mnt)!;
+    await sh("fusermount", ["-u", mnt]);
+    const third = await run(process.execPath, [MOUNT_BIN, o.addcow, mnt]);
+    expect(third).toMatchObject({ code: 0, stderr: "" });
+    expect(processAlive(pid2)).toBe(false);
+    await sh("fusermount", ["-u", mnt]);
   });
 
   it("foreground: SIGTERM and SIGINT flush, unmount and exit 0", async () => {

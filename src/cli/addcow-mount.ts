@@ -60,8 +60,14 @@ async function mountAction(paths: string[], opts: CliOptions): Promise<void> {
   }));
 
   if (!opts.foreground && !opts.daemonChild) {
-    // The child repeats the parsing above; errors it finds come back over IPC.
-    process.exitCode = await startInBackground(process.argv[1]!, process.argv.slice(2), PROGRAM);
+    // The child gets absolute paths: it leaves the working directory once mounted.
+    const childArgs = [
+      ...opts.options.flatMap((o) => ["-o", o]),
+      ...(opts.name !== undefined ? ["--name", opts.name] : []),
+      ...disks.map((d) => d.file),
+      mountDir,
+    ];
+    process.exitCode = await startInBackground(process.argv[1]!, childArgs, PROGRAM);
     return;
   }
 

@@ -2,7 +2,8 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
-import { openDisk } from "../engine/open-disk";
+import type { AddCowDevice } from "../engine/addcow-device";
+import { type OpenOptions, openDisk } from "../engine/open-disk";
 import { openerFromEnvironment } from "../io/test-opener";
 import { AddCowError, describeError } from "../errors";
 import { DiskEntry } from "../fuse/disk-entry";
@@ -27,7 +28,7 @@ export interface DaemonConfig {
   options: MountOptions;
   /** cache=writeback: how often dirty disks are flushed (default 5 s). */
   writebackIntervalMs?: number;
-  /** How often the mount table is checked for an external unmount (default 500 ms). */
+  /** How often the mount table is checked for an external unmount (default 200 ms). */
   pollIntervalMs?: number;
   /** Called for problems after start (failed periodic write-back, ...). */
   onWarning?: (message: string) => void;
@@ -71,7 +72,7 @@ export class MountDaemon {
     let mounted = false;
     try {
       for (const disk of config.disks) {
-        const device = await openDisk(disk.file, {
+        const device = await openWaitingForExitingDaemon(disk.file, {
           writable: !config.options.readOnly,
           cacheMode: config.options.cacheMode,
           // Undefined unless a fault test set ADDCOW_TEST_FILE_OPENER.
@@ -159,7 +160,7 @@ export class MountDaemon {
         },
         (err: unknown) => log.daemon("reading the mount table: %s", describeError(err)),
       );
-    }, this.config.pollIntervalMs ?? 500);
+    }, this.config.pollIntervalMs ?? 200);
     this.timers.push(poll);
     if (!this.config.options.readOnly && this.config.options.cacheMode === "writeback") {
       let flushing = false;
@@ -178,6 +179,43 @@ export class MountDaemon {
     const table = await readMountTableAsync();
     return table.some((m) => m.mountPoint === this.mountDir && m.device === this.mountDevice);
   }
+}
+
+/**
+ * `fusermount -u DIR && addcow-mount DISK DIR` must work: right after an
+ * unmount the old daemon may still hold the disk's lock while it notices the
+ * unmount, flushes and closes. When the lock holder is an addcow-mount daemon
+ * whose directory is no longer mounted, wait for it (up to 10 s) instead of
+ * failing; any other holder is refused at once.
+ */
+async function openWaitingForExitingDaemon(file: string, opts: OpenOptions): Promise<AddCowDevice> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    try {
+      return await openDisk(file, opts);
+    } catch (err) {
+      if (Date.now() > deadline || !heldByExitingDaemon(err)) throw err;
+      log.daemon("%s is held by an addcow-mount daemon that is stopping; waiting", file);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  }
+}
+
+function heldByExitingDaemon(err: unknown): boolean {
+  if (!(err instanceof AddCowError) || err.code !== "EBUSY") return false;
+  const m = /in use by process (\d+)/.exec(err.message);
+  if (!m) return false;
+  let args: string[];
+  try {
+    args = fs.readFileSync(`/proc/${m[1]}/cmdline`, "utf8").split("\0");
+  } catch {
+    return true; // Gone already: the lock is free on the next try.
+  }
+  if (!args.some((a) => /addcow-mount(\.js)?$/.test(a))) return false;
+  // Daemons are started with absolute paths, the mount directory last.
+  const dir = args.filter((a) => a !== "" && !a.startsWith("-")).pop();
+  if (dir === undefined || !path.isAbsolute(dir)) return false;
+  return !readMountTable().some((e) => e.mountPoint === dir && e.fsType === "fuse.addcow");
 }
 
 function checkNames(disks: DiskSpec[]): void {

@@ -139,7 +139,7 @@ export class AddCowDevice implements BlockDevice {
         c += n;
       }
       if (reads.length === 1) await reads[0];
-      else await Promise.all(reads);
+      else await settleAll(reads);
     } finally {
       this.bitmap.unpin(c0, c1);
     }
@@ -408,4 +408,14 @@ export class AddCowDevice implements BlockDevice {
     await attempt(() => this.onClose?.());
     if (errors.length > 0) throw errors[0];
   }
+}
+
+/**
+ * Like Promise.all, but waits for every promise before rejecting: the FUSE
+ * layer hands the kernel's buffer back once read() settles, so no run may
+ * still be filling it after a sibling run failed.
+ */
+async function settleAll(promises: Array<Promise<void>>): Promise<void> {
+  const results = await Promise.allSettled(promises);
+  for (const r of results) if (r.status === "rejected") throw r.reason;
 }

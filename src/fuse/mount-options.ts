@@ -16,6 +16,41 @@ export interface MountOptions {
 export const KNOWN_OPTIONS =
   "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough";
 
+/**
+ * Generic options mount(8) and mount.fuse hand every filesystem (from fstab or
+ * `mount -t fuse`); they mean nothing for a file holding a disk image, so they
+ * are accepted and ignored.
+ */
+const IGNORED_OPTIONS = new Set([
+  "defaults",
+  "async",
+  "dev",
+  "nodev",
+  "suid",
+  "nosuid",
+  "exec",
+  "noexec",
+  "atime",
+  "noatime",
+  "diratime",
+  "nodiratime",
+  "relatime",
+  "norelatime",
+  "strictatime",
+  "nostrictatime",
+  "lazytime",
+  "nolazytime",
+  "auto",
+  "noauto",
+  "user",
+  "nouser",
+  "users",
+  "owner",
+  "group",
+  "nofail",
+  "_netdev",
+]);
+
 export function defaultMountOptions(): MountOptions {
   return {
     readOnly: false,
@@ -93,7 +128,13 @@ export function parseMountOptions(args: string[]): MountOptions {
           opts.cacheMode = v;
           break;
         }
+        case "sync":
+          // mount(8)'s "every write synchronous": the same promise as cache=writethrough.
+          flag();
+          opts.cacheMode = "writethrough";
+          break;
         default:
+          if (IGNORED_OPTIONS.has(name) || name.startsWith("x-") || name === "comment") break;
           throw new AddCowError(
             `unknown mount option -o ${item}: the options are ${KNOWN_OPTIONS}`,
           );

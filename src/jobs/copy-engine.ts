@@ -204,6 +204,7 @@ export class CopyEngine extends EventEmitter {
   async run(): Promise<CopyOutcome> {
     let cursor = 0;
     let lastCheckpoint = Date.now();
+    let checkpointing: Promise<void> | null = null;
     const running = new Set<Promise<void>>();
     this.record(true);
     for (;;) {
@@ -212,9 +213,23 @@ export class CopyEngine extends EventEmitter {
         await this.changed;
         continue;
       }
-      if (this.work.checkpoint && Date.now() - lastCheckpoint >= this.checkpointMs) {
+      // Checkpoints run beside the copies (one at a time): copying never waits for a sync.
+      if (
+        this.work.checkpoint &&
+        !checkpointing &&
+        Date.now() - lastCheckpoint >= this.checkpointMs
+      ) {
         lastCheckpoint = Date.now();
-        await this.work.checkpoint();
+        checkpointing = this.work.checkpoint().then(
+          () => {
+            checkpointing = null;
+            lastCheckpoint = Date.now();
+          },
+          (err: unknown) => {
+            checkpointing = null;
+            this.failure ??= err;
+          },
+        );
       }
       // Chunks end on a granularity boundary and hold at most one buffer.
       const g = this.granularityClusters;
@@ -251,7 +266,8 @@ export class CopyEngine extends EventEmitter {
       running.add(p);
     }
     await Promise.all(running);
-    if (this.work.checkpoint) await this.work.checkpoint();
+    if (checkpointing) await checkpointing;
+    if (this.work.checkpoint && !this.failure) await this.work.checkpoint();
     if (this.failure) throw this.failure;
     if (!this.cancelled) this.total = this.done;
     this.record(true);

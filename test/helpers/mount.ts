@@ -55,7 +55,8 @@ export function run(
         resolve({ code, stdout, stderr });
       },
     );
-    if (opts.input !== undefined) child.stdin?.end(opts.input);
+    // Always end stdin so nothing waits on it.
+    child.stdin?.end(opts.input);
   });
 }
 
@@ -280,7 +281,20 @@ export async function attachLoop(file: string, opts: { partitions?: boolean } = 
   const r = await sh("losetup", [...args, file]);
   const dev = r.stdout.trim();
   loopDevices.add(dev);
+  if (opts.partitions) await ensurePartitions(dev);
   return dev;
+}
+
+/**
+ * Kernels built without partition-table parsers (CONFIG_MSDOS_PARTITION and
+ * CONFIG_EFI_PARTITION off) ignore -P; partx then adds the partitions from
+ * user space.
+ */
+async function ensurePartitions(dev: string): Promise<void> {
+  const name = path.basename(dev);
+  const hasParts = () => fs.readdirSync(`/sys/block/${name}`).some((e) => e.startsWith(`${name}p`));
+  if (hasParts()) return;
+  await run("partx", ["-a", dev]);
 }
 
 export async function detachLoop(dev: string): Promise<void> {

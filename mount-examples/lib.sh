@@ -1,0 +1,33 @@
+# Shared by the example scripts: find the addcow programs and clean up on exit.
+# Installed (npm install -g / npm link) they are on PATH; in a checkout after
+# `bash .ci/setup` they run from dist/.
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+addcow() {
+  if type -P addcow >/dev/null; then command addcow "$@"; else node "$REPO/dist/src/cli/addcow.js" "$@"; fi
+}
+addcow-mount() {
+  if type -P addcow-mount >/dev/null; then command addcow-mount "$@"; else node "$REPO/dist/src/cli/addcow-mount.js" "$@"; fi
+}
+
+# Print each command before running it, like `set -x` but readable.
+say() { printf '\n\033[1m# %s\033[0m\n' "$*"; }
+run() { printf '$ %s\n' "$*"; "$@"; }
+
+# cleanup_push CMD...: run at exit (newest first), even after a failure.
+CLEANUP=()
+cleanup_push() { CLEANUP+=("$*"); }
+cleanup_run() {
+  local i
+  for ((i = ${#CLEANUP[@]} - 1; i >= 0; i--)); do eval "${CLEANUP[$i]}" >/dev/null 2>&1 || true; done
+  CLEANUP=()
+}
+trap cleanup_run EXIT
+
+# losetup -P, then partx when the kernel cannot parse partition tables itself.
+loop_with_partitions() {
+  local dev
+  dev=$(losetup --find --show -P "$1")
+  if ! ls "/sys/block/${dev#/dev/}" | grep -q "^${dev#/dev/}p"; then partx -a "$dev"; fi
+  echo "$dev"
+}
