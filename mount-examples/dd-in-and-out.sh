@@ -32,4 +32,4 @@ run du -h --apparent-size disk.raw
 run du -h disk.raw
 
 say "unmount: flushes and stops the daemon"
-run fusermount -u mnt
+umount_disk mnt

@@ -31,4 +31,4 @@ say "unmount in order: the partition, the loop device, then the add-cow mount"
 run umount fs
 run e2fsck -fn "${loop}p1"
 run losetup -d "$loop"
-run fusermount -u mnt
+umount_disk mnt

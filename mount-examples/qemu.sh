@@ -38,4 +38,4 @@ if [ "${BOOT:-0}" = 1 ] && command -v qemu-system-x86_64 >/dev/null; then
 fi
 
 say "stop the VM before unmounting; the unmount flushes the overlay"
-run fusermount -u vm1
+umount_disk vm1
