@@ -3,7 +3,7 @@ import { AddCowError } from "../errors";
 import type { AddCowDevice } from "../engine/addcow-device";
 import { type OpenOptions, openDisk, readHeader, resolveStoredName } from "../engine/open-disk";
 import { openPosixFile } from "../io/file-io";
-import { type CommitOptions, commitDisk } from "./commit";
+import { type CommitOptions, commitDisk, readOnlyBackingError } from "./commit";
 import type { CopyOptions } from "./copy-engine";
 import type { Job } from "./job";
 import { streamDisk } from "./stream";
@@ -60,7 +60,7 @@ export async function commitOffline(
 }
 
 /** A backing file that cannot be opened for writing gets a message about commit. */
-async function explainReadOnlyBacking(file: string, err: unknown): Promise<unknown> {
+export async function explainReadOnlyBacking(file: string, err: unknown): Promise<unknown> {
   if (!(err instanceof AddCowError) || err.file === undefined) return err;
   const code = err.code;
   if (code !== "EACCES" && code !== "EROFS" && code !== "EPERM") return err;
@@ -78,9 +78,5 @@ async function explainReadOnlyBacking(file: string, err: unknown): Promise<unkno
     return err;
   }
   if (own.includes(path.resolve(err.file))) return err;
-  const why = code === "EROFS" ? "read-only file system" : "permission denied";
-  return new AddCowError(
-    `cannot commit ${file}: backing file ${err.file} cannot be opened for writing (${why}); commit writes into the backing file, so make it writable, or use stream to make the overlay standalone instead`,
-    { file: err.file, code, cause: err },
-  );
+  return readOnlyBackingError(file, err.file, code);
 }
