@@ -12,7 +12,7 @@ if [ ! -f "$REPO/dist/src/cli/addcow-mount.js" ]; then
   echo "demo: build first (bash .ci/setup, or npm run build)" >&2
   exit 1
 fi
-work=$(mktemp -d /tmp/addcow-demo.XXXXXX); cleanup_push rm -rf "$work"; cd "$work"
+work=$(mktemp -d "${TMPDIR:-/tmp}/addcow-demo.XXXXXX"); cleanup_push rm -rf "$work"; cd "$work"
 echo "demo directory: $work"
 
 say "1. a base disk: 64 MiB, MBR, one ext4 partition holding hello.txt (built without mounting)"

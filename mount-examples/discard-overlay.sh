@@ -11,7 +11,7 @@
 # this script stop after showing the command.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-work=$(mktemp -d); cleanup_push rm -rf "$work"; cd "$work"
+work=$(mktemp -d "${TMPDIR:-/tmp}/addcow-example.XXXXXX"); cleanup_push rm -rf "$work"; cd "$work"
 
 say "a base disk, an overlay, mounted and written to"
 run dd if=/dev/urandom of=base.raw bs=1M count=16 status=none

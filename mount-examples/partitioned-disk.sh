@@ -4,7 +4,7 @@
 # like any disk. Needs root.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-work=$(mktemp -d); cleanup_push rm -rf "$work"; cd "$work"
+work=$(mktemp -d "${TMPDIR:-/tmp}/addcow-example.XXXXXX"); cleanup_push rm -rf "$work"; cd "$work"
 
 say "an empty 64 MiB overlay (no backing file)"
 run addcow create disk.add-cow 64M

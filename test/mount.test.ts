@@ -6,6 +6,7 @@ import {
   MOUNT_BIN,
   attachLoop,
   cleanupAll,
+  daemonPid,
   detachLoop,
   makeOverlay,
   mountArgs,
@@ -15,6 +16,7 @@ import {
   run,
   sh,
   tempDir,
+  trackMount,
   waitFor,
 } from "./helpers/mount";
 
@@ -207,6 +209,7 @@ describe("addcow-mount: lifecycle", () => {
     const dir = tempDir();
     const o = await makeOverlay(dir, "disk", { backingBytes: MiB });
     const mnt = path.join(dir, "new", "mnt"); // created when missing
+    trackMount(mnt);
     const r = await run(process.execPath, [MOUNT_BIN, o.addcow, mnt]);
     expect(r).toMatchObject({ code: 0, stderr: "" });
     // Usable on the next line.
@@ -214,7 +217,6 @@ describe("addcow-mount: lifecycle", () => {
     await sh("cmp", [path.join(mnt, "disk"), o.backing!]);
     const m = await mountDisk(o.addcow, mnt).catch((e: Error) => e);
     expect(String(m)).toMatch(/already a mount point/);
-    const { daemonPid } = await import("./helpers/mount");
     const pid = daemonPid(mnt)!;
     expect(pid).toBeGreaterThan(0);
     await sh("fusermount", ["-u", mnt]);
@@ -230,6 +232,23 @@ describe("addcow-mount: lifecycle", () => {
     expect(third).toMatchObject({ code: 0, stderr: "" });
     expect(processAlive(pid2)).toBe(false);
     await sh("fusermount", ["-u", mnt]);
+  });
+
+  it("a MOUNTDIR reached through a symlink stays mounted", async () => {
+    const dir = tempDir();
+    const o = await makeOverlay(dir, "disk", { backingBytes: MiB });
+    fs.mkdirSync(path.join(dir, "real"));
+    fs.symlinkSync("real", path.join(dir, "link"));
+    trackMount(path.join(dir, "real"));
+    const r = await run(process.execPath, [MOUNT_BIN, o.addcow, path.join(dir, "link")]);
+    expect(r).toMatchObject({ code: 0, stderr: "" });
+    const pid = daemonPid(path.join(dir, "link"))!;
+    expect(pid).toBeGreaterThan(0);
+    await new Promise((resolve) => setTimeout(resolve, 800)); // several mount-table polls
+    expect(processAlive(pid)).toBe(true);
+    expect(mounted(path.join(dir, "real"))).toBe(true);
+    await sh("fusermount", ["-u", path.join(dir, "real")]);
+    await waitFor("daemon exit", () => !processAlive(pid));
   });
 
   it("foreground: SIGTERM and SIGINT flush, unmount and exit 0", async () => {
