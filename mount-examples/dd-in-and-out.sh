@@ -4,7 +4,7 @@
 # Needs root (FUSE). Everything lives in a temp dir that is removed at the end.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-work=$(mktemp -d); cleanup_push rm -rf "$work"; cd "$work"
+work=$(mktemp -d "${TMPDIR:-/tmp}/addcow-example.XXXXXX"); cleanup_push rm -rf "$work"; cd "$work"
 
 say "a 32 MiB raw base disk with some data, and an overlay on top of it"
 run dd if=/dev/urandom of=base.raw bs=1M count=32 status=none
@@ -32,4 +32,4 @@ run du -h --apparent-size disk.raw
 run du -h disk.raw
 
 say "unmount: flushes and stops the daemon"
-run fusermount -u mnt
+umount_disk mnt

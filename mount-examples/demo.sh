@@ -12,7 +12,7 @@ if [ ! -f "$REPO/dist/src/cli/addcow-mount.js" ]; then
   echo "demo: build first (bash .ci/setup, or npm run build)" >&2
   exit 1
 fi
-work=$(mktemp -d /tmp/addcow-demo.XXXXXX); cleanup_push rm -rf "$work"; cd "$work"
+work=$(mktemp -d "${TMPDIR:-/tmp}/addcow-demo.XXXXXX"); cleanup_push rm -rf "$work"; cd "$work"
 echo "demo directory: $work"
 
 say "1. a base disk: 64 MiB, MBR, one ext4 partition holding hello.txt (built without mounting)"
@@ -50,7 +50,7 @@ else
 fi
 
 say "4. unmount; the base disk is unchanged, the overlay holds the change"
-run fusermount -u mnt
+umount_disk mnt
 if [ "$(sha256sum < base.raw)" = "$base_sum" ]; then echo "base.raw: unchanged"; else echo "base.raw CHANGED" >&2; exit 1; fi
 run du -h disk.raw
 echo "disk.raw holds only the clusters that were written ($(du -k disk.raw | cut -f1) KiB of 64 MiB)"
@@ -60,5 +60,5 @@ say "remount read-only: the change is still there"
 run addcow-mount -o ro disk.add-cow mnt
 if cmp -s mnt/disk base.raw; then echo "no change seen" >&2; exit 1; fi
 echo "mnt/disk differs from base.raw: the overlay's writes persisted"
-run fusermount -u mnt
+umount_disk mnt
 say "demo finished; cleaning up $work"

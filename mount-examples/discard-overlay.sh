@@ -5,12 +5,13 @@
 # alone is the disk: a plain raw image that needs neither the backing file nor
 # the .add-cow file.
 #
-# NOTE: `addcow stream` comes with the block-jobs work (the live job runs through
-# the mount daemon's control socket). Until it is on your version, this script
-# stops after showing the command.
+# On a mounted disk `addcow stream` runs as a live job inside the mount daemon
+# (through its control socket) while the disk stays in use; on an unmounted
+# disk it runs in the addcow process itself. An addcow without `stream` makes
+# this script stop after showing the command.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-work=$(mktemp -d); cleanup_push rm -rf "$work"; cd "$work"
+work=$(mktemp -d "${TMPDIR:-/tmp}/addcow-example.XXXXXX"); cleanup_push rm -rf "$work"; cd "$work"
 
 say "a base disk, an overlay, mounted and written to"
 run dd if=/dev/urandom of=base.raw bs=1M count=16 status=none
@@ -21,13 +22,13 @@ run dd if=/dev/zero of=mnt/disk bs=64k count=4 seek=3 conv=notrunc status=none
 
 say "copy everything still in the backing file into the image file (live, while mounted)"
 if ! addcow --help | grep -qE "^  stream\b"; then
-  echo "addcow stream disk.add-cow    # not available in this version yet"
+  echo "addcow stream disk.add-cow    # not in this version of addcow"
   exit 0
 fi
 run addcow stream disk.add-cow
 
 say "unmount; the image file disk.raw is now the complete disk"
-run fusermount -u mnt
+umount_disk mnt
 run addcow info disk.add-cow || true
 cp base.raw expected.raw
 dd if=/dev/zero of=expected.raw bs=64k count=4 seek=3 conv=notrunc status=none

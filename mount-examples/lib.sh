@@ -31,3 +31,17 @@ loop_with_partitions() {
   if ! ls "/sys/block/${dev#/dev/}" | grep -q "^${dev#/dev/}p"; then partx -a "$dev"; fi
   echo "$dev"
 }
+
+# umount_disk DIR: fusermount -u, then wait until the daemon has released the
+# disk (it notices the unmount within a fraction of a second), so the next
+# command can open the disk again.
+umount_disk() {
+  local dir i
+  dir=$(realpath "$1")
+  printf '$ fusermount -u %s\n' "$1"
+  fusermount -u "$dir"
+  for i in $(seq 100); do
+    ps -eo args= | grep -F "addcow-mount" | grep -qF " $dir --daemon-child" || return 0
+    sleep 0.1
+  done
+}

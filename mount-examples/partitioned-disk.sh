@@ -4,7 +4,7 @@
 # like any disk. Needs root.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-work=$(mktemp -d); cleanup_push rm -rf "$work"; cd "$work"
+work=$(mktemp -d "${TMPDIR:-/tmp}/addcow-example.XXXXXX"); cleanup_push rm -rf "$work"; cd "$work"
 
 say "an empty 64 MiB overlay (no backing file)"
 run addcow create disk.add-cow 64M
@@ -31,4 +31,4 @@ say "unmount in order: the partition, the loop device, then the add-cow mount"
 run umount fs
 run e2fsck -fn "${loop}p1"
 run losetup -d "$loop"
-run fusermount -u mnt
+umount_disk mnt

@@ -17,7 +17,7 @@
 # it boots nothing unless BOOT=1 and qemu-system-x86_64 is installed.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-work=$(mktemp -d); cleanup_push rm -rf "$work"; cd "$work"
+work=$(mktemp -d "${TMPDIR:-/tmp}/addcow-example.XXXXXX"); cleanup_push rm -rf "$work"; cd "$work"
 
 say "a 64 MiB base image and a per-VM overlay"
 run truncate -s 64M base.raw
@@ -38,4 +38,4 @@ if [ "${BOOT:-0}" = 1 ] && command -v qemu-system-x86_64 >/dev/null; then
 fi
 
 say "stop the VM before unmounting; the unmount flushes the overlay"
-run fusermount -u vm1
+umount_disk vm1

@@ -333,3 +333,41 @@ describe("random faults during random workloads (in memory, with crash states)",
     expect(injected).toBeGreaterThan(seeds);
   });
 });
+
+describe("the fault injector itself", () => {
+  it("fails the n-th operation of the chosen file, `times` times, until cleared", async () => {
+    const mfs = new MemoryFs();
+    mfs.set("/d/x.raw", Buffer.alloc(4096));
+    mfs.set("/d/y.raw", Buffer.alloc(4096));
+    const inject = new FaultInjector();
+    const open = inject.opener(mfs.opener);
+    const x = await open("/d/x.raw", "write");
+    const y = await open("/d/y.raw", "write");
+    inject.arm({ file: "x.raw", op: "write", code: "ENOSPC", nth: 2, times: 2 });
+    const buf = Buffer.alloc(1024, 9);
+    const outcome = async (f: typeof x) =>
+      f.write(buf, 0).then(
+        () => "ok",
+        (e: NodeJS.ErrnoException) => e.code,
+      );
+    expect([await outcome(x), await outcome(y), await outcome(x), await outcome(x)]).toEqual([
+      "ok",
+      "ok",
+      "ENOSPC",
+      "ENOSPC",
+    ]);
+    expect(await outcome(x)).toBe("ok");
+    inject.arm({ file: "x.raw", op: "sync", code: "EIO" });
+    await expect(x.sync()).rejects.toMatchObject({ code: "EIO", syscall: "fdatasync" });
+    await expect(x.sync()).rejects.toMatchObject({ code: "EIO" });
+    inject.clear();
+    await expect(x.sync()).resolves.toBeUndefined();
+    // A short write leaves whole sectors, about half, behind.
+    inject.arm({ file: "y.raw", op: "write", code: "EIO", partial: true });
+    await expect(y.write(Buffer.alloc(2048, 7), 0)).rejects.toMatchObject({ code: "EIO" });
+    const back = Buffer.alloc(2048);
+    await y.read(back, 0);
+    expect(back.subarray(0, 1024).every((v) => v === 7)).toBe(true);
+    expect(back.subarray(1024).every((v) => v === 0)).toBe(true);
+  });
+});

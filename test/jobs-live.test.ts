@@ -210,4 +210,51 @@ describe("live jobs on a mounted disk", () => {
     expect(r.stdout).toMatch(/base\.raw was never modified/);
     expect(r.stdout).toMatch(/snap\.raw holds exactly what the mounted disk showed/);
   });
+
+  it("refuses live jobs with one clear line and keeps serving the disk", async () => {
+    const dir = tempDir("addcow-jobs-refuse-");
+    const ov = await makeOverlay(dir, "disk", { backingBytes: 8 * MiB });
+    const solo = await makeOverlay(dir, "solo", { size: 4 * MiB });
+    const m = await mountDisk(ov.addcow, path.join(dir, "mnt"));
+    const m2 = await mountDisk(solo.addcow, path.join(dir, "mnt2"));
+    const noBacking = await addcow("stream", solo.addcow);
+    expect(noBacking.code).toBe(1);
+    expect(noBacking.stderr).toMatch(/^addcow: \S*solo\.add-cow has no backing file[^\n]*\n$/);
+    await m2.unmount();
+
+    fs.writeFileSync(path.join(dir, "blob"), Buffer.alloc(MiB, 0x33));
+    await run("dd", [
+      `if=${path.join(dir, "blob")}`,
+      `of=${m.file}`,
+      "bs=1M",
+      "seek=2",
+      "conv=notrunc,fsync",
+    ]);
+    let immutable = false;
+    if (process.getuid?.() === 0) immutable = (await run("chattr", ["+i", ov.backing!])).code === 0;
+    else fs.chmodSync(ov.backing!, 0o444);
+    try {
+      if (process.getuid?.() !== 0 || immutable) {
+        const c = await addcow("commit", ov.addcow);
+        expect(c.code).toBe(1);
+        expect(c.stderr).toMatch(
+          /^addcow: cannot commit \S*disk\.add-cow: backing file \S*disk-base\.raw cannot be opened for writing/,
+        );
+      }
+    } finally {
+      if (immutable) await run("chattr", ["-i", ov.backing!]);
+    }
+    // The disk is still served, with its data, and takes writes.
+    const back = Buffer.alloc(MiB);
+    const fd = fs.openSync(m.file, "r+");
+    try {
+      fs.readSync(fd, back, 0, MiB, 2 * MiB);
+      fs.writeSync(fd, Buffer.alloc(4096, 0x44), 0, 4096, 0);
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    expect(back.every((b) => b === 0x33)).toBe(true);
+    await m.unmount();
+  });
 });

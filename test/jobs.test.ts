@@ -347,3 +347,42 @@ describe("commit crash order", () => {
     expect((await readDisk(top)).equals(before)).toBe(true);
   });
 });
+
+describe("copy engine", () => {
+  it("stops copying while paused and finishes after resume", async () => {
+    const { CopyEngine } = await import("../src/jobs/copy-engine");
+    const copied: number[] = [];
+    const engine = new CopyEngine(
+      {
+        clusterSize: 4096,
+        numClusters: 64,
+        size: 64 * 4096,
+        findRun: async (from) => (from < 64 ? [from, 64] : null),
+        copy: async (c0) => {
+          copied.push(c0);
+          await new Promise((r) => setTimeout(r, 5));
+        },
+      },
+      { inFlight: 2, bufSize: 8192 },
+    );
+    expect(engine.chunkClusters).toBe(1);
+    expect(engine.inFlightLimit).toBe(2);
+    engine.pause();
+    const running = engine.run();
+    await new Promise((r) => setTimeout(r, 50));
+    expect(copied.length).toBe(0);
+    engine.resume();
+    await new Promise((r) => setTimeout(r, 30));
+    engine.pause();
+    await new Promise((r) => setTimeout(r, 30));
+    const whilePaused = copied.length;
+    expect(whilePaused).toBeGreaterThan(0);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(copied.length).toBe(whilePaused);
+    engine.resume();
+    expect(await running).toBe("completed");
+    expect([...copied].sort((a, b) => a - b)).toEqual([...Array(64).keys()]);
+    expect(engine.progress().done).toBe(64 * 4096);
+    expect(engine.progress().peakInFlight).toBe(2);
+  });
+});

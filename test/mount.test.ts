@@ -1,9 +1,13 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
+import { headerSizeFor } from "../src/format/header";
 import {
   MOUNT_BIN,
+  attachLoop,
   cleanupAll,
+  daemonPid,
+  detachLoop,
   makeOverlay,
   mountArgs,
   mountDisk,
@@ -12,6 +16,7 @@ import {
   run,
   sh,
   tempDir,
+  trackMount,
   waitFor,
 } from "./helpers/mount";
 
@@ -149,11 +154,62 @@ describe("addcow-mount: data through the mounted file", () => {
   });
 });
 
+describe("addcow-mount: cache=writeback", () => {
+  it("writes the bitmap to the .add-cow file within a few seconds without fsync", async () => {
+    const dir = tempDir();
+    const o = await makeOverlay(dir, "disk", { backingBytes: MiB });
+    const m = await mountDisk(o.addcow, path.join(dir, "mnt"));
+    const bitmapByte = () => {
+      const fd = fs.openSync(o.addcow, "r");
+      try {
+        const b = Buffer.alloc(1);
+        fs.readSync(fd, b, 0, 1, headerSizeFor(16));
+        return b[0]!;
+      } finally {
+        fs.closeSync(fd);
+      }
+    };
+    // Kept open: a close would flush (FUSE flush), which is not what is tested here.
+    const fd = fs.openSync(m.file, "r+");
+    try {
+      fs.writeSync(fd, Buffer.alloc(100, 7), 0, 100, 5 * 65536 + 10); // cluster 5
+      const start = Date.now();
+      expect(bitmapByte() & (1 << 5)).toBe(0); // not yet durable
+      await waitFor("the periodic write-back", () => (bitmapByte() & (1 << 5)) !== 0, 12_000);
+      expect(Date.now() - start).toBeLessThan(7_000);
+      expect(bitmapByte()).toBe(1 << 5); // only that cluster
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+});
+
 describe("addcow-mount: lifecycle", () => {
+  it("SIGTERM while a loop device holds the file: flushes, detaches the mount lazily and exits", async () => {
+    const dir = tempDir();
+    const o = await makeOverlay(dir, "disk", { backingBytes: MiB });
+    const m = await mountDisk(o.addcow, path.join(dir, "mnt"));
+    const loop = await attachLoop(m.file);
+    const fd = fs.openSync(loop, "r+");
+    fs.writeSync(fd, Buffer.from("through the loop device"), 0, 23, 4096);
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+    await m.kill("SIGTERM");
+    expect(mounted(m.dir)).toBe(false);
+    await detachLoop(loop);
+    const m2 = await mountDisk(o.addcow, path.join(dir, "mnt"));
+    const got = Buffer.alloc(23);
+    const rfd = fs.openSync(m2.file, "r");
+    fs.readSync(rfd, got, 0, 23, 4096);
+    fs.closeSync(rfd);
+    expect(got.toString()).toBe("through the loop device");
+  });
+
   it("goes to the background once ready and stops on fusermount -u", async () => {
     const dir = tempDir();
     const o = await makeOverlay(dir, "disk", { backingBytes: MiB });
     const mnt = path.join(dir, "new", "mnt"); // created when missing
+    trackMount(mnt);
     const r = await run(process.execPath, [MOUNT_BIN, o.addcow, mnt]);
     expect(r).toMatchObject({ code: 0, stderr: "" });
     // Usable on the next line.
@@ -161,7 +217,6 @@ describe("addcow-mount: lifecycle", () => {
     await sh("cmp", [path.join(mnt, "disk"), o.backing!]);
     const m = await mountDisk(o.addcow, mnt).catch((e: Error) => e);
     expect(String(m)).toMatch(/already a mount point/);
-    const { daemonPid } = await import("./helpers/mount");
     const pid = daemonPid(mnt)!;
     expect(pid).toBeGreaterThan(0);
     await sh("fusermount", ["-u", mnt]);
@@ -177,6 +232,23 @@ describe("addcow-mount: lifecycle", () => {
     expect(third).toMatchObject({ code: 0, stderr: "" });
     expect(processAlive(pid2)).toBe(false);
     await sh("fusermount", ["-u", mnt]);
+  });
+
+  it("a MOUNTDIR reached through a symlink stays mounted", async () => {
+    const dir = tempDir();
+    const o = await makeOverlay(dir, "disk", { backingBytes: MiB });
+    fs.mkdirSync(path.join(dir, "real"));
+    fs.symlinkSync("real", path.join(dir, "link"));
+    trackMount(path.join(dir, "real"));
+    const r = await run(process.execPath, [MOUNT_BIN, o.addcow, path.join(dir, "link")]);
+    expect(r).toMatchObject({ code: 0, stderr: "" });
+    const pid = daemonPid(path.join(dir, "link"))!;
+    expect(pid).toBeGreaterThan(0);
+    await new Promise((resolve) => setTimeout(resolve, 800)); // several mount-table polls
+    expect(processAlive(pid)).toBe(true);
+    expect(mounted(path.join(dir, "real"))).toBe(true);
+    await sh("fusermount", ["-u", path.join(dir, "real")]);
+    await waitFor("daemon exit", () => !processAlive(pid));
   });
 
   it("foreground: SIGTERM and SIGINT flush, unmount and exit 0", async () => {

@@ -4,11 +4,12 @@ import type { BlockDevice } from "../block/block-device";
 import { AddCowDevice } from "../engine/addcow-device";
 import { AddCowError, describeError } from "../errors";
 import { CommitMirror } from "../jobs/commit-mirror";
-import { commitDisk } from "../jobs/commit";
+import { checkBackingWritable, checkCommittable, commitDisk } from "../jobs/commit";
+import { explainReadOnlyBacking } from "../jobs/offline";
 import type { CopyOptions } from "../jobs/copy-engine";
 import { Job, type JobKind, type JobStatus } from "../jobs/job";
 import { liveSnapshot } from "../jobs/live";
-import { streamDisk } from "../jobs/stream";
+import { checkStreamable, streamDisk } from "../jobs/stream";
 import { openDisk } from "../engine/open-disk";
 import { registerDaemonService } from "../daemon/services";
 import { log } from "../log";
@@ -223,6 +224,12 @@ export class ControlServer {
         `${served.top} is mounted read-only; remount it writable to run ${kind}`,
       );
     }
+    // Refusals that need no work are answered at once, as one line.
+    if (kind === "stream") checkStreamable(dev);
+    if (kind === "commit") {
+      checkCommittable(dev);
+      checkBackingWritable(dev);
+    }
     const opts: CopyOptions = {
       ...(wire.inFlight === undefined ? {} : { inFlight: wire.inFlight }),
       ...(wire.bufSize === undefined ? {} : { bufSize: wire.bufSize }),
@@ -288,10 +295,11 @@ export class ControlServer {
           cacheMode: (old as AddCowDevice).cacheMode,
         });
       } catch (err) {
+        // Back to the disk as it was mounted; the commit is refused.
         live.replaceDevice(
           await openDisk(file, { writable: true, cacheMode: (old as AddCowDevice).cacheMode }),
         );
-        throw err;
+        throw await explainReadOnlyBacking(file, err);
       }
       if (!dev.backing || dev.backing.readOnly) {
         live.replaceDevice(dev);

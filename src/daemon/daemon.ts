@@ -64,10 +64,13 @@ export class MountDaemon {
 
   /** Opens every disk and mounts; on failure nothing stays open or mounted. */
   static async start(config: DaemonConfig): Promise<MountDaemon> {
-    const mountDir = path.resolve(config.mountDir);
+    let mountDir = path.resolve(config.mountDir);
     config = { ...config, mountDir };
     checkNames(config.disks);
     const createdDir = prepareMountDir(mountDir);
+    // The mount table names the real path; compare with that (MOUNTDIR may be reached by a symlink).
+    mountDir = fs.realpathSync(mountDir);
+    config.mountDir = mountDir;
     const entries: DiskEntry[] = [];
     let mounted = false;
     try {
@@ -215,7 +218,13 @@ function heldByExitingDaemon(err: unknown): boolean {
   // Daemons are started with absolute paths, the mount directory last.
   const dir = args.filter((a) => a !== "" && !a.startsWith("-")).pop();
   if (dir === undefined || !path.isAbsolute(dir)) return false;
-  return !readMountTable().some((e) => e.mountPoint === dir && e.fsType === "fuse.addcow");
+  let real = dir;
+  try {
+    real = fs.realpathSync(dir);
+  } catch {
+    // Keep the name as given.
+  }
+  return !readMountTable().some((e) => e.mountPoint === real && e.fsType === "fuse.addcow");
 }
 
 function checkNames(disks: DiskSpec[]): void {

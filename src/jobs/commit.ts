@@ -1,5 +1,6 @@
-import { AddCowError } from "../errors";
-import type { AddCowDevice } from "../engine/addcow-device";
+import * as fs from "node:fs";
+import { AddCowError, errnoCode } from "../errors";
+import { AddCowDevice } from "../engine/addcow-device";
 import type { RangeLock } from "../engine/range-lock";
 import { formatSize } from "../util/size";
 import { CopyEngine, type CopyOptions } from "./copy-engine";
@@ -22,6 +23,44 @@ export interface CommitOptions extends CopyOptions {
   quiesce?: (finish: () => Promise<void>) => Promise<void>;
 }
 
+/** Refuses a disk without backing file, or one that no longer reads it. */
+export function checkCommittable(dev: AddCowDevice): void {
+  if (dev.backingPath === null) {
+    throw new AddCowError(`${dev.path} has no backing file: there is nothing to commit into`, {
+      file: dev.path,
+      code: "EINVAL",
+    });
+  }
+  if (dev.allAllocated || !dev.backing) {
+    throw new AddCowError(
+      `${dev.path} has every cluster in its image file ("all allocated") and no longer reads its backing file; commit is not possible`,
+      { file: dev.path, code: "EINVAL" },
+    );
+  }
+}
+
+/** The one line for a backing file commit cannot write. */
+export function readOnlyBackingError(file: string, backing: string, code: string): AddCowError {
+  const why = code === "EROFS" ? "read-only file system" : "permission denied";
+  return new AddCowError(
+    `cannot commit ${file}: backing file ${backing} cannot be opened for writing (${why}); commit writes into the backing file, so make it writable, or use stream to make the overlay standalone instead`,
+    { file: backing, code },
+  );
+}
+
+/** Checks before any work that the backing layer's files can be written (live commit). */
+export function checkBackingWritable(dev: AddCowDevice): void {
+  const b = dev.backing;
+  const files = b instanceof AddCowDevice ? [b.path, b.imagePath] : [dev.backingPath!];
+  for (const f of files) {
+    try {
+      fs.accessSync(f, fs.constants.W_OK);
+    } catch (err) {
+      throw readOnlyBackingError(dev.path, f, errnoCode(err) ?? "EACCES");
+    }
+  }
+}
+
 /**
  * Commit: writes every allocated cluster of the overlay into its backing disk
  * (opened writable for this job), makes the backing durable, and only then
@@ -35,23 +74,12 @@ export async function commitDisk(
   job: Job,
   opts: CommitOptions = {},
 ): Promise<string> {
-  const backing = dev.backing;
-  if (dev.backingPath === null) {
-    throw new AddCowError(`${dev.path} has no backing file: there is nothing to commit into`, {
-      file: dev.path,
-      code: "EINVAL",
-    });
-  }
-  if (dev.allAllocated || !backing) {
-    throw new AddCowError(
-      `${dev.path} has every cluster in its image file ("all allocated") and no longer reads its backing file; commit is not possible`,
-      { file: dev.path, code: "EINVAL" },
-    );
-  }
+  checkCommittable(dev);
+  const backing = dev.backing!;
   if (backing.readOnly || dev.readOnly) {
     throw new AddCowError(
       `backing file ${dev.backingPath} is open read-only; commit needs to write it`,
-      { file: dev.backingPath, code: "EROFS" },
+      { file: dev.backingPath ?? dev.path, code: "EROFS" },
     );
   }
   // Data past the backing disk's end has nowhere to go: the backing is never grown.

@@ -243,6 +243,11 @@ export class CopyEngine extends EventEmitter {
       await this.throttle(bytes);
       while (this.overlaps(c0, c1)) await this.changed;
       if (this.cancelled || this.failure) break;
+      if (this.paused || this.pool.length === 0) {
+        // Paused while waiting: this chunk is taken up again after resume.
+        cursor = c0;
+        continue;
+      }
       const buf = this.pool.pop()!;
       this.inFlight.set(c0, c1);
       this.peak = Math.max(this.peak, this.inFlight.size);

@@ -16,6 +16,16 @@ export async function bytesWithState(dev: AddCowDevice, allocated: boolean): Pro
   return bytes;
 }
 
+/** Refuses a disk without backing file: nothing to stream. */
+export function checkStreamable(dev: AddCowDevice): void {
+  if (dev.backingPath === null) {
+    throw new AddCowError(
+      `${dev.path} has no backing file: there is nothing to stream; its image file ${dev.imagePath} holds the whole disk already`,
+      { file: dev.path, code: "EINVAL" },
+    );
+  }
+}
+
 /**
  * Stream: copies every cluster whose bit is 0 from the backing chain into the
  * image file and sets its bit, then sets "all allocated". Bits are the
@@ -28,12 +38,7 @@ export async function streamDisk(
   job: Job,
   opts: CopyOptions = {},
 ): Promise<string> {
-  if (dev.backingPath === null) {
-    throw new AddCowError(
-      `${dev.path} has no backing file: there is nothing to stream; its image file ${dev.imagePath} holds the whole disk already`,
-      { file: dev.path, code: "EINVAL" },
-    );
-  }
+  checkStreamable(dev);
   if (dev.readOnly) {
     throw new AddCowError(`${dev.path} is open read-only; stream needs to write its image file`, {
       code: "EROFS",

@@ -219,6 +219,11 @@ export function mountArgs(files: string[], mountDir: string, opts: MountOpts = {
   return [...args, ...files, mountDir];
 }
 
+/** For tests that start addcow-mount themselves: cleanupAll() unmounts DIR and stops its daemon. */
+export function trackMount(dir: string): void {
+  fuseMounts.add(path.resolve(dir));
+}
+
 /** Mounts one or more disks with addcow-mount and waits until the files are usable. */
 export async function mountDisks(
   files: string[],

@@ -1,4 +1,5 @@
 import type { BlockDevice } from "../../src/block/block-device";
+import type { AddCowDevice } from "../../src/engine/addcow-device";
 import type { DiskModel } from "./crash-model";
 import { type Rng, SECTOR } from "./power-loss";
 import type { Recorder } from "./recording-io";
@@ -53,7 +54,7 @@ function sectorSpan(w: { offset: number; length: number }): [number, number] {
 
 /**
  * Runs random writes (partial first writes that need copy-on-write, overwrites,
- * writes across clusters), flushes, and batches of concurrent writes (never
+ * writes across clusters), flushes, block-job copies from the backing disk, and batches of concurrent writes (never
  * sharing a sector, often sharing a cluster) with a flush racing them. Every
  * write issue, acknowledgement and completed flush is marked in the recorder's
  * log and told to the model, so crash states can be judged later.
@@ -91,11 +92,24 @@ export async function runWorkload(
   };
 
   const pickWrite = () => randomWrite(rng, opts.clusterSize, opts.zones, opts.sectorAligned);
+  const copier = "copyFromBacking" in dev ? (dev as AddCowDevice) : null;
   for (let step = 0; step < opts.steps; step++) {
     opts.beforeStep?.(step);
     const r = rng.next();
     if (r < 0.15) {
       await doFlush();
+    } else if (r < 0.2 && copier) {
+      // A block job's copy (stream): allocates clusters without changing what they read.
+      const [zs, ze] = rng.pick(opts.zones);
+      const c0 = Math.floor(zs / opts.clusterSize) + rng.int(0, 3);
+      const c1 = Math.min(Math.ceil(ze / opts.clusterSize), c0 + rng.int(1, 4));
+      if (c0 < c1) {
+        try {
+          await copier.copyFromBacking(c0, c1);
+        } catch (err) {
+          if (!opts.tolerateErrors) throw err;
+        }
+      }
     } else if (r < 0.4) {
       const batch: Array<{ offset: number; length: number }> = [];
       const want = rng.int(2, 4);
