@@ -354,7 +354,10 @@ export const checkBacking: CheckStep = {
     if (ctx.allAllocated) return;
     let backing;
     try {
-      backing = await openBacking(backingPath, h.backingFormat!, { lock: !ctx.forceShare });
+      backing = await openBacking(backingPath, h.backingFormat!, {
+        lock: !ctx.forceShare,
+        layersAbove: 1,
+      });
     } catch (err) {
       // A layer in use by a writer cannot be checked now: that is not corruption.
       if (!(err instanceof AddCowError) || err.code === "EBUSY") throw err;

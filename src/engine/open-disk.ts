@@ -29,6 +29,8 @@ export interface OpenOptions {
   opener?: FileOpener;
   /** Take flock locks (default true). */
   lock?: boolean;
+  /** add-cow layers already open above this one (openBacking), counted against MAX_CHAIN_DEPTH. */
+  layersAbove?: number;
   /**
    * Open the first backing layer for writing too, with exclusive locks (commit
    * writes into it). Deeper layers stay read-only.
@@ -70,7 +72,7 @@ export async function openBacking(
   format: BackingFormat,
   opts: OpenOptions = {},
 ): Promise<BlockDevice> {
-  const state: ChainState = { seen: new Map(), depth: 0, opts, cleanup: [] };
+  const state: ChainState = { seen: new Map(), depth: opts.layersAbove ?? 0, opts, cleanup: [] };
   try {
     return await openLayer(file, format, state, "backing file");
   } catch (err) {
@@ -314,9 +316,10 @@ async function openAddCow(
 }
 
 /**
- * The bitmap must cover every cluster of the disk (the image file's length), and
- * must not be longer than that disk's padded bitmap: a longer one means the image
- * file lost its tail (truncated or replaced), and with it written clusters.
+ * The bitmap must cover every cluster of the disk (the image file's length). A
+ * longer bitmap is accepted: the disk is as long as the image file, and bits
+ * past its last cluster are ignored like padding (`addcow check` reports an
+ * image file shorter than its bitmap, and set bits past the end).
  */
 function checkBitmapLength(
   file: string,
@@ -326,18 +329,11 @@ function checkBitmapLength(
   imageSize: number,
 ): void {
   const numClusters = Math.ceil(imageSize / 2 ** header.clusterBits);
-  const { needed, padded } = bitmapBytes(numClusters, header.clusterBits);
+  const { needed } = bitmapBytes(numClusters, header.clusterBits);
   const have = metaSize - header.headerSize;
-  const disk = `image file ${imagePath} (${imageSize} bytes, ${numClusters} clusters)`;
   if (have < needed) {
     throw new AddCowError(
-      `${file}: bitmap is ${have} bytes, shorter than the ${needed} bytes the disk needs for ${disk}; the .add-cow file is truncated or the image file was grown: restore the original files`,
-      { file, code: "EINVAL" },
-    );
-  }
-  if (have > padded) {
-    throw new AddCowError(
-      `${file}: bitmap is ${have} bytes, longer than the ${padded} bytes (padded) of ${disk}; the image file was truncated or replaced: restore it`,
+      `${file}: bitmap is ${have} bytes, shorter than the ${needed} bytes the disk needs for image file ${imagePath} (${imageSize} bytes, ${numClusters} clusters); the .add-cow file is truncated or the image file was grown: restore the original files`,
       { file, code: "EINVAL" },
     );
   }
