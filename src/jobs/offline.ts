@@ -1,14 +1,33 @@
+import * as fs from "node:fs";
 import * as path from "node:path";
+import { promisify } from "node:util";
 import { AddCowError } from "../errors";
 import type { AddCowDevice } from "../engine/addcow-device";
 import { type OpenOptions, openDisk, readHeader, resolveStoredName } from "../engine/open-disk";
-import { openPosixFile } from "../io/file-io";
+import { type FileOpener, PosixFile, openPosixFile } from "../io/file-io";
 import { type CommitOptions, commitDisk, readOnlyBackingError } from "./commit";
-import type { CopyOptions } from "./copy-engine";
+import { type CopyOptions, DEFAULT_IN_FLIGHT } from "./copy-engine";
 import type { Job } from "./job";
 import { streamDisk } from "./stream";
 
 /** Jobs on a disk at rest: the job opens the disk, runs, flushes and closes it. */
+
+const openAsync = promisify(fs.open);
+
+/**
+ * Bulk copies with several in flight use thread-pool I/O, so reads and writes
+ * of different chunks overlap instead of queueing on the JS thread (which the
+ * page-cache-friendly sync style would do). ADDCOW_IO, when set, still decides.
+ */
+function jobOpener(opts: CopyOptions, open: OpenOptions): FileOpener | undefined {
+  if (open.opener || process.env.ADDCOW_IO || (opts.inFlight ?? DEFAULT_IN_FLIGHT) <= 1) {
+    return open.opener;
+  }
+  return async (file, mode) => {
+    const fd = await openAsync(file, mode === "write" ? "r+" : "r");
+    return new PosixFile(file, fd, mode === "write", "async");
+  };
+}
 
 async function withDisk<T>(
   file: string,
@@ -33,7 +52,10 @@ export function streamOffline(
   opts: CopyOptions = {},
   open: OpenOptions = {},
 ): Promise<string> {
-  return withDisk(file, { ...open, writable: true }, (dev) => streamDisk(dev, job, opts));
+  const opener = jobOpener(opts, open);
+  return withDisk(file, { ...open, writable: true, ...(opener ? { opener } : {}) }, (dev) =>
+    streamDisk(dev, job, opts),
+  );
 }
 
 export async function commitOffline(
@@ -44,7 +66,13 @@ export async function commitOffline(
 ): Promise<string> {
   let dev: AddCowDevice;
   try {
-    dev = await openDisk(file, { ...open, writable: true, writableBacking: true });
+    const opener = jobOpener(opts, open);
+    dev = await openDisk(file, {
+      ...open,
+      writable: true,
+      writableBacking: true,
+      ...(opener ? { opener } : {}),
+    });
   } catch (err) {
     throw await explainReadOnlyBacking(file, err);
   }

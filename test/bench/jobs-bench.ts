@@ -111,8 +111,8 @@ export const jobsSuite: BenchSuite = {
       { name: "addcow-1", description: "addcow stream -n 1", secs: [], secsSynced: [] },
       { name: "addcow-16", description: "addcow stream -n 16", secs: [], secsSynced: [] },
       {
-        name: "addcow-16-async",
-        description: "addcow stream -n 16, ADDCOW_IO=async",
+        name: "addcow-16-sync",
+        description: "addcow stream -n 16, ADDCOW_IO=sync",
         secs: [],
         secsSynced: [],
       },
@@ -128,11 +128,11 @@ export const jobsSuite: BenchSuite = {
         prep: freshAddcow,
         go: () => run(process.execPath, [addcowJs, "stream", "-q", "-n", "16", f("ov.add-cow")]),
       },
-      "addcow-16-async": {
+      "addcow-16-sync": {
         prep: freshAddcow,
         go: () =>
           run(process.execPath, [addcowJs, "stream", "-q", "-n", "16", f("ov.add-cow")], {
-            env: { ...process.env, ADDCOW_IO: "async" },
+            env: { ...process.env, ADDCOW_IO: "sync" },
           }),
       },
       "qemu-rebase": {
