@@ -55,7 +55,7 @@ function fioArgs(file: string, size: number, extra: string[] = []): string[] {
 
 function startFio(file: string, size: number): { done: Promise<{ code: number; out: string }> } {
   // Rate-limited so the writes overlap the job (a few seconds of writing).
-  const child = spawn("fio", fioArgs(file, size, ["--rate=6m"]), {
+  const child = spawn("fio", fioArgs(file, size, ["--rate=4m"]), {
     stdio: ["ignore", "pipe", "pipe"],
   });
   kids.push(child);
