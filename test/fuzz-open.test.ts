@@ -509,39 +509,47 @@ async function runCase(base: Base, mutations: Mutation[], writable: boolean, ops
 }
 
 describe("fuzzing openDisk with mutated files", () => {
-  it("refuses cleanly or reads as the model says (read-only)", async () => {
-    gc();
-    const heapBefore = process.memoryUsage().heapUsed;
-    await fc.assert(
-      fc.asyncProperty(
-        baseArb,
-        fc.array(mutationArb, { minLength: 0, maxLength: 4 }),
-        opsArb,
-        (b, ms, ops) => runCase(b, ms, false, ops),
-      ),
-      { numRuns: 2500 * RUNS, endOnFailure: true, interruptAfterTimeLimit: 35_000 * RUNS },
-    );
-    gc();
-    const grown = process.memoryUsage().heapUsed - heapBefore;
-    console.log(
-      `read-only fuzz: ${outcomes.refused} refused, ${outcomes.opened} opened, heap +${(grown / 2 ** 20).toFixed(1)} MiB`,
-    );
-    expect(grown).toBeLessThan(64 * 2 ** 20);
-    expect(outcomes.opened).toBeGreaterThan(100);
-    expect(outcomes.refused).toBeGreaterThan(100);
-  });
+  it(
+    "refuses cleanly or reads as the model says (read-only)",
+    async () => {
+      gc();
+      const heapBefore = process.memoryUsage().heapUsed;
+      await fc.assert(
+        fc.asyncProperty(
+          baseArb,
+          fc.array(mutationArb, { minLength: 0, maxLength: 4 }),
+          opsArb,
+          (b, ms, ops) => runCase(b, ms, false, ops),
+        ),
+        { numRuns: 2500 * RUNS, endOnFailure: true, interruptAfterTimeLimit: 35_000 * RUNS },
+      );
+      gc();
+      const grown = process.memoryUsage().heapUsed - heapBefore;
+      console.log(
+        `read-only fuzz: ${outcomes.refused} refused, ${outcomes.opened} opened, heap +${(grown / 2 ** 20).toFixed(1)} MiB`,
+      );
+      expect(grown).toBeLessThan(64 * 2 ** 20);
+      expect(outcomes.opened).toBeGreaterThan(100);
+      expect(outcomes.refused).toBeGreaterThan(100);
+    },
+    60_000 * RUNS,
+  );
 
-  it("refuses cleanly or reads back what was written (writable)", async () => {
-    await fc.assert(
-      fc.asyncProperty(
-        baseArb,
-        fc.array(mutationArb, { minLength: 0, maxLength: 3 }),
-        opsArb,
-        (b, ms, ops) => runCase(b, ms, true, ops),
-      ),
-      { numRuns: 600 * RUNS, endOnFailure: true, interruptAfterTimeLimit: 12_000 * RUNS },
-    );
-  });
+  it(
+    "refuses cleanly or reads back what was written (writable)",
+    async () => {
+      await fc.assert(
+        fc.asyncProperty(
+          baseArb,
+          fc.array(mutationArb, { minLength: 0, maxLength: 3 }),
+          opsArb,
+          (b, ms, ops) => runCase(b, ms, true, ops),
+        ),
+        { numRuns: 600 * RUNS, endOnFailure: true, interruptAfterTimeLimit: 12_000 * RUNS },
+      );
+    },
+    30_000 * RUNS,
+  );
 
   it("never throws anything but AddCowError on random header bytes", () => {
     fc.assert(

@@ -7,6 +7,7 @@ import { type DiskSpec, MountDaemon } from "../daemon/daemon";
 import { diskFileName } from "../daemon/mount-table";
 import { AddCowError } from "../errors";
 import { KNOWN_OPTIONS, parseMountOptions } from "../fuse/mount-options";
+import { log } from "../log";
 import { errorLine, packageVersion, runCli } from "./run-cli";
 
 const PROGRAM = "addcow-mount";
@@ -93,6 +94,14 @@ async function mountAction(paths: string[], opts: CliOptions): Promise<void> {
   process.on("SIGTERM", () => stop("SIGTERM"));
   if (foreground) process.on("SIGHUP", () => stop("SIGHUP"));
   else process.on("SIGHUP", () => undefined);
+  // A bug must not leave a dead mount behind: flush what can be flushed, unmount, exit 1.
+  const crash = (what: string, err: unknown) => {
+    process.stderr.write(`${PROGRAM}: internal error (${what}): ${errorLine(err)}\n`);
+    if (err instanceof Error && err.stack) log.daemon("%s", err.stack);
+    void daemon.stop(`internal error: ${errorLine(err)}`).finally(() => process.exit(1));
+  };
+  process.on("uncaughtException", (err) => crash("exception", err));
+  process.on("unhandledRejection", (err) => crash("rejection", err));
   if (!foreground) {
     await tellParent({ type: "ready" });
     // Do not keep the directory we were started from busy.
