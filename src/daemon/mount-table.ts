@@ -93,7 +93,18 @@ export function prepareMountDir(dir: string): boolean {
       { file: dir, code: "EBUSY" },
     );
   }
-  if (fs.readdirSync(dir).length > 0) {
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir);
+  } catch (err) {
+    const code = errnoCode(err);
+    const why = code === "EACCES" ? "permission denied" : (err as Error).message;
+    throw new AddCowError(
+      `cannot use mount directory ${dir}: ${why}; choose a directory you may read and write`,
+      { file: dir, code },
+    );
+  }
+  if (names.length > 0) {
     throw new AddCowError(
       `mount directory ${dir} is not empty; use an empty directory (a new one is created when missing)`,
       { file: dir, code: "ENOTEMPTY" },
