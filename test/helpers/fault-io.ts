@@ -1,4 +1,5 @@
 import type { FileIO, FileOpener, OpenMode } from "../../src/io/file-io";
+import { FileIOWrapper } from "./file-io-wrapper";
 
 export type FaultOp = "read" | "write" | "sync";
 export type FaultCode = "EIO" | "ENOSPC";
@@ -90,29 +91,21 @@ export class FaultInjector {
   }
 }
 
-class FaultyFile implements FileIO {
+class FaultyFile extends FileIOWrapper {
   constructor(
-    private readonly inner: FileIO,
+    inner: FileIO,
     private readonly faults: FaultInjector,
-  ) {}
-
-  get path(): string {
-    return this.inner.path;
-  }
-  get writable(): boolean {
-    return this.inner.writable;
-  }
-  get fd(): number | undefined {
-    return this.inner.fd;
+  ) {
+    super(inner);
   }
 
-  async read(buf: Buffer, pos: number): Promise<number> {
+  override async read(buf: Buffer, pos: number): Promise<number> {
     const r = this.faults.check("read", this.path);
     if (r) throw ioError(r.code, "read", this.path);
     return this.inner.read(buf, pos);
   }
 
-  async write(buf: Buffer, pos: number): Promise<void> {
+  override async write(buf: Buffer, pos: number): Promise<void> {
     const r = this.faults.check("write", this.path);
     if (r) {
       if (r.partial) {
@@ -125,17 +118,9 @@ class FaultyFile implements FileIO {
     return this.inner.write(buf, pos);
   }
 
-  async sync(): Promise<void> {
+  override async sync(): Promise<void> {
     const r = this.faults.check("sync", this.path);
     if (r) throw ioError(r.code, "fdatasync", this.path);
     return this.inner.sync();
-  }
-
-  size(): Promise<number> {
-    return this.inner.size();
-  }
-
-  close(): Promise<void> {
-    return this.inner.close();
   }
 }

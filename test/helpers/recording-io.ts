@@ -1,4 +1,5 @@
 import type { FileIO, FileOpener, OpenMode } from "../../src/io/file-io";
+import { FileIOWrapper } from "./file-io-wrapper";
 
 const SECTOR = 512;
 
@@ -72,27 +73,15 @@ export class Recorder {
   }
 }
 
-class RecordingFile implements FileIO {
+class RecordingFile extends FileIOWrapper {
   constructor(
-    private readonly inner: FileIO,
+    inner: FileIO,
     private readonly recorder: Recorder,
-  ) {}
-
-  get path(): string {
-    return this.inner.path;
-  }
-  get writable(): boolean {
-    return this.inner.writable;
-  }
-  get fd(): number | undefined {
-    return this.inner.fd;
+  ) {
+    super(inner);
   }
 
-  read(buf: Buffer, pos: number): Promise<number> {
-    return this.inner.read(buf, pos);
-  }
-
-  async write(buf: Buffer, pos: number): Promise<void> {
+  override async write(buf: Buffer, pos: number): Promise<void> {
     if (!this.inner.writable) this.recorder.illegalWrites.push(this.inner.path);
     await this.inner.write(buf, pos);
     // A disk stores whole sectors: a write into part of a sector reaches it as the whole
@@ -114,17 +103,9 @@ class RecordingFile implements FileIO {
     }
   }
 
-  async sync(): Promise<void> {
+  override async sync(): Promise<void> {
     const covers = this.recorder.log.length;
     await this.inner.sync();
     this.recorder.pushSync(this.inner.path, covers);
-  }
-
-  size(): Promise<number> {
-    return this.inner.size();
-  }
-
-  close(): Promise<void> {
-    return this.inner.close();
   }
 }
