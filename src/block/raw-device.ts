@@ -18,11 +18,16 @@ export class RawDevice implements BlockDevice {
     return !this.file.writable;
   }
 
-  async read(buf: Buffer, offset: number): Promise<void> {
-    checkRange(this, buf.length, offset);
-    const n = await this.file.read(buf, offset);
-    // The file may have been shortened behind our back; the disk still has its size.
-    if (n < buf.length) buf.fill(0, n);
+  read(buf: Buffer, offset: number): Promise<void> {
+    try {
+      checkRange(this, buf.length, offset);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.file.read(buf, offset).then((n) => {
+      // The file may have been shortened behind our back; the disk still has its size.
+      if (n < buf.length) buf.fill(0, n);
+    });
   }
 
   async write(buf: Buffer, offset: number): Promise<void> {

@@ -13,6 +13,8 @@ import { log } from "../log";
 import { FlushCoalescer } from "./flush-coalescer";
 import { RangeLock } from "./range-lock";
 
+const RESOLVED = Promise.resolve();
+
 /** Larger copy-on-write buffers are not kept for reuse. */
 const MAX_SPARE_BUFFER = 4 * 1024 * 1024;
 
@@ -112,50 +114,79 @@ export class AddCowDevice implements BlockDevice {
     return Math.ceil(end / this.clusterSize);
   }
 
-  async read(buf: Buffer, offset: number): Promise<void> {
-    checkRange(this, buf.length, offset);
-    if (buf.length === 0) return;
-    if (this.allAllocated) {
-      await this.readImage(buf, offset);
-      return;
-    }
-    const end = offset + buf.length;
-    const c0 = this.clusterOf(offset);
-    const c1 = this.clusterEnd(end);
-    const pinning = this.bitmap.pin(c0, c1);
-    if (pinning) await pinning;
+  read(buf: Buffer, offset: number): Promise<void> {
     try {
-      let pos = offset;
-      let c = c0;
-      const reads: Array<Promise<void>> = [];
-      while (pos < end) {
-        const allocated = this.bitmap.isSet(c);
-        const n = this.bitmap.runLength(c, c1);
-        const runEnd = Math.min(end, (c + n) * this.clusterSize);
-        const part = buf.subarray(pos - offset, runEnd - offset);
-        log.engine("read run [%d, %d) from %s", pos, runEnd, allocated ? "image" : "backing");
-        reads.push(allocated ? this.readImage(part, pos) : this.readBacking(part, pos));
-        pos = runEnd;
-        c += n;
-      }
-      if (reads.length === 1) await reads[0];
-      else await settleAll(reads);
+      checkRange(this, buf.length, offset);
+      if (buf.length === 0) return RESOLVED;
+      if (this.allAllocated) return this.readImage(buf, offset);
+      const c0 = this.clusterOf(offset);
+      const c1 = this.clusterEnd(offset + buf.length);
+      const pinning = this.bitmap.pin(c0, c1);
+      if (pinning) return pinning.then(() => this.readPinned(buf, offset, c0, c1));
+      return this.readPinned(buf, offset, c0, c1);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  /**
+   * Splits [offset, offset + buf.length) into runs of clusters with one source
+   * while the bitmap is pinned, unpins, then reads each run with one I/O. The
+   * bitmap is not needed during the I/O: a write racing with this read may land
+   * before or after it, as on any disk.
+   */
+  private readPinned(buf: Buffer, offset: number, c0: number, c1: number): Promise<void> {
+    let allocated: boolean;
+    let n: number;
+    let runs: Array<Promise<void>> | undefined;
+    try {
+      allocated = this.bitmap.isSet(c0);
+      n = this.bitmap.runLength(c0, c1);
+      if (n < c1 - c0) runs = this.readRuns(buf, offset, c0, c1);
     } finally {
       this.bitmap.unpin(c0, c1);
     }
+    if (runs) return settleAll(runs);
+    // One source for the whole request (the common case): no run list, no sub-buffers.
+    return allocated ? this.readImage(buf, offset) : this.readBacking(buf, offset);
   }
 
-  private async readImage(buf: Buffer, pos: number): Promise<void> {
-    const n = await this.image.read(buf, pos);
-    if (n < buf.length) buf.fill(0, n);
+  private readRuns(buf: Buffer, offset: number, c0: number, c1: number): Array<Promise<void>> {
+    const end = offset + buf.length;
+    const reads: Array<Promise<void>> = [];
+    let pos = offset;
+    let c = c0;
+    while (pos < end) {
+      const allocated = this.bitmap.isSet(c);
+      const n = this.bitmap.runLength(c, c1);
+      const runEnd = Math.min(end, (c + n) * this.clusterSize);
+      const part = buf.subarray(pos - offset, runEnd - offset);
+      log.engine("read run [%d, %d) from %s", pos, runEnd, allocated ? "image" : "backing");
+      reads.push(allocated ? this.readImage(part, pos) : this.readBacking(part, pos));
+      pos = runEnd;
+      c += n;
+    }
+    return reads;
+  }
+
+  private readImage(buf: Buffer, pos: number): Promise<void> {
+    return this.image.read(buf, pos).then((n) => {
+      if (n < buf.length) buf.fill(0, n);
+    });
   }
 
   /** Backing data for [pos, pos + buf.length): zeros past the backing disk's end or without one. */
-  private async readBacking(buf: Buffer, pos: number): Promise<void> {
+  private readBacking(buf: Buffer, pos: number): Promise<void> {
     const backing = this.backing;
     const avail = backing ? Math.max(0, Math.min(buf.length, backing.size - pos)) : 0;
-    if (avail > 0) await backing!.read(avail === buf.length ? buf : buf.subarray(0, avail), pos);
-    if (avail < buf.length) buf.fill(0, avail);
+    if (avail === buf.length) return backing!.read(buf, pos);
+    if (avail === 0) {
+      buf.fill(0);
+      return RESOLVED;
+    }
+    return backing!.read(buf.subarray(0, avail), pos).then(() => {
+      buf.fill(0, avail);
+    });
   }
 
   async write(buf: Buffer, offset: number): Promise<void> {
