@@ -17,8 +17,13 @@ interface Entry {
   /** Bumped on every change; equal to savedVersion when the entry matches the disk. */
   version: number;
   savedVersion: number;
-  /** The bits as last made durable, kept while dirty so a failed data sync can roll back. */
-  durable: Buffer | null;
+  /**
+   * While dirty: the durable contents of each page changed since, keyed by page
+   * index, so a failed data sync can roll back. Pages, not the whole cluster:
+   * one write changes one byte, and a 64 KiB copy per dirty cluster would
+   * dominate the memory of a writer spread over a large disk.
+   */
+  durable: Map<number, Buffer> | null;
   /** Byte range [dirtyLo, dirtyHi) of bits changed since the entry was last durable. */
   dirtyLo: number;
   dirtyHi: number;
@@ -43,8 +48,9 @@ export interface BitmapCacheOptions {
   onPressure: () => Promise<void>;
 }
 
-/** Bitmap write-back granularity: a page. */
+/** Bitmap write-back and rollback granularity: a page. */
 const WRITE_ALIGN = 4096;
+const PAGE_SHIFT = 12;
 
 export const DEFAULT_BITMAP_CACHE_BYTES = 32 * 1024 * 1024;
 
@@ -235,19 +241,27 @@ export class BitmapCache {
       const base = e.index * this.clustersPerEntry;
       const stop = Math.min(c1, base + this.clustersPerEntry);
       let changed = false;
+      let savedPage = -1;
       for (; c < stop; c++) {
         const bit = c - base;
+        const byte = bit >> 3;
         const mask = 1 << (bit & 7);
-        const old = e.bits[bit >> 3]!;
+        const old = e.bits[byte]!;
         if (old & mask) continue;
         if (!changed && e.version === e.savedVersion) {
-          e.durable = Buffer.from(e.bits);
+          e.durable = new Map();
           this.dirtyCount++;
         }
         changed = true;
-        e.bits[bit >> 3] = old | mask;
-        if (bit >> 3 < e.dirtyLo) e.dirtyLo = bit >> 3;
-        if ((bit >> 3) + 1 > e.dirtyHi) e.dirtyHi = (bit >> 3) + 1;
+        const page = byte >> PAGE_SHIFT;
+        if (page !== savedPage) {
+          savedPage = page;
+          const durable = e.durable!;
+          if (!durable.has(page)) durable.set(page, Buffer.from(pageOf(e.bits, page)));
+        }
+        e.bits[byte] = old | mask;
+        if (byte < e.dirtyLo) e.dirtyLo = byte;
+        if (byte + 1 > e.dirtyHi) e.dirtyHi = byte + 1;
       }
       if (changed) e.version = ++this.versionCounter;
     }
@@ -298,7 +312,13 @@ export class BitmapCache {
       } else if (e.durable) {
         // Bits set since the snapshot stay dirty for the next write-back; the
         // dirty range keeps covering everything that differs from the disk.
-        s.bits.copy(e.durable, s.lo);
+        // The pages just written are durable as in the snapshot now.
+        for (const page of e.durable.keys()) {
+          const at = page << PAGE_SHIFT;
+          if (at >= s.lo && at < s.lo + s.bits.length) {
+            e.durable.set(page, pageOf(s.bits, (at - s.lo) >> PAGE_SHIFT));
+          }
+        }
       }
     }
     log.bitmap("wrote back %d bitmap cluster(s)", snapshot.length);
@@ -322,7 +342,7 @@ export class BitmapCache {
   private rollBack(): void {
     for (const e of this.entries.values()) {
       if (e.version === e.savedVersion || !e.durable) continue;
-      e.durable.copy(e.bits);
+      for (const [page, saved] of e.durable) saved.copy(e.bits, page << PAGE_SHIFT);
       e.durable = null;
       e.dirtyLo = this.entryBytes;
       e.dirtyHi = 0;
@@ -374,4 +394,10 @@ export class BitmapCache {
     }
     if (runCount > 0) await fn(runStart, runCount, runState);
   }
+}
+
+/** Page `page` of a bitmap buffer (shorter at its end); a view, not a copy. */
+function pageOf(bits: Buffer, page: number): Buffer {
+  const at = page << PAGE_SHIFT;
+  return bits.subarray(at, Math.min(bits.length, at + WRITE_ALIGN));
 }
