@@ -16,6 +16,11 @@ export interface BlockDevice {
   write(buf: Buffer, offset: number): Promise<void>;
   /** Makes every write that completed before the call durable. */
   flush(): Promise<void>;
+  /**
+   * True while the device holds state of its own that only a flush persists
+   * (add-cow: bitmap bits set in memory). Absent: assume there is some.
+   */
+  hasUnsavedMetadata?(): boolean;
   /** Flushes (when writable) and releases the underlying files. */
   close(): Promise<void>;
 }

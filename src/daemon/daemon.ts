@@ -145,10 +145,11 @@ export class MountDaemon {
     this.config.onWarning?.(message);
   }
 
-  private async flushAll(why: string): Promise<void> {
+  private async flushAll(why: string, onlyUnsavedMetadata = false): Promise<void> {
     for (const e of this.entries) {
       if (e.device.readOnly) continue;
-      await e.flushIfDirty().catch((err: unknown) => {
+      const done = onlyUnsavedMetadata ? e.writeBackIfNeeded() : e.flushIfDirty();
+      await done.catch((err: unknown) => {
         this.exitCode = 1;
         this.warn(`flushing ${e.file} (${why}): ${describeError(err)}`);
       });
@@ -170,7 +171,7 @@ export class MountDaemon {
       const writeback = setInterval(() => {
         if (flushing) return;
         flushing = true;
-        void this.flushAll("periodic write-back").finally(() => (flushing = false));
+        void this.flushAll("periodic write-back", true).finally(() => (flushing = false));
       }, this.config.writebackIntervalMs ?? 5000);
       // The mount-table poll keeps the process alive; this one need not.
       writeback.unref();

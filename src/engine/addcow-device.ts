@@ -359,6 +359,11 @@ export class AddCowDevice implements BlockDevice {
     return count;
   }
 
+  /** Bits set in memory that the .add-cow file does not have yet. */
+  hasUnsavedMetadata(): boolean {
+    return this.bitmap.hasDirty();
+  }
+
   flush(): Promise<void> {
     if (this.readOnly) return Promise.resolve();
     return this.flusher.flush();

@@ -82,6 +82,17 @@ export class DiskEntry {
     await this.flush();
   }
 
+  /**
+   * The periodic write-back: like flushIfDirty, but only while the device
+   * keeps unsaved metadata (bits). Overwrites of allocated clusters change no
+   * bit: their data reaches the disk like any file's, and syncing it every few
+   * seconds would only stall a streaming writer.
+   */
+  async writeBackIfNeeded(): Promise<void> {
+    if (this.dev.hasUnsavedMetadata && !this.dev.hasUnsavedMetadata()) return;
+    await this.flushIfDirty();
+  }
+
   async flush(): Promise<void> {
     this.dirty = false;
     const wait = this.enter();
