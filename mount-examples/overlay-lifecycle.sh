@@ -44,13 +44,8 @@ $ADDCOW jobs
 sha_disk=$(sha256sum "$mnt/vm" | cut -d' ' -f1)
 
 step "unmount"
-mnt_real=$(realpath "$mnt")
 fusermount -u "$mnt"
-# The daemon flushes and releases the disk a moment after the unmount: wait for it to exit.
-for _ in $(seq 100); do
-  ps -eo args= | grep -F -- " $mnt_real --daemon-child" | grep -qv grep || break
-  sleep 0.1
-done
+# The daemon flushes and lets go of the disk a moment later; addcow waits for it.
 $ADDCOW info snap.add-cow | grep -E "allocated"
 
 step "discard: snap.raw is a complete raw disk on its own"

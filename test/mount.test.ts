@@ -23,6 +23,7 @@ import {
 afterEach(cleanupAll);
 
 const MiB = 1 << 20;
+const CLI_BIN = MOUNT_BIN.replace(/addcow-mount\.js$/, "addcow.js");
 
 function sha(file: string): string {
   return require("node:crypto").createHash("sha256").update(fs.readFileSync(file)).digest("hex");
@@ -231,7 +232,17 @@ describe("addcow-mount: lifecycle", () => {
     const third = await run(process.execPath, [MOUNT_BIN, o.addcow, mnt]);
     expect(third).toMatchObject({ code: 0, stderr: "" });
     expect(processAlive(pid2)).toBe(false);
+
+    // addcow info right after the unmount waits for the daemon's last flush too.
+    const pid3 = daemonPid(mnt)!;
+    const fd = fs.openSync(path.join(mnt, "disk"), "r+");
+    fs.writeSync(fd, Buffer.alloc(4096, 0x5a), 0, 4096, 3 * 65536);
+    fs.closeSync(fd);
     await sh("fusermount", ["-u", mnt]);
+    const info = await run(process.execPath, [CLI_BIN, "info", "--json", o.addcow]);
+    expect(info).toMatchObject({ code: 0, stderr: "" });
+    expect(JSON.parse(info.stdout)).toMatchObject({ allocatedClusters: 1 });
+    expect(processAlive(pid3)).toBe(false);
   });
 
   it("a MOUNTDIR reached through a symlink stays mounted", async () => {

@@ -1,3 +1,4 @@
+import { waitingForExitingDaemon } from "../daemon/exiting-daemon";
 import type { BlockDevice } from "../block/block-device";
 import { RawDevice } from "../block/raw-device";
 import { AddCowDevice } from "../engine/addcow-device";
@@ -125,7 +126,7 @@ export interface InfoOptions {
 /** Opens the disk read-only and describes it (and, when asked, every layer below it). */
 export async function diskInfo(file: string, opts: InfoOptions = {}): Promise<DiskInfo> {
   const open: OpenOptions = { writable: false, lock: !opts.forceShare };
-  const dev = await openDisk(file, open);
+  const dev = await waitingForExitingDaemon(file, () => openDisk(file, open));
   try {
     const info: DiskInfo = await describeAddCow(dev, file);
     if (opts.backingChain) {

@@ -1,3 +1,4 @@
+import { waitingForExitingDaemon } from "../daemon/exiting-daemon";
 import type { BlockDevice } from "../block/block-device";
 import { RawDevice } from "../block/raw-device";
 import { AddCowDevice, type ClusterSource } from "../engine/addcow-device";
@@ -110,7 +111,9 @@ export async function mapDevice(dev: AddCowDevice): Promise<Extent[]> {
 }
 
 export async function mapDisk(file: string, opts: { forceShare?: boolean } = {}) {
-  const dev = await openDisk(file, { writable: false, lock: !opts.forceShare });
+  const dev = await waitingForExitingDaemon(file, () =>
+    openDisk(file, { writable: false, lock: !opts.forceShare }),
+  );
   try {
     return await mapDevice(dev);
   } finally {

@@ -2,8 +2,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
-import type { AddCowDevice } from "../engine/addcow-device";
-import { type OpenOptions, openDisk } from "../engine/open-disk";
+import { openDisk } from "../engine/open-disk";
 import { openerFromEnvironment } from "../io/test-opener";
 import { AddCowError, describeError } from "../errors";
 import { DiskEntry } from "../fuse/disk-entry";
@@ -11,6 +10,7 @@ import { createFuseFrontEnd } from "../fuse/fuse-fs";
 import type { MountOptions } from "../fuse/mount-options";
 import { log } from "../log";
 import { deviceId, prepareMountDir, readMountTable, readMountTableAsync } from "./mount-table";
+import { waitingForExitingDaemon } from "./exiting-daemon";
 import { type DaemonService, daemonServiceFactories } from "./services";
 
 const execFileAsync = promisify(execFile);
@@ -75,12 +75,14 @@ export class MountDaemon {
     let mounted = false;
     try {
       for (const disk of config.disks) {
-        const device = await openWaitingForExitingDaemon(disk.file, {
-          writable: !config.options.readOnly,
-          cacheMode: config.options.cacheMode,
-          // Undefined unless a fault test set ADDCOW_TEST_FILE_OPENER.
-          opener: openerFromEnvironment(),
-        });
+        const device = await waitingForExitingDaemon(disk.file, () =>
+          openDisk(disk.file, {
+            writable: !config.options.readOnly,
+            cacheMode: config.options.cacheMode,
+            // Undefined unless a fault test set ADDCOW_TEST_FILE_OPENER.
+            opener: openerFromEnvironment(),
+          }),
+        );
         entries.push(new DiskEntry(disk.name, disk.file, device));
       }
       const daemon = new MountDaemon(config, entries);
@@ -192,42 +194,6 @@ export class MountDaemon {
  * whose directory is no longer mounted, wait for it (up to 10 s) instead of
  * failing; any other holder is refused at once.
  */
-async function openWaitingForExitingDaemon(file: string, opts: OpenOptions): Promise<AddCowDevice> {
-  const deadline = Date.now() + 10_000;
-  for (;;) {
-    try {
-      return await openDisk(file, opts);
-    } catch (err) {
-      if (Date.now() > deadline || !heldByExitingDaemon(err)) throw err;
-      log.daemon("%s is held by an addcow-mount daemon that is stopping; waiting", file);
-      await new Promise((resolve) => setTimeout(resolve, 100));
-    }
-  }
-}
-
-function heldByExitingDaemon(err: unknown): boolean {
-  if (!(err instanceof AddCowError) || err.code !== "EBUSY") return false;
-  const m = /in use by process (\d+)/.exec(err.message);
-  if (!m) return false;
-  let args: string[];
-  try {
-    args = fs.readFileSync(`/proc/${m[1]}/cmdline`, "utf8").split("\0");
-  } catch {
-    return true; // Gone already: the lock is free on the next try.
-  }
-  if (!args.some((a) => /addcow-mount(\.js)?$/.test(a))) return false;
-  // Daemons are started with absolute paths, the mount directory last.
-  const dir = args.filter((a) => a !== "" && !a.startsWith("-")).pop();
-  if (dir === undefined || !path.isAbsolute(dir)) return false;
-  let real = dir;
-  try {
-    real = fs.realpathSync(dir);
-  } catch {
-    // Keep the name as given.
-  }
-  return !readMountTable().some((e) => e.mountPoint === real && e.fsType === "fuse.addcow");
-}
-
 function checkNames(disks: DiskSpec[]): void {
   if (disks.length === 0) throw new AddCowError("no disk given: name at least one FILE.add-cow");
   const seen = new Map<string, string>();

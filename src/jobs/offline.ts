@@ -1,3 +1,4 @@
+import { waitingForExitingDaemon } from "../daemon/exiting-daemon";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { promisify } from "node:util";
@@ -34,7 +35,7 @@ async function withDisk<T>(
   open: OpenOptions,
   fn: (dev: AddCowDevice) => Promise<T>,
 ): Promise<T> {
-  const dev = await openDisk(file, open);
+  const dev = await waitingForExitingDaemon(file, () => openDisk(file, open));
   let result: T;
   try {
     result = await fn(dev);
@@ -67,12 +68,14 @@ export async function commitOffline(
   let dev: AddCowDevice;
   try {
     const opener = jobOpener(opts, open);
-    dev = await openDisk(file, {
-      ...open,
-      writable: true,
-      writableBacking: true,
-      ...(opener ? { opener } : {}),
-    });
+    dev = await waitingForExitingDaemon(file, () =>
+      openDisk(file, {
+        ...open,
+        writable: true,
+        writableBacking: true,
+        ...(opener ? { opener } : {}),
+      }),
+    );
   } catch (err) {
     throw await explainReadOnlyBacking(file, err);
   }

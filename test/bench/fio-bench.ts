@@ -3,7 +3,7 @@ import * as path from "node:path";
 import { type FioResult, type Workload, fillFile, runFio, workloads } from "./fio";
 import type { BenchContext, BenchSuite, SuiteReport } from "./suite";
 import { type System, allSystems, optInSystems } from "./systems";
-import { GiB, MiB, cpuSeconds, median, writeRandomFile } from "./util";
+import { GiB, MiB, cpuSeconds, median, run, writeRandomFile } from "./util";
 
 const BASE_SIZE = GiB;
 
@@ -56,6 +56,9 @@ async function runOne(
     const mounted = await sys.start(ctx, base, dir, w);
     try {
       if (w.prefill) await fillFile(mounted.file, BASE_SIZE);
+      // Start every timed run from a quiet disk: the previous run's dirty pages
+      // and the discards of its deleted files would otherwise land in this one.
+      await run("sync", []);
       const cpu0 = cpuSeconds(mounted.pid);
       const result = await runFio(mounted.file, BASE_SIZE, w, ctx.time);
       const cpu = cpuSeconds(mounted.pid) - cpu0;

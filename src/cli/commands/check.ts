@@ -1,3 +1,4 @@
+import { waitingForExitingDaemon } from "../../daemon/exiting-daemon";
 import type { Command } from "commander";
 import { type CheckReport, type Finding, checkDisk } from "../../commands/check";
 import { action } from "../run-cli";
@@ -41,7 +42,9 @@ export function register(program: Command): void {
     .option("-U, --force-share", "do not take locks (results may be stale while a writer runs)")
     .action(
       action(async (file: string, flags: CheckFlags) => {
-        const report = await checkDisk(file, { forceShare: flags.forceShare });
+        const report = await waitingForExitingDaemon(file, () =>
+          checkDisk(file, { forceShare: flags.forceShare }),
+        );
         if (flags.json) process.stdout.write(JSON.stringify(report, null, 2) + "\n");
         else process.stdout.write(formatReport(report) + "\n");
         return report.clean ? 0 : EXIT_CORRUPT;
