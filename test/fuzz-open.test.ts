@@ -16,6 +16,7 @@ import { decodeHeader } from "../src/format/header";
 import { type FileIO, type FileOpener, openPosixFile } from "../src/io/file-io";
 import { openDisk } from "../src/engine/open-disk";
 import { F, header, tempDir } from "./helpers/bad-files";
+import { FileIOWrapper } from "./helpers/file-io-wrapper";
 import { bitmapBytes, encodeHeader } from "../src/format/header";
 
 /** A case that takes longer than this is a hang. */
@@ -377,29 +378,36 @@ interface IoRecord {
 }
 
 /** Records every I/O; syncs are skipped to keep thousands of cases fast. */
+class RecordingFile extends FileIOWrapper {
+  constructor(
+    inner: FileIO,
+    private readonly log: IoRecord[],
+    private readonly mode: "read" | "write",
+  ) {
+    super(inner);
+  }
+
+  private note(op: IoRecord["op"], pos: number, len: number): void {
+    this.log.push({ path: this.path, op, pos, len, mode: this.mode });
+  }
+
+  override read(buf: Buffer, pos: number): Promise<number> {
+    this.note("read", pos, buf.length);
+    return this.inner.read(buf, pos);
+  }
+
+  override write(buf: Buffer, pos: number): Promise<void> {
+    this.note("write", pos, buf.length);
+    return this.inner.write(buf, pos);
+  }
+
+  override async sync(): Promise<void> {
+    this.note("sync", 0, 0);
+  }
+}
+
 function recordingOpener(log: IoRecord[]): FileOpener {
-  return async (p, mode) => {
-    const real = await openPosixFile(p, mode);
-    const io: FileIO = {
-      path: real.path,
-      writable: real.writable,
-      fd: real.fd,
-      read: (buf, pos) => {
-        log.push({ path: p, op: "read", pos, len: buf.length, mode });
-        return real.read(buf, pos);
-      },
-      write: (buf, pos) => {
-        log.push({ path: p, op: "write", pos, len: buf.length, mode });
-        return real.write(buf, pos);
-      },
-      sync: async () => {
-        log.push({ path: p, op: "sync", pos: 0, len: 0, mode });
-      },
-      size: () => real.size(),
-      close: () => real.close(),
-    };
-    return io;
-  };
+  return async (p, mode) => new RecordingFile(await openPosixFile(p, mode), log, mode);
 }
 
 function withTimeout<T>(p: Promise<T>, what: string): Promise<T> {

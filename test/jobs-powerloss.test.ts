@@ -1,8 +1,4 @@
 import { describe, expect, it } from "vitest";
-import { RawDevice } from "../src/block/raw-device";
-import { AddCowDevice } from "../src/engine/addcow-device";
-import { readHeader, resolveStoredName } from "../src/engine/open-disk";
-import type { FileOpener } from "../src/io/file-io";
 import { commitDisk } from "../src/jobs/commit";
 import { Job } from "../src/jobs/job";
 import { streamDisk } from "../src/jobs/stream";
@@ -18,26 +14,6 @@ import { readAll } from "./jobs-helpers";
  */
 const CLUSTER_BITS = 12;
 const SIZE = 96 * 1024 + 1000; // partial last cluster
-
-/** Opens the disk with its backing raw file writable (commit), through any opener. */
-async function openWithWritableBacking(opener: FileOpener, file: string): Promise<AddCowDevice> {
-  const meta = await opener(file, "write");
-  const header = await readHeader(meta, file);
-  const imagePath = resolveStoredName(file, header.imageName);
-  const image = await opener(imagePath, "write");
-  const backingPath = resolveStoredName(file, header.backingName!);
-  const backing = await RawDevice.open(await opener(backingPath, "write"));
-  return new AddCowDevice({
-    path: file,
-    header,
-    meta,
-    image,
-    imageSize: await image.size(),
-    backing,
-    imagePath,
-    backingPath,
-  });
-}
 
 async function setUp(seed: number) {
   const rng = new Rng(seed);
@@ -99,7 +75,10 @@ describe("power loss during jobs", () => {
   it.each([1, 2])("commit: every crash state reads as before (seed %i)", async (seed) => {
     const { mfs, paths, before, initial } = await setUp(seed);
     const recorder = new Recorder();
-    const dev = await openWithWritableBacking(recorder.opener(mfs.opener), paths.addcow);
+    const dev = await openDiskVia(recorder.opener(mfs.opener), paths.addcow, {
+      writable: true,
+      writableBacking: true,
+    });
     const job = new Job("commit", paths.addcow);
     const status = await job.start((j) => commitDisk(dev, j, { inFlight: 3, bufSize: 3 * 8192 }));
     expect(status.error).toBeUndefined();

@@ -1,5 +1,6 @@
 import type { FileIO, FileOpener } from "../../src/io/file-io";
 import { openPosixFile } from "../../src/io/file-io";
+import { FileIOWrapper } from "./file-io-wrapper";
 
 /**
  * Wraps real files so that every read, write and sync yields to the event loop
@@ -14,29 +15,31 @@ export function jitterOpener(random: () => number, maxDelayMs = 2): FileOpener {
       else if (r < 0.6) setImmediate(resolve);
       else setTimeout(resolve, Math.floor(r * maxDelayMs));
     });
-  return async (path, mode) => {
-    const inner = await openPosixFile(path, mode);
-    const wrapped: FileIO = {
-      path: inner.path,
-      writable: inner.writable,
-      fd: inner.fd,
-      read: async (buf, pos) => {
-        await pause();
-        return inner.read(buf, pos);
-      },
-      write: async (buf, pos) => {
-        await pause();
-        await inner.write(buf, pos);
-      },
-      sync: async () => {
-        await pause();
-        await inner.sync();
-      },
-      size: () => inner.size(),
-      close: () => inner.close(),
-    };
-    return wrapped;
-  };
+  return async (path, mode) => new JitterFile(await openPosixFile(path, mode), pause);
+}
+
+class JitterFile extends FileIOWrapper {
+  constructor(
+    inner: FileIO,
+    private readonly pause: () => Promise<void>,
+  ) {
+    super(inner);
+  }
+
+  override async read(buf: Buffer, pos: number): Promise<number> {
+    await this.pause();
+    return this.inner.read(buf, pos);
+  }
+
+  override async write(buf: Buffer, pos: number): Promise<void> {
+    await this.pause();
+    await this.inner.write(buf, pos);
+  }
+
+  override async sync(): Promise<void> {
+    await this.pause();
+    await this.inner.sync();
+  }
 }
 
 /** A small deterministic PRNG (mulberry32), so failures replay from their seed. */

@@ -188,6 +188,8 @@ export async function openDiskVia(
     cacheMode?: CacheMode;
     bitmapCacheBytes?: number;
     Device?: DeviceClass;
+    /** Open the raw backing file for writing too (commit writes into it). */
+    writableBacking?: boolean;
   },
 ): Promise<AddCowDevice> {
   const mode = opts.writable ? "write" : "read";
@@ -199,7 +201,9 @@ export async function openDiskVia(
   let backingPath: string | null = null;
   if (header.backingName !== null) {
     backingPath = resolveStoredName(addcowPath, header.backingName);
-    backing = await RawDevice.open(await opener(backingPath, "read"));
+    backing = await RawDevice.open(
+      await opener(backingPath, opts.writableBacking ? "write" : "read"),
+    );
   }
   const Device = opts.Device ?? AddCowDevice;
   return new Device({
