@@ -142,7 +142,7 @@ export class AddCowDevice implements BlockDevice {
     try {
       allocated = this.bitmap.isSet(c0);
       n = this.bitmap.runLength(c0, c1);
-      if (n < c1 - c0) runs = this.readRuns(buf, offset, c0, c1);
+      if (n < c1 - c0) runs = this.readRuns(buf, offset, c0, c1, allocated, n);
     } finally {
       this.bitmap.unpin(c0, c1);
     }
@@ -151,22 +151,30 @@ export class AddCowDevice implements BlockDevice {
     return allocated ? this.readImage(buf, offset) : this.readBacking(buf, offset);
   }
 
-  private readRuns(buf: Buffer, offset: number, c0: number, c1: number): Array<Promise<void>> {
+  /** One read per run; the first run (allocated, n clusters) is already known. */
+  private readRuns(
+    buf: Buffer,
+    offset: number,
+    c0: number,
+    c1: number,
+    allocated: boolean,
+    n: number,
+  ): Array<Promise<void>> {
     const end = offset + buf.length;
     const reads: Array<Promise<void>> = [];
     let pos = offset;
     let c = c0;
-    while (pos < end) {
-      const allocated = this.bitmap.isSet(c);
-      const n = this.bitmap.runLength(c, c1);
+    for (;;) {
       const runEnd = Math.min(end, (c + n) * this.clusterSize);
       const part = buf.subarray(pos - offset, runEnd - offset);
       log.engine("read run [%d, %d) from %s", pos, runEnd, allocated ? "image" : "backing");
       reads.push(allocated ? this.readImage(part, pos) : this.readBacking(part, pos));
       pos = runEnd;
       c += n;
+      if (pos >= end) return reads;
+      allocated = this.bitmap.isSet(c);
+      n = this.bitmap.runLength(c, c1);
     }
-    return reads;
   }
 
   private readImage(buf: Buffer, pos: number): Promise<void> {
@@ -251,7 +259,8 @@ export class AddCowDevice implements BlockDevice {
           const fills: Array<Promise<void>> = [];
           if (start < offset) fills.push(this.readBacking(data.subarray(0, offset - start), start));
           if (stop > end) fills.push(this.readBacking(data.subarray(end - start), end));
-          await Promise.all(fills);
+          // Both fills settle before a failure returns the scratch buffer for reuse.
+          await settleAll(fills);
           buf.copy(data, offset - start);
           log.engine("copy-on-write [%d, %d) around write [%d, %d)", start, stop, offset, end);
         }
