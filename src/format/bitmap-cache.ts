@@ -24,9 +24,6 @@ interface Entry {
    * dominate the memory of a writer spread over a large disk.
    */
   durable: Map<number, Buffer> | null;
-  /** Byte range [dirtyLo, dirtyHi) of bits changed since the entry was last durable. */
-  dirtyLo: number;
-  dirtyHi: number;
   pins: number;
   lastUse: number;
 }
@@ -161,8 +158,6 @@ export class BitmapCache {
       version: v,
       savedVersion: v,
       durable: null,
-      dirtyLo: this.entryBytes,
-      dirtyHi: 0,
       pins: slot.waiters,
       lastUse: ++this.clock,
     };
@@ -260,8 +255,6 @@ export class BitmapCache {
           if (!durable.has(page)) durable.set(page, Buffer.from(pageOf(e.bits, page)));
         }
         e.bits[byte] = old | mask;
-        if (byte < e.dirtyLo) e.dirtyLo = byte;
-        if (byte + 1 > e.dirtyHi) e.dirtyHi = byte + 1;
       }
       if (changed) e.version = ++this.versionCounter;
     }
@@ -279,16 +272,28 @@ export class BitmapCache {
    * describe may never reach the disk.
    */
   async writeBack(syncData: () => Promise<void>): Promise<void> {
-    // Only the pages holding changed bits are written: a 4 KiB write per flush
-    // instead of a whole bitmap cluster (64 KiB, or 1 MiB with 1M clusters).
-    const snapshot: Array<{ e: Entry; version: number; lo: number; bits: Buffer }> = [];
+    // Only the pages holding changed bits (the keys of `durable`) are written:
+    // a 4 KiB write per flush instead of a whole bitmap cluster (64 KiB, or
+    // 1 MiB with 1M clusters). Consecutive pages go in one write.
+    const snapshot: Array<{
+      e: Entry;
+      version: number;
+      runs: Array<{ lo: number; bits: Buffer }>;
+    }> = [];
     for (const e of this.entries.values()) {
-      if (e.version !== e.savedVersion) {
-        const valid = Math.min(this.entryBytes, this.bitmapBytes - e.index * this.entryBytes);
-        const lo = Math.floor(e.dirtyLo / WRITE_ALIGN) * WRITE_ALIGN;
-        const hi = Math.min(valid, Math.ceil(e.dirtyHi / WRITE_ALIGN) * WRITE_ALIGN);
-        snapshot.push({ e, version: e.version, lo, bits: Buffer.from(e.bits.subarray(lo, hi)) });
+      if (e.version === e.savedVersion) continue;
+      const valid = Math.min(this.entryBytes, this.bitmapBytes - e.index * this.entryBytes);
+      const pages = [...e.durable!.keys()].sort((x, y) => x - y);
+      const runs: Array<{ lo: number; bits: Buffer }> = [];
+      for (let i = 0; i < pages.length;) {
+        let j = i + 1;
+        while (j < pages.length && pages[j] === pages[j - 1]! + 1) j++;
+        const lo = pages[i]! << PAGE_SHIFT;
+        const hi = Math.min(valid, (pages[j - 1]! + 1) << PAGE_SHIFT);
+        runs.push({ lo, bits: Buffer.from(e.bits.subarray(lo, hi)) });
+        i = j;
       }
+      snapshot.push({ e, version: e.version, runs });
     }
     try {
       await syncData();
@@ -297,26 +302,23 @@ export class BitmapCache {
       throw err;
     }
     if (snapshot.length === 0) return;
-    for (const s of snapshot) {
-      await this.meta.write(s.bits, this.opts.offset + s.e.index * this.entryBytes + s.lo);
+    for (const { e, runs } of snapshot) {
+      for (const r of runs) {
+        await this.meta.write(r.bits, this.opts.offset + e.index * this.entryBytes + r.lo);
+      }
     }
     await this.meta.sync();
-    for (const s of snapshot) {
-      const e = s.e;
-      if (e.version === s.version) {
+    for (const { e, version, runs } of snapshot) {
+      if (e.version === version) {
         e.savedVersion = e.version;
         e.durable = null;
-        e.dirtyLo = this.entryBytes;
-        e.dirtyHi = 0;
         this.dirtyCount--;
       } else if (e.durable) {
         // Bits set since the snapshot stay dirty for the next write-back; the
-        // dirty range keeps covering everything that differs from the disk.
-        // The pages just written are durable as in the snapshot now.
-        for (const page of e.durable.keys()) {
-          const at = page << PAGE_SHIFT;
-          if (at >= s.lo && at < s.lo + s.bits.length) {
-            e.durable.set(page, pageOf(s.bits, (at - s.lo) >> PAGE_SHIFT));
+        // pages just written are durable as in the snapshot now.
+        for (const r of runs) {
+          for (let at = 0; at < r.bits.length; at += WRITE_ALIGN) {
+            e.durable.set((r.lo + at) >> PAGE_SHIFT, pageOf(r.bits, at >> PAGE_SHIFT));
           }
         }
       }
@@ -344,8 +346,6 @@ export class BitmapCache {
       if (e.version === e.savedVersion || !e.durable) continue;
       for (const [page, saved] of e.durable) saved.copy(e.bits, page << PAGE_SHIFT);
       e.durable = null;
-      e.dirtyLo = this.entryBytes;
-      e.dirtyHi = 0;
       e.version = e.savedVersion = ++this.versionCounter;
       this.dirtyCount--;
     }
