@@ -4,6 +4,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import type { BlockDevice } from "../src/block/block-device";
 import { createDisk } from "../src/engine/create-disk";
+import type { AddCowDevice } from "../src/engine/addcow-device";
 import { type OpenOptions, openDisk } from "../src/engine/open-disk";
 import type { FileIO, FileOpener } from "../src/io/file-io";
 import { openPosixFile } from "../src/io/file-io";
@@ -44,13 +45,22 @@ export async function readAll(dev: BlockDevice): Promise<Buffer> {
   return buf;
 }
 
-export async function readDisk(file: string, opts: OpenOptions = {}): Promise<Buffer> {
+/** Opens a disk, runs fn on it and closes it, also when fn fails. */
+export async function withDisk<T>(
+  file: string,
+  opts: OpenOptions,
+  fn: (dev: AddCowDevice) => Promise<T>,
+): Promise<T> {
   const dev = await openDisk(file, opts);
   try {
-    return await readAll(dev);
+    return await fn(dev);
   } finally {
     await dev.close();
   }
+}
+
+export function readDisk(file: string, opts: OpenOptions = {}): Promise<Buffer> {
+  return withDisk(file, opts, readAll);
 }
 
 /** Writes scattered pieces (some partial clusters) through the engine. */
@@ -60,17 +70,14 @@ export async function scribble(
   count: number,
   maxLen = 200 * KiB,
 ): Promise<void> {
-  const dev = await openDisk(file, { writable: true });
-  try {
+  await withDisk(file, { writable: true }, async (dev) => {
     const rnd = pattern(count * 8, seed);
     for (let i = 0; i < count; i++) {
       const len = 1 + (rnd.readUInt32LE(i * 8) % maxLen);
       const off = rnd.readUInt32LE(i * 8 + 4) % (dev.size - len);
       await dev.write(pattern(len, seed * 1000 + i), off);
     }
-  } finally {
-    await dev.close();
-  }
+  });
 }
 
 /** base.raw (random data) <- a.add-cow [<- b.add-cow ...]; returns the .add-cow paths top last. */

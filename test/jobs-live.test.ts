@@ -2,9 +2,8 @@ import { type ChildProcess, spawn } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import { openDisk } from "../src/engine/open-disk";
 import { cleanupAll, makeOverlay, mountDisk, run, tempDir } from "./helpers/mount";
-import { readAll } from "./jobs-helpers";
+import { readAll, readDisk, withDisk } from "./jobs-helpers";
 
 /**
  * Live jobs on a disk mounted by addcow-mount: fio writes with verification
@@ -97,12 +96,9 @@ describe("live jobs on a mounted disk", () => {
     const seen = fs.readFileSync(m.file);
     await m.unmount();
 
-    const dev = await openDisk(ov.addcow);
-    try {
+    await withDisk(ov.addcow, {}, async (dev) => {
       expect(dev.allAllocated).toBe(true);
-    } finally {
-      await dev.close();
-    }
+    });
     // The image file alone is the disk: fio's blocks verify on it, and the rest is the base.
     const image = fs.readFileSync(ov.image);
     expect(image.equals(seen)).toBe(true);
@@ -135,13 +131,10 @@ describe("live jobs on a mounted disk", () => {
     await m.unmount();
     expect(fs.readFileSync(ov.image).equals(oldImage)).toBe(true);
     // The new top reads what the mounted file showed; the new layer took the later writes.
-    const top = await openDisk(snap);
-    try {
+    await withDisk(snap, {}, async (top) => {
       expect((await readAll(top)).equals(seen)).toBe(true);
       expect(await top.countAllocated()).toBeGreaterThan(0);
-    } finally {
-      await top.close();
-    }
+    });
   });
 
   it("commits while fio writes; jobs can be listed, paused, resumed and cancelled", async () => {
@@ -191,12 +184,7 @@ describe("live jobs on a mounted disk", () => {
     const seen = fs.readFileSync(m.file);
     await m.unmount();
     // Writes after the commit are in the overlay; the disk still reads what was mounted.
-    const dev = await openDisk(ov.addcow);
-    try {
-      expect((await readAll(dev)).equals(seen)).toBe(true);
-    } finally {
-      await dev.close();
-    }
+    expect((await readDisk(ov.addcow)).equals(seen)).toBe(true);
     // The committed data reached the base: the 0x5c blob written before the commit.
     const base = fs.readFileSync(ov.backing!);
     expect(base.subarray(20 * MiB, 28 * MiB).every((b) => b === 0x5c)).toBe(true);
