@@ -8,27 +8,15 @@ import type { AddCowDevice } from "../src/engine/addcow-device";
 import { type OpenOptions, openDisk } from "../src/engine/open-disk";
 import type { FileIO, FileOpener } from "../src/io/file-io";
 import { openPosixFile } from "../src/io/file-io";
+import { pattern } from "./helpers/pattern";
+
+export { pattern };
 
 export const KiB = 1024;
 export const MiB = 1024 * 1024;
 
 export function tempDir(tag: string): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), `addcow-${tag}-`));
-}
-
-/** Deterministic pseudo-random bytes (xorshift32, seeded). */
-export function pattern(len: number, seed: number): Buffer {
-  const out = Buffer.alloc(Math.ceil(len / 4) * 4);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let off = 0; off < out.length; off += 4) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    out.writeUInt32LE(x, off);
-  }
-  return out.subarray(0, len);
 }
 
 export function writeRaw(file: string, data: Buffer): void {

@@ -18,6 +18,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { createDisk } from "../../src/engine/create-disk";
+import { pattern } from "./pattern";
 
 function repoRoot(): string {
   let dir = __dirname;
@@ -87,19 +88,7 @@ export function tempDir(prefix = "addcow-test-"): string {
 
 /** Writes `bytes` of deterministic pseudo-random data (seeded) to a new file. */
 export function writePatternFile(file: string, bytes: number, seed = 1): void {
-  const buf = Buffer.allocUnsafe(bytes);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i + 4 <= bytes; i += 4) {
-    // xorshift32: fast and reproducible.
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    buf.writeUInt32LE(x, i);
-  }
-  for (let i = bytes - (bytes % 4); i < bytes; i++) buf[i] = i & 0xff;
-  fs.writeFileSync(file, buf);
+  fs.writeFileSync(file, pattern(bytes, seed));
 }
 
 export interface Overlay {
