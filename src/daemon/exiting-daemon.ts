@@ -16,20 +16,36 @@ const EXIT_WAIT_MS = 10_000;
  */
 export async function waitingForExitingDaemon<T>(file: string, open: () => Promise<T>): Promise<T> {
   const deadline = Date.now() + EXIT_WAIT_MS;
+  let unknownHolder = 0;
   for (;;) {
     try {
       return await open();
     } catch (err) {
-      if (Date.now() > deadline || !heldByExitingDaemon(err)) throw err;
+      const holder = lockHolderState(err);
+      if (holder === "unknown") unknownHolder++;
+      const retry =
+        holder === "exiting" || (holder === "unknown" && unknownHolder <= UNKNOWN_HOLDER_RETRIES);
+      if (Date.now() > deadline || !retry) throw err;
       log.daemon("%s is held by an addcow-mount daemon that is stopping; waiting", file);
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
   }
 }
 
-function heldByExitingDaemon(err: unknown): boolean {
-  if (!(err instanceof AddCowError) || err.code !== "EBUSY") return false;
-  const m = /in use by process (\d+)/.exec(err.message);
+/**
+ * A holder that /proc/locks no longer lists has usually just let go (the lock
+ * was taken when we tried and gone when we looked): try again a few times.
+ */
+const UNKNOWN_HOLDER_RETRIES = 5;
+
+function lockHolderState(err: unknown): "exiting" | "unknown" | "other" {
+  if (!(err instanceof AddCowError) || err.code !== "EBUSY") return "other";
+  if (/in use by another process/.test(err.message)) return "unknown";
+  return heldByExitingDaemon(err.message) ? "exiting" : "other";
+}
+
+function heldByExitingDaemon(message: string): boolean {
+  const m = /in use by process (\d+)/.exec(message);
   if (!m) return false;
   let args: string[];
   try {
