@@ -7,7 +7,7 @@
  */
 import fc from "fast-check";
 import { describe, expect, it } from "vitest";
-import { BitmapCache } from "../src/format/bitmap-cache";
+import { BitmapCache } from "../src/addcow/bitmap-cache";
 import { MemoryFile, SparseBytes } from "./helpers/memory-io";
 
 const CLUSTER_BITS = 12; // a bitmap cluster is 4 KiB here: 32768 disk clusters, one page

@@ -1,11 +1,11 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
-import type { CheckReport } from "../src/commands/check";
-import type { DiskInfo } from "../src/commands/info";
-import type { Extent } from "../src/commands/map";
-import { openDisk } from "../src/engine/open-disk";
-import { encodeHeader } from "../src/format/header";
+import type { CheckReport } from "../src/ops/check";
+import type { DiskInfo } from "../src/ops/info";
+import type { Extent } from "../src/ops/map";
+import { openDisk } from "../src/open/open-disk";
+import { encodeHeader } from "../src/addcow/header";
 import { addcow, addcowEnv, snapshotDir, stderrLines, tempDir } from "./cli-helpers";
 
 let dir: string;

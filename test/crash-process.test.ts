@@ -24,6 +24,9 @@ function fileDevice(file: string): BlockDevice & { fd: number } {
     fd,
     size: fs.fstatSync(fd).size,
     readOnly: true,
+    backing: null,
+    blockStatus: async (start, length) => [{ start, length, kind: "data" }],
+    describe: () => ({ format: "raw", name: file, dataFile: file, files: [file] }),
     async read(buf: Buffer, offset: number) {
       let done = 0;
       while (done < buf.length) {

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { AddCowDevice, type CacheMode } from "../src/engine/addcow-device";
+import { AddCowDevice, type CacheMode } from "../src/addcow/addcow-device";
 import { DiskModel, type Violation, orderViolations } from "./helpers/crash-model";
 import {
   type DeviceClass,

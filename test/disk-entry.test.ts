@@ -1,12 +1,15 @@
 import { describe, expect, it } from "vitest";
 import type { BlockDevice } from "../src/block/block-device";
-import { DiskEntry } from "../src/fuse/disk-entry";
+import { DiskEntry } from "../src/daemon/disk-entry";
 
 function fakeDevice(unsaved: { bits: boolean }) {
   const calls = { flush: 0 };
   const dev: BlockDevice = {
     size: 1 << 20,
     readOnly: false,
+    backing: null,
+    blockStatus: async (start, length) => [{ start, length, kind: "data" }],
+    describe: () => ({ format: "test", name: "fake", dataFile: "fake", files: [] }),
     read: async () => {},
     write: async () => {},
     flush: async () => {

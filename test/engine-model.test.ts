@@ -11,9 +11,9 @@ import * as os from "node:os";
 import * as path from "node:path";
 import fc from "fast-check";
 import { afterAll, describe, expect, it } from "vitest";
-import type { AddCowDevice } from "../src/engine/addcow-device";
-import { createDisk } from "../src/engine/create-disk";
-import { openDisk } from "../src/engine/open-disk";
+import type { AddCowDevice } from "../src/addcow/addcow-device";
+import { createDisk } from "../src/ops/create";
+import { openDisk } from "../src/open/open-disk";
 import { jitterOpener, prng } from "./helpers/jitter-io";
 import { SparseModel, bufferBaseline } from "./helpers/sparse-model";
 

@@ -11,13 +11,13 @@ import * as v8 from "node:v8";
 import * as vm from "node:vm";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { AddCowError } from "../src/errors";
-import { decodeHeader } from "../src/format/header";
-import { type FileIO, type FileOpener, openPosixFile } from "../src/io/file-io";
-import { openDisk } from "../src/engine/open-disk";
+import { AddCowError } from "../src/util/errors";
+import { decodeHeader } from "../src/addcow/header";
+import { type FileIO, type FileOpener, openPosixFile } from "../src/block/file-io";
+import { openDisk } from "../src/open/open-disk";
 import { F, header, tempDir } from "./helpers/bad-files";
 import { FileIOWrapper } from "./helpers/file-io-wrapper";
-import { bitmapBytes, encodeHeader } from "../src/format/header";
+import { bitmapBytes, encodeHeader } from "../src/addcow/header";
 
 /** A case that takes longer than this is a hang. */
 const CASE_TIMEOUT_MS = 5_000;

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { AddCowError } from "../src/errors";
+import { AddCowError } from "../src/util/errors";
 import {
   type AddCowHeader,
   FIXED_HEADER_SIZE,
@@ -9,7 +9,7 @@ import {
   describeBits,
   encodeHeader,
   headerSizeFor,
-} from "../src/format/header";
+} from "../src/addcow/header";
 import { F, header, headerBytes, setFormat } from "./helpers/bad-files";
 
 const FILE = "/disks/x.add-cow";

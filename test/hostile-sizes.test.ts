@@ -9,10 +9,10 @@ import * as path from "node:path";
 import * as v8 from "node:v8";
 import * as vm from "node:vm";
 import { afterAll, describe, expect, it } from "vitest";
-import { createDisk } from "../src/engine/create-disk";
-import { openDisk } from "../src/engine/open-disk";
-import { AddCowError } from "../src/errors";
-import { type FileOpener, openPosixFile } from "../src/io/file-io";
+import { createDisk } from "../src/ops/create";
+import { openDisk } from "../src/open/open-disk";
+import { AddCowError } from "../src/util/errors";
+import { type FileOpener, openPosixFile } from "../src/block/file-io";
 import { writeRaw } from "./helpers/bad-files";
 
 v8.setFlagsFromString("--expose-gc");

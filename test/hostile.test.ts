@@ -6,8 +6,8 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import { AddCowError } from "../src/errors";
-import { MAX_CHAIN_DEPTH, openDisk } from "../src/engine/open-disk";
+import { AddCowError } from "../src/util/errors";
+import { MAX_CHAIN_DEPTH, openDisk } from "../src/open/open-disk";
 import { diffTrees, snapshotTree, tempDir, writeDisk, writeRaw } from "./helpers/bad-files";
 import {
   SIZE,

@@ -3,11 +3,11 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import type { BlockDevice } from "../src/block/block-device";
-import { createDisk } from "../src/engine/create-disk";
-import type { AddCowDevice } from "../src/engine/addcow-device";
-import { type OpenOptions, openDisk } from "../src/engine/open-disk";
-import type { FileIO, FileOpener } from "../src/io/file-io";
-import { openPosixFile } from "../src/io/file-io";
+import { createDisk } from "../src/ops/create";
+import type { AddCowDevice } from "../src/addcow/addcow-device";
+import { type OpenOptions, openDisk } from "../src/open/open-disk";
+import type { FileIO, FileOpener } from "../src/block/file-io";
+import { openPosixFile } from "../src/block/file-io";
 import { pattern } from "./helpers/pattern";
 
 export { pattern };

@@ -2,11 +2,11 @@ import { execFileSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
-import { openDisk } from "../src/engine/open-disk";
-import { Job } from "../src/jobs/job";
-import { commitOffline, streamOffline } from "../src/jobs/offline";
-import { snapshotDisk } from "../src/jobs/snapshot";
-import { streamDisk } from "../src/jobs/stream";
+import { openDisk } from "../src/open/open-disk";
+import { Job } from "../src/ops/job";
+import { commitOffline, streamOffline } from "../src/ops/offline";
+import { snapshotDisk } from "../src/ops/snapshot";
+import { streamDisk } from "../src/ops/stream";
 import {
   KiB,
   MiB,
@@ -93,7 +93,7 @@ describe("stream", () => {
 
   it("refuses a disk without backing file", async () => {
     const d = dir("nobacking");
-    const { createDisk } = await import("../src/engine/create-disk");
+    const { createDisk } = await import("../src/ops/create");
     const file = path.join(d, "solo.add-cow");
     await createDisk({ file, size: MiB });
     await expect(stream(file)).rejects.toThrow(/has no backing file: there is nothing to stream/);
@@ -239,7 +239,7 @@ describe("commit", () => {
     await scribble(layers[0]!, 41, 3);
     const before = fs.readFileSync(base);
     fs.chmodSync(base, 0o444);
-    const { openPosixFile } = await import("../src/io/file-io");
+    const { openPosixFile } = await import("../src/block/file-io");
     // root ignores modes; emulate what a non-root user sees.
     const opener = async (file: string, mode: "read" | "write") => {
       if (file === base && mode === "write") {
@@ -292,7 +292,7 @@ describe("commit crash order", () => {
     const headerSize = dev0.header.headerSize;
     await dev0.close();
 
-    const { openPosixFile } = await import("../src/io/file-io");
+    const { openPosixFile } = await import("../src/block/file-io");
     const ops: string[] = [];
     // The first bitmap write after the copy is torn: only 16 bytes land, then the "power" fails.
     let tear = false;
@@ -350,7 +350,7 @@ describe("commit crash order", () => {
 
 describe("copy engine", () => {
   it("stops copying while paused and finishes after resume", async () => {
-    const { CopyEngine } = await import("../src/jobs/copy-engine");
+    const { CopyEngine } = await import("../src/ops/copy-engine");
     const copied: number[] = [];
     const engine = new CopyEngine(
       {

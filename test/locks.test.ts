@@ -3,7 +3,7 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { afterEach, beforeAll, beforeEach, describe, expect, it } from "vitest";
-import { createDisk } from "../src/engine/create-disk";
+import { createDisk } from "../src/ops/create";
 import { addcow } from "./cli-helpers";
 import { MOUNT_BIN, cleanupAll, mountDisk, run } from "./helpers/mount";
 

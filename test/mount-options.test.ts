@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
-import { diskFileName, parseMountInfo } from "../src/daemon/mount-table";
-import { libfuseOptions } from "../src/fuse/fuse-fs";
-import { parseMountOptions } from "../src/fuse/mount-options";
+import { diskFileName, parseMountInfo } from "../src/os/mount-table";
+import { libfuseOptions } from "../src/daemon/fuse-fs";
+import { parseMountOptions } from "../src/daemon/mount-options";
 
 describe("addcow-mount -o parsing", () => {
   it("reads the documented options, later ones winning", () => {

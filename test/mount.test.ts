@@ -1,7 +1,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
-import { headerSizeFor } from "../src/format/header";
+import { headerSizeFor } from "../src/addcow/header";
 import {
   MOUNT_BIN,
   attachLoop,

@@ -1,4 +1,4 @@
-import { AddCowError } from "../errors";
+import { AddCowError } from "../util/errors";
 
 /** Rejects a request that does not lie inside the device. */
 export function checkRange(dev: { size: number }, length: number, offset: number): void {

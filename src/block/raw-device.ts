@@ -1,6 +1,7 @@
-import { AddCowError } from "../errors";
-import type { FileIO } from "../io/file-io";
-import type { BlockDevice } from "./block-device";
+import { AddCowError } from "../util/errors";
+import type { FileIO } from "./file-io";
+import * as fs from "node:fs";
+import type { BlockDevice, Extent, LayerDescription } from "./block-device";
 import { checkRange } from "./range";
 
 /** A raw disk image: the virtual disk is the file's bytes. */
@@ -16,6 +17,32 @@ export class RawDevice implements BlockDevice {
 
   get readOnly(): boolean {
     return !this.file.writable;
+  }
+
+  readonly backing = null;
+
+  /** Every byte is this file's own. */
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    try {
+      checkRange(this, length, offset);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return Promise.resolve([{ start: offset, length, kind: "data" }]);
+  }
+
+  describe(): LayerDescription {
+    const p = this.file.path;
+    return { format: "raw", name: p, dataFile: p, files: [p] };
+  }
+
+  dataFileStat(): fs.Stats | null {
+    if (this.file.fd === undefined) return null;
+    try {
+      return fs.fstatSync(this.file.fd);
+    } catch {
+      return null;
+    }
   }
 
   read(buf: Buffer, offset: number): Promise<void> {

@@ -4,10 +4,10 @@ import { Command, Option } from "commander";
 import { registerControlService } from "../control/server";
 import { CHILD_FLAG, startInBackground, tellParent } from "../daemon/background";
 import { type DiskSpec, MountDaemon } from "../daemon/daemon";
-import { diskFileName } from "../daemon/mount-table";
-import { AddCowError } from "../errors";
-import { KNOWN_OPTIONS, parseMountOptions } from "../fuse/mount-options";
-import { log } from "../log";
+import { diskFileName } from "../os/mount-table";
+import { AddCowError } from "../util/errors";
+import { KNOWN_OPTIONS, parseMountOptions } from "../daemon/mount-options";
+import { log } from "../util/log";
 import { errorLine, packageVersion, runCli } from "./run-cli";
 
 const PROGRAM = "addcow-mount";

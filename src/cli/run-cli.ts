@@ -1,8 +1,8 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { Command, CommanderError } from "commander";
-import { AddCowError, errnoCode } from "../errors";
-import { log } from "../log";
+import { AddCowError, errnoCode } from "../util/errors";
+import { log } from "../util/log";
 
 /**
  * Shared by every addcow executable: turns any failure into one line on stderr

@@ -1,4 +1,4 @@
-import type { JobKind, JobStatus } from "../jobs/job";
+import type { JobKind, JobStatus } from "../ops/job";
 
 /**
  * The control protocol: one JSON object per line over a unix socket. A client

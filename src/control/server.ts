@@ -1,18 +1,18 @@
 import * as fs from "node:fs";
 import * as net from "node:net";
 import type { BlockDevice } from "../block/block-device";
-import { AddCowDevice } from "../engine/addcow-device";
-import { AddCowError, describeError } from "../errors";
-import { CommitMirror } from "../jobs/commit-mirror";
-import { checkBackingWritable, checkCommittable, commitDisk } from "../jobs/commit";
-import { explainReadOnlyBacking } from "../jobs/offline";
-import type { CopyOptions } from "../jobs/copy-engine";
-import { Job, type JobKind, type JobStatus } from "../jobs/job";
-import { liveSnapshot } from "../jobs/live";
-import { checkStreamable, streamDisk } from "../jobs/stream";
-import { openDisk } from "../engine/open-disk";
+import { AddCowDevice } from "../addcow/addcow-device";
+import { AddCowError, describeError } from "../util/errors";
+import { CommitMirror } from "../ops/commit-mirror";
+import { checkBackingWritable, checkCommittable, commitDisk } from "../ops/commit";
+import { explainReadOnlyBacking } from "../ops/offline";
+import type { CopyOptions } from "../ops/copy-engine";
+import { Job, type JobKind, type JobStatus } from "../ops/job";
+import { liveSnapshot } from "../ops/live";
+import { checkStreamable, streamDisk } from "../ops/stream";
+import { openDisk } from "../open/open-disk";
 import { registerDaemonService } from "../daemon/services";
-import { log } from "../log";
+import { log } from "../util/log";
 import { diskKey, ensureRuntimeDir, socketPathFor } from "./paths";
 import {
   type ControlRequest,

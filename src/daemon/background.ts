@@ -1,6 +1,6 @@
 import * as fs from "node:fs";
 import { spawn } from "node:child_process";
-import { log } from "../log";
+import { log } from "../util/log";
 
 /** Added to the arguments of the background child; not for users. */
 export const CHILD_FLAG = "--daemon-child";

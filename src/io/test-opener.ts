@@ -1,6 +1,6 @@
 import * as path from "node:path";
-import { AddCowError } from "../errors";
-import { type FileOpener, openPosixFile } from "./file-io";
+import { AddCowError } from "../util/errors";
+import { type FileOpener, openPosixFile } from "../block/file-io";
 
 /**
  * TEST ONLY hook. When the environment variable ADDCOW_TEST_FILE_OPENER names a

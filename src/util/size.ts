@@ -1,4 +1,4 @@
-import { AddCowError } from "../errors";
+import { AddCowError } from "./errors";
 
 const UNITS: Record<string, number> = {
   "": 1,

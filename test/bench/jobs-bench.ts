@@ -57,10 +57,9 @@ export const jobsSuite: BenchSuite = {
     writeRandomFile(f("base.raw"), size);
 
     // Templates: the add-cow overlay (metadata + sparse image) and the equivalent qcow2 overlay.
-    const { createDisk } =
-      require("../../src/engine/create-disk") as typeof import("../../src/engine/create-disk");
+    const { createDisk } = require("../../src/ops/create") as typeof import("../../src/ops/create");
     const { openDisk } =
-      require("../../src/engine/open-disk") as typeof import("../../src/engine/open-disk");
+      require("../../src/open/open-disk") as typeof import("../../src/open/open-disk");
     await createDisk({
       file: f("ov.add-cow"),
       image: f("ov.raw"),

@@ -42,8 +42,7 @@ export const sparseSuite: BenchSuite = {
       const why = `${addcowMountJs} not built (the mount daemon is missing)`;
       return { markdown: `### 16 TiB sparse disk\n\nSkipped: ${why}.`, data: { skipped: why } };
     }
-    const { createDisk } =
-      require("../../src/engine/create-disk") as typeof import("../../src/engine/create-disk");
+    const { createDisk } = require("../../src/ops/create") as typeof import("../../src/ops/create");
     const dir = fs.mkdtempSync(path.join(sparseRoot(), "addcow-bench-sparse-"));
     ctx.defer("remove sparse disk", () => fs.rmSync(dir, { recursive: true, force: true }));
     const file = path.join(dir, "sparse.add-cow");

@@ -130,7 +130,7 @@ function addcow(
       fs.existsSync(mountJs) ? null : `${mountJs} not built (the mount daemon is missing)`,
     async start(ctx, base, dir) {
       const { createDisk } =
-        require("../../src/engine/create-disk") as typeof import("../../src/engine/create-disk");
+        require("../../src/ops/create") as typeof import("../../src/ops/create");
       const file = path.join(dir, "disk.add-cow");
       await createDisk({ file, backing: base, backingFormat: "raw", clusterSize });
       const mnt = path.join(dir, "mnt");

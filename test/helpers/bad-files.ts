@@ -1,7 +1,7 @@
 /**
  * Builders for valid and deliberately broken add-cow files, and a way to prove
  * that opening them changed nothing on disk. Field offsets are written out here
- * from the format description, independently of src/format/header.ts.
+ * from the format description, independently of src/addcow/header.ts.
  */
 import { createHash } from "node:crypto";
 import * as fs from "node:fs";
@@ -13,7 +13,7 @@ import {
   bitmapBytes,
   encodeHeader,
   headerSizeFor,
-} from "../../src/format/header";
+} from "../../src/addcow/header";
 
 /** Byte offsets of the header fields (revision 19/20 layout, little-endian). */
 export const F = {

@@ -1,4 +1,4 @@
-import type { FileIO, FileOpener, OpenMode } from "../../src/io/file-io";
+import type { FileIO, FileOpener, OpenMode } from "../../src/block/file-io";
 import { FileIOWrapper } from "./file-io-wrapper";
 
 export type FaultOp = "read" | "write" | "sync";

@@ -6,7 +6,7 @@
  * arms and clears faults in the running daemon by rewriting that file.
  */
 import * as fs from "node:fs";
-import type { FileOpener } from "../../src/io/file-io";
+import type { FileOpener } from "../../src/block/file-io";
 import { FaultInjector, type FaultRule } from "./fault-io";
 
 export function wrapOpener(inner: FileOpener): FileOpener {

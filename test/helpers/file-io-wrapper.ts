@@ -1,4 +1,4 @@
-import type { FileIO } from "../../src/io/file-io";
+import type { FileIO } from "../../src/block/file-io";
 
 /**
  * A FileIO that passes everything to another one. Test wrappers (faults,

@@ -7,10 +7,10 @@
 import { execFileSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { encodeHeader } from "../../src/format/header";
-import type { FileOpener } from "../../src/io/file-io";
-import { openPosixFile } from "../../src/io/file-io";
-import { MAX_CHAIN_DEPTH } from "../../src/engine/open-disk";
+import { encodeHeader } from "../../src/addcow/header";
+import type { FileOpener } from "../../src/block/file-io";
+import { openPosixFile } from "../../src/block/file-io";
+import { MAX_CHAIN_DEPTH } from "../../src/open/open-disk";
 import { F, header, patchFile, setFormat, writeDisk, writeRaw } from "./bad-files";
 
 export const KiB = 1024;

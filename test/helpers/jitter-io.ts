@@ -1,5 +1,5 @@
-import type { FileIO, FileOpener } from "../../src/io/file-io";
-import { openPosixFile } from "../../src/io/file-io";
+import type { FileIO, FileOpener } from "../../src/block/file-io";
+import { openPosixFile } from "../../src/block/file-io";
 import { FileIOWrapper } from "./file-io-wrapper";
 
 /**

@@ -4,8 +4,8 @@
  * JSON line ({"ok":true} or {"ok":false,"message":...}) and, when open, stays
  * alive until killed or until its stdin closes.
  */
-import { openDisk } from "../../src/engine/open-disk";
-import { describeError } from "../../src/errors";
+import { openDisk } from "../../src/open/open-disk";
+import { describeError } from "../../src/util/errors";
 
 async function main(): Promise<void> {
   const [file, mode] = process.argv.slice(2);

@@ -3,10 +3,10 @@ import {
   AddCowDevice,
   type AddCowDeviceParts,
   type CacheMode,
-} from "../../src/engine/addcow-device";
-import { readHeader, resolveStoredName } from "../../src/engine/open-disk";
-import { bitmapBytes, encodeHeader, headerSizeFor } from "../../src/format/header";
-import type { FileIO, FileOpener, OpenMode } from "../../src/io/file-io";
+} from "../../src/addcow/addcow-device";
+import { readHeader, resolveStoredName } from "../../src/open/open-disk";
+import { bitmapBytes, encodeHeader, headerSizeFor } from "../../src/addcow/header";
+import type { FileIO, FileOpener, OpenMode } from "../../src/block/file-io";
 
 const PAGE = 4096;
 

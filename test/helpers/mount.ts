@@ -17,7 +17,7 @@ import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import { execFile, spawn, type ChildProcess } from "node:child_process";
-import { createDisk } from "../../src/engine/create-disk";
+import { createDisk } from "../../src/ops/create";
 import { pattern } from "./pattern";
 
 function repoRoot(): string {

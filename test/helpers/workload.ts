@@ -1,5 +1,5 @@
 import type { BlockDevice } from "../../src/block/block-device";
-import type { AddCowDevice } from "../../src/engine/addcow-device";
+import type { AddCowDevice } from "../../src/addcow/addcow-device";
 import type { DiskModel } from "./crash-model";
 import { type Rng, SECTOR } from "./power-loss";
 import type { Recorder } from "./recording-io";

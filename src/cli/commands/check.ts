@@ -1,6 +1,6 @@
-import { waitingForExitingDaemon } from "../../daemon/exiting-daemon";
+import { waitingForExitingDaemon } from "../../open/exiting-daemon";
 import type { Command } from "commander";
-import { type CheckReport, type Finding, checkDisk } from "../../commands/check";
+import { type CheckReport, type Finding, checkDisk } from "../../ops/check";
 import { action } from "../run-cli";
 
 interface CheckFlags {

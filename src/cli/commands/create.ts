@@ -1,5 +1,5 @@
 import type { Command } from "commander";
-import { createDisk, describeCreate } from "../../engine/create-disk";
+import { createDisk, describeCreate } from "../../ops/create";
 import { parseSize } from "../../util/size";
 import { action } from "../run-cli";
 

@@ -1,5 +1,5 @@
 import type { Command } from "commander";
-import { type AddCowInfo, type LayerInfo, diskInfo } from "../../commands/info";
+import { type AddCowInfo, type LayerInfo, diskInfo } from "../../ops/info";
 import { formatSize } from "../../util/size";
 import { action } from "../run-cli";
 

@@ -1,7 +1,7 @@
 import type { Command } from "commander";
 import { allDaemons } from "../../control/client";
-import type { JobStatus } from "../../jobs/job";
-import { AddCowError } from "../../errors";
+import type { JobStatus } from "../../ops/job";
+import { AddCowError } from "../../util/errors";
 import { action } from "../run-cli";
 
 const ACTIONS = ["pause", "resume", "cancel"] as const;

@@ -1,5 +1,5 @@
 import type { Command } from "commander";
-import { type Extent, mapDisk } from "../../commands/map";
+import { type Extent, mapDisk } from "../../ops/map";
 import { action } from "../run-cli";
 
 interface MapFlags {

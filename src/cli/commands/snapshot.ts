@@ -1,7 +1,7 @@
 import * as path from "node:path";
 import type { Command } from "commander";
-import { runLiveIfMounted, runOffline } from "../../jobs/job-cli";
-import { snapshotDisk } from "../../jobs/snapshot";
+import { runLiveIfMounted, runOffline } from "../job-cli";
+import { snapshotDisk } from "../../ops/snapshot";
 import { parseSize } from "../../util/size";
 import { action } from "../run-cli";
 

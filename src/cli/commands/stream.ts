@@ -1,5 +1,5 @@
 import type { Command } from "commander";
-import { streamOffline } from "../../jobs/offline";
+import { streamOffline } from "../../ops/offline";
 import {
   type CopyFlags,
   addCopyOptions,
@@ -7,7 +7,7 @@ import {
   runLiveIfMounted,
   runOffline,
   wireOptions,
-} from "../../jobs/job-cli";
+} from "../job-cli";
 import { action } from "../run-cli";
 
 export function register(program: Command): void {

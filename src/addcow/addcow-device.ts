@@ -1,0 +1,530 @@
+import * as fs from "node:fs";
+import type { BlockDevice, Extent, LayerDescription } from "../block/block-device";
+import { pushExtent } from "../block/extents";
+import { checkRange } from "../block/range";
+import { AddCowError } from "../util/errors";
+import {
+  type AddCowHeader,
+  COMPATIBLE_FEATURES_OFFSET,
+  FEATURE_ALL_ALLOCATED,
+  bitmapBytes,
+} from "./header";
+import { BitmapCache, DEFAULT_BITMAP_CACHE_BYTES } from "./bitmap-cache";
+import type { FileIO } from "../block/file-io";
+import { log } from "../util/log";
+import { FlushCoalescer } from "../block/flush-coalescer";
+import { RangeLock } from "../block/range-lock";
+
+const RESOLVED = Promise.resolve();
+
+/** Larger copy-on-write buffers are not kept for reuse. */
+const MAX_SPARE_BUFFER = 4 * 1024 * 1024;
+
+/** writeback: bits reach disk on flush; writethrough: every write is durable when acknowledged. */
+export type CacheMode = "writeback" | "writethrough";
+
+export interface AddCowDeviceParts {
+  /** Path of the .add-cow file, for messages. */
+  path: string;
+  header: AddCowHeader;
+  /** The .add-cow file (header + bitmap). */
+  meta: FileIO;
+  /** The image file: allocated clusters at their own offset; its length is the disk size. */
+  image: FileIO;
+  imageSize: number;
+  /** The backing disk, opened read-only; null when there is none or it is not used. */
+  backing: BlockDevice | null;
+  /** Resolved paths, for info. */
+  imagePath: string;
+  backingPath: string | null;
+  cacheMode?: CacheMode;
+  bitmapCacheBytes?: number;
+  /** Called once when the device is closed (releases locks). */
+  onClose?: () => Promise<void> | void;
+}
+
+/** Where the bytes of a run of clusters come from. */
+export type ClusterSource = "image" | "backing" | "zero";
+
+/**
+ * An add-cow disk. Reads are served per run of clusters from the image file
+ * (bit 1) or the backing disk (bit 0; zeros past its end). Writes go to the
+ * image file; a first write that covers only part of a cluster fills the rest
+ * from the backing disk (copy-on-write) before the cluster's bit is set.
+ */
+export class AddCowDevice implements BlockDevice {
+  readonly path: string;
+  readonly size: number;
+  readonly readOnly: boolean;
+  readonly clusterBits: number;
+  readonly clusterSize: number;
+  readonly numClusters: number;
+  readonly header: AddCowHeader;
+  readonly imagePath: string;
+  readonly backingPath: string | null;
+  readonly backing: BlockDevice | null;
+  readonly image: FileIO;
+  readonly meta: FileIO;
+  readonly bitmap: BitmapCache;
+  cacheMode: CacheMode;
+
+  /** Held while clusters are being allocated (copy-on-write, block-job copies). */
+  readonly allocating = new RangeLock();
+  private readonly flusher = new FlushCoalescer(() => this.flushOrdered());
+  /** Counts completed image writes; compared with syncedWrites to skip needless syncs. */
+  private completedWrites = 0;
+  private syncedWrites = 0;
+  private closed = false;
+  private readonly onClose: (() => Promise<void> | void) | undefined;
+  /** Copy-on-write buffers not in use (as many as ever ran concurrently). */
+  private readonly spareBuffers: Buffer[] = [];
+
+  constructor(parts: AddCowDeviceParts) {
+    this.path = parts.path;
+    this.header = parts.header;
+    this.meta = parts.meta;
+    this.image = parts.image;
+    this.size = parts.imageSize;
+    this.readOnly = !parts.image.writable;
+    this.backing = parts.backing;
+    this.imagePath = parts.imagePath;
+    this.backingPath = parts.backingPath;
+    this.cacheMode = parts.cacheMode ?? "writeback";
+    this.onClose = parts.onClose;
+    this.clusterBits = parts.header.clusterBits;
+    this.clusterSize = 2 ** this.clusterBits;
+    this.numClusters = Math.ceil(this.size / this.clusterSize);
+    this.bitmap = new BitmapCache(parts.meta, {
+      offset: parts.header.headerSize,
+      clusterBits: this.clusterBits,
+      numClusters: this.numClusters,
+      capacityBytes: parts.bitmapCacheBytes ?? DEFAULT_BITMAP_CACHE_BYTES,
+      onPressure: () => this.flush(),
+    });
+  }
+
+  /** Compatible bit 0: the image file holds every cluster; bitmap and backing are not used. */
+  get allAllocated(): boolean {
+    return (this.header.compatibleFeatures & FEATURE_ALL_ALLOCATED) !== 0n;
+  }
+
+  private clusterOf(offset: number): number {
+    return Math.floor(offset / this.clusterSize);
+  }
+
+  private clusterEnd(end: number): number {
+    return Math.ceil(end / this.clusterSize);
+  }
+
+  read(buf: Buffer, offset: number): Promise<void> {
+    try {
+      checkRange(this, buf.length, offset);
+      if (buf.length === 0) return RESOLVED;
+      if (this.allAllocated) return this.readImage(buf, offset);
+      const c0 = this.clusterOf(offset);
+      const c1 = this.clusterEnd(offset + buf.length);
+      const pinning = this.bitmap.pin(c0, c1);
+      if (pinning) return pinning.then(() => this.readPinned(buf, offset, c0, c1));
+      return this.readPinned(buf, offset, c0, c1);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  /**
+   * Splits [offset, offset + buf.length) into runs of clusters with one source
+   * while the bitmap is pinned, unpins, then reads each run with one I/O. The
+   * bitmap is not needed during the I/O: a write racing with this read may land
+   * before or after it, as on any disk.
+   */
+  private readPinned(buf: Buffer, offset: number, c0: number, c1: number): Promise<void> {
+    let allocated: boolean;
+    let n: number;
+    let runs: Array<Promise<void>> | undefined;
+    try {
+      allocated = this.bitmap.isSet(c0);
+      n = this.bitmap.runLength(c0, c1);
+      if (n < c1 - c0) runs = this.readRuns(buf, offset, c0, c1, allocated, n);
+    } finally {
+      this.bitmap.unpin(c0, c1);
+    }
+    if (runs) return settleAll(runs);
+    // One source for the whole request (the common case): no run list, no sub-buffers.
+    return allocated ? this.readImage(buf, offset) : this.readBacking(buf, offset);
+  }
+
+  /** One read per run; the first run (allocated, n clusters) is already known. */
+  private readRuns(
+    buf: Buffer,
+    offset: number,
+    c0: number,
+    c1: number,
+    allocated: boolean,
+    n: number,
+  ): Array<Promise<void>> {
+    const end = offset + buf.length;
+    const reads: Array<Promise<void>> = [];
+    let pos = offset;
+    let c = c0;
+    for (;;) {
+      const runEnd = Math.min(end, (c + n) * this.clusterSize);
+      const part = buf.subarray(pos - offset, runEnd - offset);
+      log.engine("read run [%d, %d) from %s", pos, runEnd, allocated ? "image" : "backing");
+      reads.push(allocated ? this.readImage(part, pos) : this.readBacking(part, pos));
+      pos = runEnd;
+      c += n;
+      if (pos >= end) return reads;
+      allocated = this.bitmap.isSet(c);
+      n = this.bitmap.runLength(c, c1);
+    }
+  }
+
+  private readImage(buf: Buffer, pos: number): Promise<void> {
+    return this.image.read(buf, pos).then((n) => {
+      if (n < buf.length) buf.fill(0, n);
+    });
+  }
+
+  /** Backing data for [pos, pos + buf.length): zeros past the backing disk's end or without one. */
+  private readBacking(buf: Buffer, pos: number): Promise<void> {
+    const backing = this.backing;
+    const avail = backing ? Math.max(0, Math.min(buf.length, backing.size - pos)) : 0;
+    if (avail === buf.length) return backing!.read(buf, pos);
+    if (avail === 0) {
+      buf.fill(0);
+      return RESOLVED;
+    }
+    return backing!.read(buf.subarray(0, avail), pos).then(() => {
+      buf.fill(0, avail);
+    });
+  }
+
+  async write(buf: Buffer, offset: number): Promise<void> {
+    if (this.readOnly) {
+      throw new AddCowError(`${this.path} is open read-only`, { code: "EROFS" });
+    }
+    checkRange(this, buf.length, offset);
+    if (buf.length === 0) return;
+    if (this.allAllocated) {
+      await this.image.write(buf, offset);
+      this.completedWrites++;
+    } else {
+      const c0 = this.clusterOf(offset);
+      const c1 = this.clusterEnd(offset + buf.length);
+      const pinning = this.bitmap.pin(c0, c1);
+      if (pinning) await pinning;
+      try {
+        if (this.isAllocated(c0, c1)) {
+          // Hot path: every cluster is in the image file already.
+          await this.image.write(buf, offset);
+          this.completedWrites++;
+        } else {
+          await this.allocateAndWrite(buf, offset, c0, c1);
+        }
+      } finally {
+        this.bitmap.unpin(c0, c1);
+      }
+    }
+    if (this.cacheMode === "writethrough") await this.flush();
+  }
+
+  private isAllocated(c0: number, c1: number): boolean {
+    return this.bitmap.isSet(c0) && this.bitmap.runLength(c0, c1) === c1 - c0;
+  }
+
+  /**
+   * First write into at least one cluster: under the allocation lock, fill the
+   * uncovered head and tail of unallocated edge clusters from the backing disk,
+   * write everything with one I/O, and only then set the bits in memory.
+   */
+  private async allocateAndWrite(buf: Buffer, offset: number, c0: number, c1: number) {
+    const release = await this.allocating.acquire(c0, c1);
+    try {
+      // Another request may have allocated these clusters while we waited.
+      if (this.isAllocated(c0, c1)) {
+        await this.image.write(buf, offset);
+        this.completedWrites++;
+        return;
+      }
+      const end = offset + buf.length;
+      const cs = this.clusterSize;
+      const headFill = offset % cs !== 0 && !this.bitmap.isSet(c0);
+      const tailFill = end % cs !== 0 && end < this.size && !this.bitmap.isSet(c1 - 1);
+      const start = headFill ? c0 * cs : offset;
+      const stop = tailFill ? Math.min(c1 * cs, this.size) : end;
+      let data = buf;
+      let scratch: Buffer | undefined;
+      try {
+        if (start !== offset || stop !== end) {
+          scratch = this.takeScratch(stop - start);
+          data = scratch.subarray(0, stop - start);
+          const fills: Array<Promise<void>> = [];
+          if (start < offset) fills.push(this.readBacking(data.subarray(0, offset - start), start));
+          if (stop > end) fills.push(this.readBacking(data.subarray(end - start), end));
+          // Both fills settle before a failure returns the scratch buffer for reuse.
+          await settleAll(fills);
+          buf.copy(data, offset - start);
+          log.engine("copy-on-write [%d, %d) around write [%d, %d)", start, stop, offset, end);
+        }
+        await this.image.write(data, start);
+      } finally {
+        if (scratch && scratch.length <= MAX_SPARE_BUFFER) this.spareBuffers.push(scratch);
+      }
+      this.completedWrites++;
+      this.bitmap.set(c0, c1);
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * A buffer for a copy-on-write span, reused across first writes: allocating
+   * a fresh cluster-sized buffer each time costs more than the copy itself.
+   */
+  private takeScratch(len: number): Buffer {
+    const spare = this.spareBuffers.pop();
+    if (spare && spare.length >= len) return spare;
+    return Buffer.allocUnsafe(Math.max(len, 2 * this.clusterSize));
+  }
+
+  /**
+   * Copies clusters [c0, c1) that are still unallocated from the backing disk
+   * into the image file and sets their bits (block jobs: stream). Takes the same
+   * allocation lock as writes, so a user's write is never overwritten by a copy.
+   * Returns the number of clusters copied.
+   */
+  async copyFromBacking(c0: number, c1: number, scratch?: Buffer): Promise<number> {
+    if (this.readOnly) throw new AddCowError(`${this.path} is open read-only`, { code: "EROFS" });
+    if (this.allAllocated) return 0;
+    const pinning = this.bitmap.pin(c0, c1);
+    if (pinning) await pinning;
+    try {
+      const release = await this.allocating.acquire(c0, c1);
+      try {
+        let copied = 0;
+        let c = c0;
+        while (c < c1) {
+          const n = this.bitmap.runLength(c, c1);
+          if (!this.bitmap.isSet(c)) {
+            const start = c * this.clusterSize;
+            const stop = Math.min((c + n) * this.clusterSize, this.size);
+            const len = stop - start;
+            const data =
+              scratch && scratch.length >= len ? scratch.subarray(0, len) : Buffer.allocUnsafe(len);
+            await this.readBacking(data, start);
+            await this.image.write(data, start);
+            this.completedWrites++;
+            this.bitmap.set(c, c + n);
+            copied += n;
+          }
+          c += n;
+        }
+        return copied;
+      } finally {
+        release();
+      }
+    } finally {
+      this.bitmap.unpin(c0, c1);
+    }
+  }
+
+  /**
+   * Bit 1: data (in the image file). Bit 0: backing, or zero past the backing
+   * disk's end (or without one). Answers at most one cached bitmap cluster's
+   * worth of clusters per call, so a huge disk is scanned with bounded memory.
+   */
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    try {
+      checkRange(this, length, offset);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    if (length === 0) return Promise.resolve([]);
+    if (this.allAllocated) return Promise.resolve([{ start: offset, length, kind: "data" }]);
+    const c0 = this.clusterOf(offset);
+    const per = this.bitmap.clustersPerEntry;
+    const c1 = Math.min(this.clusterEnd(offset + length), (Math.floor(c0 / per) + 1) * per);
+    const collect = (): Extent[] => {
+      const out: Extent[] = [];
+      const end = Math.min(offset + length, c1 * this.clusterSize);
+      const backingEnd = this.backing ? this.backing.size : 0;
+      try {
+        for (let c = c0; c < c1;) {
+          const n = this.bitmap.runLength(c, c1);
+          const s = Math.max(offset, c * this.clusterSize);
+          const e = Math.min(end, (c + n) * this.clusterSize);
+          if (this.bitmap.isSet(c)) {
+            pushExtent(out, s, e - s, "data");
+          } else {
+            const split = Math.max(s, Math.min(e, backingEnd));
+            pushExtent(out, s, split - s, "backing");
+            pushExtent(out, split, e - split, "zero");
+          }
+          c += n;
+        }
+      } finally {
+        this.bitmap.unpin(c0, c1);
+      }
+      return out;
+    };
+    const pinning = this.bitmap.pin(c0, c1);
+    return pinning ? pinning.then(collect) : Promise.resolve(collect());
+  }
+
+  describe(): LayerDescription {
+    return {
+      format: "add-cow",
+      name: this.path,
+      dataFile: this.imagePath,
+      files: [this.path, this.imagePath],
+      details: { clusterSize: this.clusterSize, allAllocated: this.allAllocated },
+    };
+  }
+
+  dataFileStat(): fs.Stats | null {
+    if (this.image.fd === undefined) return null;
+    try {
+      return fs.fstatSync(this.image.fd);
+    } catch {
+      return null;
+    }
+  }
+
+  /** Where the bytes of clusters [c0, c0 + result.count) come from. */
+  async sourceRuns(
+    fn: (start: number, length: number, source: ClusterSource) => void | Promise<void>,
+  ): Promise<void> {
+    if (this.size === 0) return;
+    if (this.allAllocated) {
+      await fn(0, this.size, "image");
+      return;
+    }
+    const backingSize = this.backing ? this.backing.size : 0;
+    let pending: { start: number; end: number; source: ClusterSource } | null = null;
+    const emit = async (start: number, end: number, source: ClusterSource) => {
+      if (start >= end) return;
+      if (pending && pending.source === source && pending.end === start) {
+        pending.end = end;
+        return;
+      }
+      if (pending) await fn(pending.start, pending.end - pending.start, pending.source);
+      pending = { start, end, source };
+    };
+    await this.bitmap.forEachRun(0, this.numClusters, async (c, n, allocated) => {
+      const start = c * this.clusterSize;
+      const end = Math.min((c + n) * this.clusterSize, this.size);
+      if (allocated) return emit(start, end, "image");
+      const split = Math.max(start, Math.min(end, backingSize));
+      await emit(start, split, "backing");
+      await emit(split, end, "zero");
+    });
+    const last = pending as { start: number; end: number; source: ClusterSource } | null;
+    if (last) await fn(last.start, last.end - last.start, last.source);
+  }
+
+  /** Number of allocated clusters (scans the bitmap one bitmap cluster at a time). */
+  async countAllocated(): Promise<number> {
+    if (this.allAllocated) return this.numClusters;
+    let count = 0;
+    await this.bitmap.forEachRun(0, this.numClusters, (_c, n, allocated) => {
+      if (allocated) count += n;
+    });
+    return count;
+  }
+
+  /** Bits set in memory that the .add-cow file does not have yet. */
+  hasUnsavedMetadata(): boolean {
+    return this.bitmap.hasDirty();
+  }
+
+  flush(): Promise<void> {
+    if (this.readOnly) return Promise.resolve();
+    return this.flusher.flush();
+  }
+
+  /**
+   * The ordered flush: image data durable, then bitmap clusters, then the .add-cow file.
+   * Protected only so the crash tests can build a deliberately broken subclass and
+   * prove their checker catches a wrong order; nothing else overrides it.
+   */
+  protected async flushOrdered(): Promise<void> {
+    const writes = this.completedWrites;
+    if (writes === this.syncedWrites && !this.bitmap.hasDirty()) return;
+    await this.bitmap.writeBack(async () => {
+      if (writes !== this.syncedWrites) await this.image.sync();
+    });
+    this.syncedWrites = writes;
+  }
+
+  /** Sets the "all allocated" feature once every cluster is in the image file. */
+  async markAllAllocated(): Promise<void> {
+    if (this.allAllocated) return;
+    await this.flush();
+    if ((await this.countAllocated()) !== this.numClusters) {
+      throw new AddCowError(`${this.path}: not every cluster is allocated yet`);
+    }
+    const features = this.header.compatibleFeatures | FEATURE_ALL_ALLOCATED;
+    const field = Buffer.alloc(8);
+    field.writeBigUInt64LE(features);
+    await this.meta.write(field, COMPATIBLE_FEATURES_OFFSET);
+    await this.meta.sync();
+    this.header.compatibleFeatures = features;
+  }
+
+  /**
+   * Empties the overlay (commit): every bit becomes 0, so every cluster reads
+   * from the backing disk again. The one place where bits go 1 -> 0. It is
+   * safe only when the backing disk already holds every allocated cluster
+   * durably (the caller synced it): then each cleared bit, whenever it reaches
+   * the disk, changes no byte the disk reads, so a crash at any point leaves a
+   * consistent disk. The caller must have stopped every request to this device.
+   */
+  async clearAllocation(): Promise<void> {
+    if (this.readOnly) throw new AddCowError(`${this.path} is open read-only`, { code: "EROFS" });
+    if (this.allAllocated) {
+      throw new AddCowError(
+        `${this.path} has the "all allocated" feature set; its bitmap cannot be emptied`,
+      );
+    }
+    await this.flush();
+    if (this.allocating.size > 0) throw new Error("clearAllocation while clusters are allocated");
+    const total = bitmapBytes(this.numClusters, this.clusterBits).padded;
+    const zeros = Buffer.alloc(Math.min(total, 1 << 20));
+    for (let done = 0; done < total; done += zeros.length) {
+      const n = Math.min(zeros.length, total - done);
+      await this.meta.write(zeros.subarray(0, n), this.header.headerSize + done);
+    }
+    await this.meta.sync();
+    this.bitmap.reset();
+    log.engine("%s: bitmap emptied", this.path);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    const errors: unknown[] = [];
+    const attempt = async (fn: () => Promise<void> | void) => {
+      try {
+        await fn();
+      } catch (err) {
+        errors.push(err);
+      }
+    };
+    await attempt(() => this.flush());
+    await attempt(() => this.backing?.close());
+    await attempt(() => this.image.close());
+    await attempt(() => this.meta.close());
+    await attempt(() => this.onClose?.());
+    if (errors.length > 0) throw errors[0];
+  }
+}
+
+/**
+ * Like Promise.all, but waits for every promise before rejecting: the FUSE
+ * layer hands the kernel's buffer back once read() settles, so no run may
+ * still be filling it after a sibling run failed.
+ */
+async function settleAll(promises: Array<Promise<void>>): Promise<void> {
+  const results = await Promise.allSettled(promises);
+  for (const r of results) if (r.status === "rejected") throw r.reason;
+}

@@ -1,0 +1,63 @@
+import type { BlockDevice, Extent } from "./block-device";
+
+/**
+ * Calls fn for each extent of [start, end) as the device reports it, asking
+ * again wherever an answer stops short. Neighbours of the same kind are merged
+ * so fn sees maximal extents.
+ */
+export async function forEachExtent(
+  dev: BlockDevice,
+  start: number,
+  end: number,
+  fn: (e: Extent) => void | Promise<void>,
+): Promise<void> {
+  let pending: Extent | null = null;
+  let pos = start;
+  while (pos < end) {
+    const list = await dev.blockStatus(pos, end - pos);
+    if (list.length === 0 || list[0]!.start !== pos) {
+      throw new Error(`blockStatus(${pos}) of ${dev.describe().name} did not start at ${pos}`);
+    }
+    for (const e of list) {
+      const length = Math.min(e.length, end - e.start);
+      if (length <= 0) continue;
+      if (pending && pending.kind === e.kind && pending.start + pending.length === e.start) {
+        pending.length += length;
+      } else {
+        if (pending) await fn(pending);
+        pending = { start: e.start, length, kind: e.kind };
+      }
+      pos = e.start + length;
+    }
+  }
+  if (pending) await fn(pending);
+}
+
+/** Bytes of [start, end) whose extents have one of the given kinds. */
+export async function bytesOfKind(
+  dev: BlockDevice,
+  kinds: ReadonlyArray<Extent["kind"]>,
+  start = 0,
+  end = dev.size,
+): Promise<number> {
+  let bytes = 0;
+  await forEachExtent(dev, start, end, (e) => {
+    if (kinds.includes(e.kind)) bytes += e.length;
+  });
+  return bytes;
+}
+
+/** Appends an extent to a list, merging it into the last one when they touch and match. */
+export function pushExtent(list: Extent[], start: number, length: number, kind: Extent["kind"]) {
+  if (length <= 0) return;
+  const last = list[list.length - 1];
+  if (last && last.kind === kind && last.start + last.length === start) last.length += length;
+  else list.push({ start, length, kind });
+}
+
+/** The chain of layers from dev down, dev first. */
+export function chainOf(dev: BlockDevice): BlockDevice[] {
+  const layers: BlockDevice[] = [];
+  for (let d: BlockDevice | null = dev; d; d = d.backing) layers.push(d);
+  return layers;
+}

@@ -1,0 +1,113 @@
+import type * as fs from "node:fs";
+import type { BlockDevice } from "../block/block-device";
+
+/**
+ * One disk presented as a file in the mount directory. Requests enter and
+ * leave so the device can be swapped atomically (live snapshot): `exclusive`
+ * holds new requests back, waits for the running ones, then runs its function.
+ */
+export class DiskEntry {
+  /** Set by writes, cleared when a flush starts; the periodic write-back looks at it. */
+  dirty = false;
+  /** Set once the device is closed; later requests get EIO. */
+  closed = false;
+  private inflight = 0;
+  private gate: Promise<void> | null = null;
+  private drained: (() => void) | null = null;
+
+  constructor(
+    /** File name inside the mount directory. */
+    readonly name: string,
+    /** The .add-cow file it was opened from (for messages and jobs). */
+    readonly file: string,
+    private dev: BlockDevice,
+  ) {}
+
+  get device(): BlockDevice {
+    return this.dev;
+  }
+
+  /** Counts a request in; returns null when it may start now, else a promise to wait for first. */
+  enter(): Promise<void> | null {
+    if (this.gate === null) {
+      this.inflight++;
+      return null;
+    }
+    return this.gate.then(() => this.enter() ?? undefined);
+  }
+
+  leave(): void {
+    this.inflight--;
+    if (this.inflight === 0 && this.drained) this.drained();
+  }
+
+  /** Runs fn with no request running and none starting (swap the device, pause I/O). */
+  async exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.gate) await this.gate;
+    let open!: () => void;
+    this.gate = new Promise<void>((resolve) => (open = resolve));
+    try {
+      if (this.inflight > 0) {
+        await new Promise<void>((resolve) => (this.drained = resolve));
+        this.drained = null;
+      }
+      return await fn();
+    } finally {
+      this.gate = null;
+      open();
+    }
+  }
+
+  /** Replaces the device; call inside `exclusive`. The caller owns closing the old one. */
+  replaceDevice(dev: BlockDevice): BlockDevice {
+    const old = this.dev;
+    this.dev = dev;
+    return old;
+  }
+
+  /** The image file's stat (allocation, times) when the device has one. */
+  imageStat(): fs.Stats | null {
+    return this.dev.dataFileStat?.() ?? null;
+  }
+
+  /** Flushes when something was written since the last flush started. */
+  async flushIfDirty(): Promise<void> {
+    if (!this.dirty) return;
+    await this.flush();
+  }
+
+  /**
+   * The periodic write-back: like flushIfDirty, but only while the device
+   * keeps unsaved metadata (bits). Overwrites of allocated clusters change no
+   * bit: their data reaches the disk like any file's, and syncing it every few
+   * seconds would only stall a streaming writer.
+   */
+  async writeBackIfNeeded(): Promise<void> {
+    if (this.dev.hasUnsavedMetadata && !this.dev.hasUnsavedMetadata()) return;
+    await this.flushIfDirty();
+  }
+
+  async flush(): Promise<void> {
+    this.dirty = false;
+    const wait = this.enter();
+    if (wait) await wait;
+    try {
+      if (this.closed) return;
+      await this.dev.flush();
+    } catch (err) {
+      this.dirty = true;
+      throw err;
+    } finally {
+      this.leave();
+    }
+  }
+
+  /** Closes the device once the running requests are done (the close flushes). */
+  async close(): Promise<void> {
+    await this.exclusive(async () => {
+      if (this.closed) return;
+      this.closed = true;
+      await this.dev.close();
+    });
+  }
+}

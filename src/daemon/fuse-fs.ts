@@ -1,0 +1,346 @@
+import * as fs from "node:fs";
+import * as path from "node:path";
+import Fuse = require("fuse-native");
+import { log } from "../util/log";
+import type { DiskEntry } from "./disk-entry";
+import { errno, errnoOf } from "./errno";
+import type { MountOptions } from "./mount-options";
+
+type ResultCb = (result: number, ...rest: unknown[]) => void;
+
+const ENOENT = errno("ENOENT");
+const EIO = errno("EIO");
+const EPERM = errno("EPERM");
+const EROFS = errno("EROFS");
+const ENOSPC = errno("ENOSPC");
+const ENOTDIR = errno("ENOTDIR");
+const EISDIR = errno("EISDIR");
+
+const O_ACCMODE = 3;
+const S_IFDIR = 0o040000;
+const S_IFREG = 0o100000;
+
+/**
+ * Largest request the kernel sends: libfuse 2 cannot raise the kernel's
+ * 32-page limit, so 128 KiB is as large as writes and reads get.
+ */
+export const MAX_REQUEST_BYTES = 128 * 1024;
+
+/** Preferred I/O size reported in st_blksize. */
+const BLOCK_SIZE = 4096;
+
+/**
+ * libfuse options. fuse-native only passes a fixed list of options, so
+ * AddCowFuse builds the string itself: big_writes and a large max_write so
+ * sequential writes are not cut into 4 KiB pieces; atomic_o_trunc so O_TRUNC
+ * reaches open() (where it is ignored, as on a block device) instead of
+ * becoming a truncate to 0; default_permissions so the kernel enforces the
+ * file modes (uid=, gid=, umask=) for other users.
+ */
+export function libfuseOptions(opts: MountOptions): string[] {
+  const list = [
+    "fsname=addcow",
+    "subtype=addcow",
+    "default_permissions",
+    "big_writes",
+    `max_write=${MAX_REQUEST_BYTES}`,
+    `max_read=${MAX_REQUEST_BYTES}`,
+    `max_readahead=${MAX_REQUEST_BYTES}`,
+    "atomic_o_trunc",
+  ];
+  if (opts.readOnly) list.push("ro");
+  if (opts.allowOther) list.push("allow_other");
+  return list;
+}
+
+class AddCowFuse extends Fuse {
+  constructor(
+    mnt: string,
+    ops: Record<string, unknown>,
+    private readonly optionList: string[],
+  ) {
+    // timeout false: fuse-native would otherwise answer ETIMEDOUT after 15 s while the I/O still runs.
+    super(mnt, ops, { timeout: false });
+  }
+
+  override _fuseOptions(): string {
+    return "-o" + this.optionList.join(",");
+  }
+}
+
+export interface FuseFrontEnd {
+  /** Mounts; resolves once the kernel has sent INIT (the file can be used). */
+  mount(): Promise<void>;
+}
+
+/**
+ * The FUSE front end: a directory holding one regular file per disk, whose
+ * bytes are the disk. Reads at the end are short; writes past the end fail
+ * with ENOSPC like on a block device; size changes are refused with EPERM.
+ */
+export function createFuseFrontEnd(
+  mountDir: string,
+  entries: DiskEntry[],
+  opts: MountOptions,
+): FuseFrontEnd {
+  const byPath = new Map<string, DiskEntry>();
+  for (const e of entries) byPath.set("/" + e.name, e);
+  const uid = opts.uid ?? process.getuid?.() ?? 0;
+  const gid = opts.gid ?? process.getgid?.() ?? 0;
+  const writeBits = opts.readOnly ? 0o222 : 0;
+  const fileMode =
+    S_IFREG | ((opts.umask === undefined ? 0o644 : 0o666 & ~opts.umask) & ~writeBits);
+  const dirMode = S_IFDIR | (opts.umask === undefined ? 0o755 : 0o777 & ~opts.umask);
+  const mountTime = new Date();
+
+  const dirStat = {
+    mode: dirMode,
+    uid,
+    gid,
+    size: 4096,
+    nlink: 2,
+    blksize: BLOCK_SIZE,
+    blocks: 0,
+    atime: mountTime,
+    mtime: mountTime,
+    ctime: mountTime,
+  };
+
+  function fileStat(e: DiskEntry) {
+    const img = e.imageStat();
+    return {
+      mode: fileMode,
+      uid,
+      gid,
+      size: e.device.size,
+      nlink: 1,
+      blksize: BLOCK_SIZE,
+      // The image file's allocation: the data this disk holds itself.
+      blocks: img ? img.blocks : 0,
+      atime: img ? img.atime : mountTime,
+      mtime: img ? img.mtime : mountTime,
+      ctime: img ? img.ctime : mountTime,
+    };
+  }
+
+  function doRead(e: DiskEntry, buf: Buffer, n: number, pos: number, cb: ResultCb): void {
+    if (e.closed) {
+      e.leave();
+      cb(EIO);
+      return;
+    }
+    const target = n === buf.length ? buf : buf.subarray(0, n);
+    e.device.read(target, pos).then(
+      () => {
+        e.leave();
+        cb(n);
+      },
+      (err: unknown) => {
+        e.leave();
+        cb(errnoOf(err, `read ${e.name} [${pos}, +${n})`));
+      },
+    );
+  }
+
+  function doWrite(e: DiskEntry, buf: Buffer, n: number, pos: number, cb: ResultCb): void {
+    if (e.closed) {
+      e.leave();
+      cb(EIO);
+      return;
+    }
+    const source = n === buf.length ? buf : buf.subarray(0, n);
+    e.dirty = true;
+    // The engine is done with the buffer once its promise settles; only then may the kernel reuse it.
+    e.device.write(source, pos).then(
+      () => {
+        e.leave();
+        cb(n);
+      },
+      (err: unknown) => {
+        e.leave();
+        cb(errnoOf(err, `write ${e.name} [${pos}, +${n})`));
+      },
+    );
+  }
+
+  function flushEntry(e: DiskEntry, what: string, cb: ResultCb): void {
+    if (e.device.readOnly) {
+      cb(0);
+      return;
+    }
+    e.flush().then(
+      () => cb(0),
+      (err: unknown) => cb(errnoOf(err, `${what} ${e.name}`)),
+    );
+  }
+
+  function refuseSize(p: string, size: number, cb: ResultCb): void {
+    const e = byPath.get(p);
+    if (!e) return cb(p === "/" ? EISDIR : ENOENT);
+    if (opts.readOnly) return cb(EROFS);
+    // The disk never changes size; truncating to its own size is harmless.
+    if (size === e.device.size) return cb(0);
+    log.fuse(
+      "truncate %s to %d refused: the disk size is fixed at %d",
+      e.name,
+      size,
+      e.device.size,
+    );
+    cb(EPERM);
+  }
+
+  const ops = {
+    init(cb: ResultCb) {
+      cb(0);
+    },
+
+    getattr(p: string, cb: ResultCb) {
+      if (p === "/") return cb(0, dirStat);
+      const e = byPath.get(p);
+      if (!e) return cb(ENOENT);
+      cb(0, fileStat(e));
+    },
+
+    readdir(p: string, cb: ResultCb) {
+      if (p !== "/") return cb(byPath.has(p) ? ENOTDIR : ENOENT);
+      cb(
+        0,
+        entries.map((e) => e.name),
+      );
+    },
+
+    open(p: string, flags: number, cb: ResultCb) {
+      const e = byPath.get(p);
+      if (!e) return cb(p === "/" ? EISDIR : ENOENT);
+      const wantsWrite = (flags & O_ACCMODE) !== fs.constants.O_RDONLY;
+      log.fuse("open %s flags 0x%s", e.name, flags.toString(16));
+      if (wantsWrite && e.device.readOnly) return cb(EROFS);
+      // O_TRUNC is ignored, as on a block device (atomic_o_trunc delivers it here).
+      cb(0, 0);
+    },
+
+    release(_p: string, _fd: number, cb: ResultCb) {
+      cb(0);
+    },
+
+    read(p: string, _fd: number, buf: Buffer, len: number, pos: number, cb: ResultCb) {
+      const e = byPath.get(p);
+      if (!e) return cb(ENOENT);
+      const size = e.device.size;
+      log.fuse("read %s [%d, +%d)", e.name, pos, len);
+      if (pos >= size || len === 0) return cb(0);
+      const n = Math.min(len, size - pos);
+      const wait = e.enter();
+      if (wait === null) doRead(e, buf, n, pos, cb);
+      else wait.then(() => doRead(e, buf, n, pos, cb));
+    },
+
+    write(p: string, _fd: number, buf: Buffer, len: number, pos: number, cb: ResultCb) {
+      const e = byPath.get(p);
+      if (!e) return cb(ENOENT);
+      const size = e.device.size;
+      log.fuse("write %s [%d, +%d)", e.name, pos, len);
+      if (e.device.readOnly) return cb(EROFS);
+      if (len === 0) return cb(0);
+      // Like a block device: a write straddling the end is short, one at or past the end fails.
+      if (pos >= size) return cb(ENOSPC);
+      const n = Math.min(len, size - pos);
+      const wait = e.enter();
+      if (wait === null) doWrite(e, buf, n, pos, cb);
+      else wait.then(() => doWrite(e, buf, n, pos, cb));
+    },
+
+    flush(p: string, _fd: number, cb: ResultCb) {
+      const e = byPath.get(p);
+      if (!e) return cb(0);
+      log.fuse("flush %s", e.name);
+      flushEntry(e, "flush", cb);
+    },
+
+    fsync(p: string, datasync: number, _fd: number, cb: ResultCb) {
+      const e = byPath.get(p);
+      if (!e) return cb(0);
+      log.fuse("fsync %s (datasync %d)", e.name, datasync);
+      flushEntry(e, "fsync", cb);
+    },
+
+    truncate(p: string, size: number, cb: ResultCb) {
+      refuseSize(p, size, cb);
+    },
+
+    ftruncate(p: string, _fd: number, size: number, cb: ResultCb) {
+      refuseSize(p, size, cb);
+    },
+
+    utimens(p: string, _atime: number, _mtime: number, cb: ResultCb) {
+      // touch(1) works; the times shown are the image file's.
+      cb(byPath.has(p) || p === "/" ? 0 : ENOENT);
+    },
+
+    statfs(_p: string, cb: ResultCb) {
+      let total = 0;
+      for (const e of entries) total += Math.ceil(e.device.size / BLOCK_SIZE);
+      let free = 0;
+      let avail = 0;
+      const first = entries[0];
+      const imagePath = first?.device.describe().dataFile;
+      if (imagePath && path.isAbsolute(imagePath)) {
+        try {
+          // Free space where the image file grows: what writes can still use.
+          const st = fs.statfsSync(path.dirname(imagePath));
+          free = Math.floor((st.bfree * st.bsize) / BLOCK_SIZE);
+          avail = Math.floor((st.bavail * st.bsize) / BLOCK_SIZE);
+        } catch {
+          // Unknown: report none.
+        }
+      }
+      cb(0, {
+        bsize: BLOCK_SIZE,
+        frsize: BLOCK_SIZE,
+        blocks: total,
+        bfree: Math.min(free, 0xffffffff),
+        bavail: Math.min(avail, 0xffffffff),
+        files: entries.length + 1,
+        ffree: 0,
+        favail: 0,
+        fsid: 0,
+        flag: 0,
+        namemax: 255,
+      });
+    },
+
+    // The directory's contents are fixed.
+    create(_p: string, _mode: number, cb: ResultCb) {
+      cb(EPERM);
+    },
+    mknod(_p: string, _mode: number, _dev: number, cb: ResultCb) {
+      cb(EPERM);
+    },
+    unlink(_p: string, cb: ResultCb) {
+      cb(EPERM);
+    },
+    mkdir(_p: string, _mode: number, cb: ResultCb) {
+      cb(EPERM);
+    },
+    rmdir(_p: string, cb: ResultCb) {
+      cb(EPERM);
+    },
+    rename(_p: string, _dest: string, cb: ResultCb) {
+      cb(EPERM);
+    },
+    chmod(_p: string, _mode: number, cb: ResultCb) {
+      cb(EPERM);
+    },
+    chown(_p: string, _uid: number, _gid: number, cb: ResultCb) {
+      cb(EPERM);
+    },
+  };
+
+  const fuse = new AddCowFuse(mountDir, ops, libfuseOptions(opts));
+  return {
+    mount: () =>
+      new Promise<void>((resolve, reject) => {
+        fuse.mount((err) => (err ? reject(err) : resolve()));
+      }),
+  };
+}

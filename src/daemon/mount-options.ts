@@ -1,0 +1,145 @@
+import { AddCowError } from "../util/errors";
+import type { CacheMode } from "../addcow/addcow-device";
+
+/** What `-o` can say; everything else is refused so typos do not pass silently. */
+export interface MountOptions {
+  readOnly: boolean;
+  allowOther: boolean;
+  /** Owner of the files; default the daemon's uid/gid. */
+  uid: number | undefined;
+  gid: number | undefined;
+  /** Permission bits to clear; undefined = files 0644 (0444 with ro), directory 0755. */
+  umask: number | undefined;
+  cacheMode: CacheMode;
+}
+
+export const KNOWN_OPTIONS =
+  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough";
+
+/**
+ * Generic options mount(8) and mount.fuse hand every filesystem (from fstab or
+ * `mount -t fuse`); they mean nothing for a file holding a disk image, so they
+ * are accepted and ignored.
+ */
+const IGNORED_OPTIONS = new Set([
+  "defaults",
+  "async",
+  "dev",
+  "nodev",
+  "suid",
+  "nosuid",
+  "exec",
+  "noexec",
+  "atime",
+  "noatime",
+  "diratime",
+  "nodiratime",
+  "relatime",
+  "norelatime",
+  "strictatime",
+  "nostrictatime",
+  "lazytime",
+  "nolazytime",
+  "auto",
+  "noauto",
+  "user",
+  "nouser",
+  "users",
+  "owner",
+  "group",
+  "nofail",
+  "_netdev",
+]);
+
+export function defaultMountOptions(): MountOptions {
+  return {
+    readOnly: false,
+    allowOther: false,
+    uid: undefined,
+    gid: undefined,
+    umask: undefined,
+    cacheMode: "writeback",
+  };
+}
+
+function idValue(name: string, value: string): number {
+  if (!/^\d+$/.test(value) || Number(value) > 0xfffffffe) {
+    throw new AddCowError(`invalid -o ${name}=${value}: give a numeric id such as ${name}=1000`);
+  }
+  return Number(value);
+}
+
+/** Parses one or more `-o` arguments (comma-separated, mount style), later ones winning. */
+export function parseMountOptions(args: string[]): MountOptions {
+  const opts = defaultMountOptions();
+  for (const arg of args) {
+    for (const item of arg.split(",")) {
+      if (item === "") continue;
+      const eq = item.indexOf("=");
+      const name = eq < 0 ? item : item.slice(0, eq);
+      const value = eq < 0 ? undefined : item.slice(eq + 1);
+      const flag = (): void => {
+        if (value !== undefined) {
+          throw new AddCowError(`invalid -o ${item}: ${name} takes no value`);
+        }
+      };
+      const needValue = (): string => {
+        if (value === undefined || value === "") {
+          throw new AddCowError(`invalid -o ${item}: ${name} needs a value (${name}=...)`);
+        }
+        return value;
+      };
+      switch (name) {
+        case "ro":
+          flag();
+          opts.readOnly = true;
+          break;
+        case "rw":
+          flag();
+          opts.readOnly = false;
+          break;
+        case "allow_other":
+          flag();
+          opts.allowOther = true;
+          break;
+        case "uid":
+          opts.uid = idValue(name, needValue());
+          break;
+        case "gid":
+          opts.gid = idValue(name, needValue());
+          break;
+        case "umask": {
+          const v = needValue();
+          if (!/^[0-7]{1,4}$/.test(v)) {
+            throw new AddCowError(
+              `invalid -o umask=${v}: give octal permission bits such as umask=022`,
+            );
+          }
+          opts.umask = parseInt(v, 8) & 0o777;
+          break;
+        }
+        case "cache": {
+          const v = needValue();
+          if (v !== "writeback" && v !== "writethrough") {
+            throw new AddCowError(
+              `invalid -o cache=${v}: use cache=writeback (default) or cache=writethrough`,
+            );
+          }
+          opts.cacheMode = v;
+          break;
+        }
+        case "sync":
+          // mount(8)'s "every write synchronous": the same promise as cache=writethrough.
+          flag();
+          opts.cacheMode = "writethrough";
+          break;
+        default:
+          if (IGNORED_OPTIONS.has(name) || name.startsWith("x-") || name === "comment") break;
+          throw new AddCowError(
+            `unknown mount option -o ${item}: the options are ${KNOWN_OPTIONS}`,
+          );
+      }
+    }
+  }
+  return opts;
+}

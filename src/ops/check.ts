@@ -1,0 +1,461 @@
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { chainFiles } from "./create";
+import { lockFile } from "../os/file-lock";
+import { openBacking, resolveStoredName } from "../open/open-disk";
+import { AddCowError, errnoCode } from "../util/errors";
+import {
+  type AddCowHeader,
+  DAMAGED_ADVICE,
+  FEATURE_ALL_ALLOCATED,
+  FIXED_HEADER_SIZE,
+  KNOWN_COMPATIBLE,
+  MAX_HEADER_SIZE,
+  bitmapBytes,
+  decodeFixedHeader,
+  decodeHeader,
+} from "../addcow/header";
+import { PosixFile } from "../block/file-io";
+import { checkCreateLeftovers, checkShrunkImage } from "./check-crash";
+
+/**
+ * `addcow check`: verifies an add-cow disk without modifying anything. The
+ * checks are a list of independent steps sharing a context; a step that needs
+ * something an earlier step could not establish (e.g. a valid header) skips.
+ * Findings of severity "corruption" make the exit code 2; "warning"s do not.
+ */
+export type Severity = "corruption" | "warning";
+
+export interface Finding {
+  severity: Severity;
+  /** The file the problem is in. */
+  file: string;
+  /** Byte offset in that file, when the problem has one. */
+  offset: number | null;
+  /** What part of the file: "magic", "cluster_bits", "bitmap", "image file", ... */
+  field: string;
+  message: string;
+}
+
+export interface CheckContext {
+  /** The .add-cow file as given, and its absolute path. */
+  file: string;
+  path: string;
+  fd: number;
+  fileSize: number;
+  forceShare: boolean;
+  header: AddCowHeader | null;
+  allAllocated: boolean;
+  imagePath: string | null;
+  imageSize: number | null;
+  imageId: string | null;
+  numClusters: number | null;
+  /** Bytes of bitmap present in the file (may be fewer than needed). */
+  bitmapPresent: number;
+  allocatedClusters: number | null;
+  findings: Finding[];
+  report(f: Omit<Finding, "file"> & { file?: string }): void;
+}
+
+export interface CheckStep {
+  name: string;
+  run(ctx: CheckContext): Promise<void> | void;
+}
+
+export interface CheckReport {
+  file: string;
+  /** True when no corruption was found (warnings allowed). */
+  clean: boolean;
+  findings: Finding[];
+  virtualSize: number | null;
+  clusterSize: number | null;
+  clusters: number | null;
+  allocatedClusters: number | null;
+}
+
+function readAt(fd: number, length: number, pos: number): Buffer {
+  const buf = Buffer.alloc(length);
+  let done = 0;
+  while (done < length) {
+    const n = fs.readSync(fd, buf, done, length - done, pos + done);
+    if (n === 0) break;
+    done += n;
+  }
+  return buf.subarray(0, done);
+}
+
+/**
+ * Where each header field lives, to point findings at a byte offset. Header
+ * errors name their field first ("cluster_bits is 30, ...").
+ */
+const FIELD_OFFSETS: Array<[RegExp, string, number | null]> = [
+  [/^magic\b/, "magic", 0],
+  [/^backing name offset\b/, "backing name offset", 4],
+  [/^backing name size\b/, "backing name size", 8],
+  [/^backing name\b/, "backing name", 4],
+  [/^image name offset\b/, "image name offset", 12],
+  [/^image name size\b/, "image name size", 16],
+  [/^image name\b/, "image name", 12],
+  [/^cluster_bits\b/, "cluster_bits", 20],
+  [/^incompatible features\b/, "incompatible features", 24],
+  [/^compatible features\b/, "compatible features", 32],
+  [/^HEADER_SIZE\b/, "HEADER_SIZE", 40],
+  [/^backing format\b/, "backing format", 44],
+  [/^image format\b/, "image format", 60],
+  [/^name area\b/, "name area", null],
+];
+
+function headerFinding(ctx: CheckContext, err: AddCowError): void {
+  const prefix = `${ctx.file}: `;
+  let message = err.message.startsWith(prefix) ? err.message.slice(prefix.length) : err.message;
+  // The advice to restore from a backup fits an error; a check report lists facts.
+  if (message.endsWith(`; ${DAMAGED_ADVICE}`)) {
+    message = message.slice(0, -DAMAGED_ADVICE.length - 2);
+  }
+  const hit = FIELD_OFFSETS.find(([re]) => re.test(message));
+  // A message naming the exact byte ("... at offset 50 ...") beats the field's start.
+  const exact = /\bat offset (\d+)/.exec(message) ?? /\(bytes (\d+)\.\./.exec(message);
+  ctx.report({
+    severity: "corruption",
+    offset: exact ? Number(exact[1]) : hit ? hit[2] : null,
+    field: hit ? hit[1] : "header",
+    message,
+  });
+}
+
+export const checkHeader: CheckStep = {
+  name: "header",
+  run(ctx) {
+    const head = readAt(ctx.fd, Math.min(ctx.fileSize, MAX_HEADER_SIZE), 0);
+    try {
+      const fixed = decodeFixedHeader(head.subarray(0, FIXED_HEADER_SIZE), ctx.file, ctx.fileSize);
+      ctx.header = decodeHeader(head.subarray(0, fixed.headerSize), ctx.file, ctx.fileSize);
+    } catch (err) {
+      if (err instanceof AddCowError) return headerFinding(ctx, err);
+      throw err;
+    }
+    ctx.allAllocated = (ctx.header.compatibleFeatures & FEATURE_ALL_ALLOCATED) !== 0n;
+    const unknown = ctx.header.compatibleFeatures & ~KNOWN_COMPATIBLE;
+    if (unknown !== 0n) {
+      ctx.report({
+        severity: "warning",
+        offset: 32,
+        field: "compatible features",
+        message: `unknown compatible feature bits 0x${unknown.toString(16)} are set (ignored)`,
+      });
+    }
+  },
+};
+
+export const checkImageFile: CheckStep = {
+  name: "image file",
+  run(ctx) {
+    const h = ctx.header;
+    if (!h) return;
+    const imagePath = resolveStoredName(ctx.path, h.imageName);
+    const named = `image file ${imagePath} (stored as ${JSON.stringify(h.imageName)})`;
+    let st: fs.Stats;
+    try {
+      st = fs.statSync(imagePath);
+    } catch (err) {
+      const why = errnoCode(err) === "ENOENT" ? "does not exist" : (err as Error).message;
+      ctx.report({
+        severity: "corruption",
+        offset: null,
+        field: "image file",
+        message: `${named} ${why}`,
+      });
+      return;
+    }
+    if (!st.isFile()) {
+      ctx.report({
+        severity: "corruption",
+        offset: null,
+        field: "image file",
+        message: `${named} is not a regular file`,
+      });
+      return;
+    }
+    const self = fs.statSync(ctx.path);
+    if (self.dev === st.dev && self.ino === st.ino) {
+      ctx.report({
+        severity: "corruption",
+        offset: null,
+        field: "image file",
+        message: `${named} is the .add-cow file itself`,
+      });
+      return;
+    }
+    ctx.imagePath = imagePath;
+    ctx.imageSize = st.size;
+    ctx.imageId = `${st.dev}:${st.ino}`;
+    ctx.numClusters = Math.ceil(st.size / 2 ** h.clusterBits);
+    if (st.size === 0) {
+      ctx.report({
+        severity: "warning",
+        offset: null,
+        field: "image file",
+        message: `${named} is empty: the disk has 0 bytes`,
+      });
+    }
+  },
+};
+
+export const checkBitmapLength: CheckStep = {
+  name: "bitmap length",
+  run(ctx) {
+    const h = ctx.header;
+    if (!h || ctx.numClusters === null) return;
+    const { needed, padded } = bitmapBytes(ctx.numClusters, h.clusterBits);
+    const have = Math.max(0, ctx.fileSize - h.headerSize);
+    ctx.bitmapPresent = Math.min(have, needed);
+    const sizes = `the file has ${ctx.fileSize} bytes, ${h.headerSize + needed} are needed for ${ctx.numClusters} clusters of ${ctx.imageSize} bytes`;
+    if (have < needed) {
+      ctx.report({
+        severity: ctx.allAllocated ? "warning" : "corruption",
+        offset: ctx.fileSize,
+        field: "bitmap",
+        message: ctx.allAllocated
+          ? `bitmap is truncated (${sizes}); harmless while the all-allocated feature is set`
+          : `bitmap is truncated: ${sizes}`,
+      });
+    } else if (have < padded) {
+      ctx.report({
+        severity: "warning",
+        offset: ctx.fileSize,
+        field: "bitmap",
+        message: `bitmap padding is missing: the file ends at byte ${ctx.fileSize}, the padded bitmap ends at ${h.headerSize + padded} (harmless)`,
+      });
+    }
+  },
+};
+
+/** Reads [from, to) of the .add-cow file in chunks. */
+function forEachChunk(
+  ctx: CheckContext,
+  from: number,
+  to: number,
+  fn: (chunk: Buffer, pos: number) => void,
+): void {
+  const CHUNK = 1 << 20;
+  for (let pos = from; pos < to; pos += CHUNK) {
+    fn(readAt(ctx.fd, Math.min(CHUNK, to - pos), pos), pos);
+  }
+}
+
+export const checkPaddingBits: CheckStep = {
+  name: "padding bits",
+  run(ctx) {
+    const h = ctx.header;
+    if (!h || ctx.numClusters === null) return;
+    const n = ctx.numClusters;
+    const firstByte = h.headerSize + Math.floor(n / 8);
+    if (firstByte >= ctx.fileSize) return;
+    let count = 0;
+    let first = -1;
+    forEachChunk(ctx, firstByte, ctx.fileSize, (chunk, pos) => {
+      for (let i = 0; i < chunk.length; i++) {
+        let byte = chunk[i]!;
+        // In the byte holding the last cluster's bit, only the bits after it are padding.
+        if (pos + i === firstByte) byte &= (0xff << (n % 8)) & 0xff;
+        if (byte !== 0) {
+          count++;
+          if (first < 0) first = pos + i;
+        }
+      }
+    });
+    if (count > 0) {
+      ctx.report({
+        severity: "corruption",
+        offset: first,
+        field: "bitmap",
+        message: `bits set past the end of the disk (${n} clusters): ${count} non-zero padding byte(s), the first at byte ${first}; was the image file shrunk?`,
+      });
+    }
+  },
+};
+
+export const checkAllocation: CheckStep = {
+  name: "allocation",
+  run(ctx) {
+    const h = ctx.header;
+    if (!h || ctx.numClusters === null) return;
+    const n = ctx.numClusters;
+    const needed = bitmapBytes(n, h.clusterBits).needed;
+    if (ctx.bitmapPresent < needed) {
+      if (ctx.allAllocated) ctx.allocatedClusters = n;
+      return;
+    }
+    let allocated = 0;
+    let firstZero = -1;
+    const start = h.headerSize;
+    forEachChunk(ctx, start, start + needed, (chunk, pos) => {
+      for (let i = 0; i < chunk.length; i++) {
+        let byte = chunk[i]!;
+        const cluster = (pos - start + i) * 8;
+        if (cluster + 8 > n) byte &= (1 << (n - cluster)) - 1;
+        let ones = 0;
+        for (let b = byte; b; b &= b - 1) ones++;
+        allocated += ones;
+        if (firstZero < 0 && ones < Math.min(8, n - cluster)) {
+          for (let bit = 0; bit < 8; bit++) {
+            if (!((byte >> bit) & 1)) {
+              firstZero = cluster + bit;
+              break;
+            }
+          }
+        }
+      }
+    });
+    ctx.allocatedClusters = ctx.allAllocated ? n : allocated;
+    if (ctx.allAllocated && allocated < n) {
+      ctx.report({
+        severity: "corruption",
+        offset: 32,
+        field: "compatible features",
+        message: `the all-allocated feature is set but ${n - allocated} of ${n} clusters have bit 0 in the bitmap (the first: cluster ${firstZero}, bitmap byte ${start + Math.floor(firstZero / 8)}); data of those clusters may be missing from the image file`,
+      });
+    }
+  },
+};
+
+export const checkBacking: CheckStep = {
+  name: "backing chain",
+  async run(ctx) {
+    const h = ctx.header;
+    if (!h || h.backingName === null) return;
+    const backingPath = resolveStoredName(ctx.path, h.backingName);
+    const named = `backing file ${backingPath} (stored as ${JSON.stringify(h.backingName)})`;
+    let st: fs.Stats;
+    try {
+      st = fs.statSync(backingPath);
+    } catch (err) {
+      if (ctx.allAllocated) return; // Never read once every cluster is in the image file.
+      const why = errnoCode(err) === "ENOENT" ? "does not exist" : (err as Error).message;
+      ctx.report({
+        severity: "corruption",
+        offset: null,
+        field: "backing file",
+        message: `${named} ${why}`,
+      });
+      return;
+    }
+    const ownIds = new Set([`${fs.statSync(ctx.path).dev}:${fs.statSync(ctx.path).ino}`]);
+    if (ctx.imageId) ownIds.add(ctx.imageId);
+    if (ownIds.has(`${st.dev}:${st.ino}`)) {
+      ctx.report({
+        severity: "corruption",
+        offset: null,
+        field: "backing file",
+        message: `${named} is this disk's own .add-cow or image file`,
+      });
+      return;
+    }
+    if (ctx.allAllocated) return;
+    let backing;
+    try {
+      backing = await openBacking(backingPath, h.backingFormat!, {
+        lock: !ctx.forceShare,
+        layersAbove: 1,
+      });
+    } catch (err) {
+      // A layer in use by a writer cannot be checked now: that is not corruption.
+      if (!(err instanceof AddCowError) || err.code === "EBUSY") throw err;
+      ctx.report({
+        severity: "corruption",
+        offset: null,
+        field: "backing chain",
+        message: `${named} cannot be opened: ${err.message}`,
+      });
+      return;
+    }
+    try {
+      for (const used of chainFiles(backing)) {
+        const u = fs.statSync(used);
+        if (ownIds.has(`${u.dev}:${u.ino}`)) {
+          ctx.report({
+            severity: "corruption",
+            offset: null,
+            field: "backing chain",
+            message: `the backing chain loops back: ${used} is this disk's own .add-cow or image file`,
+          });
+        }
+      }
+    } finally {
+      await backing.close();
+    }
+  },
+};
+
+/** The checks, in order. Later helpers append steps here (e.g. crash leftovers). */
+export const CHECKS: CheckStep[] = [
+  checkHeader,
+  checkImageFile,
+  checkBitmapLength,
+  checkPaddingBits,
+  checkAllocation,
+  checkBacking,
+  checkCreateLeftovers,
+  checkShrunkImage,
+];
+
+export interface CheckOptions {
+  /** Skip the shared lock (like qemu-img -U); results may be stale while a writer runs. */
+  forceShare?: boolean;
+  steps?: CheckStep[];
+}
+
+/**
+ * Checks an add-cow disk. Throws AddCowError when it cannot check at all (the
+ * file is missing, unreadable, not a regular file, or in use by a writer).
+ */
+export async function checkDisk(file: string, opts: CheckOptions = {}): Promise<CheckReport> {
+  const abs = path.resolve(file);
+  let fd: number;
+  try {
+    const st = fs.statSync(abs);
+    if (!st.isFile()) throw new AddCowError(`${file} is not a regular file`, { file });
+    fd = fs.openSync(abs, "r");
+  } catch (err) {
+    if (err instanceof AddCowError) throw err;
+    const code = errnoCode(err);
+    const why = code === "ENOENT" ? "does not exist" : (err as Error).message;
+    throw new AddCowError(`cannot check ${file}: it ${why}`, { file, code });
+  }
+  const handle = new PosixFile(abs, fd, false, "sync");
+  try {
+    if (!opts.forceShare) lockFile(handle, "shared", "add-cow file");
+    const ctx: CheckContext = {
+      file,
+      path: abs,
+      fd,
+      fileSize: fs.fstatSync(fd).size,
+      forceShare: opts.forceShare ?? false,
+      header: null,
+      allAllocated: false,
+      imagePath: null,
+      imageSize: null,
+      imageId: null,
+      numClusters: null,
+      bitmapPresent: 0,
+      allocatedClusters: null,
+      findings: [],
+      report(f) {
+        const { severity, offset, field, message } = f;
+        this.findings.push({ severity, file: f.file ?? file, offset, field, message });
+      },
+    };
+    for (const step of opts.steps ?? CHECKS) await step.run(ctx);
+    return {
+      file,
+      clean: !ctx.findings.some((f) => f.severity === "corruption"),
+      findings: ctx.findings,
+      virtualSize: ctx.imageSize,
+      clusterSize: ctx.header ? 2 ** ctx.header.clusterBits : null,
+      clusters: ctx.numClusters,
+      allocatedClusters: ctx.allocatedClusters,
+    };
+  } finally {
+    await handle.close();
+  }
+}

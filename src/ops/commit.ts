@@ -1,0 +1,160 @@
+import * as fs from "node:fs";
+import { AddCowError, errnoCode } from "../util/errors";
+import { AddCowDevice } from "../addcow/addcow-device";
+import type { RangeLock } from "../block/range-lock";
+import { formatSize } from "../util/size";
+import { CopyEngine, type CopyOptions } from "./copy-engine";
+import type { Job } from "./job";
+import { findRun } from "./scan";
+import { bytesWithState } from "./stream";
+
+export interface CommitOptions extends CopyOptions {
+  /** Leave the overlay as it is (its clusters stay allocated) instead of emptying it. */
+  keep?: boolean;
+  /**
+   * Held on the clusters of each copy (live commit: user writes take it too,
+   * so a copy never puts older data into the backing over a newer write).
+   */
+  copyLock?: RangeLock;
+  /**
+   * Runs the last step (sync the backing, empty the overlay) with every user
+   * request held back (live commit); offline it runs directly.
+   */
+  quiesce?: (finish: () => Promise<void>) => Promise<void>;
+}
+
+/** Refuses a disk without backing file, or one that no longer reads it. */
+export function checkCommittable(dev: AddCowDevice): void {
+  if (dev.backingPath === null) {
+    throw new AddCowError(`${dev.path} has no backing file: there is nothing to commit into`, {
+      file: dev.path,
+      code: "EINVAL",
+    });
+  }
+  if (dev.allAllocated || !dev.backing) {
+    throw new AddCowError(
+      `${dev.path} has every cluster in its image file ("all allocated") and no longer reads its backing file; commit is not possible`,
+      { file: dev.path, code: "EINVAL" },
+    );
+  }
+}
+
+/** The one line for a backing file commit cannot write. */
+export function readOnlyBackingError(file: string, backing: string, code: string): AddCowError {
+  const why = code === "EROFS" ? "read-only file system" : "permission denied";
+  return new AddCowError(
+    `cannot commit ${file}: backing file ${backing} cannot be opened for writing (${why}); commit writes into the backing file, so make it writable, or use stream to make the overlay standalone instead`,
+    { file: backing, code },
+  );
+}
+
+/** Checks before any work that the backing layer's files can be written (live commit). */
+export function checkBackingWritable(dev: AddCowDevice): void {
+  const b = dev.backing;
+  const files = b instanceof AddCowDevice ? [b.path, b.imagePath] : [dev.backingPath!];
+  for (const f of files) {
+    try {
+      fs.accessSync(f, fs.constants.W_OK);
+    } catch (err) {
+      throw readOnlyBackingError(dev.path, f, errnoCode(err) ?? "EACCES");
+    }
+  }
+}
+
+/**
+ * Commit: writes every allocated cluster of the overlay into its backing disk
+ * (opened writable for this job), makes the backing durable, and only then
+ * empties the overlay's bitmap. A crash before the backing sync leaves the
+ * overlay as it was (its bits still 1); a crash while the bitmap is being
+ * zeroed leaves some bits 1 and some 0, and both read the same bytes because
+ * the backing holds them durably. Running commit again is always safe.
+ */
+export async function commitDisk(
+  dev: AddCowDevice,
+  job: Job,
+  opts: CommitOptions = {},
+): Promise<string> {
+  checkCommittable(dev);
+  const backing = dev.backing!;
+  if (backing.readOnly || dev.readOnly) {
+    throw new AddCowError(
+      `backing file ${dev.backingPath} is open read-only; commit needs to write it`,
+      { file: dev.backingPath ?? dev.path, code: "EROFS" },
+    );
+  }
+  // Data past the backing disk's end has nowhere to go: the backing is never grown.
+  let beyond = 0;
+  await dev.bitmap.forEachRun(0, dev.numClusters, (c, n, allocated) => {
+    const end = Math.min((c + n) * dev.clusterSize, dev.size);
+    if (allocated && end > backing.size)
+      beyond += end - Math.max(backing.size, c * dev.clusterSize);
+  });
+  if (beyond > 0) {
+    throw new AddCowError(
+      `${dev.path} has ${formatSize(beyond)} of data past the end of backing file ${dev.backingPath} (${backing.size} bytes); commit never grows a backing file: stream instead`,
+      { file: dev.path, code: "EFBIG" },
+    );
+  }
+  const total = await bytesWithState(dev, true);
+  const cs = dev.clusterSize;
+  const engine = new CopyEngine(
+    {
+      clusterSize: cs,
+      numClusters: dev.numClusters,
+      size: dev.size,
+      findRun: (from, maxLen) => findRun(dev.bitmap, from, dev.numClusters, true, maxLen),
+      copy: async (c0, c1, buf) => {
+        const start = c0 * cs;
+        // Clusters past the backing's end (written during a live commit) stay in the overlay.
+        const stop = Math.min(c1 * cs, dev.size, backing.size);
+        if (stop <= start) return;
+        const data = buf.subarray(0, stop - start);
+        const release = opts.copyLock ? await opts.copyLock.acquire(c0, c1) : undefined;
+        try {
+          // Allocated clusters live in the image file; read it directly, not through the bitmap.
+          const n = await dev.image.read(data, start);
+          if (n < data.length) data.fill(0, n);
+          await backing.write(data, start);
+        } finally {
+          release?.();
+        }
+      },
+    },
+    { ...opts, total },
+  );
+  const outcome = await job.runEngine(engine);
+  if (outcome === "cancelled") {
+    await backing.flush();
+    return `commit of ${dev.path} stopped; the overlay is unchanged and the backing file holds part of its data: run commit again`;
+  }
+  const finish = async () => {
+    // The crash-order rule of commit: backing data durable before any bit is cleared.
+    await backing.flush();
+    if (opts.keep) return;
+    // Live: a user may have written past the backing's end meanwhile; that must stay.
+    const past = await bytesPastEnd(dev, backing.size);
+    if (past > 0) {
+      throw new AddCowError(
+        `${dev.path} got ${formatSize(past)} of data past the end of backing file ${dev.backingPath} during the commit; the overlay was kept as it is`,
+        { file: dev.path, code: "EFBIG" },
+      );
+    }
+    await dev.clearAllocation();
+  };
+  if (opts.quiesce) await opts.quiesce(finish);
+  else await finish();
+  if (opts.keep) {
+    return `committed ${formatSize(total)} of ${dev.path} into ${dev.backingPath}; the overlay was kept as it is (--keep)`;
+  }
+  return `committed ${formatSize(total)} of ${dev.path} into ${dev.backingPath} and emptied the overlay: it now reads everything from its backing file`;
+}
+
+/** Bytes of allocated clusters lying past `limit` (the backing disk's size). */
+async function bytesPastEnd(dev: AddCowDevice, limit: number): Promise<number> {
+  let beyond = 0;
+  await dev.bitmap.forEachRun(0, dev.numClusters, (c, n, allocated) => {
+    const end = Math.min((c + n) * dev.clusterSize, dev.size);
+    if (allocated && end > limit) beyond += end - Math.max(limit, c * dev.clusterSize);
+  });
+  return beyond;
+}

@@ -1,0 +1,113 @@
+import { waitingForExitingDaemon } from "../open/exiting-daemon";
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { promisify } from "node:util";
+import { AddCowError } from "../util/errors";
+import type { AddCowDevice } from "../addcow/addcow-device";
+import { type OpenOptions, openDisk, readHeader, resolveStoredName } from "../open/open-disk";
+import { type FileOpener, PosixFile, openPosixFile } from "../block/file-io";
+import { type CommitOptions, commitDisk, readOnlyBackingError } from "./commit";
+import { type CopyOptions, DEFAULT_IN_FLIGHT } from "./copy-engine";
+import type { Job } from "./job";
+import { streamDisk } from "./stream";
+
+/** Jobs on a disk at rest: the job opens the disk, runs, flushes and closes it. */
+
+const openAsync = promisify(fs.open);
+
+/**
+ * Bulk copies with several in flight use thread-pool I/O, so reads and writes
+ * of different chunks overlap instead of queueing on the JS thread (which the
+ * page-cache-friendly sync style would do). ADDCOW_IO, when set, still decides.
+ */
+function jobOpener(opts: CopyOptions, open: OpenOptions): FileOpener | undefined {
+  if (open.opener || process.env.ADDCOW_IO || (opts.inFlight ?? DEFAULT_IN_FLIGHT) <= 1) {
+    return open.opener;
+  }
+  return async (file, mode) => {
+    const fd = await openAsync(file, mode === "write" ? "r+" : "r");
+    return new PosixFile(file, fd, mode === "write", "async");
+  };
+}
+
+async function withDisk<T>(
+  file: string,
+  open: OpenOptions,
+  fn: (dev: AddCowDevice) => Promise<T>,
+): Promise<T> {
+  const dev = await waitingForExitingDaemon(file, () => openDisk(file, open));
+  let result: T;
+  try {
+    result = await fn(dev);
+  } catch (err) {
+    await dev.close().catch(() => undefined);
+    throw err;
+  }
+  await dev.close();
+  return result;
+}
+
+export function streamOffline(
+  file: string,
+  job: Job,
+  opts: CopyOptions = {},
+  open: OpenOptions = {},
+): Promise<string> {
+  const opener = jobOpener(opts, open);
+  return withDisk(file, { ...open, writable: true, ...(opener ? { opener } : {}) }, (dev) =>
+    streamDisk(dev, job, opts),
+  );
+}
+
+export async function commitOffline(
+  file: string,
+  job: Job,
+  opts: CommitOptions = {},
+  open: OpenOptions = {},
+): Promise<string> {
+  let dev: AddCowDevice;
+  try {
+    const opener = jobOpener(opts, open);
+    dev = await waitingForExitingDaemon(file, () =>
+      openDisk(file, {
+        ...open,
+        writable: true,
+        writableBacking: true,
+        ...(opener ? { opener } : {}),
+      }),
+    );
+  } catch (err) {
+    throw await explainReadOnlyBacking(file, err);
+  }
+  let message: string;
+  try {
+    message = await commitDisk(dev, job, opts);
+  } catch (err) {
+    await dev.close().catch(() => undefined);
+    throw err;
+  }
+  await dev.close();
+  return message;
+}
+
+/** A backing file that cannot be opened for writing gets a message about commit. */
+export async function explainReadOnlyBacking(file: string, err: unknown): Promise<unknown> {
+  if (!(err instanceof AddCowError) || err.file === undefined) return err;
+  const code = err.code;
+  if (code !== "EACCES" && code !== "EROFS" && code !== "EPERM") return err;
+  if (!/for writing/.test(err.message)) return err;
+  // The overlay's own files are not the backing: their error stands as it is.
+  const own = [path.resolve(file)];
+  try {
+    const meta = await openPosixFile(file, "read");
+    try {
+      own.push(resolveStoredName(file, (await readHeader(meta, file)).imageName));
+    } finally {
+      await meta.close();
+    }
+  } catch {
+    return err;
+  }
+  if (own.includes(path.resolve(err.file))) return err;
+  return readOnlyBackingError(file, err.file, code);
+}

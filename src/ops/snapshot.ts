@@ -1,0 +1,44 @@
+import * as fs from "node:fs";
+import { AddCowError } from "../util/errors";
+import { createDisk, defaultImageName } from "./create";
+
+export interface SnapshotOptions {
+  /** Image file of the new overlay (default NEW with .add-cow replaced by .raw). */
+  image?: string;
+  clusterSize?: number;
+  /** Size of the current disk when it is open in this process (live snapshot). */
+  backingSize?: number;
+}
+
+/**
+ * Snapshot: a new overlay NEW whose backing is FILE (format add-cow), with its
+ * own new image file. From then on FILE and its chain are only read. Never
+ * reuses an existing .add-cow or image file.
+ */
+export async function snapshotDisk(
+  file: string,
+  newFile: string,
+  opts: SnapshotOptions = {},
+): Promise<string> {
+  const image = opts.image ?? defaultImageName(newFile);
+  for (const [what, p] of [
+    ["", newFile],
+    ["image file ", image],
+  ] as const) {
+    if (fs.existsSync(p)) {
+      throw new AddCowError(
+        `${what}${p} already exists; a snapshot never reuses a file: remove it or choose another name`,
+        { file: p, code: "EEXIST" },
+      );
+    }
+  }
+  await createDisk({
+    file: newFile,
+    backing: file,
+    backingFormat: "add-cow",
+    image,
+    ...(opts.clusterSize === undefined ? {} : { clusterSize: opts.clusterSize }),
+    ...(opts.backingSize === undefined ? {} : { backingSize: opts.backingSize }),
+  });
+  return `created ${newFile} (image file ${image}) over ${file}; from now on use ${newFile}: ${file} and its chain are only read`;
+}

@@ -1,0 +1,71 @@
+import { AddCowError } from "../util/errors";
+import type { AddCowDevice } from "../addcow/addcow-device";
+import { formatSize } from "../util/size";
+import { CopyEngine, type CopyOptions } from "./copy-engine";
+import type { Job } from "./job";
+import { findRun } from "./scan";
+
+/** Bytes of the clusters whose bit has the given state (the last cluster clipped to the disk). */
+export async function bytesWithState(dev: AddCowDevice, allocated: boolean): Promise<number> {
+  if (dev.allAllocated) return allocated ? dev.size : 0;
+  let bytes = 0;
+  await dev.bitmap.forEachRun(0, dev.numClusters, (c, n, state) => {
+    if (state !== allocated) return;
+    bytes += Math.min((c + n) * dev.clusterSize, dev.size) - c * dev.clusterSize;
+  });
+  return bytes;
+}
+
+/** Refuses a disk without backing file: nothing to stream. */
+export function checkStreamable(dev: AddCowDevice): void {
+  if (dev.backingPath === null) {
+    throw new AddCowError(
+      `${dev.path} has no backing file: there is nothing to stream; its image file ${dev.imagePath} holds the whole disk already`,
+      { file: dev.path, code: "EINVAL" },
+    );
+  }
+}
+
+/**
+ * Stream: copies every cluster whose bit is 0 from the backing chain into the
+ * image file and sets its bit, then sets "all allocated". Bits are the
+ * progress: an interrupted stream resumes where it stopped. Works on a disk in
+ * use too: a user's write racing a copy of the same cluster waits for it and
+ * wins (copyFromBacking takes the allocation lock and skips set bits).
+ */
+export async function streamDisk(
+  dev: AddCowDevice,
+  job: Job,
+  opts: CopyOptions = {},
+): Promise<string> {
+  checkStreamable(dev);
+  if (dev.readOnly) {
+    throw new AddCowError(`${dev.path} is open read-only; stream needs to write its image file`, {
+      code: "EROFS",
+    });
+  }
+  if (dev.allAllocated) {
+    return `${dev.path} is complete already: image file ${dev.imagePath} is a standalone raw disk`;
+  }
+  const total = await bytesWithState(dev, false);
+  const engine = new CopyEngine(
+    {
+      clusterSize: dev.clusterSize,
+      numClusters: dev.numClusters,
+      size: dev.size,
+      findRun: (from, maxLen) => findRun(dev.bitmap, from, dev.numClusters, false, maxLen),
+      copy: async (c0, c1, buf) => {
+        await dev.copyFromBacking(c0, c1, buf);
+      },
+      checkpoint: () => dev.flush(),
+    },
+    { ...opts, total },
+  );
+  const outcome = await job.runEngine(engine);
+  if (outcome === "cancelled") {
+    const left = await bytesWithState(dev, false);
+    return `stream of ${dev.path} stopped with ${formatSize(left)} left to copy; progress is kept: run it again to finish`;
+  }
+  await dev.markAllAllocated();
+  return `${dev.path} is complete: every cluster is in image file ${dev.imagePath}, which is now a standalone raw disk (the .add-cow file and the backing chain are no longer needed)`;
+}

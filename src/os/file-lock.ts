@@ -1,0 +1,49 @@
+import * as fs from "node:fs";
+import { AddCowError } from "../util/errors";
+import type { FileIO } from "../block/file-io";
+
+// fs-ext wraps flock(2): released by the kernel when the process dies, even by SIGKILL.
+const fsExt = require("fs-ext") as { flockSync(fd: number, flags: string): void };
+
+export type LockKind = "shared" | "exclusive";
+
+/**
+ * Takes a non-blocking flock on an open file: writers exclusive, readers shared,
+ * so a disk open for writing cannot be opened again by anyone, and a disk being
+ * read cannot be opened for writing. The error names the holder's pid.
+ */
+export function lockFile(file: FileIO, kind: LockKind, role: string): void {
+  if (file.fd === undefined) return;
+  try {
+    fsExt.flockSync(file.fd, kind === "exclusive" ? "exnb" : "shnb");
+  } catch (err) {
+    const code = (err as { code?: string }).code;
+    if (code !== "EAGAIN" && code !== "EWOULDBLOCK") throw err;
+    const holder = lockHolder(file.fd);
+    const who = holder ? `process ${holder}` : "another process";
+    const wanted = kind === "exclusive" ? "for writing" : "for reading";
+    throw new AddCowError(
+      `${role} ${file.path} is in use by ${who}; it cannot be opened ${wanted} until that process ends (unmount it or stop the job)`,
+      { code: "EBUSY", file: file.path },
+    );
+  }
+}
+
+/** The pid that holds a flock on the file, from /proc/locks, when it can be found. */
+function lockHolder(fd: number): number | undefined {
+  try {
+    const st = fs.fstatSync(fd);
+    const dev = st.dev;
+    const major = Math.floor(dev / 256) & 0xfff;
+    const minor = (dev & 0xff) | (Math.floor(dev / 4096) & ~0xff);
+    const id = `${major.toString(16).padStart(2, "0")}:${minor.toString(16).padStart(2, "0")}:${st.ino}`;
+    for (const line of fs.readFileSync("/proc/locks", "utf8").split("\n")) {
+      const f = line.trim().split(/\s+/);
+      // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"
+      if (f[1] === "FLOCK" && f[5] === id && f[4] !== String(process.pid)) return Number(f[4]);
+    }
+  } catch {
+    // Best effort only.
+  }
+  return undefined;
+}

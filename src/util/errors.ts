@@ -1,0 +1,78 @@
+/**
+ * Why an operation failed, for code that decides what to do next. Logic reads
+ * these fields; the message is for people only and may be reworded freely.
+ */
+export type ErrorReason =
+  /** A header field (or table) holds a value the format does not allow: see field, offset. */
+  | "bad-field"
+  /** Another process holds the file's lock: see pid (when known). */
+  | "locked"
+  /** A file of the disk cannot be opened (missing, permission, kind): see file, mode. */
+  | "cannot-open"
+  /** A name in a header is not allowed to reach the file it names (security rules). */
+  | "forbidden"
+  /** The backing chain loops or is too deep. */
+  | "chain"
+  /** A remote backing answered with an error, or not at all. */
+  | "remote"
+  /** The request does not fit the disk (outside its size, wrong state for the job). */
+  | "invalid";
+
+export interface ErrorFields {
+  /** errno-style code for the FUSE layer and exit decisions (EIO, EROFS, EBUSY, ...). */
+  code?: string;
+  reason?: ErrorReason;
+  /** The file (or URL) the problem is in. */
+  file?: string;
+  /** The header field or table entry at fault. */
+  field?: string;
+  /** Byte offset of the problem inside `file`. */
+  offset?: number;
+  /** The process holding a lock. */
+  pid?: number;
+  /** How the file was being opened. */
+  mode?: "read" | "write";
+  cause?: unknown;
+}
+
+/**
+ * The one error type users see. Its message is a complete, single line:
+ * what is wrong, in which file and field, and what to do about it; its
+ * fields carry the same facts as data. Anything else that escapes is a bug
+ * (or a raw I/O error carrying an errno code).
+ */
+export class AddCowError extends Error {
+  readonly code: string | undefined;
+  readonly reason: ErrorReason | undefined;
+  readonly file: string | undefined;
+  readonly field: string | undefined;
+  readonly offset: number | undefined;
+  readonly pid: number | undefined;
+  readonly mode: "read" | "write" | undefined;
+
+  constructor(message: string, fields: ErrorFields = {}) {
+    super(message, fields.cause === undefined ? undefined : { cause: fields.cause });
+    this.name = "AddCowError";
+    this.code = fields.code;
+    this.reason = fields.reason;
+    this.file = fields.file;
+    this.field = fields.field;
+    this.offset = fields.offset;
+    this.pid = fields.pid;
+    this.mode = fields.mode;
+  }
+}
+
+/** Node system errors carry an errno code such as 'EIO' or 'ENOSPC'. */
+export function errnoCode(err: unknown): string | undefined {
+  if (err && typeof err === "object" && "code" in err && typeof err.code === "string") {
+    return err.code;
+  }
+  return undefined;
+}
+
+/** One line for a user, whatever was thrown. */
+export function describeError(err: unknown): string {
+  const text = err instanceof Error ? err.message : String(err);
+  return text.split("\n")[0] ?? text;
+}
