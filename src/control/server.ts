@@ -11,6 +11,7 @@ import { Job, type JobKind, type JobStatus } from "../ops/job";
 import { liveSnapshot } from "../ops/live";
 import { checkStreamable, streamDisk } from "../ops/stream";
 import { openDisk } from "../open/open-disk";
+import type { Confinement } from "../open/access-policy";
 import { registerDaemonService } from "../daemon/services";
 import { log } from "../util/log";
 import { diskKey, ensureRuntimeDir, socketPathFor } from "./paths";
@@ -35,6 +36,8 @@ export interface LiveDisk {
 export interface ControlHost {
   readonly entries: readonly LiveDisk[];
   readonly mountDir: string;
+  /** The mount's confinement: every reopen of a disk's files applies it too. */
+  readonly confine: Confinement | null;
 }
 
 interface Served {
@@ -141,6 +144,7 @@ export class ControlServer {
           pid: process.pid,
           disks: this.served.map((s) => s.top),
           mountDir: this.host.mountDir,
+          confine: this.host.confine,
         });
       case "list":
         return reply(sock, { ok: true, jobs: [...this.jobs.values()].map((j) => j.job.status()) });
@@ -252,6 +256,7 @@ export class ControlServer {
           const msg = await liveSnapshot(served.disk, served.top, newFile, {
             ...(wire.image === undefined ? {} : { image: wire.image }),
             ...(wire.clusterSize === undefined ? {} : { clusterSize: wire.clusterSize }),
+            confine: this.host.confine,
           });
           this.retired.set(diskKey(served.top), newFile);
           served.top = newFile;
@@ -290,6 +295,7 @@ export class ControlServer {
       await old.close();
       try {
         dev = await openDisk(file, {
+          confine: this.host.confine,
           writable: true,
           writableBacking: true,
           cacheMode: (old as AddCowDevice).cacheMode,
@@ -297,7 +303,11 @@ export class ControlServer {
       } catch (err) {
         // Back to the disk as it was mounted; the commit is refused.
         live.replaceDevice(
-          await openDisk(file, { writable: true, cacheMode: (old as AddCowDevice).cacheMode }),
+          await openDisk(file, {
+            writable: true,
+            cacheMode: (old as AddCowDevice).cacheMode,
+            confine: this.host.confine,
+          }),
         );
         throw await explainReadOnlyBacking(file, err);
       }

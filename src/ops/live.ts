@@ -30,6 +30,7 @@ export async function liveSnapshot(
     let dev: AddCowDevice;
     try {
       dev = await openDisk(newFile, {
+        confine: opts.confine,
         writable: true,
         backingDevice: old,
         cacheMode: old.cacheMode,

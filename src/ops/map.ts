@@ -3,6 +3,7 @@ import type { BlockDevice } from "../block/block-device";
 import { RawDevice } from "../block/raw-device";
 import { AddCowDevice, type ClusterSource } from "../addcow/addcow-device";
 import { openDisk } from "../open/open-disk";
+import type { Confinement } from "../open/access-policy";
 
 /**
  * `addcow map`: the disk as merged extents. `source` says where the bytes come
@@ -110,9 +111,12 @@ export async function mapDevice(dev: AddCowDevice): Promise<Extent[]> {
   return extents;
 }
 
-export async function mapDisk(file: string, opts: { forceShare?: boolean } = {}) {
+export async function mapDisk(
+  file: string,
+  opts: { forceShare?: boolean; confine?: Confinement | null } = {},
+) {
   const dev = await waitingForExitingDaemon(file, () =>
-    openDisk(file, { writable: false, lock: !opts.forceShare }),
+    openDisk(file, { writable: false, lock: !opts.forceShare, confine: opts.confine }),
   );
   try {
     return await mapDevice(dev);
