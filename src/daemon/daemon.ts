@@ -2,6 +2,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
+import type { AddCowDevice } from "../addcow/addcow-device";
 import { openDisk } from "../open/open-disk";
 import { AddCowError, describeError } from "../util/errors";
 import { DiskEntry } from "./disk-entry";
@@ -57,7 +58,7 @@ const MOUNT_TIMEOUT_MS = 20_000;
  * stops cleanly (flush, unmount, close).
  */
 export class MountDaemon {
-  readonly entries: DiskEntry[];
+  readonly entries: Array<DiskEntry<AddCowDevice>>;
   readonly mountDir: string;
   private readonly services: DaemonService[] = [];
   private timers: NodeJS.Timeout[] = [];
@@ -70,7 +71,7 @@ export class MountDaemon {
 
   private constructor(
     readonly config: DaemonConfig,
-    entries: DiskEntry[],
+    entries: Array<DiskEntry<AddCowDevice>>,
   ) {
     this.entries = entries;
     this.mountDir = config.mountDir;
@@ -86,7 +87,7 @@ export class MountDaemon {
     // The mount table names the real path; compare with that (MOUNTDIR may be reached by a symlink).
     mountDir = fs.realpathSync(mountDir);
     config.mountDir = mountDir;
-    const entries: DiskEntry[] = [];
+    const entries: Array<DiskEntry<AddCowDevice>> = [];
     let mounted = false;
     try {
       for (const disk of config.disks) {
