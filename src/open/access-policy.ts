@@ -90,6 +90,23 @@ export function confinementOf(diskFile: string, confine: Confinement): Confineme
   return { dirs: [...new Set(dirs)], urls: confine.allowUrls };
 }
 
+/**
+ * The hook every opener calls before it reaches a URL backing name: under
+ * confinement a URL is refused unless URLs were allowed explicitly.
+ */
+export function checkUrlName(
+  confine: { urls?: boolean; allowUrls?: boolean } | null | undefined,
+  name: string,
+  role: string,
+  namedIn: string,
+): void {
+  if (!confine || confine.urls === true || confine.allowUrls === true) return;
+  throw new AddCowError(
+    `${role} ${name} (named in ${namedIn}) is refused: it is a URL, and a confined disk may use URL backings only with --allow-url (-o allow_url)`,
+    { reason: "forbidden", file: name, code: "EACCES", mode: "read" },
+  );
+}
+
 function verb(access: Access): string {
   return access === "write" ? "read and write" : "read";
 }
@@ -122,11 +139,7 @@ export class AccessPolicy {
 
   /** A URL backing under confinement needs an explicit allow. */
   checkUrl(name: string, role: string, namedIn: string): void {
-    if (!this.confinement || this.confinement.urls) return;
-    throw new AddCowError(
-      `${role} ${name} (named in ${namedIn}) is refused: it is a URL, and a confined disk may use URL backings only with --allow-url (-o allow_url)`,
-      { reason: "forbidden", file: name, code: "EACCES", mode: "read" },
-    );
+    checkUrlName(this.confinement, name, role, namedIn);
   }
 
   /** Before opening: confinement, then the owners' access as the kernel sees it. */

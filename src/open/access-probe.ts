@@ -94,7 +94,9 @@ export class AccessProbe {
   ) {
     this.child = spawn(process.execPath, ["-e", PROBE_PROGRAM, String(uid), String(fallbackGid)], {
       stdio: ["pipe", "pipe", "pipe"],
+      // Nothing of ours leaks in; names are absolute, so the working directory does not matter.
       env: {},
+      cwd: "/",
     });
     log.open("access probe for uid %d: pid %d", uid, this.child.pid);
     this.child.stdout!.setEncoding("utf8");

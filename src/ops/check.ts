@@ -3,7 +3,7 @@ import * as path from "node:path";
 import { chainFiles } from "./create";
 import { lockFile } from "../os/file-lock";
 import { judgeNamedFile, openBacking, resolveStoredName } from "../open/open-disk";
-import type { Confinement } from "../open/access-policy";
+import { type Confinement, checkUrlName, isUrlName } from "../open/access-policy";
 import { AddCowError, errnoCode } from "../util/errors";
 import {
   FEATURE_ALL_ALLOCATED,
@@ -259,6 +259,9 @@ export const checkBacking: CheckStep = {
   async run(ctx) {
     const h = ctx.header;
     if (!h || h.backingName === null) return;
+    if (isUrlName(h.backingName)) {
+      checkUrlName(ctx.confine, h.backingName, "backing file", ctx.path);
+    }
     const backingPath = resolveStoredName(ctx.path, h.backingName);
     const named = `backing file ${backingPath} (stored as ${JSON.stringify(h.backingName)})`;
     let st: fs.Stats;
