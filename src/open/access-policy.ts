@@ -95,13 +95,16 @@ export function confinementOf(diskFile: string, confine: Confinement): Confineme
  * confinement a URL is refused unless URLs were allowed explicitly.
  */
 export function checkUrlName(
-  confine: { urls?: boolean; allowUrls?: boolean } | null | undefined,
+  confine: Confinement | null | undefined,
   name: string,
   role: string,
   namedIn: string,
 ): void {
-  if (!confine || confine.urls === true || confine.allowUrls === true) return;
-  throw new AddCowError(
+  if (confine && !confine.allowUrls) throw urlRefused(name, role, namedIn);
+}
+
+function urlRefused(name: string, role: string, namedIn: string): AddCowError {
+  return new AddCowError(
     `${role} ${name} (named in ${namedIn}) is refused: it is a URL, and a confined disk may use URL backings only with --allow-url (-o allow_url)`,
     { reason: "forbidden", file: name, code: "EACCES", mode: "read" },
   );
@@ -139,7 +142,7 @@ export class AccessPolicy {
 
   /** A URL backing under confinement needs an explicit allow. */
   checkUrl(name: string, role: string, namedIn: string): void {
-    checkUrlName(this.confinement, name, role, namedIn);
+    if (this.confinement && !this.confinement.urls) throw urlRefused(name, role, namedIn);
   }
 
   /** Before opening: confinement, then the owners' access as the kernel sees it. */
