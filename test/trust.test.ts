@@ -119,6 +119,16 @@ function userDisk(l: Layout, name: string, spec: DiskSpec): DiskFiles {
   return d;
 }
 
+/** nobody's TOP.add-cow over nobody's MID.add-cow over the raw file `base`. */
+function userChain(l: Layout, base: string, mid = "mid", top = "top"): DiskFiles {
+  userDisk(l, mid, { size: 256 * KiB, backingName: base, backingFormat: "raw" });
+  return userDisk(l, top, {
+    size: 256 * KiB,
+    backingName: `${mid}.add-cow`,
+    backingFormat: "add-cow",
+  });
+}
+
 /** A raw file of `size` bytes of `fill`, owned by root with `mode`. */
 function rootFile(file: string, size: number, mode: number, fill = 0x33): string {
   writeRaw(file, size, fill);
@@ -222,13 +232,7 @@ const ownerCases: RefusalCase[] = [
   {
     name: "a chain whose second layer names /etc/shadow",
     build(l) {
-      userDisk(l, "mid", { size: 256 * KiB, backingName: "/etc/shadow", backingFormat: "raw" });
-      const d = userDisk(l, "top", {
-        size: 256 * KiB,
-        backingName: "mid.add-cow",
-        backingFormat: "add-cow",
-      });
-      return { file: d.addcow, watch: ["/etc/shadow"] };
+      return { file: userChain(l, "/etc/shadow").addcow, watch: ["/etc/shadow"] };
     },
     pattern:
       /^backing file \/etc\/shadow \(named in .*disk\/mid\.add-cow\) is refused: uid 65534, who owns .*top\.add-cow, may not read it/,
@@ -298,12 +302,7 @@ describe("a user's disk opened by root reaches only what the user could open", (
 
   it("stream, commit and snapshot refuse the same names, changing nothing", async () => {
     const l = layout();
-    userDisk(l, "mid", { size: 256 * KiB, backingName: "/etc/shadow", backingFormat: "raw" });
-    const top = userDisk(l, "top", {
-      size: 256 * KiB,
-      backingName: "mid.add-cow",
-      backingFormat: "add-cow",
-    });
+    const top = userChain(l, "/etc/shadow");
     const before = fingerprintAll(l, ["/etc/shadow"]);
     for (const args of [
       ["stream", "-q", top.addcow],
@@ -385,12 +384,7 @@ describe("legitimate layouts of a user's disk keep working when root opens them"
   it("a shared golden image in an allowed directory, and a chain over it", async () => {
     const l = layout();
     const golden = rootFile(path.join(l.golden, "base.raw"), 256 * KiB, 0o644, 0x5a);
-    userDisk(l, "mid", { size: 256 * KiB, backingName: golden, backingFormat: "raw" });
-    const top = userDisk(l, "top", {
-      size: 256 * KiB,
-      backingName: "mid.add-cow",
-      backingFormat: "add-cow",
-    });
+    const top = userChain(l, golden);
     // Unconfined (the owner rule only): fine, nobody may read the golden image.
     const info = await addcow(["info", "--backing-chain", top.addcow]);
     expect(info.code, info.stderr).toBe(0);
@@ -605,12 +599,7 @@ describe("the opener", () => {
 
   it("opens nothing for writing before the whole chain has passed", async () => {
     const l = layout();
-    userDisk(l, "mid", { size: 128 * KiB, backingName: "/etc/shadow", backingFormat: "raw" });
-    const top = userDisk(l, "top", {
-      size: 128 * KiB,
-      backingName: "mid.add-cow",
-      backingFormat: "add-cow",
-    });
+    const top = userChain(l, "/etc/shadow");
     for (const writableBacking of [false, true]) {
       const log: Array<[string, string]> = [];
       const err = await openDisk(top.addcow, {
@@ -625,13 +614,8 @@ describe("the opener", () => {
     }
 
     // A chain that passes: every file is read first; the writes come last, top layer last.
-    chownNobody(writeRaw(path.join(l.disk, "base.raw"), 128 * KiB));
-    userDisk(l, "mid2", { size: 128 * KiB, backingName: "base.raw", backingFormat: "raw" });
-    const ok = userDisk(l, "ok", {
-      size: 128 * KiB,
-      backingName: "mid2.add-cow",
-      backingFormat: "add-cow",
-    });
+    chownNobody(writeRaw(path.join(l.disk, "base.raw"), 256 * KiB));
+    const ok = userChain(l, "base.raw", "mid2", "ok");
     const log: Array<[string, string]> = [];
     const dev = await openDisk(ok.addcow, {
       writable: true,
