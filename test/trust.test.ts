@@ -53,7 +53,13 @@ function addcow(args: string[]): Promise<RunResult> {
 
 /** Runs a program as nobody, without supplementary groups. */
 function asNobody(cmd: string, args: string[]): Promise<RunResult> {
-  return run("setpriv", [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, "--clear-groups", cmd, ...args]);
+  return run(
+    "setpriv",
+    [`--reuid=${NOBODY}`, `--regid=${NOBODY}`, "--clear-groups", cmd, ...args],
+    {
+      env,
+    },
+  );
 }
 
 function mountedAt(dir: string): boolean {
@@ -336,6 +342,44 @@ describe("a user's disk opened by root reaches only what the user could open", (
     const r = await addcow(["commit", "-q", e.addcow]);
     expect(r.code, r.stderr).toBe(0);
     expect(fs.readFileSync(own).subarray(0, 4096).equals(Buffer.alloc(4096))).toBe(true);
+  });
+
+  it("when the check cannot be made (root without CAP_SETUID), the disk is refused", async () => {
+    const l = layout();
+    chownNobody(writeRaw(path.join(l.disk, "base.raw"), 128 * KiB));
+    const d = userDisk(l, "d", { size: 128 * KiB, backingName: "base.raw", backingFormat: "raw" });
+    const r = await run(
+      "setpriv",
+      ["--bounding-set=-setuid,-setgid", process.execPath, ADDCOW, "info", d.addcow],
+      { env },
+    );
+    expect(oneLine(r, "addcow")).toMatch(
+      /^cannot check whether uid 65534 may open .*d\.raw \(named in .*d\.add-cow\): the helper process exited \(code 2\): cannot become uid 65534: EPERM/,
+    );
+  });
+
+  it("without root, another user's disk is judged where that can be exact, refused elsewhere", async () => {
+    const l = layout();
+    const other = 4242;
+    const own = writeRaw(path.join(l.disk, "own.raw"), 128 * KiB);
+    const ok = writeDisk(l.disk, "ok", { size: 128 * KiB, backingName: "own.raw" });
+    const rootBase = rootFile(path.join(l.golden, "base.raw"), 128 * KiB, 0o644);
+    const unsure = writeDisk(l.disk, "unsure", { size: 128 * KiB, backingName: rootBase });
+    for (const f of [own, ok.addcow, ok.image, unsure.addcow, unsure.image]) {
+      fs.chownSync(f, other, other);
+    }
+    const asUser = (file: string) => asNobody(process.execPath, [ADDCOW, "map", file]);
+    // The other user's own files: their owner bits decide, exactly.
+    const r = await asUser(ok.addcow);
+    expect(r.code, r.stderr).toBe(0);
+    fs.chmodSync(own, 0o044);
+    expect(oneLine(await asUser(ok.addcow), "addcow")).toMatch(
+      /^backing file .*own\.raw .*is refused: uid 4242, who owns .*ok\.add-cow, may not read it \(mode 0044\)/,
+    );
+    // Root's base: only root could ask the kernel whether uid 4242 may read it.
+    expect(oneLine(await asUser(unsure.addcow), "addcow")).toMatch(
+      /^backing file .*golden\/base\.raw .*is refused: it belongs to uid 0, and addcow running as uid 65534 cannot tell whether uid 4242, who owns .*unsure\.add-cow, may read it; run addcow as root or as uid 4242/,
+    );
   });
 
   it("a user without an account is judged by the .add-cow file's group", async () => {

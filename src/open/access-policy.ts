@@ -207,7 +207,7 @@ export class AccessPolicy {
       answer = await this.probeFor(who).ask(n.file, n.access);
     } catch (err) {
       throw new AddCowError(
-        `cannot check whether uid ${who.uid} may open ${n.file} (named in ${n.namer.file}): the access check ${(err as Error).message}`,
+        `cannot check whether uid ${who.uid} may open ${n.file} (named in ${n.namer.file}): ${(err as Error).message}; addcow must run as root (with CAP_SETUID and CAP_SETGID) to open another user's disk`,
         { reason: "forbidden", file: n.file, code: "EIO", mode: n.access },
       );
     }

@@ -32,12 +32,17 @@ try {
 } finally {
   process.seteuid(0);
 }
-if (name === null) process.setgroups([]);
-else process.initgroups(name, gid);
-process.setgid(gid);
-process.setuid(uid);
-if (process.getuid() !== uid || process.geteuid() !== uid || process.getegid() !== gid) {
-  throw new Error("could not become uid " + uid);
+try {
+  if (name === null) process.setgroups([]);
+  else process.initgroups(name, gid);
+  process.setgid(gid);
+  process.setuid(uid);
+  if (process.getuid() !== uid || process.geteuid() !== uid || process.getegid() !== gid) {
+    throw new Error("the ids did not change");
+  }
+} catch (err) {
+  process.stderr.write("cannot become uid " + uid + ": " + (err && err.message) + "\\n");
+  process.exit(2);
 }
 const O_PATH = 0o10000000;
 function answer(q) {
@@ -106,7 +111,8 @@ export class AccessProbe {
     this.child.on("error", (err) => this.fail(err));
     this.child.on("exit", (code, signal) => {
       const last = this.stderr.trim().split("\n").pop() ?? "";
-      this.fail(new Error(`it exited (${signal ?? `code ${code}`})${last ? `: ${last}` : ""}`));
+      const how = signal ?? `code ${code}`;
+      this.fail(new Error(`the helper process exited (${how})${last ? `: ${last}` : ""}`));
     });
     // A broken pipe is reported by the exit above.
     this.child.stdin!.on("error", () => undefined);
