@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { Command } from "commander";
 import { packageVersion, runCli } from "./run-cli";
+import { applyOutputOption } from "./qemu-options";
 import * as check from "./commands/check";
 import * as create from "./commands/create";
 import * as info from "./commands/info";
@@ -31,6 +32,7 @@ export function buildProgram(): Command {
     .helpOption("-h, --help", "show help")
     .addHelpText("after", "\nSee docs/cli.md for the full reference. Tracing: DEBUG=addcow:*");
   for (const command of COMMANDS) command.register(program);
+  applyOutputOption(program);
   return program;
 }
 

@@ -4,6 +4,7 @@ import { runLiveIfMounted, runOffline } from "../job-cli";
 import { snapshotDisk } from "../../ops/snapshot";
 import { parseSize } from "../../util/size";
 import { action } from "../run-cli";
+import { addFormatOption, addJsonOption } from "../qemu-options";
 import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
 
 interface SnapshotFlags extends ConfineFlags {
@@ -29,9 +30,8 @@ export function register(program: Command): void {
       "image file of the new overlay (default: NEW with .add-cow replaced by .raw)",
     )
     .option("-c, --cluster-size <size>", "cluster size of the new overlay (default 64K)")
-    .option("--json", "print the result as a JSON event")
     .option("-q, --quiet", "print nothing but errors");
-  addConfineOptions(cmd).action(
+  addFormatOption(addJsonOption(addConfineOptions(cmd), "print the result as a JSON event")).action(
     action(async (file: string, newFile: string, flags: SnapshotFlags) => {
       const clusterSize =
         flags.clusterSize === undefined ? undefined : parseSize(flags.clusterSize, "cluster size");
