@@ -16,7 +16,14 @@ export type ErrorReason =
   /** A remote backing answered with an error, or not at all. */
   | "remote"
   /** The request does not fit the disk (outside its size, wrong state for the job). */
-  | "invalid";
+  | "invalid"
+  /**
+   * A data sync of the disk failed: writes since the last good flush may be
+   * lost, and every later flush fails until the disk is opened again.
+   */
+  | "sync-failed"
+  /** The file system holding `file` is full (ENOSPC, EDQUOT). */
+  | "no-space";
 
 export interface ErrorFields {
   /** errno-style code for the FUSE layer and exit decisions (EIO, EROFS, EBUSY, ...). */
