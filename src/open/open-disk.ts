@@ -16,6 +16,7 @@ import { type FileIO, type FileOpener, openPosixFile } from "../block/file-io";
 import { log } from "../util/log";
 import { AddCowDevice, type CacheMode } from "../addcow/addcow-device";
 import { lockFile } from "../os/file-lock";
+import { reserveBitmap } from "../addcow/bitmap-space";
 
 /** Longest backing chain we follow; deeper chains are refused as hostile. */
 export const MAX_CHAIN_DEPTH = 64;
@@ -279,7 +280,12 @@ async function openAddCow(
   const imageSize = await image.size();
 
   const allAllocated = (header.compatibleFeatures & FEATURE_ALL_ALLOCATED) !== 0n;
-  if (!allAllocated) checkBitmapLength(file, header, await meta.size(), imagePath, imageSize);
+  if (!allAllocated) {
+    const metaSize = await meta.size();
+    checkBitmapLength(file, header, metaSize, imagePath, imageSize);
+    // Setting bits must never need new blocks: fill holes in the bitmap before any use.
+    if (writable) await reserveBitmap(meta, file, header.headerSize, metaSize);
+  }
 
   let backing: BlockDevice | null = null;
   let backingPath: string | null = null;

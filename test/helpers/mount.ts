@@ -303,6 +303,29 @@ export async function mountBlock(dev: string, dir: string, options?: string): Pr
   await sh("mount", [...(options ? ["-o", options] : []), dev, dir]);
 }
 
+/**
+ * A small file system of its own for a test (a full disk is easy to reach):
+ * tmpfs of `megabytes`, or ext4 in a file on a loop device. Unmounted and
+ * detached by cleanupAll(), even when the test fails.
+ */
+export async function smallFileSystem(
+  kind: "tmpfs" | "ext4",
+  dir: string,
+  megabytes: number,
+): Promise<void> {
+  fs.mkdirSync(dir, { recursive: true });
+  if (kind === "tmpfs") {
+    partitionMounts.add(dir);
+    await sh("mount", ["-t", "tmpfs", "-o", `size=${megabytes}m,mode=0755`, "tmpfs", dir]);
+    return;
+  }
+  const backing = `${dir}.img`;
+  fs.writeFileSync(backing, "");
+  fs.truncateSync(backing, megabytes << 20);
+  await sh("mkfs.ext4", ["-q", "-F", "-m", "0", backing]);
+  await mountBlock(await attachLoop(backing), dir);
+}
+
 export async function umountBlock(dir: string): Promise<void> {
   await sh("umount", [dir]);
   partitionMounts.delete(dir);
