@@ -11,7 +11,6 @@ import { Job, type JobKind, type JobStatus } from "../ops/job";
 import { liveSnapshot } from "../ops/live";
 import { checkStreamable, streamDisk } from "../ops/stream";
 import { openDisk } from "../open/open-disk";
-import { registerDaemonService } from "../daemon/services";
 import { log } from "../util/log";
 import { diskKey, ensureRuntimeDir, socketPathFor } from "./paths";
 import {
@@ -335,16 +334,7 @@ function reply(sock: net.Socket, res: ControlResponse): void {
   if (!sock.destroyed) sock.write(JSON.stringify(res) + "\n");
 }
 
-/** The daemon service: `registerDaemonService(startControlService)` in addcow-mount. */
+/** The daemon service addcow-mount runs: live jobs over the control socket. */
 export async function startControlService(host: ControlHost): Promise<{ stop(): Promise<void> }> {
   return ControlServer.start(host);
-}
-
-let registered = false;
-
-/** Makes every daemon started afterwards serve live jobs (called by addcow-mount; idempotent). */
-export function registerControlService(): void {
-  if (registered) return;
-  registered = true;
-  registerDaemonService(startControlService);
 }

@@ -3,7 +3,6 @@ import * as path from "node:path";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
 import { openDisk } from "../open/open-disk";
-import { openerFromEnvironment } from "../io/test-opener";
 import { AddCowError, describeError } from "../util/errors";
 import { DiskEntry } from "./disk-entry";
 import { createFuseFrontEnd } from "./fuse-fs";
@@ -11,7 +10,7 @@ import type { MountOptions } from "./mount-options";
 import { log } from "../util/log";
 import { deviceId, prepareMountDir, readMountTable, readMountTableAsync } from "../os/mount-table";
 import { waitingForExitingDaemon } from "../open/exiting-daemon";
-import { type DaemonService, daemonServiceFactories } from "./services";
+import type { FileOpener } from "../block/file-io";
 
 const execFileAsync = promisify(execFile);
 
@@ -32,7 +31,23 @@ export interface DaemonConfig {
   pollIntervalMs?: number;
   /** Called for problems after start (failed periodic write-back, ...). */
   onWarning?: (message: string) => void;
+  /** How the disks' files are opened (default: plain POSIX files; fault tests wrap it). */
+  opener?: FileOpener;
+  /** Extra parts to run while mounted (the control socket for live jobs). */
+  services?: readonly DaemonServiceFactory[];
 }
+
+/**
+ * Something a daemon runs while mounted. A factory is called once the disks
+ * are mounted, before the daemon reports ready; a factory that throws fails
+ * the mount. stop() is called first when the daemon stops, before the disks
+ * are flushed and closed.
+ */
+export interface DaemonService {
+  stop(): Promise<void>;
+}
+
+export type DaemonServiceFactory = (daemon: MountDaemon) => Promise<DaemonService>;
 
 const MOUNT_TIMEOUT_MS = 20_000;
 
@@ -79,8 +94,7 @@ export class MountDaemon {
           openDisk(disk.file, {
             writable: !config.options.readOnly,
             cacheMode: config.options.cacheMode,
-            // Undefined unless a fault test set ADDCOW_TEST_FILE_OPENER.
-            opener: openerFromEnvironment(),
+            ...(config.opener ? { opener: config.opener } : {}),
           }),
         );
         entries.push(new DiskEntry(disk.name, disk.file, device));
@@ -93,7 +107,7 @@ export class MountDaemon {
       const st = await fs.promises.stat(mountDir);
       daemon.mountDevice = deviceId(st.dev);
       await fs.promises.stat(path.join(mountDir, entries[0]!.name));
-      for (const factory of daemonServiceFactories()) daemon.services.push(await factory(daemon));
+      for (const factory of config.services ?? []) daemon.services.push(await factory(daemon));
       daemon.startTimers();
       log.daemon(
         "mounted %s at %s (device %s)",

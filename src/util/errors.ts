@@ -39,6 +39,8 @@ export interface ErrorFields {
   pid?: number;
   /** How the file was being opened. */
   mode?: "read" | "write";
+  /** The fact alone, without the file name or advice (addcow check lists it). */
+  detail?: string;
   cause?: unknown;
 }
 
@@ -56,6 +58,7 @@ export class AddCowError extends Error {
   readonly offset: number | undefined;
   readonly pid: number | undefined;
   readonly mode: "read" | "write" | undefined;
+  readonly detail: string | undefined;
 
   constructor(message: string, fields: ErrorFields = {}) {
     super(message, fields.cause === undefined ? undefined : { cause: fields.cause });
@@ -67,6 +70,7 @@ export class AddCowError extends Error {
     this.offset = fields.offset;
     this.pid = fields.pid;
     this.mode = fields.mode;
+    this.detail = fields.detail;
   }
 }
 
