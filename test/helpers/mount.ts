@@ -188,6 +188,10 @@ export interface MountHandle {
   unmount(): Promise<void>;
   /** Sends a signal to the daemon and waits until it is gone. */
   kill(signal?: NodeJS.Signals): Promise<void>;
+  /** With `foreground`: the daemon's exit code once it exits (null: killed by a signal). */
+  exited?: Promise<number | null>;
+  /** With `foreground`: what the daemon wrote to stderr so far. */
+  stderr?: () => string;
 }
 
 export interface MountOpts {
@@ -225,13 +229,15 @@ export async function mountDisks(
   fuseMounts.add(dir);
   const args = [opts.bin ?? MOUNT_BIN, ...mountArgs(files, dir, opts)];
   let pid: number;
+  let exited: Promise<number | null> | undefined;
+  let stderr = "";
   if (opts.foreground) {
     const child = spawn(process.execPath, args, {
       env: opts.env ?? process.env,
       stdio: ["ignore", "ignore", "pipe"],
     });
     children.add(child);
-    let stderr = "";
+    exited = new Promise((resolve) => child.on("exit", (code) => resolve(code)));
     child.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
     await waitFor(`${dir} to be mounted (stderr: ${stderr})`, () => {
       if (child.exitCode !== null) {
@@ -253,6 +259,7 @@ export async function mountDisks(
     dir,
     file,
     pid,
+    ...(exited ? { exited, stderr: () => stderr } : {}),
     async unmount() {
       await sh("fusermount", ["-u", dir]);
       await waitFor(`daemon ${pid} to exit`, () => !processAlive(pid));
@@ -331,6 +338,13 @@ export async function smallFileSystem(
 export async function umountBlock(dir: string): Promise<void> {
   await sh("umount", [dir]);
   partitionMounts.delete(dir);
+}
+
+/** Starts a helper process (a syslog receiver, ...) that cleanupAll() kills. */
+export function spawnTracked(cmd: string, args: string[]): ChildProcess {
+  const child = spawn(cmd, args, { stdio: ["ignore", "ignore", "pipe"] });
+  children.add(child);
+  return child;
 }
 
 /** Undoes everything the helpers created, newest first; never throws. */
