@@ -198,3 +198,65 @@ describe("bitmap space is reserved up front", () => {
     expect(bits[3 * 4096]).toBe(1);
   });
 });
+
+describe("block jobs on a full file system", () => {
+  it("stream stops with one line naming the file, keeps its progress, and finishes once there is room", async () => {
+    const dir = tempDir("addcow-fullfs-");
+    const small = path.join(dir, "small");
+    await smallFileSystem("tmpfs", small, 8);
+    await overlayOn(small, dir);
+    const r = addcow(small, "stream", "-q", "disk.add-cow");
+    expect(r.code).toBe(1);
+    expect(stderrLines(r)).toHaveLength(1);
+    expect(r.stderr).toMatch(
+      /stream of .*disk\.add-cow stopped: the file system holding .*small\/disk\.raw is full \(ENOSPC\); .* left to copy, the progress is kept: free some space and run it again/,
+    );
+    const info = addcow(small, "info", "--json", "disk.add-cow");
+    const allocated = (JSON.parse(info.stdout) as { allocatedClusters: number }).allocatedClusters;
+    expect(allocated).toBeGreaterThan(16);
+
+    await sh("mount", ["-o", "remount,size=96m", small]);
+    const again = addcow(small, "stream", "-q", "disk.add-cow");
+    expect(again.stderr).toBe("");
+    expect(again.code).toBe(0);
+    expect(
+      fs
+        .readFileSync(path.join(small, "disk.raw"))
+        .equals(fs.readFileSync(path.join(dir, "base.raw"))),
+    ).toBe(true);
+  });
+
+  it("commit stops with one line naming the backing file; the overlay stays; it finishes once there is room", async () => {
+    const dir = tempDir("addcow-fullfs-");
+    const small = path.join(dir, "small");
+    await smallFileSystem("tmpfs", small, 8);
+    const base = path.join(small, "base.raw");
+    fs.writeFileSync(base, "");
+    fs.truncateSync(base, DISK);
+    const file = path.join(dir, "top.add-cow");
+    await createDisk({ file, backing: base, backingFormat: "raw", clusterSize: 64 * KiB });
+    const dev = await openDisk(file, { writable: true });
+    for (let i = 0; i < 20 * 8; i++) await dev.write(blockData(i), i * BLOCK);
+    await dev.close();
+    const r = addcow(dir, "commit", "-q", "top.add-cow");
+    expect(r.code).toBe(1);
+    expect(stderrLines(r)).toHaveLength(1);
+    expect(r.stderr).toMatch(
+      /commit of .*top\.add-cow stopped: the file system holding .*small\/base\.raw is full \(ENOSPC\); the overlay is unchanged: free some space and run commit again/,
+    );
+    await sh("mount", ["-o", "remount,size=96m", small]);
+    const again = addcow(dir, "commit", "-q", "top.add-cow");
+    expect(again.stderr).toBe("");
+    expect(again.code).toBe(0);
+    const got = Buffer.alloc(BLOCK);
+    const fd = fs.openSync(base, "r");
+    try {
+      for (let i = 0; i < 20 * 8; i++) {
+        fs.readSync(fd, got, 0, BLOCK, i * BLOCK);
+        expect(got.equals(blockData(i)), `block ${i}`).toBe(true);
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
+  });
+});

@@ -1,16 +1,10 @@
 import type { FileIO } from "../block/file-io";
 import { findHoles } from "../os/holes";
-import { AddCowError, errnoCode } from "../util/errors";
+import { AddCowError, errnoCode, isNoSpace } from "../util/errors";
 import { formatSize } from "../util/size";
 import { log } from "../util/log";
 
 const ZERO_CHUNK = 1 << 20;
-
-/** ENOSPC, or the user's quota (EDQUOT): either way the file system has no room for us. */
-export function isNoSpace(err: unknown): boolean {
-  const code = errnoCode(err);
-  return code === "ENOSPC" || code === "EDQUOT";
-}
 
 /**
  * Writes zeros over [from, to) of a file in chunks (Node has no fallocate).

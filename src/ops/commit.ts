@@ -1,5 +1,5 @@
 import * as fs from "node:fs";
-import { AddCowError, errnoCode } from "../util/errors";
+import { AddCowError, errnoCode, errorPath, isNoSpace } from "../util/errors";
 import { AddCowDevice } from "../addcow/addcow-device";
 import type { RangeLock } from "../block/range-lock";
 import { formatSize } from "../util/size";
@@ -122,7 +122,18 @@ export async function commitDisk(
     },
     { ...opts, total },
   );
-  const outcome = await job.runEngine(engine);
+  let outcome;
+  try {
+    outcome = await job.runEngine(engine);
+  } catch (err) {
+    if (!isNoSpace(err)) throw err;
+    await backing.flush().catch(() => undefined);
+    const file = errorPath(err) ?? dev.backingPath ?? dev.path;
+    throw new AddCowError(
+      `commit of ${dev.path} stopped: the file system holding ${file} is full (${errnoCode(err)}); the overlay is unchanged: free some space and run commit again`,
+      { file, code: errnoCode(err), reason: "no-space", cause: err },
+    );
+  }
   if (outcome === "cancelled") {
     await backing.flush();
     return `commit of ${dev.path} stopped; the overlay is unchanged and the backing file holds part of its data: run commit again`;

@@ -1,6 +1,6 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { AddCowError, errnoCode } from "../util/errors";
+import { AddCowError, errnoCode, isNoSpace } from "../util/errors";
 import {
   type BackingFormat,
   BACKING_FORMATS,
@@ -16,7 +16,7 @@ import type { BlockDevice } from "../block/block-device";
 import { RawDevice } from "../block/raw-device";
 import { AddCowDevice } from "../addcow/addcow-device";
 import { openBacking } from "../open/open-disk";
-import { isNoSpace, writeZeros } from "../addcow/bitmap-space";
+import { writeZeros } from "../addcow/bitmap-space";
 import { PosixFile } from "../block/file-io";
 
 /** A new file (O_EXCL) as FileIO. */

@@ -1,4 +1,4 @@
-import { AddCowError } from "../util/errors";
+import { AddCowError, errnoCode, errorPath, isNoSpace } from "../util/errors";
 import type { AddCowDevice } from "../addcow/addcow-device";
 import { formatSize } from "../util/size";
 import { CopyEngine, type CopyOptions } from "./copy-engine";
@@ -61,7 +61,20 @@ export async function streamDisk(
     },
     { ...opts, total },
   );
-  const outcome = await job.runEngine(engine);
+  let outcome;
+  try {
+    outcome = await job.runEngine(engine);
+  } catch (err) {
+    if (!isNoSpace(err)) throw err;
+    // Bits are the progress: make the clusters copied so far durable, then say what to do.
+    await dev.flush().catch(() => undefined);
+    const left = await bytesWithState(dev, false);
+    const file = errorPath(err) ?? dev.imagePath;
+    throw new AddCowError(
+      `stream of ${dev.path} stopped: the file system holding ${file} is full (${errnoCode(err)}); ${formatSize(left)} left to copy, the progress is kept: free some space and run it again`,
+      { file, code: errnoCode(err), reason: "no-space", cause: err },
+    );
+  }
   if (outcome === "cancelled") {
     const left = await bytesWithState(dev, false);
     return `stream of ${dev.path} stopped with ${formatSize(left)} left to copy; progress is kept: run it again to finish`;

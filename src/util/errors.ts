@@ -82,6 +82,20 @@ export function errnoCode(err: unknown): string | undefined {
   return undefined;
 }
 
+/** ENOSPC, or the user's quota (EDQUOT): either way the file system has no room. */
+export function isNoSpace(err: unknown): boolean {
+  const code = errnoCode(err);
+  return code === "ENOSPC" || code === "EDQUOT";
+}
+
+/** The file a system error names (`path`), if it names one. */
+export function errorPath(err: unknown): string | undefined {
+  if (err && typeof err === "object" && "path" in err && typeof err.path === "string") {
+    return err.path;
+  }
+  return undefined;
+}
+
 /** One line for a user, whatever was thrown. */
 export function describeError(err: unknown): string {
   const text = err instanceof Error ? err.message : String(err);
