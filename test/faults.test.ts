@@ -245,6 +245,31 @@ describe("failing syncs", () => {
     },
   );
 
+  it("a full bitmap cache whose write-back fails keeps serving; the bits are written later", async () => {
+    // Three bitmap clusters (4 KiB clusters: one maps 128 MiB) and a cache of two.
+    const region = CS * 8 * CS;
+    const mfs = new MemoryFs();
+    const paths = createMemoryDisk(mfs, { clusterBits: 12, size: 3 * region });
+    const inject = new FaultInjector();
+    const dev = await openDiskVia(inject.opener(mfs.opener), paths.addcow, {
+      writable: true,
+      bitmapCacheBytes: 2 * CS,
+    });
+    inject.arm({ file: "disk.add-cow", op: "write", code: "ENOSPC" });
+    for (const r of [0, 1, 2, 0, 2]) await dev.write(Buffer.alloc(CS, 0x80 + r), r * region);
+    const got = Buffer.alloc(CS);
+    await dev.read(got, region);
+    expect(got[0]).toBe(0x81);
+    await expect(dev.flush()).rejects.toMatchObject({ code: "ENOSPC" });
+    inject.clear();
+    await dev.close();
+    const again = await openDiskVia(mfs.opener, paths.addcow, { writable: false });
+    for (const r of [0, 1, 2]) {
+      await again.read(got, r * region);
+      expect(got[0]).toBe(0x80 + r);
+    }
+  });
+
   it("a failing sync during close is reported and leaves no bit without its data", async () => {
     const dev = await openFaulty();
     await dev.write(Buffer.alloc(CS, 0x71), 2 * CS);

@@ -101,7 +101,12 @@ export class AddCowDevice implements BlockDevice {
       clusterBits: this.clusterBits,
       numClusters: this.numClusters,
       capacityBytes: parts.bitmapCacheBytes ?? DEFAULT_BITMAP_CACHE_BYTES,
-      onPressure: () => this.flush(),
+      // A write-back that fails keeps its bits, and the cache then holds more than its
+      // soft capacity until one succeeds: reads and writes go on meanwhile.
+      onPressure: () =>
+        this.flush().catch((err: unknown) => {
+          log.bitmap("write-back for room in the bitmap cache failed: %s", String(err));
+        }),
     });
   }
 
