@@ -2,8 +2,9 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
+import type { AddCowDevice } from "../addcow/addcow-device";
 import { openDisk } from "../open/open-disk";
-import { AddCowError, describeError } from "../util/errors";
+import { AddCowError, describeError, errnoCode } from "../util/errors";
 import { DiskEntry } from "./disk-entry";
 import { type FuseFrontEnd, createFuseFrontEnd } from "./fuse-fs";
 import type { MountOptions } from "./mount-options";
@@ -76,7 +77,7 @@ const FINAL_FLUSH_RETRY_INTERVAL_MS = 500;
  * stops cleanly (flush, unmount, close).
  */
 export class MountDaemon {
-  readonly entries: DiskEntry[];
+  readonly entries: Array<DiskEntry<AddCowDevice>>;
   readonly mountDir: string;
   private readonly services: DaemonService[] = [];
   private timers: NodeJS.Timeout[] = [];
@@ -92,7 +93,7 @@ export class MountDaemon {
 
   private constructor(
     readonly config: DaemonConfig,
-    entries: DiskEntry[],
+    entries: Array<DiskEntry<AddCowDevice>>,
   ) {
     this.entries = entries;
     this.mountDir = config.mountDir;
@@ -109,7 +110,7 @@ export class MountDaemon {
     // The mount table names the real path; compare with that (MOUNTDIR may be reached by a symlink).
     mountDir = fs.realpathSync(mountDir);
     config.mountDir = mountDir;
-    const entries: DiskEntry[] = [];
+    const entries: Array<DiskEntry<AddCowDevice>> = [];
     let mounted = false;
     try {
       for (const disk of config.disks) {
@@ -125,7 +126,13 @@ export class MountDaemon {
       const daemon = new MountDaemon(config, entries);
       const frontEnd = createFuseFrontEnd(mountDir, entries, config.options);
       daemon.frontEnd = frontEnd;
-      await withTimeout(frontEnd.mount(), MOUNT_TIMEOUT_MS, `mounting ${mountDir} timed out`);
+      await withTimeout(
+        frontEnd.mount().catch((err: unknown) => {
+          throw mountError(err, mountDir);
+        }),
+        MOUNT_TIMEOUT_MS,
+        `mounting ${mountDir} timed out`,
+      );
       mounted = true;
       // A stat through the mount proves the kernel reaches us (async: it is served on this thread).
       const st = await fs.promises.stat(mountDir);
@@ -144,7 +151,7 @@ export class MountDaemon {
       if (mounted || isMountedAt(mountDir)) await unmountDir(mountDir, true).catch(() => undefined);
       for (const e of entries) await e.close().catch(() => undefined);
       if (createdDir) fs.promises.rmdir(mountDir).catch(() => undefined);
-      throw mountError(err, mountDir);
+      throw err;
     }
   }
 
@@ -363,22 +370,15 @@ function withTimeout<T>(p: Promise<T>, ms: number, message: string): Promise<T> 
   });
 }
 
-/** fuse-native's errors say little ("fuse failed"): name the directory and the likely cause. */
+/**
+ * fuse-native's own mount failure carries no code ("fuse failed"): name the
+ * directory and the likely cause. The directory itself was checked before
+ * (prepareMountDir), so a file system error here is passed on with its code.
+ */
 function mountError(err: unknown, dir: string): unknown {
-  if (err instanceof AddCowError) return err;
-  const text = describeError(err);
-  if (/fuse failed/i.test(text)) {
-    return new AddCowError(
-      `cannot mount ${dir}: the FUSE mount failed (is /dev/fuse there and are you allowed to use it? is the fuse package installed?)`,
-      { file: dir, code: "EIO", cause: err },
-    );
-  }
-  if (/Mountpoint in use/i.test(text)) {
-    return new AddCowError(`cannot mount ${dir}: it is already a mount point`, {
-      file: dir,
-      code: "EBUSY",
-      cause: err,
-    });
-  }
-  return err;
+  if (err instanceof AddCowError || errnoCode(err) !== undefined) return err;
+  return new AddCowError(
+    `cannot mount ${dir}: the FUSE mount failed (is /dev/fuse there and are you allowed to use it? is the fuse package installed?)`,
+    { file: dir, code: "EIO", cause: err },
+  );
 }
