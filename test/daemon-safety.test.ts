@@ -7,12 +7,16 @@
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { afterEach, beforeAll, describe, expect, it } from "vitest";
-import type { FaultRule } from "./helpers/fault-io";
+import { afterEach, describe, expect, it } from "vitest";
+import {
+  bitAfterRemountWrite,
+  bitOnDisk as bitAt,
+  mountWithFaults,
+  syscall,
+} from "./helpers/faulty-mount";
 import { ADDCOW, stderrLines } from "./cli-helpers";
 import {
   MOUNT_BIN,
-  type MountHandle,
   cleanupAll,
   makeOverlay,
   mountDisk,
@@ -24,17 +28,12 @@ import {
   trackMount,
   waitFor,
 } from "./helpers/mount";
-import { pattern } from "./helpers/pattern";
+import { blocksDiffering, pattern } from "./helpers/pattern";
 
 afterEach(cleanupAll);
 
-const FAULTY_MOUNT = path.resolve(__dirname, "../dist/test/helpers/faulty-addcow-mount.js");
 const CS = 64 * 1024;
 const SIZE = 16 << 20;
-
-beforeAll(() => {
-  if (!fs.existsSync(FAULTY_MOUNT)) throw new Error(`${FAULTY_MOUNT} is missing: npm run build`);
-});
 
 function mountedAt(dir: string): boolean {
   return fs
@@ -43,42 +42,9 @@ function mountedAt(dir: string): boolean {
     .some((l) => l.split(" ")[4] === dir);
 }
 
-function syscall<T>(fn: () => T): T | string {
-  try {
-    return fn();
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code ?? String(err);
-  }
-}
-
-function bitOnDisk(addcow: string, c: number): number {
-  const meta = fs.readFileSync(addcow);
-  return (meta[CS + (c >> 3)]! >> (c & 7)) & 1;
-}
-
-interface Faulty {
-  m: MountHandle;
-  addcow: string;
-  setFaults(rules: FaultRule[]): void;
-}
-
-/** A disk mounted through the fault-injecting launcher; faults are armed by rewriting a file. */
-async function mountFaulty(opts: { options?: string; foreground?: boolean }): Promise<Faulty> {
-  const dir = tempDir("addcow-safety-");
-  const disk = await makeOverlay(dir, "disk", { backingBytes: SIZE, clusterSize: CS });
-  const control = path.join(dir, "faults.json");
-  const setFaults = (rules: FaultRule[]) => {
-    fs.writeFileSync(control + ".tmp", JSON.stringify(rules));
-    fs.renameSync(control + ".tmp", control);
-  };
-  setFaults([]);
-  const m = await mountDisk(disk.addcow, path.join(dir, "mnt"), {
-    ...opts,
-    bin: FAULTY_MOUNT,
-    env: { ...process.env, ADDCOW_TEST_FAULTS: control },
-  });
-  return { m, addcow: disk.addcow, setFaults };
-}
+const bitOnDisk = (addcow: string, c: number) => bitAt(addcow, c, CS);
+const mountFaulty = (opts: { options?: string; foreground?: boolean }) =>
+  mountWithFaults({ clusterSize: CS, backingBytes: SIZE, ...opts });
 
 /**
  * A syslog receiver of the test's own: a unix datagram socket (as /dev/log is)
@@ -134,16 +100,8 @@ describe("a lazy unmount while a writer holds the file open", () => {
     console.log(`daemon exited ${Date.now() - closedAt} ms after the last close`);
 
     const again = await mountDisk(disk.addcow, mnt, { options: "ro" });
-    const got = Buffer.alloc(CS);
-    const rfd = fs.openSync(again.file, "r");
-    try {
-      for (let i = 0; i < 40; i++) {
-        fs.readSync(rfd, got, 0, CS, i * CS);
-        expect(got.equals(block(i)), `block ${i}`).toBe(true);
-      }
-    } finally {
-      fs.closeSync(rfd);
-    }
+    const all = Array.from({ length: 40 }, (_, i) => i);
+    expect(blocksDiffering(again.file, all, CS, block)).toEqual([]);
     await again.unmount();
   });
 });
@@ -182,13 +140,7 @@ describe("failed flushes in the mount daemon", () => {
     expect(failed[0]).toMatch(/fsync now fails/);
     expect(s.m.stderr!()).toMatch(/DISK FAILED/);
     // Reopened, the disk works again.
-    const again = await mountDisk(s.addcow, s.m.dir);
-    const wfd = fs.openSync(again.file, "r+");
-    fs.writeSync(wfd, Buffer.alloc(CS, 0x63), 0, CS, 3 * CS);
-    fs.fdatasyncSync(wfd);
-    fs.closeSync(wfd);
-    expect(bitOnDisk(s.addcow, 3)).toBe(1);
-    await again.unmount();
+    expect(await bitAfterRemountWrite(s, 3, CS, CS)).toBe(1);
   });
 
   it("a final flush that fails is retried, and succeeds once the fault is gone", async () => {

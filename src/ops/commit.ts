@@ -1,10 +1,10 @@
 import * as fs from "node:fs";
-import { AddCowError, errnoCode, errorPath, isNoSpace } from "../util/errors";
+import { AddCowError, errnoCode } from "../util/errors";
 import type { AddCowDevice } from "../addcow/addcow-device";
 import type { RangeLock } from "../block/range-lock";
 import { formatSize } from "../util/size";
 import { CopyEngine, type CopyOptions } from "./copy-engine";
-import type { Job } from "./job";
+import { type Job, runUntilFull } from "./job";
 import { findRun } from "./scan";
 import { bytesOfKind } from "../block/extents";
 
@@ -115,18 +115,11 @@ export async function commitDisk(
     },
     { ...opts, total },
   );
-  let outcome;
-  try {
-    outcome = await job.runEngine(engine);
-  } catch (err) {
-    if (!isNoSpace(err)) throw err;
-    await backing.flush().catch(() => undefined);
-    const file = errorPath(err) ?? dev.backingPath ?? dev.path;
-    throw new AddCowError(
-      `commit of ${dev.path} stopped: the file system holding ${file} is full (${errnoCode(err)}); the overlay is unchanged: free some space and run commit again`,
-      { file, code: errnoCode(err), reason: "no-space", cause: err },
-    );
-  }
+  const outcome = await runUntilFull(job, engine, `commit of ${dev.path}`, {
+    file: dev.backingPath ?? dev.path,
+    keep: () => backing.flush(),
+    advice: async () => "the overlay is unchanged: free some space and run commit again",
+  });
   if (outcome === "cancelled") {
     await backing.flush();
     return `commit of ${dev.path} stopped; the overlay is unchanged and the backing file holds part of its data: run commit again`;

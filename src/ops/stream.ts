@@ -1,8 +1,8 @@
-import { AddCowError, errnoCode, errorPath, isNoSpace } from "../util/errors";
+import { AddCowError } from "../util/errors";
 import type { AddCowDevice } from "../addcow/addcow-device";
 import { formatSize } from "../util/size";
 import { CopyEngine, type CopyOptions } from "./copy-engine";
-import type { Job } from "./job";
+import { type Job, runUntilFull } from "./job";
 import { findRun } from "./scan";
 import { bytesOfKind } from "../block/extents";
 
@@ -57,20 +57,13 @@ export async function streamDisk(
     },
     { ...opts, total },
   );
-  let outcome;
-  try {
-    outcome = await job.runEngine(engine);
-  } catch (err) {
-    if (!isNoSpace(err)) throw err;
-    // Bits are the progress: make the clusters copied so far durable, then say what to do.
-    await dev.flush().catch(() => undefined);
-    const left = await bytesToStream(dev);
-    const file = errorPath(err) ?? dev.imagePath;
-    throw new AddCowError(
-      `stream of ${dev.path} stopped: the file system holding ${file} is full (${errnoCode(err)}); ${formatSize(left)} left to copy, the progress is kept: free some space and run it again`,
-      { file, code: errnoCode(err), reason: "no-space", cause: err },
-    );
-  }
+  const outcome = await runUntilFull(job, engine, `stream of ${dev.path}`, {
+    file: dev.imagePath,
+    // Bits are the progress: the clusters copied so far are kept.
+    keep: () => dev.flush(),
+    advice: async () =>
+      `${formatSize(await bytesToStream(dev))} left to copy, the progress is kept: free some space and run it again`,
+  });
   if (outcome === "cancelled") {
     const left = await bytesToStream(dev);
     return `stream of ${dev.path} stopped with ${formatSize(left)} left to copy; progress is kept: run it again to finish`;
