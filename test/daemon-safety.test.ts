@@ -143,6 +143,27 @@ describe("failed flushes in the mount daemon", () => {
     expect(await bitAfterRemountWrite(s, 3, CS, CS)).toBe(1);
   });
 
+  it("bits whose write-back failed are written by a later periodic write-back; said once, not every round", async () => {
+    const s = await mountFaulty({ foreground: true });
+    s.setFaults([{ file: "disk.add-cow", op: "write", code: "ENOSPC" }]);
+    const fd = fs.openSync(s.m.file, "r+");
+    try {
+      fs.writeSync(fd, Buffer.alloc(CS, 0x74), 0, CS, 9 * CS);
+      // The 5 s write-back fails, then fails again; the message is said once.
+      await waitFor("a failed write-back", () => /write-back of .* failed/.test(s.m.stderr!()));
+      await new Promise((r) => setTimeout(r, 5500));
+      expect(bitOnDisk(s.addcow, 9)).toBe(0);
+      s.setFaults([]);
+      await waitFor("the bit on disk", () => bitOnDisk(s.addcow, 9) === 1, 12_000);
+    } finally {
+      fs.closeSync(fd);
+    }
+    await waitFor("the all-clear", () => /write-back of .* works again/.test(s.m.stderr!()));
+    expect(s.m.stderr!().match(/periodic write-back of .* failed/g)).toHaveLength(1);
+    await sh("fusermount", ["-u", s.m.dir]);
+    expect(await s.m.exited).toBe(0);
+  }, 40_000);
+
   it("a final flush that fails is retried, and succeeds once the fault is gone", async () => {
     const s = await mountFaulty({ foreground: true });
     const fd = fs.openSync(s.m.file, "r+");

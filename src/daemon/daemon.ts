@@ -88,6 +88,8 @@ export class MountDaemon {
   readonly stopped: Promise<number>;
   private exitCode = 0;
   private frontEnd: FuseFrontEnd | null = null;
+  /** The last failure of each disk's periodic write-back that was said, until it works again. */
+  private readonly writeBackProblems = new Map<DiskEntry, string>();
   /** Set once the mount left the mount table while files were still open (a lazy unmount). */
   private detached = false;
 
@@ -245,13 +247,26 @@ export class MountDaemon {
     }
   }
 
-  /** The periodic write-back of bits; its failures are retried by the next round. */
+  /**
+   * The periodic write-back of bits; a failure is retried by the next round.
+   * It is said when it starts or changes, and when it is over, not every round.
+   */
   private async writeBackAll(): Promise<void> {
     for (const e of this.entries) {
       if (e.device.readOnly) continue;
-      await e.writeBackIfNeeded().catch((err: unknown) => {
-        if (!e.failure) this.warn(`periodic write-back of ${e.file}: ${describeError(err)}`);
-      });
+      const said = this.writeBackProblems.get(e);
+      try {
+        await e.writeBackIfNeeded();
+        if (said !== undefined) {
+          this.writeBackProblems.delete(e);
+          this.warn(`periodic write-back of ${e.file} works again`);
+        }
+      } catch (err) {
+        const text = describeError(err);
+        if (e.failure || text === said) continue;
+        this.writeBackProblems.set(e, text);
+        this.warn(`periodic write-back of ${e.file} failed: ${text}; retrying every few seconds`);
+      }
     }
   }
 
