@@ -68,7 +68,7 @@ export interface DaemonReporter {
 }
 
 const MOUNT_TIMEOUT_MS = 20_000;
-export const FINAL_FLUSH_RETRY_MS = 10_000;
+const FINAL_FLUSH_RETRY_MS = 10_000;
 const FINAL_FLUSH_RETRY_INTERVAL_MS = 500;
 
 /**
@@ -152,7 +152,8 @@ export class MountDaemon {
     } catch (err) {
       if (mounted || isMountedAt(mountDir)) await unmountDir(mountDir, true).catch(() => undefined);
       for (const e of entries) await e.close().catch(() => undefined);
-      if (createdDir) fs.promises.rmdir(mountDir).catch(() => undefined);
+      // Awaited: a background child exits right after reporting the failure.
+      if (createdDir) await fs.promises.rmdir(mountDir).catch(() => undefined);
       throw err;
     }
   }
