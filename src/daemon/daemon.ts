@@ -8,6 +8,7 @@ import { AddCowError, describeError, errnoCode } from "../util/errors";
 import { DiskEntry } from "./disk-entry";
 import { type FuseFrontEnd, createFuseFrontEnd } from "./fuse-fs";
 import type { MountOptions } from "./mount-options";
+import type { Confinement } from "../open/access-policy";
 import { log } from "../util/log";
 import {
   deviceId,
@@ -79,6 +80,10 @@ const FINAL_FLUSH_RETRY_INTERVAL_MS = 500;
 export class MountDaemon {
   readonly entries: Array<DiskEntry<AddCowDevice>>;
   readonly mountDir: string;
+  /** The mount's confinement (-o confine): reopens of a disk's files for jobs apply it too. */
+  get confine(): Confinement | null {
+    return this.config.options.confine;
+  }
   private readonly services: DaemonService[] = [];
   private timers: NodeJS.Timeout[] = [];
   private mountDevice: string | null = null;
@@ -120,6 +125,7 @@ export class MountDaemon {
           openDisk(disk.file, {
             writable: !config.options.readOnly,
             cacheMode: config.options.cacheMode,
+            confine: config.options.confine,
             ...(config.opener ? { opener: config.opener } : {}),
           }),
         );
