@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { Command } from "commander";
 import { packageVersion, runCli } from "./run-cli";
+import { helperMain, isHelperCall } from "./mount-helper";
 import { applyOutputOption } from "./qemu-options";
 import * as check from "./commands/check";
 import * as create from "./commands/create";
@@ -37,5 +38,13 @@ export function buildProgram(): Command {
 }
 
 if (require.main === module) {
-  void runCli(buildProgram());
+  const program = buildProgram();
+  const args = process.argv.slice(2);
+  const commands = program.commands.flatMap((c) => [c.name(), ...c.aliases()]);
+  if (isHelperCall(args, [...commands, "help"])) {
+    // mount.fuse runs `addcow SOURCE DIR -o OPTIONS` for mount -t fuse.addcow (and fstab).
+    helperMain("addcow", args);
+  } else {
+    void runCli(program);
+  }
 }

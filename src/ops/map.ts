@@ -78,8 +78,10 @@ export async function mapDisk(
   file: string,
   opts: { forceShare?: boolean; confine?: Confinement | null } = {},
 ) {
-  const dev = await waitingForExitingDaemon(file, () =>
-    openDisk(file, { writable: false, lock: !opts.forceShare, confine: opts.confine }),
+  const dev = await waitingForExitingDaemon(
+    file,
+    () => openDisk(file, { writable: false, lock: !opts.forceShare, confine: opts.confine }),
+    { forceShare: true },
   );
   try {
     return await mapDevice(dev);

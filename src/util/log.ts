@@ -11,3 +11,9 @@ export const log = {
   job: createDebug("addcow:job"),
   cli: createDebug("addcow:cli"),
 };
+
+/** Turns on every addcow namespace (addcow-mount -d), keeping what DEBUG enabled already. */
+export function enableTracing(): void {
+  const current = process.env.DEBUG;
+  createDebug.enable(current ? `${current},addcow:*` : "addcow:*");
+}

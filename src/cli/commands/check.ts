@@ -45,8 +45,11 @@ export function register(program: Command): void {
     addJsonOption(addConfineOptions(cmd), "print JSON (stable; see docs/cli.md)"),
   ).action(
     action(async (file: string, flags: CheckFlags) => {
-      const report = await waitingForExitingDaemon(file, () =>
-        checkDisk(file, { forceShare: flags.forceShare, confine: confinementFromFlags(flags) }),
+      const report = await waitingForExitingDaemon(
+        file,
+        () =>
+          checkDisk(file, { forceShare: flags.forceShare, confine: confinementFromFlags(flags) }),
+        { forceShare: true },
       );
       if (flags.json) process.stdout.write(JSON.stringify(report, null, 2) + "\n");
       else process.stdout.write(formatReport(report) + "\n");

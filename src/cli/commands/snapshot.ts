@@ -39,6 +39,11 @@ export function register(program: Command): void {
         newFile: path.resolve(newFile),
         ...(flags.image === undefined ? {} : { image: path.resolve(flags.image) }),
         ...(clusterSize === undefined ? {} : { clusterSize }),
+        // The daemon gets absolute paths; names given relative are stored relative, as offline.
+        relative: {
+          backing: !path.isAbsolute(file),
+          image: !path.isAbsolute(flags.image ?? newFile),
+        },
       });
       if (live !== null) return live;
       return runOffline("snapshot", file, flags, () =>
