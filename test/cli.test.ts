@@ -90,7 +90,7 @@ describe("addcow create", () => {
   });
 
   it("never truncates an existing image file: a larger image makes the disk larger", () => {
-    rawFile("base.raw", 1 << 20);
+    rawFile("base.raw", 1 << 20, Buffer.alloc(1 << 20, 0xb5));
     rawFile("disk.raw", 3 << 20, Buffer.from("keep me"));
     const r = addcow(dir, "create", "-b", "base.raw", "-F", "raw", "disk.add-cow");
     expect(r.code, r.stderr).toBe(0);
@@ -205,20 +205,35 @@ describe("addcow info and map", () => {
       features: { allAllocated: false, compatibleBits: [], incompatibleBits: [] },
     });
     expect(info.backingChain).toBeUndefined();
-    const map = json<Extent[]>(["map", "--json", "disk.add-cow"]);
-    expect(map).toEqual([
+    // The backing file is one hole: block status knows it reads as zeros (SEEK_HOLE).
+    expect(json<Extent[]>(["map", "--json", "disk.add-cow"])).toEqual([
+      { start: 0, length: 2 * 2 ** 30, source: "zero", depth: null, file: null },
+    ]);
+    // Data in it shows where it is.
+    const fd = fs.openSync(path.join(dir, "base.raw"), "r+");
+    fs.writeSync(fd, Buffer.alloc(8192, 1), 0, 8192, 1 << 20);
+    fs.closeSync(fd);
+    expect(json<Extent[]>(["map", "--json", "disk.add-cow"])).toEqual([
+      { start: 0, length: 1 << 20, source: "zero", depth: null, file: null },
       {
-        start: 0,
-        length: 2 * 2 ** 30,
+        start: 1 << 20,
+        length: 8192,
         source: "backing",
         depth: 1,
         file: path.join(dir, "base.raw"),
+      },
+      {
+        start: (1 << 20) + 8192,
+        length: 2 * 2 ** 30 - (1 << 20) - 8192,
+        source: "zero",
+        depth: null,
+        file: null,
       },
     ]);
   });
 
   it("reports allocation and extents after writes through the engine", async () => {
-    rawFile("base.raw", 1 << 20);
+    rawFile("base.raw", 1 << 20, Buffer.alloc(1 << 20, 0x5a));
     expect(
       addcow(dir, "create", "-c", "4K", "-b", "base.raw", "-F", "raw", "d.add-cow", "2M").code,
     ).toBe(0);
@@ -253,7 +268,7 @@ describe("addcow info and map", () => {
   });
 
   it("walks an add-cow backing chain (--backing-chain, map depths)", async () => {
-    rawFile("base.raw", 1 << 20);
+    rawFile("base.raw", 1 << 20, Buffer.alloc(1 << 20, 0x5a));
     expect(
       addcow(dir, "create", "-c", "4K", "-b", "base.raw", "-F", "raw", "mid.add-cow").code,
     ).toBe(0);

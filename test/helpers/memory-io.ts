@@ -65,6 +65,33 @@ export class SparseBytes {
     this.length = Math.max(this.length, pos + data.length);
   }
 
+  /** ftruncate: shorter drops the bytes past the end (they read as zeros if it grows again). */
+  truncate(length: number): void {
+    if (length < this.length) {
+      for (const page of [...this.pages.keys()]) {
+        if (page * PAGE >= length) this.pages.delete(page);
+      }
+      const last = this.pages.get(Math.floor(length / PAGE));
+      if (last) last.fill(0, length % PAGE);
+    }
+    this.length = length;
+  }
+
+  /** Ranges of [start, end) inside the file that no write ever touched (whole pages): holes. */
+  holes(start: number, end: number): Array<[number, number]> {
+    const out: Array<[number, number]> = [];
+    const stop = Math.min(end, this.length);
+    for (let page = Math.floor(start / PAGE); page * PAGE < stop; page++) {
+      if (this.pages.has(page)) continue;
+      const a = Math.max(start, page * PAGE);
+      const b = Math.min(stop, (page + 1) * PAGE);
+      const last = out[out.length - 1];
+      if (last && last[1] === a) last[1] = b;
+      else out.push([a, b]);
+    }
+    return out;
+  }
+
   toBuffer(): Buffer {
     const b = Buffer.alloc(this.length);
     this.read(b, 0);
@@ -107,6 +134,16 @@ export class MemoryFile implements FileIO {
 
   async size(): Promise<number> {
     return this.bytes.length;
+  }
+
+  async truncate(length: number): Promise<void> {
+    if (!this.writable)
+      throw Object.assign(new Error(`EBADF: ${this.path} is read-only`), { code: "EBADF" });
+    this.bytes.truncate(length);
+  }
+
+  holes(start: number, end: number): Array<[number, number]> {
+    return this.bytes.holes(start, end);
   }
 
   async close(): Promise<void> {}
