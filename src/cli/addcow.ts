@@ -12,6 +12,7 @@ import * as commit from "./commands/commit";
 import * as snapshot from "./commands/snapshot";
 import * as jobs from "./commands/jobs";
 import * as job from "./commands/job";
+import * as resize from "./commands/resize";
 
 /** Every subcommand is a module exporting register(program); add new ones here. */
 const COMMANDS: Array<{ register(program: Command): void }> = [
@@ -24,6 +25,7 @@ const COMMANDS: Array<{ register(program: Command): void }> = [
   snapshot,
   jobs,
   job,
+  resize,
 ];
 
 export function buildProgram(): Command {
@@ -45,6 +47,6 @@ if (require.main === module) {
     // mount.fuse runs `addcow SOURCE DIR -o OPTIONS` for mount -t fuse.addcow (and fstab).
     helperMain("addcow", args);
   } else {
-    void runCli(program);
+    void runCli(program, [...process.argv.slice(0, 2), ...resize.protectNegativeSize(args)]);
   }
 }

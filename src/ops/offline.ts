@@ -8,6 +8,7 @@ import { type CommitOptions, commitDisk, readOnlyBackingError } from "./commit";
 import { type CopyOptions, DEFAULT_IN_FLIGHT } from "./copy-engine";
 import type { Job } from "./job";
 import { streamDisk } from "./stream";
+import { type ResizeOptions, parseResize, resizeDisk } from "./resize";
 
 /** Jobs on a disk at rest: the job opens the disk, runs, flushes and closes it. */
 
@@ -104,4 +105,16 @@ export async function explainReadOnlyBacking(file: string, err: unknown): Promis
   }
   if (own.includes(path.resolve(err.file))) return err;
   return readOnlyBackingError(file, err.file, code);
+}
+
+/** Resizes a disk at rest to SIZE, +SIZE or -SIZE (see resizeDisk). */
+export function resizeOffline(
+  file: string,
+  spec: string,
+  opts: ResizeOptions = {},
+  open: OpenOptions = {},
+): Promise<string> {
+  return withDisk(file, { ...open, writable: true }, (dev) =>
+    resizeDisk(dev, parseResize(spec, dev.size), opts),
+  );
 }

@@ -24,6 +24,14 @@ export interface SyncEntry {
   covers: number;
 }
 
+/** A completed change of a file's length (ftruncate); durable like a write, with the next sync. */
+export interface TruncateEntry {
+  kind: "truncate";
+  seq: number;
+  file: string;
+  length: number;
+}
+
 /** Something the workload wants placed in the same order (write issued, acknowledged, flush...). */
 export interface MarkEntry {
   kind: "mark";
@@ -32,7 +40,10 @@ export interface MarkEntry {
   info: Record<string, number>;
 }
 
-export type LogEntry = WriteEntry | SyncEntry | MarkEntry;
+export type LogEntry = WriteEntry | TruncateEntry | SyncEntry | MarkEntry;
+
+/** What a crash may keep or lose: writes and size changes not yet synced. */
+export type ChangeEntry = WriteEntry | TruncateEntry;
 
 /**
  * Records every write and sync that reaches the wrapped files, across all of
@@ -65,6 +76,11 @@ export class Recorder {
   /** @internal */
   pushWrite(file: string, pos: number, data: Buffer): void {
     this.log.push({ kind: "write", seq: this.log.length, file, pos, data: Buffer.from(data) });
+  }
+
+  /** @internal */
+  pushTruncate(file: string, length: number): void {
+    this.log.push({ kind: "truncate", seq: this.log.length, file, length });
   }
 
   /** @internal */
@@ -101,6 +117,12 @@ class RecordingFile extends FileIOWrapper {
         whole.subarray(0, Math.max(n, pos + buf.length - start)),
       );
     }
+  }
+
+  override async truncate(length: number): Promise<void> {
+    if (!this.inner.writable) this.recorder.illegalWrites.push(this.inner.path);
+    await super.truncate(length);
+    this.recorder.pushTruncate(this.inner.path, length);
   }
 
   override async sync(): Promise<void> {
