@@ -339,7 +339,9 @@ async function faultSimulation(
             ? `${e.file} covers ${e.covers}`
             : e.kind === "truncate"
               ? `${e.file} to ${e.length}`
-              : `${e.label} ${JSON.stringify(e.info)}`;
+              : e.kind === "rename"
+                ? `${e.from} -> ${e.to}`
+                : `${e.label} ${JSON.stringify(e.info)}`;
       console.log(e.seq, e.kind, what);
     }
     console.log(inject.injected);

@@ -1,6 +1,6 @@
 import * as fs from "node:fs";
 import type { BlockDevice, Extent, LayerDescription } from "../block/block-device";
-import { forEachExtent, pushExtent, zeroRanges } from "../block/extents";
+import { forEachExtent, pushExtent, readSkippingZeros } from "../block/extents";
 import { type AddCowInfo, describeAddCow } from "./addcow-info";
 import { checkRange } from "../block/range";
 import { AddCowError, errnoCode } from "../util/errors";
@@ -356,21 +356,8 @@ export class AddCowDevice implements BlockDevice {
   private async readBackingSkippingZeros(buf: Buffer, pos: number): Promise<void> {
     const backing = this.backing;
     const avail = backing ? Math.max(0, Math.min(buf.length, backing.size - pos)) : 0;
-    if (avail === 0) {
-      buf.fill(0);
-      return;
-    }
-    const zeros = await zeroRanges(backing!, pos, pos + avail);
-    if (zeros.length === 0) return this.readBacking(buf, pos);
-    const reads: Array<Promise<void>> = [];
-    let at = pos;
-    for (const [a, b] of [...zeros, [pos + avail, pos + avail] as [number, number]]) {
-      if (a > at) reads.push(backing!.read(buf.subarray(at - pos, a - pos), at));
-      at = b;
-    }
-    for (const [a, b] of zeros) buf.fill(0, a - pos, b - pos);
     buf.fill(0, avail);
-    await settleAll(reads);
+    if (avail > 0) await readSkippingZeros(backing!, buf.subarray(0, avail), pos);
   }
 
   /**

@@ -115,3 +115,28 @@ export async function zeroRanges(
   });
   return out;
 }
+
+/**
+ * Reads [pos, pos + buf.length) of `dev` into buf, filling the ranges block
+ * status says read as zeros instead of reading them (a sparse base is never
+ * read where it is a hole). Returns those ranges.
+ */
+export async function readSkippingZeros(
+  dev: BlockDevice,
+  buf: Buffer,
+  pos: number,
+): Promise<Array<[number, number]>> {
+  const end = pos + buf.length;
+  const zeros = await zeroRanges(dev, pos, end);
+  const reads: Array<Promise<void>> = [];
+  let at = pos;
+  for (const [a, b] of [...zeros, [end, end] as [number, number]]) {
+    if (a > at) reads.push(dev.read(buf.subarray(at - pos, a - pos), at));
+    buf.fill(0, a - pos, b - pos);
+    at = b;
+  }
+  // Every read settles before a failure is reported: buf is the caller's.
+  const results = await Promise.allSettled(reads);
+  for (const r of results) if (r.status === "rejected") throw r.reason;
+  return zeros;
+}

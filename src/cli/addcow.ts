@@ -13,6 +13,7 @@ import * as snapshot from "./commands/snapshot";
 import * as jobs from "./commands/jobs";
 import * as job from "./commands/job";
 import * as resize from "./commands/resize";
+import * as rebase from "./commands/rebase";
 
 /** Every subcommand is a module exporting register(program); add new ones here. */
 const COMMANDS: Array<{ register(program: Command): void }> = [
@@ -25,6 +26,7 @@ const COMMANDS: Array<{ register(program: Command): void }> = [
   snapshot,
   jobs,
   job,
+  rebase,
   resize,
 ];
 

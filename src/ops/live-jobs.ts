@@ -132,6 +132,8 @@ export class LiveJobs {
         await this.onNewTop(newFile);
         return msg;
       }
+      case "rebase":
+        throw new AddCowError(`rebase works on a disk at rest; unmount ${served.top} first`);
     }
   }
 

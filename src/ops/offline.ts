@@ -17,7 +17,7 @@ import { type ResizeOptions, parseResize, resizeDisk } from "./resize";
  * of different chunks overlap instead of queueing on the JS thread (which the
  * page-cache-friendly sync style would do). ADDCOW_IO, when set, still decides.
  */
-function jobOpener(opts: CopyOptions, open: OpenOptions): FileOpener | undefined {
+export function jobOpener(opts: CopyOptions, open: OpenOptions): FileOpener | undefined {
   if (open.opener || process.env.ADDCOW_IO || (opts.inFlight ?? DEFAULT_IN_FLIGHT) <= 1) {
     return open.opener;
   }
@@ -25,7 +25,8 @@ function jobOpener(opts: CopyOptions, open: OpenOptions): FileOpener | undefined
     new PosixFile(file, await openRegularFile(file, mode), mode === "write", "async");
 }
 
-async function withDisk<T>(
+/** Opens a disk at rest (waiting for a daemon that is letting go of it), runs fn, closes it. */
+export async function withDisk<T>(
   file: string,
   open: OpenOptions,
   fn: (dev: AddCowDevice) => Promise<T>,

@@ -298,7 +298,7 @@ export const hostileCases: Case[] = [
           new RegExp(
             `backing file ${esc(path.join(dir, "base.raw"))} \\(named in ${esc(d.addcow)}\\) does not exist`,
           ),
-          /fix the name stored in/,
+          /addcow rebase -u -b NEW -F FORMAT /,
         ],
       };
     },

@@ -7,6 +7,7 @@ import {
 import { readHeader, resolveStoredName } from "../../src/open/open-disk";
 import { bitmapBytes, encodeHeader, headerSizeFor } from "../../src/addcow/header";
 import type { FileIO, FileOpener, OpenMode } from "../../src/block/file-io";
+import type { FileReplacer } from "../../src/block/replace-file";
 
 const PAGE = 4096;
 
@@ -165,6 +166,22 @@ export class MemoryFs {
 
   readonly opener: FileOpener = async (path: string, mode: OpenMode) =>
     new MemoryFile(path, this.get(path), mode === "write");
+
+  /** Files written beside others and renamed over them (the .add-cow file of a rebase). */
+  readonly replacer: FileReplacer = {
+    createBeside: async (target) => {
+      const aside = `${target}.aside`;
+      this.set(aside, new SparseBytes());
+      return new MemoryFile(aside, this.get(aside), true);
+    },
+    replace: async (aside, target) => {
+      this.files.set(target, this.get(aside.path));
+      this.files.delete(aside.path);
+    },
+    discard: async (aside) => {
+      this.files.delete(aside.path);
+    },
+  };
 }
 
 export interface MemoryDiskSpec {

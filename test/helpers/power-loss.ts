@@ -188,8 +188,19 @@ export function* crashStates(
       const files = new Map<string, SparseBytes>();
       for (const [path, bytes] of base) files.set(path, fates.length ? bytes.clone() : bytes);
       pending.forEach((w, i) => applyFate(fileOf(files, w.file), w, fates[i]!));
+      applyRenames(log, point, files);
       yield { point, files, pending: pending.map((write, i) => ({ write, fate: fates[i]! })) };
     }
+  }
+}
+
+/** Renames before the crash point happened (each is logged once durable), in order. */
+function applyRenames(log: readonly LogEntry[], point: number, files: Map<string, SparseBytes>) {
+  for (let i = 0; i < point; i++) {
+    const e = log[i]!;
+    if (e.kind !== "rename") continue;
+    files.set(e.to, files.get(e.from) ?? new SparseBytes());
+    files.delete(e.from);
   }
 }
 

@@ -1,4 +1,5 @@
 import type { FileIO, FileOpener, OpenMode } from "../../src/block/file-io";
+import type { FileReplacer } from "../../src/block/replace-file";
 import { FileIOWrapper } from "./file-io-wrapper";
 
 const SECTOR = 512;
@@ -32,6 +33,17 @@ export interface TruncateEntry {
   length: number;
 }
 
+/**
+ * A file renamed over another (FileReplacer.replace), logged once the rename
+ * is durable (the directory synced): from then on `to` holds what `from` held.
+ */
+export interface RenameEntry {
+  kind: "rename";
+  seq: number;
+  from: string;
+  to: string;
+}
+
 /** Something the workload wants placed in the same order (write issued, acknowledged, flush...). */
 export interface MarkEntry {
   kind: "mark";
@@ -40,7 +52,7 @@ export interface MarkEntry {
   info: Record<string, number>;
 }
 
-export type LogEntry = WriteEntry | TruncateEntry | SyncEntry | MarkEntry;
+export type LogEntry = WriteEntry | TruncateEntry | SyncEntry | RenameEntry | MarkEntry;
 
 /** What a crash may keep or lose: writes and size changes not yet synced. */
 export type ChangeEntry = WriteEntry | TruncateEntry;
@@ -62,6 +74,18 @@ export class Recorder {
 
   wrap(inner: FileIO): FileIO {
     return new RecordingFile(inner, this);
+  }
+
+  /** A replacer whose new files are recorded and whose renames are logged. */
+  replacer(inner: FileReplacer): FileReplacer {
+    return {
+      createBeside: async (target) => this.wrap(await inner.createBeside(target)),
+      replace: async (aside, target) => {
+        await inner.replace(aside, target);
+        this.log.push({ kind: "rename", seq: this.log.length, from: aside.path, to: target });
+      },
+      discard: (aside) => inner.discard(aside),
+    };
   }
 
   /** An opener whose files are recorded. */
