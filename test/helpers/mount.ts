@@ -142,7 +142,7 @@ export function daemonPid(mountDir: string): number | null {
     } catch {
       continue;
     }
-    if (!args.some((a) => a.endsWith("addcow-mount.js"))) continue;
+    if (!args.some((a) => /addcow-mount(\.js)?$/.test(a))) continue;
     if (!args.includes("--daemon-child") && !args.includes("-f")) continue;
     let cwd = "/";
     try {
