@@ -16,6 +16,7 @@ import { type FileIO, type FileOpener, openPosixFile } from "../block/file-io";
 import { log } from "../util/log";
 import { AddCowDevice, type CacheMode } from "../addcow/addcow-device";
 import { lockFile } from "../os/file-lock";
+import { type ChainOpener, openQcow2 } from "./open-qcow2";
 
 /** Longest backing chain we follow; deeper chains are refused as hostile. */
 export const MAX_CHAIN_DEPTH = 64;
@@ -224,6 +225,15 @@ async function openLayer(
   writable = false,
 ): Promise<BlockDevice> {
   if (format === "add-cow") return openAddCow(file, writable, state, namedIn);
+  if (format === "qcow2") {
+    if (writable) {
+      throw new AddCowError(
+        `backing file ${file} is a qcow2 image, which addcow opens read-only: it cannot be written (commit into it is not supported)`,
+        { file, code: "EROFS", reason: "invalid" },
+      );
+    }
+    return openQcow2(file, chainOpener(state), namedIn);
+  }
   const st = await statExisting(file, role, namedIn);
   remember(state, st, file, role, namedIn);
   return RawDevice.open(await openFile(file, writable ? "write" : "read", role, state, namedIn));
@@ -245,19 +255,38 @@ export function resolveStoredName(addcowFile: string, stored: string): string {
   return path.resolve(path.dirname(path.resolve(addcowFile)), stored);
 }
 
+/** Counts one more layer of the chain; a chain deeper than MAX_CHAIN_DEPTH is refused. */
+function enterLayer(state: ChainState, file: string, namedIn?: string): void {
+  state.depth++;
+  if (state.depth > MAX_CHAIN_DEPTH) {
+    throw new AddCowError(
+      `${file}${namedIn ? ` (named in ${namedIn})` : ""}: the backing chain is deeper than MAX_CHAIN_DEPTH = ${MAX_CHAIN_DEPTH} layers; shorten the chain (stream or commit layers) or check that it does not loop`,
+      { file, code: "ELOOP", reason: "chain" },
+    );
+  }
+}
+
+/** The chain rules (depth, loops, locks, cleanup) for layers of other formats. */
+function chainOpener(state: ChainState): ChainOpener {
+  return {
+    enterLayer: (file, namedIn) => enterLayer(state, file, namedIn),
+    openReadOnly: async (file, role, namedIn) => {
+      const st = await statExisting(file, role, namedIn);
+      remember(state, st, file, role, namedIn);
+      return openFile(file, "read", role, state, namedIn);
+    },
+    openBacking: (file, format, namedIn) => openLayer(file, format, state, "backing file", namedIn),
+    resolve: resolveStoredName,
+  };
+}
+
 async function openAddCow(
   file: string,
   writable: boolean,
   state: ChainState,
   namedIn?: string,
 ): Promise<AddCowDevice> {
-  state.depth++;
-  if (state.depth > MAX_CHAIN_DEPTH) {
-    throw new AddCowError(
-      `${file}${namedIn ? ` (named in ${namedIn})` : ""}: the backing chain is deeper than MAX_CHAIN_DEPTH = ${MAX_CHAIN_DEPTH} layers; shorten the chain (stream or commit layers) or check that it does not loop`,
-      { file, code: "ELOOP" },
-    );
-  }
+  enterLayer(state, file, namedIn);
   const role = namedIn ? "backing file" : "add-cow file";
   const st = await statExisting(file, role, namedIn);
   remember(state, st, file, role, namedIn);

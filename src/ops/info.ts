@@ -3,7 +3,12 @@ import type { BlockDevice } from "../block/block-device";
 import { RawDevice } from "../block/raw-device";
 import { AddCowDevice } from "../addcow/addcow-device";
 import { type OpenOptions, openDisk } from "../open/open-disk";
-import { FEATURE_ALL_ALLOCATED, KNOWN_COMPATIBLE, bitmapBytes } from "../addcow/header";
+import {
+  type BackingFormat,
+  FEATURE_ALL_ALLOCATED,
+  KNOWN_COMPATIBLE,
+  bitmapBytes,
+} from "../addcow/header";
 
 /**
  * `addcow info`: what a disk is made of. The JSON form of these types is a
@@ -34,7 +39,7 @@ export interface AddCowInfo {
   /** allocatedClusters * 100 / clusters, rounded down to two decimals; 0 for an empty disk. */
   allocatedPercent: number;
   image: FileRef & { format: "raw"; size: number };
-  backing: (FileRef & { format: "raw" | "add-cow"; inUse: boolean }) | null;
+  backing: (FileRef & { format: BackingFormat; inUse: boolean }) | null;
   /** Backing layers in use below this disk: 0 without a backing file or when all allocated. */
   chainDepth: number;
   features: {
@@ -52,7 +57,16 @@ export interface RawLayerInfo {
   virtualSize: number;
 }
 
-export type LayerInfo = (AddCowInfo | RawLayerInfo) & { depth: number };
+/** A layer of another format (qcow2, ...), described by the device itself. */
+export interface OtherLayerInfo {
+  file: string;
+  format: string;
+  virtualSize: number;
+  /** Format-specific facts (qcow2: version, clusterSize, compressionType, dirty, ...). */
+  details: Record<string, unknown>;
+}
+
+export type LayerInfo = (AddCowInfo | RawLayerInfo | OtherLayerInfo) & { depth: number };
 
 export interface DiskInfo extends AddCowInfo {
   /** Only with --backing-chain: every layer below this disk, depth 1 = its backing file. */
@@ -70,9 +84,7 @@ export async function describeAddCow(dev: AddCowDevice, name: string): Promise<A
   const allocated = await dev.countAllocated();
   const bitmap = bitmapBytes(dev.numClusters, dev.clusterBits);
   let depth = 0;
-  for (let layer = dev.backing; layer; depth++) {
-    layer = layer instanceof AddCowDevice ? layer.backing : null;
-  }
+  for (let layer = dev.backing; layer; depth++) layer = layer.backing;
   return {
     file: name,
     format: "add-cow",
@@ -114,7 +126,8 @@ async function describeLayer(
 ): Promise<LayerInfo | null> {
   if (dev instanceof AddCowDevice) return { ...(await describeAddCow(dev, dev.path)), depth };
   if (dev instanceof RawDevice) return { file: path, format: "raw", virtualSize: dev.size, depth };
-  return null;
+  const d = dev.describe();
+  return { file: d.name, format: d.format, virtualSize: dev.size, details: d.details ?? {}, depth };
 }
 
 export interface InfoOptions {
@@ -132,12 +145,10 @@ export async function diskInfo(file: string, opts: InfoOptions = {}): Promise<Di
     if (opts.backingChain) {
       info.backingChain = [];
       let depth = 1;
-      let path = dev.backingPath;
-      for (let layer = dev.backing; layer && path; depth++) {
-        const entry = await describeLayer(layer, path, depth);
+      for (let layer = dev.backing; layer; depth++) {
+        const entry = await describeLayer(layer, layer.describe().name, depth);
         if (entry) info.backingChain.push(entry);
-        path = layer instanceof AddCowDevice ? layer.backingPath : null;
-        layer = layer instanceof AddCowDevice ? layer.backing : null;
+        layer = layer.backing;
       }
     }
     return info;

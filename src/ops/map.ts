@@ -1,6 +1,6 @@
 import { waitingForExitingDaemon } from "../open/exiting-daemon";
 import type { BlockDevice } from "../block/block-device";
-import { RawDevice } from "../block/raw-device";
+import { forEachExtent } from "../block/extents";
 import { AddCowDevice, type ClusterSource } from "../addcow/addcow-device";
 import { openDisk } from "../open/open-disk";
 
@@ -55,8 +55,17 @@ async function resolveBacking(
   out: (e: Extent) => void,
 ): Promise<void> {
   if (!(dev instanceof AddCowDevice)) {
-    const file = dev instanceof RawDevice ? dev.file.path : null;
-    out({ start, length: end - start, source: "backing", depth, file });
+    // Any other layer answers through block status: its data, zeros, or its own backing.
+    const file = dev.describe().dataFile;
+    await forEachExtent(dev, start, end, async (e) => {
+      if (e.kind === "data") {
+        out({ start: e.start, length: e.length, source: "backing", depth, file });
+      } else if (e.kind === "zero" || !dev.backing) {
+        out({ start: e.start, length: e.length, source: "zero", depth: null, file: null });
+      } else {
+        await resolveBacking(dev.backing, depth + 1, e.start, e.start + e.length, cache, out);
+      }
+    });
     return;
   }
   let runs = cache.get(dev);

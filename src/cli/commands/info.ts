@@ -54,7 +54,24 @@ function formatLayer(layer: LayerInfo): string {
       `backing chain position: ${layer.depth}`,
     ].join("\n");
   }
-  return `${formatAddCowInfo(layer)}\nbacking chain position: ${layer.depth}`;
+  if (layer.format === "add-cow" && "image" in layer) {
+    return `${formatAddCowInfo(layer)}\nbacking chain position: ${layer.depth}`;
+  }
+  const lines = [
+    `image: ${layer.file}`,
+    `file format: ${layer.format}`,
+    `virtual size: ${sized(layer.virtualSize)}`,
+  ];
+  if ("details" in layer) {
+    for (const [key, value] of Object.entries(layer.details)) {
+      if (key === "virtualSize" || value === null || value === undefined) continue;
+      const text =
+        key === "clusterSize" && typeof value === "number" ? sized(value) : String(value);
+      lines.push(`${key.replace(/[A-Z]/g, (c) => " " + c.toLowerCase())}: ${text}`);
+    }
+  }
+  lines.push(`backing chain position: ${layer.depth}`);
+  return lines.join("\n");
 }
 
 export function register(program: Command): void {
