@@ -136,7 +136,7 @@ function decodeName(bytes: Buffer, file: string, field: string, offset: number):
   } catch {
     throw badField(file, field, offset, `is not valid UTF-8`);
   }
-  if (/[\u0000-\u001f\u007f]/.test(text)) {
+  if ([...text].some((ch) => ch.charCodeAt(0) < 0x20 || ch === "\x7f")) {
     throw badField(file, field, offset, `${quote(text)} contains a control character`);
   }
   if (text === "") throw badField(file, field, offset, `is empty`);
