@@ -204,13 +204,13 @@ function remember(
   if (earlier !== undefined) {
     const where = namedIn ? ` (named in ${namedIn})` : "";
     const fix = namedIn ? `; fix the name stored in ${namedIn}` : "";
-    const loops = role === "backing file" && /add-cow file|backing file/.test(earlier);
+    const loops = role === "backing file" && /add-cow file|backing file|qcow2 file/.test(earlier);
     const what = loops
       ? `the backing chain loops: ${role} ${file}${where} is ${earlier}, opened earlier in the chain`
       : `${role} ${file}${where} is the same file as ${earlier} (through another path, a symbolic link or a hard link)`;
     throw new AddCowError(
       `${what}; every file of a disk and its backing chain must be distinct${fix}`,
-      { file, code: "ELOOP" },
+      { file, code: "ELOOP", reason: "chain" },
     );
   }
   state.seen.set(id, `${role} ${file}`);
