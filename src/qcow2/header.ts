@@ -35,7 +35,7 @@ export interface Qcow2Header {
   version: 2 | 3;
   clusterBits: number;
   clusterSize: number;
-  /** Virtual disk size in bytes. */
+  /** Virtual disk size in bytes (the size field rounded down to 512 bytes, as QEMU reads it). */
   size: number;
   l1Size: number;
   l1TableOffset: number;
@@ -306,7 +306,9 @@ export function decodeQcow2Header(buf: Buffer, file: string, fileSize: number): 
   }
   if (typeByte === 1) compressionType = "zstd";
 
-  const size = u64(buf, FIELD.size, file, "size");
+  // QEMU counts the disk in 512-byte sectors: a size that is not a multiple reads as rounded down.
+  const sizeField = u64(buf, FIELD.size, file, "size");
+  const size = sizeField - (sizeField % 512);
   const l1Size = buf.readUInt32BE(FIELD.l1_size);
   if (l1Size * 8 > MAX_L1_BYTES) {
     throw badField(

@@ -71,3 +71,14 @@ export function compressedAt(buf: Buffer, guest: number): { offset: number; leng
   const sectors = Number((e >> shift) & ((1n << BigInt(bits - 8)) - 1n)) + 1;
   return { offset, length: sectors * 512 - (offset % 512) };
 }
+
+/** Guest offset of the first compressed cluster at or after `from`, or null. */
+export function firstCompressed(buf: Buffer, from = 0): number | null {
+  const l = layoutOf(buf);
+  const size = Number(buf.readBigUInt64BE(HDR.size));
+  for (let g = from; g < size; g += l.clusterSize) {
+    const pos = l2EntryPos(buf, g);
+    if (pos !== null && (buf.readBigUInt64BE(pos) >> 62n) & 1n) return g;
+  }
+  return null;
+}
