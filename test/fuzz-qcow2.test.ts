@@ -306,7 +306,7 @@ async function runCase(baseIndex: number, mutations: Mutation[], reads: Array<[n
   const dir = path.join(root, `c${caseNo++}`);
   fs.mkdirSync(dir);
   try {
-    let bytes = Buffer.from(base.bytes);
+    let bytes: Buffer = Buffer.from(base.bytes);
     for (const m of mutations) bytes = mutate(base, bytes, m);
     const file = path.join(dir, "img.qcow2");
     fs.writeFileSync(file, bytes);

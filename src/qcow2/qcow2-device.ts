@@ -199,7 +199,7 @@ export class Qcow2Device implements BlockDevice {
         extendedL2: h.extendedL2,
         dirty: h.dirty,
         corrupt: h.corrupt,
-        dataFile: this.parts.dataFilePath,
+        ...(this.parts.dataFilePath ? { dataFile: this.parts.dataFilePath } : {}),
         snapshots: h.nbSnapshots,
         backingFormat: h.backingFormat,
         readOnly: true,

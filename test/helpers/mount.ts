@@ -39,7 +39,7 @@ export interface RunResult {
 export function run(
   cmd: string,
   args: string[],
-  opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number; input?: string } = {},
+  opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number; input?: string; cwd?: string } = {},
 ): Promise<RunResult> {
   return new Promise((resolve) => {
     const child = execFile(
@@ -47,6 +47,7 @@ export function run(
       args,
       {
         env: opts.env ?? process.env,
+        ...(opts.cwd ? { cwd: opts.cwd } : {}),
         timeout: opts.timeoutMs ?? 60_000,
         maxBuffer: 64 << 20,
         encoding: "utf8",
@@ -197,6 +198,8 @@ export interface MountOpts {
   /** Run with -f as a child of this process (default: background like a user would). */
   foreground?: boolean;
   env?: NodeJS.ProcessEnv;
+  /** The program to run instead of the built addcow-mount (a test launcher). */
+  bin?: string;
 }
 
 /** Arguments for addcow-mount. */
@@ -221,7 +224,7 @@ export async function mountDisks(
 ): Promise<MountHandle> {
   const dir = path.resolve(mountDir);
   fuseMounts.add(dir);
-  const args = [MOUNT_BIN, ...mountArgs(files, dir, opts)];
+  const args = [opts.bin ?? MOUNT_BIN, ...mountArgs(files, dir, opts)];
   let pid: number;
   if (opts.foreground) {
     const child = spawn(process.execPath, args, {

@@ -46,29 +46,20 @@ export function formatAddCowInfo(info: AddCowInfo): string {
 }
 
 function formatLayer(layer: LayerInfo): string {
-  if (layer.format === "raw") {
-    return [
-      `image: ${layer.file}`,
-      `file format: raw`,
-      `virtual size: ${sized(layer.virtualSize)}`,
-      `backing chain position: ${layer.depth}`,
-    ].join("\n");
-  }
-  if (layer.format === "add-cow" && "image" in layer) {
-    return `${formatAddCowInfo(layer)}\nbacking chain position: ${layer.depth}`;
+  if (layer.format === "add-cow") {
+    return `${formatAddCowInfo(layer as AddCowInfo)}\nbacking chain position: ${layer.depth}`;
   }
   const lines = [
     `image: ${layer.file}`,
     `file format: ${layer.format}`,
     `virtual size: ${sized(layer.virtualSize)}`,
   ];
-  if ("details" in layer) {
-    for (const [key, value] of Object.entries(layer.details)) {
-      if (key === "virtualSize" || value === null || value === undefined) continue;
-      const text =
-        key === "clusterSize" && typeof value === "number" ? sized(value) : String(value);
-      lines.push(`${key.replace(/[A-Z]/g, (c) => " " + c.toLowerCase())}: ${text}`);
-    }
+  // Other formats' own facts, one "name: value" line each.
+  const shown = new Set(["file", "format", "virtualSize", "depth"]);
+  for (const [key, value] of Object.entries(layer)) {
+    if (shown.has(key) || value === undefined) continue;
+    const text = typeof value === "object" ? JSON.stringify(value) : String(value);
+    lines.push(`${key.replace(/[A-Z]/g, (c) => " " + c.toLowerCase())}: ${text}`);
   }
   lines.push(`backing chain position: ${layer.depth}`);
   return lines.join("\n");
