@@ -15,10 +15,15 @@ import { createDisk } from "../src/ops/create";
 import { mapDevice } from "../src/ops/map";
 import { diskInfo } from "../src/ops/info";
 import { pattern } from "./helpers/pattern";
+import { openPosixFile } from "../src/block/file-io";
+import { ClusterMap } from "../src/qcow2/cluster-map";
+import { loadQcow2 } from "../src/qcow2/load";
 import {
   type Qcow2Case,
   QCOW2_CASES,
   buildMatrix,
+  qemuImg,
+  qemuIo,
   qcow2OverAddCow,
   qemuMap,
   sha256,
@@ -175,5 +180,36 @@ describe("qcow2 images made by qemu-img read like qemu-img convert -O raw", () =
       });
       expectUnmodified(c);
     });
+  });
+});
+
+describe("the L2 cache stays bounded", () => {
+  it("reading a disk that spans many L2 tables keeps at most the configured number", async () => {
+    const dir = fs.mkdtempSync("/tmp/addcow-qcow2-l2-");
+    try {
+      const file = path.join(dir, "wide.qcow2");
+      // 4K clusters: one L2 table maps 2 MiB; 64 MiB with a write in each 2 MiB = 32 tables.
+      await qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", file, "64M"]);
+      await qemuIo(
+        file,
+        "qcow2",
+        Array.from({ length: 32 }, (_, i) => `write -P ${i + 1} ${i * 2 + 1}M 4k`),
+      );
+      const io = await openPosixFile(file, "read");
+      try {
+        const { header, l1, fileSize } = await loadQcow2(io, file);
+        const map = new ClusterMap(io, header, l1, file, fileSize, 4 * 4096);
+        for (let pos = 0; pos < header.size; pos += 1 << 20) {
+          const pieces = await map.pieces(pos, 1 << 20);
+          expect(pieces.length).toBeGreaterThan(0);
+          expect(map.cachedTables).toBeLessThanOrEqual(4);
+        }
+        expect(map.cachedTables).toBe(4);
+      } finally {
+        await io.close();
+      }
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -92,6 +92,11 @@ async function checkThroughMount(dir: string, top: string, files: string[], extr
   expect(extents.reduce((n, e) => n + e.length, 0)).toBe(qcowSize + extra);
   expect(extents.some((e) => e.file?.endsWith(".qcow2"))).toBe(true);
 
+  // stream copies the whole chain, qcow2 layers included, into the image file: it stands alone.
+  const streamed = addcow(dir, "stream", "vm.add-cow");
+  expect(streamed.code, streamed.stderr).toBe(0);
+  await sh("cmp", [path.join(dir, "vm.raw"), reference]);
+
   expect(files.map(sha256)).toEqual(sums);
 }
 
