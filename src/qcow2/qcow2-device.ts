@@ -122,7 +122,7 @@ export class Qcow2Device implements BlockDevice {
     const input = Buffer.alloc(p.csize);
     const n = await this.parts.io.read(input, p.coffset);
     try {
-      return decompressCluster(
+      return await decompressCluster(
         this.header.compressionType,
         input.subarray(0, n),
         this.header.clusterSize,
