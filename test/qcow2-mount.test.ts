@@ -168,3 +168,47 @@ describe("an add-cow disk over a qcow2 base, mounted", () => {
     await checkThroughMount(dir, top, [top, path.join(dir, "base.raw")], 0);
   });
 });
+
+describe("addcow CLI with qcow2 backings: one-line refusals, nothing left behind", () => {
+  it("create -F qcow2 on a raw file, a qcow2 without a backing format, commit into a qcow2", async () => {
+    const dir = tempDir();
+    fs.writeFileSync(path.join(dir, "plain.raw"), Buffer.alloc(1 << 20, 1));
+    const notQcow2 = addcow(dir, "create", "-b", "plain.raw", "-F", "qcow2", "a.add-cow");
+    expect(notQcow2.code).toBe(1);
+    expect(notQcow2.stderr).toMatch(
+      /^addcow: plain\.raw: qcow2 magic is missing: not a qcow2 image; check the file and -F\n$/,
+    );
+
+    await qemuImg([
+      "create",
+      "-q",
+      "-f",
+      "qcow2",
+      "-b",
+      "plain.raw",
+      "-F",
+      "raw",
+      path.join(dir, "img.qcow2"),
+    ]);
+    const b = fs.readFileSync(path.join(dir, "img.qcow2"));
+    b.writeUInt32BE(0x12345678, b.readUInt32BE(100)); // hide the backing format extension
+    fs.writeFileSync(path.join(dir, "img.qcow2"), b);
+    const noFormat = addcow(dir, "create", "-b", "img.qcow2", "-F", "qcow2", "b.add-cow");
+    expect(noFormat.code).toBe(1);
+    expect(noFormat.stderr.trim().split("\n")).toHaveLength(1);
+    expect(noFormat.stderr).toMatch(/records no backing format \(formats are never guessed\)/);
+    expect(fs.readdirSync(dir).sort()).toEqual(["img.qcow2", "plain.raw"]);
+
+    await qemuImg(["create", "-q", "-f", "qcow2", path.join(dir, "base.qcow2"), "1M"]);
+    expect(addcow(dir, "create", "-q", "-b", "base.qcow2", "-F", "qcow2", "c.add-cow").code).toBe(
+      0,
+    );
+    const before = sha256(path.join(dir, "base.qcow2"));
+    const commit = addcow(dir, "commit", "c.add-cow");
+    expect(commit.code).toBe(1);
+    expect(commit.stderr).toMatch(
+      /is a qcow2 image, which addcow opens read-only: it cannot be written/,
+    );
+    expect(sha256(path.join(dir, "base.qcow2"))).toBe(before);
+  });
+});
