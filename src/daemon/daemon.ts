@@ -4,7 +4,7 @@ import { execFile } from "node:child_process";
 import { promisify } from "node:util";
 import type { AddCowDevice } from "../addcow/addcow-device";
 import { openDisk } from "../open/open-disk";
-import { AddCowError, describeError } from "../util/errors";
+import { AddCowError, describeError, errnoCode } from "../util/errors";
 import { DiskEntry } from "./disk-entry";
 import { createFuseFrontEnd } from "./fuse-fs";
 import type { MountOptions } from "./mount-options";
@@ -102,7 +102,13 @@ export class MountDaemon {
       }
       const daemon = new MountDaemon(config, entries);
       const frontEnd = createFuseFrontEnd(mountDir, entries, config.options);
-      await withTimeout(frontEnd.mount(), MOUNT_TIMEOUT_MS, `mounting ${mountDir} timed out`);
+      await withTimeout(
+        frontEnd.mount().catch((err: unknown) => {
+          throw mountError(err, mountDir);
+        }),
+        MOUNT_TIMEOUT_MS,
+        `mounting ${mountDir} timed out`,
+      );
       mounted = true;
       // A stat through the mount proves the kernel reaches us (async: it is served on this thread).
       const st = await fs.promises.stat(mountDir);
@@ -121,7 +127,7 @@ export class MountDaemon {
       if (mounted || isMountedAt(mountDir)) await unmountDir(mountDir, true).catch(() => undefined);
       for (const e of entries) await e.close().catch(() => undefined);
       if (createdDir) fs.promises.rmdir(mountDir).catch(() => undefined);
-      throw mountError(err, mountDir);
+      throw err;
     }
   }
 
@@ -265,22 +271,15 @@ function withTimeout<T>(p: Promise<T>, ms: number, message: string): Promise<T> 
   });
 }
 
-/** fuse-native's errors say little ("fuse failed"): name the directory and the likely cause. */
+/**
+ * fuse-native's own mount failure carries no code ("fuse failed"): name the
+ * directory and the likely cause. The directory itself was checked before
+ * (prepareMountDir), so a file system error here is passed on with its code.
+ */
 function mountError(err: unknown, dir: string): unknown {
-  if (err instanceof AddCowError) return err;
-  const text = describeError(err);
-  if (/fuse failed/i.test(text)) {
-    return new AddCowError(
-      `cannot mount ${dir}: the FUSE mount failed (is /dev/fuse there and are you allowed to use it? is the fuse package installed?)`,
-      { file: dir, code: "EIO", cause: err },
-    );
-  }
-  if (/Mountpoint in use/i.test(text)) {
-    return new AddCowError(`cannot mount ${dir}: it is already a mount point`, {
-      file: dir,
-      code: "EBUSY",
-      cause: err,
-    });
-  }
-  return err;
+  if (err instanceof AddCowError || errnoCode(err) !== undefined) return err;
+  return new AddCowError(
+    `cannot mount ${dir}: the FUSE mount failed (is /dev/fuse there and are you allowed to use it? is the fuse package installed?)`,
+    { file: dir, code: "EIO", cause: err },
+  );
 }
