@@ -10,23 +10,24 @@
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
-import * as v8 from "node:v8";
-import * as vm from "node:vm";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AddCowError } from "../src/util/errors";
 import { type FileIO, type FileOpener, openPosixFile } from "../src/block/file-io";
 import { openBacking } from "../src/open/open-disk";
 import { FileIOWrapper } from "./helpers/file-io-wrapper";
+import { heapGrowth, withTimeout } from "./helpers/fuzz";
 import { run } from "./helpers/mount";
 import { HDR, compressedAt, firstCompressed, l2EntryPos, layoutOf } from "./helpers/qcow2-layout";
-import { mixedContent, qemuImg, qemuIo } from "./helpers/qcow2-images";
+import {
+  mixedContent,
+  qemuImg,
+  qemuIo,
+  createQcow2,
+  compressToQcow2,
+} from "./helpers/qcow2-images";
 
-const CASE_TIMEOUT_MS = 5_000;
 const RUNS = Number(process.env.ADDCOW_FUZZ_RUNS ?? 1);
-
-v8.setFlagsFromString("--expose-gc");
-const gc = vm.runInNewContext("gc") as () => void;
 
 interface Base {
   name: string;
@@ -69,7 +70,7 @@ beforeAll(async () => {
   const f = (n: string) => path.join(root, n);
   const src = f("src.raw");
   fs.writeFileSync(src, mixedContent(3 * MiB, 3));
-  await qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", f("plain.qcow2"), "3M"]);
+  await createQcow2(f("plain.qcow2"), { options: "cluster_size=64k", size: "3M" });
   await qemuIo(f("plain.qcow2"), "qcow2", [
     "write -P 1 0 512k",
     "write -z 1M 128k",
@@ -77,34 +78,15 @@ beforeAll(async () => {
     "write -P 3 1600k 4k",
   ]);
   await addBase("v3 64K, data, zero, compressed", f("plain.qcow2"));
-  await qemuImg([
-    "convert",
-    "-c",
-    "-f",
-    "raw",
-    "-O",
-    "qcow2",
-    "-o",
-    "cluster_size=4k,compression_type=zstd",
-    src,
-    f("zstd.qcow2"),
-  ]);
+  await compressToQcow2(src, f("zstd.qcow2"), "cluster_size=4k,compression_type=zstd");
   await addBase("zstd 4K, compressed", f("zstd.qcow2"));
   fs.writeFileSync(f("base.raw"), mixedContent(2 * MiB, 5));
-  await qemuImg([
-    "create",
-    "-q",
-    "-f",
-    "qcow2",
-    "-o",
-    "compat=0.10",
-    "-b",
-    "base.raw",
-    "-F",
-    "raw",
-    f("v2.qcow2"),
-    "3M",
-  ]);
+  await createQcow2(f("v2.qcow2"), {
+    options: "compat=0.10",
+    backing: "base.raw",
+    backingFormat: "raw",
+    size: "3M",
+  });
   await qemuIo(f("v2.qcow2"), "qcow2", ["write -P 4 64k 64k", "write -c -P 5 2M 64k"]);
   await addBase("v2 over raw", f("v2.qcow2"), [f("base.raw")]);
   await qemuImg([
@@ -287,17 +269,6 @@ const guardedOpener: FileOpener = async (p, mode) => {
   return new ReadOnlyGuard(await openPosixFile(p, mode)) as FileIO;
 };
 
-function withTimeout<T>(p: Promise<T>, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(
-      () => reject(new Error(`hang: ${what} took over ${CASE_TIMEOUT_MS} ms`)),
-      CASE_TIMEOUT_MS,
-    );
-  });
-  return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
-}
-
 let caseNo = 0;
 const outcomes = { refused: 0, opened: 0, readsOk: 0, readsEio: 0, compared: 0 };
 
@@ -373,25 +344,23 @@ describe("fuzzing the qcow2 reader with mutated qemu-img images", () => {
   it(
     "refuses cleanly, fails reads with EIO, or reads what QEMU reads",
     async () => {
-      gc();
-      const heapBefore = process.memoryUsage().heapUsed;
-      await fc.assert(
-        fc.asyncProperty(
-          fc.nat(),
-          fc.array(mutationArb, { minLength: 1, maxLength: 3 }),
-          fc.array(
-            fc.tuple(
-              fc.double({ min: 0, max: 1, noNaN: true }),
-              fc.oneof(fc.integer({ min: 1, max: 4096 }), fc.integer({ min: 1, max: 300_000 })),
+      const grown = await heapGrowth(async () => {
+        await fc.assert(
+          fc.asyncProperty(
+            fc.nat(),
+            fc.array(mutationArb, { minLength: 1, maxLength: 3 }),
+            fc.array(
+              fc.tuple(
+                fc.double({ min: 0, max: 1, noNaN: true }),
+                fc.oneof(fc.integer({ min: 1, max: 4096 }), fc.integer({ min: 1, max: 300_000 })),
+              ),
+              { minLength: 1, maxLength: 6 },
             ),
-            { minLength: 1, maxLength: 6 },
+            (b, ms, reads) => runCase(b, ms, reads),
           ),
-          (b, ms, reads) => runCase(b, ms, reads),
-        ),
-        { numRuns: 400 * RUNS, endOnFailure: true, interruptAfterTimeLimit: 40_000 * RUNS },
-      );
-      gc();
-      const grown = process.memoryUsage().heapUsed - heapBefore;
+          { numRuns: 400 * RUNS, endOnFailure: true, interruptAfterTimeLimit: 40_000 * RUNS },
+        );
+      });
       console.log(
         `qcow2 fuzz: ${outcomes.refused} refused, ${outcomes.opened} opened; reads ${outcomes.readsOk} ok (${outcomes.compared} compared with QEMU), ${outcomes.readsEio} EIO; heap +${(grown / 2 ** 20).toFixed(1)} MiB`,
       );

@@ -12,7 +12,14 @@ import { openBacking, openDisk } from "../src/open/open-disk";
 import { createDisk } from "../src/ops/create";
 import type { BlockDevice } from "../src/block/block-device";
 import { HDR, compressedAt, l2EntryPos, layoutOf, patch } from "./helpers/qcow2-layout";
-import { convertToRaw, qemuImg, qemuIo, setBackingFormat, sha256 } from "./helpers/qcow2-images";
+import {
+  convertToRaw,
+  qemuImg,
+  qemuIo,
+  setBackingFormat,
+  sha256,
+  createQcow2,
+} from "./helpers/qcow2-images";
 import { run } from "./helpers/mount";
 
 const KiB = 1024;
@@ -33,7 +40,7 @@ beforeAll(async () => {
     ["zstd.qcow2", "cluster_size=64k,compression_type=zstd"],
     ["extl2.qcow2", "cluster_size=64k,extended_l2=on"],
   ] as const) {
-    await qemuImg(["create", "-q", "-f", "qcow2", "-o", opts, t(name), "4M"]);
+    await createQcow2(t(name), { options: opts, size: "4M" });
     await qemuIo(t(name), "qcow2", [
       "write -P 7 0 1M",
       "write -c -P 9 2M 64k",
@@ -43,7 +50,7 @@ beforeAll(async () => {
     template[name] = t(name);
   }
   await qemuImg(["create", "-q", "-f", "raw", t("base.raw"), "4M"]);
-  await qemuImg(["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", t("over.qcow2")]);
+  await createQcow2(t("over.qcow2"), { backing: "base.raw", backingFormat: "raw" });
   template["over.qcow2"] = t("over.qcow2");
   await qemuImg([
     "create",
@@ -389,8 +396,8 @@ describe("hostile qcow2 headers and tables are refused at open", () => {
     fs.mkdirSync(dir);
     const a = path.join(dir, "a.qcow2");
     const b = path.join(dir, "b.qcow2");
-    await qemuImg(["create", "-q", "-f", "qcow2", a, "1M"]);
-    await qemuImg(["create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", b]);
+    await createQcow2(a, { size: "1M" });
+    await createQcow2(b, { backing: "a.qcow2", backingFormat: "qcow2" });
     await qemuImg(["rebase", "-q", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", a]);
     await expectRefused(
       b,
@@ -398,7 +405,7 @@ describe("hostile qcow2 headers and tables are refused at open", () => {
       { reason: "chain" },
     );
     const self = path.join(dir, "self.qcow2");
-    await qemuImg(["create", "-q", "-f", "qcow2", self, "1M"]);
+    await createQcow2(self, { size: "1M" });
     await qemuImg(["rebase", "-q", "-u", "-f", "qcow2", "-b", "self.qcow2", "-F", "qcow2", self]);
     await expectRefused(self, /the backing chain loops/, { reason: "chain" });
     // Through an add-cow disk too: create refuses the chain with the same line.

@@ -22,11 +22,11 @@ import {
   type Qcow2Case,
   QCOW2_CASES,
   buildMatrix,
-  qemuImg,
   qemuIo,
   qcow2OverAddCow,
   qemuMap,
   sha256,
+  createQcow2,
 } from "./helpers/qcow2-images";
 
 /** QCOW2_CASES plus the qcow2 over an add-cow disk, in build order. */
@@ -189,7 +189,7 @@ describe("the L2 cache stays bounded", () => {
     try {
       const file = path.join(dir, "wide.qcow2");
       // 4K clusters: one L2 table maps 2 MiB; 64 MiB with a write in each 2 MiB = 32 tables.
-      await qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", file, "64M"]);
+      await createQcow2(file, { options: "cluster_size=4k", size: "64M" });
       await qemuIo(
         file,
         "qcow2",

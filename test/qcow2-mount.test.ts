@@ -16,6 +16,8 @@ import {
   qemuIo,
   scatteredWrites,
   sha256,
+  compressToQcow2,
+  createQcow2,
 } from "./helpers/qcow2-images";
 
 afterEach(cleanupAll);
@@ -106,33 +108,14 @@ describe("an add-cow disk over a qcow2 base, mounted", () => {
     const src = path.join(dir, "src.raw");
     fs.writeFileSync(src, mixedContent(24 * MiB, 7));
     const base = path.join(dir, "cloud.qcow2");
-    await qemuImg([
-      "convert",
-      "-c",
-      "-f",
-      "raw",
-      "-O",
-      "qcow2",
-      "-o",
-      "compression_type=zstd",
-      src,
-      base,
-    ]);
+    await compressToQcow2(src, base, "compression_type=zstd");
     fs.rmSync(src);
     const top = path.join(dir, "golden.qcow2");
-    await qemuImg([
-      "create",
-      "-q",
-      "-f",
-      "qcow2",
-      "-o",
-      "extended_l2=on,cluster_size=128k",
-      "-b",
-      "cloud.qcow2",
-      "-F",
-      "qcow2",
-      top,
-    ]);
+    await createQcow2(top, {
+      options: "extended_l2=on,cluster_size=128k",
+      backing: "cloud.qcow2",
+      backingFormat: "qcow2",
+    });
     await qemuIo(top, "qcow2", [
       ...scatteredWrites(24 * MiB, 80, 3),
       "write -z 5M 8k",
@@ -179,17 +162,7 @@ describe("addcow CLI with qcow2 backings: one-line refusals, nothing left behind
       /^addcow: plain\.raw: qcow2 magic is missing: not a qcow2 image; check the file and -F\n$/,
     );
 
-    await qemuImg([
-      "create",
-      "-q",
-      "-f",
-      "qcow2",
-      "-b",
-      "plain.raw",
-      "-F",
-      "raw",
-      path.join(dir, "img.qcow2"),
-    ]);
+    await createQcow2(path.join(dir, "img.qcow2"), { backing: "plain.raw", backingFormat: "raw" });
     const b = fs.readFileSync(path.join(dir, "img.qcow2"));
     b.writeUInt32BE(0x12345678, b.readUInt32BE(100)); // hide the backing format extension
     fs.writeFileSync(path.join(dir, "img.qcow2"), b);
@@ -199,7 +172,7 @@ describe("addcow CLI with qcow2 backings: one-line refusals, nothing left behind
     expect(noFormat.stderr).toMatch(/records no backing format \(formats are never guessed\)/);
     expect(fs.readdirSync(dir).sort()).toEqual(["img.qcow2", "plain.raw"]);
 
-    await qemuImg(["create", "-q", "-f", "qcow2", path.join(dir, "base.qcow2"), "1M"]);
+    await createQcow2(path.join(dir, "base.qcow2"), { size: "1M" });
     expect(addcow(dir, "create", "-q", "-b", "base.qcow2", "-F", "qcow2", "c.add-cow").code).toBe(
       0,
     );

@@ -3,8 +3,8 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { type FioResult, type Workload, runFio, workloads } from "./fio";
 import type { BenchContext, BenchSuite } from "./suite";
-import { addcowMountJs, fileIn, startDaemon, type Mounted } from "./systems";
-import { GiB, MiB, cpuSeconds, median, run, which } from "./util";
+import { addcowMountJs, fileIn, startDaemon, startQsdOverlay, type Mounted } from "./systems";
+import { GiB, MiB, cpuSeconds, median, run, timed, which } from "./util";
 
 /**
  * A compressed qcow2 "cloud image" as the base: reads through an add-cow disk
@@ -70,41 +70,8 @@ function addcowOver(name: string, label: string, base: string, format: "qcow2" |
   };
 }
 
-function qsdOver(name: string, label: string, base: string, size: number): Target {
-  return {
-    name,
-    label,
-    async start(ctx, dir) {
-      const overlay = path.join(dir, "overlay.qcow2");
-      await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", overlay]);
-      const mnt = path.join(dir, "disk");
-      fs.writeFileSync(mnt, "");
-      return startDaemon(
-        ctx,
-        name,
-        "qemu-storage-daemon",
-        [
-          "--blockdev",
-          `driver=file,node-name=file0,filename=${overlay}`,
-          "--blockdev",
-          "driver=qcow2,node-name=disk0,file=file0",
-          "--export",
-          `type=fuse,id=exp0,node-name=disk0,mountpoint=${mnt},writable=on`,
-        ],
-        mnt,
-        () => (fs.statSync(mnt).size === size ? mnt : undefined),
-      );
-    },
-  };
-}
-
-async function timed(fn: () => Promise<unknown>): Promise<[number, number]> {
-  const t0 = process.hrtime.bigint();
-  await fn();
-  const t1 = process.hrtime.bigint();
-  await run("sync", []);
-  const t2 = process.hrtime.bigint();
-  return [Number(t1 - t0) / 1e9, Number(t2 - t0) / 1e9];
+function qsdOver(name: string, label: string, base: string): Target {
+  return { name, label, start: (ctx, dir) => startQsdOverlay(ctx, name, base, "qcow2", dir) };
 }
 
 const fmt = (r: FioResult[]) => {
@@ -164,14 +131,12 @@ export const qcow2Suite: BenchSuite = {
         "qsd-zlib",
         "qemu-storage-daemon, qcow2 overlay over zlib qcow2",
         f("cloud-zlib.qcow2"),
-        size,
       ),
       addcowOver("addcow-zstd", "addcow over zstd qcow2", f("cloud-zstd.qcow2"), "qcow2"),
       qsdOver(
         "qsd-zstd",
         "qemu-storage-daemon, qcow2 overlay over zstd qcow2",
         f("cloud-zstd.qcow2"),
-        size,
       ),
       addcowOver(
         "addcow-converted",

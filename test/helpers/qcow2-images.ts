@@ -69,6 +69,29 @@ export function scatteredWrites(size: number, count: number, seed: number, align
   return cmds;
 }
 
+/** qemu-img convert -c: a compressed qcow2 image of a raw file (-o options when given). */
+export async function compressToQcow2(raw: string, out: string, options?: string): Promise<void> {
+  const o = options ? ["-o", options] : [];
+  await qemuImg(["convert", "-c", "-f", "raw", "-O", "qcow2", ...o, raw, out]);
+}
+
+/** qemu-img create -f qcow2, with -o options and a backing file (with its format) when given. */
+export async function createQcow2(
+  file: string,
+  opts: { size?: string; options?: string; backing?: string; backingFormat?: string } = {},
+): Promise<void> {
+  await qemuImg([
+    "create",
+    "-q",
+    "-f",
+    "qcow2",
+    ...(opts.options ? ["-o", opts.options] : []),
+    ...(opts.backing ? ["-b", opts.backing, "-F", opts.backingFormat ?? "raw"] : []),
+    file,
+    ...(opts.size ? [opts.size] : []),
+  ]);
+}
+
 export function sha256(file: string): string {
   return crypto.createHash("sha256").update(fs.readFileSync(file)).digest("hex");
 }
@@ -120,7 +143,7 @@ function rawBase(dir: string, name: string, size: number, seed: number): string 
 export const QCOW2_CASES: Record<string, Maker> = {
   "v2 (compat=0.10), 64K clusters, writes and write -z": async (dir) => {
     const top = f(dir, "v2.qcow2");
-    await qemuImg(["create", "-q", "-f", "qcow2", "-o", "compat=0.10", top, "6M"]);
+    await createQcow2(top, { options: "compat=0.10", size: "6M" });
     await qemuIo(top, "qcow2", [
       ...scatteredWrites(6 * MiB, 60, 1),
       "write -z 1M 256k",
@@ -134,7 +157,7 @@ export const QCOW2_CASES: Record<string, Maker> = {
       async (dir: string) => {
         const top = f(dir, `v3-${cs}.qcow2`);
         const size = Math.max(8 * MiB, cs * 6) + 12345 * 0; // a whole number of sectors
-        await qemuImg(["create", "-q", "-f", "qcow2", "-o", `cluster_size=${cs}`, top, `${size}`]);
+        await createQcow2(top, { options: `cluster_size=${cs}`, size: `${size}` });
         await qemuIo(top, "qcow2", [
           ...scatteredWrites(size, 50, cs),
           `write -z ${cs} ${cs}`,
@@ -148,50 +171,28 @@ export const QCOW2_CASES: Record<string, Maker> = {
   "compressed zlib, 64K clusters (qemu-img convert -c)": async (dir) => {
     const raw = rawBase(dir, "src.raw", 6 * MiB + 7 * 512, 11);
     const top = f(dir, "zlib.qcow2");
-    await qemuImg(["convert", "-c", "-f", "raw", "-O", "qcow2", raw, top]);
+    await compressToQcow2(raw, top);
     fs.rmSync(raw);
     return { top, files: [top] };
   },
   "compressed zlib, 4K clusters": async (dir) => {
     const raw = rawBase(dir, "src.raw", 3 * MiB, 12);
     const top = f(dir, "zlib4k.qcow2");
-    await qemuImg(["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k", raw, top]);
+    await compressToQcow2(raw, top, "cluster_size=4k");
     fs.rmSync(raw);
     return { top, files: [top] };
   },
   "compressed zstd, 64K clusters": async (dir) => {
     const raw = rawBase(dir, "src.raw", 6 * MiB, 13);
     const top = f(dir, "zstd.qcow2");
-    await qemuImg([
-      "convert",
-      "-c",
-      "-f",
-      "raw",
-      "-O",
-      "qcow2",
-      "-o",
-      "compression_type=zstd",
-      raw,
-      top,
-    ]);
+    await compressToQcow2(raw, top, "compression_type=zstd");
     fs.rmSync(raw);
     return { top, files: [top] };
   },
   "compressed zstd, 2M clusters, then uncompressed writes": async (dir) => {
     const raw = rawBase(dir, "src.raw", 8 * MiB, 14);
     const top = f(dir, "zstd2m.qcow2");
-    await qemuImg([
-      "convert",
-      "-c",
-      "-f",
-      "raw",
-      "-O",
-      "qcow2",
-      "-o",
-      "compression_type=zstd,cluster_size=2M",
-      raw,
-      top,
-    ]);
+    await compressToQcow2(raw, top, "compression_type=zstd,cluster_size=2M");
     await qemuIo(top, "qcow2", scatteredWrites(8 * MiB, 10, 3));
     fs.rmSync(raw);
     return { top, files: [top] };
@@ -242,7 +243,7 @@ export const QCOW2_CASES: Record<string, Maker> = {
   "qcow2 over a smaller raw backing (virtual size past the backing)": async (dir) => {
     const base = rawBase(dir, "base.raw", 3 * MiB + 1536, 31);
     const top = f(dir, "over-raw.qcow2");
-    await qemuImg(["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top, "8M"]);
+    await createQcow2(top, { backing: "base.raw", backingFormat: "raw", size: "8M" });
     await qemuIo(top, "qcow2", [
       ...scatteredWrites(8 * MiB, 30, 7),
       "write -z 512k 64k",
@@ -253,42 +254,23 @@ export const QCOW2_CASES: Record<string, Maker> = {
   "chain of three: compressed zstd base, qcow2, qcow2 (relative names)": async (dir) => {
     const raw = rawBase(dir, "src.raw", 6 * MiB, 41);
     const base = f(dir, "c-base.qcow2");
-    await qemuImg([
-      "convert",
-      "-c",
-      "-f",
-      "raw",
-      "-O",
-      "qcow2",
-      "-o",
-      "compression_type=zstd",
-      raw,
-      base,
-    ]);
+    await compressToQcow2(raw, base, "compression_type=zstd");
     fs.rmSync(raw);
     const mid = f(dir, "c-mid.qcow2");
-    await qemuImg(["create", "-q", "-f", "qcow2", "-b", "c-base.qcow2", "-F", "qcow2", mid, "7M"]);
+    await createQcow2(mid, { backing: "c-base.qcow2", backingFormat: "qcow2", size: "7M" });
     await qemuIo(mid, "qcow2", [...scatteredWrites(7 * MiB, 30, 8), "write -z 2M 128k"]);
     const top = f(dir, "c-top.qcow2");
-    await qemuImg([
-      "create",
-      "-q",
-      "-f",
-      "qcow2",
-      "-o",
-      "cluster_size=16k",
-      "-b",
-      "c-mid.qcow2",
-      "-F",
-      "qcow2",
-      top,
-    ]);
+    await createQcow2(top, {
+      options: "cluster_size=16k",
+      backing: "c-mid.qcow2",
+      backingFormat: "qcow2",
+    });
     await qemuIo(top, "qcow2", [...scatteredWrites(7 * MiB, 30, 9), "write -z 3M 16k"]);
     return { top, files: [top, mid, base] };
   },
   "internal snapshots: snapshot -c, then more writes": async (dir) => {
     const top = f(dir, "snap.qcow2");
-    await qemuImg(["create", "-q", "-f", "qcow2", top, "6M"]);
+    await createQcow2(top, { size: "6M" });
     await qemuIo(top, "qcow2", scatteredWrites(6 * MiB, 30, 10));
     await qemuImg(["snapshot", "-c", "first", top]);
     await qemuIo(top, "qcow2", [...scatteredWrites(6 * MiB, 30, 11), "write -z 1M 64k"]);
@@ -323,7 +305,7 @@ export async function qcow2OverAddCow(
   const flat = f(dir, "ac-flat.raw");
   fs.writeFileSync(flat, flatContent);
   const top = f(dir, "over-addcow.qcow2");
-  await qemuImg(["create", "-q", "-f", "qcow2", "-b", "ac-flat.raw", "-F", "raw", top, "6M"]);
+  await createQcow2(top, { backing: "ac-flat.raw", backingFormat: "raw", size: "6M" });
   await qemuIo(top, "qcow2", [...scatteredWrites(6 * MiB, 30, 52), "write -z 1M 64k"]);
   const reference = f(dir, "over-addcow.ref.raw");
   await convertToRaw(top, reference);
