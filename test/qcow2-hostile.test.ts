@@ -51,6 +51,12 @@ beforeAll(async () => {
   }
   await qemuImg(["create", "-q", "-f", "raw", t("base.raw"), "4M"]);
   await createQcow2(t("over.qcow2"), { backing: "base.raw", backingFormat: "raw" });
+  await createQcow2(t("datafile.qcow2"), {
+    options: `data_file=${t("datafile.data")}`,
+    size: "1M",
+  });
+  await qemuIo(t("datafile.qcow2"), "qcow2", ["write -P 3 0 128k"]);
+  template["datafile.qcow2"] = t("datafile.qcow2");
   template["over.qcow2"] = t("over.qcow2");
   await qemuImg([
     "create",
@@ -454,7 +460,27 @@ describe("damage found at read time fails only the reads it affects (EIO)", () =
     );
   });
 
-  it("L2 entry unaligned, and a data cluster in the header cluster's place", async () => {
+  it("external data file: an L2 entry beyond 2^53 bytes", async () => {
+    const file = copyOf("datafile.qcow2");
+    patch(file, (b) => setU64(b, l2EntryPos(b, 64 * KiB)!, (1n << 63n) | (1n << 54n)));
+    const dev = await openBacking(file, "qcow2");
+    try {
+      await expectEio(
+        dev,
+        64 * KiB,
+        4096,
+        /points at 18014398509481984, beyond any file addcow can read/,
+      );
+      const got = Buffer.alloc(4096);
+      await dev.read(got, 0);
+      expect(got.equals(Buffer.alloc(4096, 3))).toBe(true);
+      expect(dev.describe().files).toHaveLength(2);
+    } finally {
+      await dev.close();
+    }
+  });
+
+  it("L2 entry unaligned", async () => {
     await withDamaged(
       "zlib.qcow2",
       (b) => {

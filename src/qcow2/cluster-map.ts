@@ -180,6 +180,9 @@ export class ClusterMap {
       if (allocBits !== 0) return bad(`has allocated subclusters but no cluster offset`);
     } else {
       if (host % cs !== 0) return bad(`points at ${host}, not aligned to the cluster size ${cs}`);
+      if (host > Number.MAX_SAFE_INTEGER - cs) {
+        return bad(`points at ${host}, beyond any file addcow can read (2^53 bytes)`);
+      }
       if (!h.hasDataFile && host >= this.fileSize) {
         return bad(`points at ${host}, past the end of the file (${this.fileSize} bytes)`);
       }

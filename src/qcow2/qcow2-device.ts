@@ -201,7 +201,7 @@ export class Qcow2Device implements BlockDevice {
         corrupt: h.corrupt,
         ...(this.parts.dataFilePath ? { dataFile: this.parts.dataFilePath } : {}),
         snapshots: h.nbSnapshots,
-        backingFormat: h.backingFormat,
+        ...(h.backingFormat ? { backingFormat: h.backingFormat } : {}),
         readOnly: true,
       },
     };
