@@ -8,7 +8,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AddCowError } from "../src/util/errors";
-import { openBacking, openDisk } from "../src/open/open-disk";
+import { MAX_CHAIN_DEPTH, openBacking, openDisk } from "../src/open/open-disk";
 import { createDisk } from "../src/ops/create";
 import type { BlockDevice } from "../src/block/block-device";
 import { HDR, compressedAt, l2EntryPos, layoutOf, patch } from "./helpers/qcow2-layout";
@@ -390,6 +390,32 @@ describe("hostile qcow2 headers and tables are refused at open", () => {
       await expectRefused(file, message, { field });
     });
   }
+
+  it("a qcow2 chain deeper than MAX_CHAIN_DEPTH is refused; one at the limit opens", async () => {
+    const dir = path.join(root, `deep${n++}`);
+    fs.mkdirSync(dir);
+    const layer = (i: number) => path.join(dir, `l${i}.qcow2`);
+    await createQcow2(layer(0), { size: "1M" });
+    await qemuIo(layer(0), "qcow2", ["write -P 9 0 4k"]);
+    for (let i = 1; i <= MAX_CHAIN_DEPTH; i++) {
+      await createQcow2(layer(i), { backing: `l${i - 1}.qcow2`, backingFormat: "qcow2" });
+    }
+    const atLimit = await openBacking(layer(MAX_CHAIN_DEPTH - 1), "qcow2");
+    try {
+      const got = Buffer.alloc(4096);
+      await atLimit.read(got, 0);
+      expect(got.equals(Buffer.alloc(4096, 9))).toBe(true);
+    } finally {
+      await atLimit.close();
+    }
+    await expectRefused(
+      layer(MAX_CHAIN_DEPTH),
+      /the backing chain is deeper than MAX_CHAIN_DEPTH = 64/,
+      {
+        reason: "chain",
+      },
+    );
+  });
 
   it("backing format vmdk: not a supported backing format", async () => {
     const file = copyOf("over.qcow2");
