@@ -121,7 +121,7 @@ describe("qcow2 images made by qemu-img read like qemu-img convert -O raw", () =
 
         // Block status agrees with qemu-img map (depth 0 data / zero, deeper = backing).
         if (!c.name.includes("add-cow")) {
-          const want: Span[] = (await qemuMap(c.top)).map((e) => ({
+          const want: Span[] = (await qemuMap(c.top, c.cwd)).map((e) => ({
             start: e.start,
             length: e.length,
             kind: e.depth > 0 ? "backing" : e.data ? "data" : "zero",

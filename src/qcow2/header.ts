@@ -1,10 +1,11 @@
-import { AddCowError } from "../util/errors";
-
 /**
- * qcow2 header (versions 2 and 3) and its extensions, decoded and checked
- * against every rule a read-only reader depends on. Big-endian throughout.
- * What is read and what is refused: docs/qcow2.md.
+ * qcow2 header (versions 2 and 3), decoded and checked against every rule a
+ * read-only reader depends on (extensions: extensions.ts). Big-endian
+ * throughout. What is read and what is refused: docs/qcow2.md.
  */
+import { MAX_NAME_BYTES, badField, decodeName, quote } from "./fields";
+import { readExtensions } from "./extensions";
+
 export const QCOW2_MAGIC = 0x514649fb; // "QFI\xfb"
 export const MIN_CLUSTER_BITS = 9;
 export const MAX_CLUSTER_BITS = 21;
@@ -12,7 +13,6 @@ export const MAX_CLUSTER_BITS = 21;
 export const MAX_L1_BYTES = 32 << 20;
 export const MAX_REFTABLE_BYTES = 8 << 20;
 export const MAX_SNAPSHOTS = 65536;
-export const MAX_BACKING_NAME = 1023;
 
 export const INCOMPAT_DIRTY = 1n << 0n;
 export const INCOMPAT_CORRUPT = 1n << 1n;
@@ -22,12 +22,6 @@ export const INCOMPAT_EXTL2 = 1n << 4n;
 const KNOWN_INCOMPAT =
   INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
 export const AUTOCLEAR_DATA_FILE_RAW = 1n << 1n;
-
-const EXT_END = 0x00000000;
-const EXT_BACKING_FORMAT = 0xe2792aca;
-const EXT_FEATURE_NAMES = 0x6803f857;
-const EXT_CRYPTO = 0x0537be77;
-const EXT_DATA_FILE = 0x44415441;
 
 export type CompressionType = "zlib" | "zstd";
 
@@ -85,25 +79,6 @@ export const FIELD = {
   compression_type: 104,
 } as const;
 
-const DAMAGED = "the qcow2 file is damaged or not a qcow2 image";
-
-/** One-line refusal naming the field at fault. */
-export function badField(
-  file: string,
-  field: string,
-  offset: number,
-  message: string,
-  advice = DAMAGED,
-): AddCowError {
-  return new AddCowError(`${file}: qcow2 ${field} ${message}; ${advice}`, {
-    file,
-    field,
-    offset,
-    reason: "bad-field",
-    code: "EINVAL",
-  });
-}
-
 /** A u64 that must fit a JS number (every offset and size we use). */
 function u64(buf: Buffer, off: number, file: string, field: keyof typeof FIELD): number {
   const v = buf.readBigUInt64BE(off);
@@ -117,30 +92,6 @@ function bitList(bits: bigint): number[] {
   const out: number[] = [];
   for (let i = 0; i < 64; i++) if ((bits >> BigInt(i)) & 1n) out.push(i);
   return out;
-}
-
-/** A text field from the file, quoted so control characters cannot break the message line. */
-function quote(text: string): string {
-  return JSON.stringify(text).replace(
-    /[\u007f-\u009f]/g,
-    (ch) => `\\u${ch.charCodeAt(0).toString(16).padStart(4, "0")}`,
-  );
-}
-
-const utf8 = new TextDecoder("utf-8", { fatal: true });
-
-function decodeName(bytes: Buffer, file: string, field: string, offset: number): string {
-  let text: string;
-  try {
-    text = utf8.decode(bytes);
-  } catch {
-    throw badField(file, field, offset, `is not valid UTF-8`);
-  }
-  if ([...text].some((ch) => ch.charCodeAt(0) < 0x20 || ch === "\x7f")) {
-    throw badField(file, field, offset, `${quote(text)} contains a control character`);
-  }
-  if (text === "") throw badField(file, field, offset, `is empty`);
-  return text;
 }
 
 function clusterAligned(
@@ -251,7 +202,13 @@ export function decodeQcow2Header(buf: Buffer, file: string, fileSize: number): 
   }
 
   // Extensions, read before the feature checks so unknown bits can be named.
-  const ext = readExtensions(buf, file, headerLength, clusterSize);
+  const ext = readExtensions(
+    buf,
+    file,
+    headerLength,
+    clusterSize,
+    Number(buf.readBigUInt64BE(FIELD.backing_file_offset)),
+  );
 
   const unknown = incompatibleFeatures & ~KNOWN_INCOMPAT;
   if (unknown !== 0n) {
@@ -385,12 +342,12 @@ export function decodeQcow2Header(buf: Buffer, file: string, fileSize: number): 
         `is ${backingOffset}, outside the header cluster after the header (${headerLength}..${clusterSize})`,
       );
     }
-    if (len === 0 || len > MAX_BACKING_NAME || backingOffset + len > clusterSize) {
+    if (len === 0 || len > MAX_NAME_BYTES || backingOffset + len > clusterSize) {
       throw badField(
         file,
         "backing_file_size",
         FIELD.backing_file_size,
-        `is ${len}; a backing name is 1..${MAX_BACKING_NAME} bytes inside the first cluster`,
+        `is ${len}; a backing name is 1..${MAX_NAME_BYTES} bytes inside the first cluster`,
       );
     }
     if (backingOffset + len > buf.length) {
@@ -497,97 +454,4 @@ function tableInFile(
       "the file is truncated or damaged",
     );
   }
-}
-
-interface Extensions {
-  backingFormat: string | null;
-  dataFileName: string | null;
-  dataFileOffset: number;
-  featureNames: Map<number, string>;
-  /** Where the extension area ends (its end marker included). */
-  backingExtEnd: number;
-}
-
-function readExtensions(
-  buf: Buffer,
-  file: string,
-  headerLength: number,
-  clusterSize: number,
-): Extensions {
-  const out: Extensions = {
-    backingFormat: null,
-    dataFileName: null,
-    dataFileOffset: 0,
-    featureNames: new Map(),
-    backingExtEnd: headerLength,
-  };
-  // The area runs to the backing name when there is one, else to the end of the first cluster.
-  const backingOffset = Number(buf.readBigUInt64BE(FIELD.backing_file_offset));
-  const end = Math.min(
-    buf.length,
-    backingOffset > headerLength && backingOffset <= clusterSize ? backingOffset : clusterSize,
-  );
-  const seen = new Set<number>();
-  let pos = headerLength;
-  while (pos + 8 <= end) {
-    const type = buf.readUInt32BE(pos);
-    const len = buf.readUInt32BE(pos + 4);
-    if (type === EXT_END) {
-      out.backingExtEnd = pos + 8;
-      return out;
-    }
-    const dataAt = pos + 8;
-    if (len > end - dataAt) {
-      throw badField(
-        file,
-        `header extension 0x${type.toString(16)}`,
-        pos,
-        `is ${len} bytes long, past the end of the extension area (${end})`,
-      );
-    }
-    if (seen.has(type) && type !== EXT_END) {
-      throw badField(file, `header extension 0x${type.toString(16)}`, pos, `appears twice`);
-    }
-    seen.add(type);
-    const data = buf.subarray(dataAt, dataAt + len);
-    switch (type) {
-      case EXT_BACKING_FORMAT:
-        if (len === 0 || len > 15) {
-          throw badField(file, "backing format extension", pos, `is ${len} bytes (1..15)`);
-        }
-        out.backingFormat = decodeName(data, file, "backing format extension", dataAt);
-        break;
-      case EXT_DATA_FILE:
-        if (len > MAX_BACKING_NAME) {
-          throw badField(file, "data file name extension", pos, `is ${len} bytes (at most 1023)`);
-        }
-        out.dataFileName = decodeName(data, file, "data file name extension", dataAt);
-        out.dataFileOffset = dataAt;
-        break;
-      case EXT_CRYPTO:
-        throw badField(
-          file,
-          "full disk encryption extension",
-          pos,
-          `is present: encrypted qcow2 images are not supported`,
-          "decrypt it first with qemu-img convert",
-        );
-      case EXT_FEATURE_NAMES:
-        for (let i = 0; i + 48 <= len; i += 48) {
-          if (data[i] !== 0) continue; // only incompatible-feature names are used in messages
-          const raw = data.subarray(i + 2, i + 48);
-          const nul = raw.indexOf(0);
-          out.featureNames.set(
-            data[i + 1]!,
-            raw.subarray(0, nul === -1 ? raw.length : nul).toString("latin1"),
-          );
-        }
-        break;
-      default:
-        break; // unknown extensions are safe to ignore
-    }
-    pos = dataAt + Math.ceil(len / 8) * 8;
-  }
-  out.backingExtEnd = pos;
-  return out;
 }

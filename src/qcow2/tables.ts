@@ -1,5 +1,6 @@
 import type { FileIO } from "../block/file-io";
-import { type Qcow2Header, badField } from "./header";
+import { badField } from "./fields";
+import type { Qcow2Header } from "./header";
 
 /**
  * The tables read once at open: the active L1 table (only the entries the

@@ -7,7 +7,7 @@
 import * as crypto from "node:crypto";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { sh } from "./mount";
+import { type RunResult, sh } from "./mount";
 import { pattern } from "./pattern";
 
 export interface Qcow2Case {
@@ -19,6 +19,8 @@ export interface Qcow2Case {
   /** qemu-img convert -O raw of `top`. */
   reference: string;
   size: number;
+  /** Where QEMU's tools must run to find the image's relative data file name. */
+  cwd?: string;
 }
 
 const KiB = 1024;
@@ -125,9 +127,9 @@ export function setBackingFormat(file: string, format: string): void {
 type Maker = (dir: string) => Promise<{ top: string; files: string[]; cwd?: string }>;
 
 /** Runs a QEMU tool in `dir` (relative data file names are resolved from there). */
-async function inDir(dir: string, cmd: string, args: string[]): Promise<void> {
+async function inDir(dir: string, cmd: string, args: string[]): Promise<RunResult> {
   const quoted = [cmd, ...args].map((a) => `'${a.replace(/'/g, "'\\''")}'`).join(" ");
-  await sh("bash", ["-c", `cd '${dir}' && ${quoted}`]);
+  return sh("bash", ["-c", `cd '${dir}' && ${quoted}`]);
 }
 
 const f = (dir: string, name: string) => path.join(dir, name);
@@ -334,7 +336,7 @@ export async function buildMatrix(dir: string): Promise<Qcow2Case[]> {
     const reference = path.join(sub, "reference.raw");
     if (cwd) await inDir(cwd, "qemu-img", ["convert", "-f", "qcow2", "-O", "raw", top, reference]);
     else await convertToRaw(top, reference);
-    cases.push({ name, top, files, reference, size: fs.statSync(reference).size });
+    cases.push({ name, top, files, reference, size: fs.statSync(reference).size, cwd });
   }
   return cases;
 }
@@ -352,7 +354,9 @@ export interface QemuMapEntry {
   data: boolean;
 }
 
-export async function qemuMap(file: string): Promise<QemuMapEntry[]> {
-  const r = await sh("qemu-img", ["map", "-f", "qcow2", "--output=json", file]);
+/** qemu-img map --output=json, run in `cwd` when given (QEMU finds relative data files there). */
+export async function qemuMap(file: string, cwd?: string): Promise<QemuMapEntry[]> {
+  const args = ["map", "-f", "qcow2", "--output=json", file];
+  const r = cwd ? await inDir(cwd, "qemu-img", args) : await sh("qemu-img", args);
   return JSON.parse(r.stdout) as QemuMapEntry[];
 }
