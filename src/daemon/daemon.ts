@@ -8,6 +8,7 @@ import { AddCowError, describeError, errnoCode } from "../util/errors";
 import { DiskEntry } from "./disk-entry";
 import { createFuseFrontEnd } from "./fuse-fs";
 import type { MountOptions } from "./mount-options";
+import type { Confinement } from "../open/access-policy";
 import { log } from "../util/log";
 import { deviceId, prepareMountDir, readMountTable, readMountTableAsync } from "../os/mount-table";
 import { waitingForExitingDaemon } from "../open/exiting-daemon";
@@ -60,6 +61,10 @@ const MOUNT_TIMEOUT_MS = 20_000;
 export class MountDaemon {
   readonly entries: Array<DiskEntry<AddCowDevice>>;
   readonly mountDir: string;
+  /** The mount's confinement (-o confine): reopens of a disk's files for jobs apply it too. */
+  get confine(): Confinement | null {
+    return this.config.options.confine;
+  }
   private readonly services: DaemonService[] = [];
   private timers: NodeJS.Timeout[] = [];
   private mountDevice: string | null = null;
@@ -95,6 +100,7 @@ export class MountDaemon {
           openDisk(disk.file, {
             writable: !config.options.readOnly,
             cacheMode: config.options.cacheMode,
+            confine: config.options.confine,
             ...(config.opener ? { opener: config.opener } : {}),
           }),
         );

@@ -7,15 +7,24 @@ import { log } from "../util/log";
 import { loadQcow2 } from "../qcow2/load";
 import { Qcow2Device } from "../qcow2/qcow2-device";
 import { FIELD } from "../qcow2/header";
+import type { Namer } from "./access-policy";
 
-/** What open-disk lends the qcow2 opener: its chain rules (depth, loops, locks, cleanup). */
+/**
+ * What open-disk lends the qcow2 opener: its chain rules (depth, loops, names
+ * judged for their owners and confinement, locks, cleanup on failure).
+ */
 export interface ChainOpener {
   /** Counts one more layer against the depth limit; throws past it. */
   enterLayer(file: string, namedIn?: string): void;
-  /** Checks a file (regular, not seen before in the chain) and opens it read-only, locked shared. */
-  openReadOnly(file: string, role: string, namedIn?: string): Promise<FileIO>;
+  /**
+   * Opens the qcow2 file itself read-only (judged when a header names it);
+   * returns it with its owner, who is the namer of the names in its header.
+   */
+  openLayerFile(file: string, namer?: Namer): Promise<{ io: FileIO; owner: Namer }>;
+  /** Opens a file named in a qcow2 header (its data file) read-only, judged first. */
+  openNamedFile(file: string, role: string, namer: Namer): Promise<FileIO>;
   /** Opens a read-only backing layer of a known format (and its own chain). */
-  openBacking(file: string, format: BackingFormat, namedIn: string): Promise<BlockDevice>;
+  openBacking(file: string, format: BackingFormat, namer: Namer): Promise<BlockDevice>;
   /** A name stored in `file`, resolved against its directory. */
   resolve(file: string, stored: string): string;
 }
@@ -32,10 +41,11 @@ function isProtocolName(name: string): boolean {
 export async function openQcow2(
   file: string,
   chain: ChainOpener,
-  namedIn?: string,
+  namer?: Namer,
 ): Promise<Qcow2Device> {
-  chain.enterLayer(file, namedIn);
-  const io = await chain.openReadOnly(file, namedIn ? "backing file" : "qcow2 file", namedIn);
+  chain.enterLayer(file, namer?.file);
+  // Names in this header are this file's owner's words: judged for that user.
+  const { io, owner } = await chain.openLayerFile(file, namer);
   const { header, l1, fileSize } = await loadQcow2(io, file);
   log.open(
     "%s: qcow2 v%d, cluster %d, size %d, compression %s, backing %s (%s), data file %s",
@@ -59,7 +69,7 @@ export async function openQcow2(
       );
     }
     dataFilePath = chain.resolve(file, header.dataFileName);
-    dataFile = await chain.openReadOnly(dataFilePath, "data file", file);
+    dataFile = await chain.openNamedFile(dataFilePath, "data file", owner);
   }
 
   let backing: BlockDevice | null = null;
@@ -92,7 +102,7 @@ export async function openQcow2(
       );
     }
     backingPath = chain.resolve(file, name);
-    backing = await chain.openBacking(backingPath, format as BackingFormat, file);
+    backing = await chain.openBacking(backingPath, format as BackingFormat, owner);
   }
   return new Qcow2Device({
     path: file,
