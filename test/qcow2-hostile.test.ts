@@ -661,3 +661,82 @@ describe("damage found at read time fails only the reads it affects (EIO)", () =
     }
   });
 });
+
+describe("names in qcow2 headers are judged like names in add-cow headers", () => {
+  const confine = { allowDirs: [], allowUrls: false };
+
+  it("under confinement, a qcow2's backing file or data file outside the disk's directory is refused", async () => {
+    const outside = path.join(root, `outside${n++}`);
+    const disk = path.join(root, `confined${n++}`);
+    fs.mkdirSync(outside);
+    fs.mkdirSync(disk);
+    fs.writeFileSync(path.join(outside, "base.raw"), Buffer.alloc(1 << 20, 7));
+    await createQcow2(path.join(disk, "img.qcow2"), {
+      backing: path.join(outside, "base.raw"),
+      backingFormat: "raw",
+    });
+    await createQcow2(path.join(disk, "df.qcow2"), {
+      options: `data_file=${path.join(outside, "df.data")}`,
+      size: "1M",
+    });
+    for (const [name, role] of [
+      ["img", "backing file"],
+      ["df", "data file"],
+    ]) {
+      const addcow = path.join(disk, `${name}.add-cow`);
+      await createDisk({
+        file: addcow,
+        backing: path.join(disk, `${name}.qcow2`),
+        backingFormat: "qcow2",
+      });
+      // Unconfined it opens (same owner); confined, the name leads outside the disk's directory.
+      await (await openDisk(addcow)).close();
+      const err = await openDisk(addcow, { confine }).then(
+        (d) => d.close().then(() => null),
+        (e: unknown) => e,
+      );
+      expect(err).toBeInstanceOf(AddCowError);
+      expect((err as AddCowError).reason).toBe("forbidden");
+      expect((err as AddCowError).message).toMatch(
+        new RegExp(`^${role} .*outside.* \\(named in .*${name}\\.qcow2\\) is refused`),
+      );
+      expect((err as AddCowError).message).not.toMatch(/[\n\r]/);
+    }
+  });
+});
+
+describe("the owner rule through a qcow2 layer", () => {
+  const NOBODY = 65534;
+
+  it("a user's qcow2 naming a file its owner cannot read is refused when root opens the disk", async () => {
+    const dir = fs.mkdtempSync("/tmp/addcow-qcow2-owner-");
+    try {
+      fs.chmodSync(dir, 0o755);
+      const secret = path.join(dir, "secret.raw");
+      fs.writeFileSync(secret, Buffer.alloc(1 << 20, 0x5e), { mode: 0o600 });
+      const img = path.join(dir, "img.qcow2");
+      await createQcow2(img, { backing: "secret.raw", backingFormat: "raw" });
+      const addcow = path.join(dir, "vm.add-cow");
+      await createDisk({ file: addcow, backing: img, backingFormat: "qcow2" });
+      // Everything but the secret is the user's; the qcow2's header names the secret.
+      for (const f of [img, addcow, path.join(dir, "vm.raw")]) {
+        fs.chownSync(f, NOBODY, NOBODY);
+        fs.chmodSync(f, 0o644);
+      }
+      const err = await openDisk(addcow).then(
+        (d) => d.close().then(() => null),
+        (e: unknown) => e,
+      );
+      expect(err).toBeInstanceOf(AddCowError);
+      expect((err as AddCowError).reason).toBe("forbidden");
+      expect((err as AddCowError).message).toMatch(
+        /^backing file .*secret\.raw \(named in .*img\.qcow2\) is refused/,
+      );
+      // Once the user may read it, the same chain opens.
+      fs.chmodSync(secret, 0o644);
+      await (await openDisk(addcow)).close();
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
