@@ -2,6 +2,7 @@ import * as path from "node:path";
 import { AddCowError } from "../util/errors";
 import type { Confinement } from "../open/access-policy";
 import type { CacheMode } from "../addcow/addcow-device";
+import type { LogDestination } from "./daemon-log";
 
 /** What `-o` can say; everything else is refused so typos do not pass silently. */
 export interface MountOptions {
@@ -16,12 +17,14 @@ export interface MountOptions {
    */
   umask: number | undefined;
   cacheMode: CacheMode;
+  /** Where warnings and errors go besides stderr; undefined: syslog in the background, else none. */
+  log: LogDestination | undefined;
   /** confine, allow_dir=DIR, allow_url: where names in headers may lead (docs/security.md). */
   confine: Confinement | null;
 }
 
 export const KNOWN_OPTIONS =
-  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, confine, allow_dir=DIR, allow_url";
+  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, log=syslog|stderr|FILE, confine, allow_dir=DIR, allow_url";
 
 /**
  * Generic options mount(8) and mount.fuse hand every filesystem (from fstab or
@@ -66,6 +69,7 @@ export function defaultMountOptions(): MountOptions {
     gid: undefined,
     umask: undefined,
     cacheMode: "writeback",
+    log: undefined,
     confine: null,
   };
 }
@@ -75,6 +79,20 @@ function idValue(name: string, value: string): number {
     throw new AddCowError(`invalid -o ${name}=${value}: give a numeric id such as ${name}=1000`);
   }
   return Number(value);
+}
+
+/** `log=syslog`, `log=syslog:SOCKET`, `log=stderr`, or `log=FILE` (relative to the working directory). */
+function logDestination(value: string): LogDestination {
+  if (value === "syslog") return { kind: "syslog" };
+  if (value.startsWith("syslog:")) {
+    const socket = value.slice("syslog:".length);
+    if (socket === "") {
+      throw new AddCowError(`invalid -o log=${value}: give the socket, e.g. log=syslog:/dev/log`);
+    }
+    return { kind: "syslog", socket: path.resolve(socket) };
+  }
+  if (value === "stderr") return { kind: "stderr" };
+  return { kind: "file", path: path.resolve(value) };
 }
 
 /** Parses one or more `-o` arguments (comma-separated, mount style), later ones winning. */
@@ -136,6 +154,9 @@ export function parseMountOptions(args: string[]): MountOptions {
           opts.cacheMode = v;
           break;
         }
+        case "log":
+          opts.log = logDestination(needValue());
+          break;
         case "confine":
           flag();
           opts.confine ??= { allowDirs: [], allowUrls: false };

@@ -16,6 +16,7 @@ import { type FileIO, type FileOpener, openPosixFile } from "../block/file-io";
 import { log } from "../util/log";
 import { AddCowDevice, type CacheMode } from "../addcow/addcow-device";
 import { type LockKind, lockFile } from "../os/file-lock";
+import { reserveBitmap } from "../addcow/bitmap-space";
 import {
   AccessPolicy,
   type Confinement,
@@ -492,7 +493,12 @@ async function openAddCow(
     );
   }
   const imageSize = await image.size();
-  if (!allAllocated) checkBitmapLength(file, header, await meta.size(), imagePath, imageSize);
+  if (!allAllocated) {
+    const metaSize = await meta.size();
+    checkBitmapLength(file, header, metaSize, imagePath, imageSize);
+    // Setting bits must never need new blocks: fill holes in the bitmap before any use.
+    if (writable) await reserveBitmap(meta, file, header.headerSize, metaSize);
+  }
 
   return new AddCowDevice({
     path: file,
