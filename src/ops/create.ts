@@ -100,7 +100,7 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     opts.clusterSize === undefined ? DEFAULT_CLUSTER_BITS : clusterBitsOf(opts.clusterSize);
   if (opts.backing !== undefined && opts.backingFormat === undefined) {
     throw new AddCowError(
-      `backing file ${opts.backing} needs its format: add -F raw or -F add-cow (formats are never guessed)`,
+      `backing file ${opts.backing} needs its format: add -F raw, -F qcow2 or -F add-cow (formats are never guessed)`,
     );
   }
   if (opts.backing === undefined && opts.backingFormat !== undefined) {
@@ -111,7 +111,7 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     !BACKING_FORMATS.includes(opts.backingFormat as BackingFormat)
   ) {
     throw new AddCowError(
-      `unsupported backing format ${JSON.stringify(opts.backingFormat)}: use -F raw or -F add-cow`,
+      `unsupported backing format ${JSON.stringify(opts.backingFormat)}: use -F raw, -F qcow2 or -F add-cow`,
     );
   }
   if (opts.size !== undefined && opts.size <= 0) {

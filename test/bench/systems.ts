@@ -149,6 +149,41 @@ function addcow(
   };
 }
 
+/**
+ * qemu-storage-daemon serving a fresh qcow2 overlay over `base` (of `baseFormat`)
+ * through a FUSE export on `dir/disk`.
+ */
+export async function startQsdOverlay(
+  ctx: BenchContext,
+  what: string,
+  base: string,
+  baseFormat: "raw" | "qcow2",
+  dir: string,
+): Promise<Mounted> {
+  const overlay = path.join(dir, "overlay.qcow2");
+  await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", baseFormat, overlay]);
+  const size = Number(
+    JSON.parse((await run("qemu-img", ["info", "--output=json", overlay])).stdout)["virtual-size"],
+  );
+  const mnt = path.join(dir, "disk");
+  fs.writeFileSync(mnt, "");
+  return startDaemon(
+    ctx,
+    what,
+    "qemu-storage-daemon",
+    [
+      "--blockdev",
+      `driver=file,node-name=file0,filename=${overlay}`,
+      "--blockdev",
+      "driver=qcow2,node-name=disk0,file=file0",
+      "--export",
+      `type=fuse,id=exp0,node-name=disk0,mountpoint=${mnt},writable=on`,
+    ],
+    mnt,
+    () => (fs.statSync(mnt).size === size ? mnt : undefined),
+  );
+}
+
 const qsd: System = {
   name: "qsd",
   label: "qemu-storage-daemon qcow2",
@@ -158,28 +193,7 @@ const qsd: System = {
     which("qemu-storage-daemon") && which("qemu-img")
       ? null
       : "qemu-storage-daemon/qemu-img not installed (apt install qemu-system-common qemu-utils)",
-  async start(ctx, base, dir) {
-    const overlay = path.join(dir, "overlay.qcow2");
-    await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay]);
-    const mnt = path.join(dir, "disk");
-    fs.writeFileSync(mnt, "");
-    const size = fs.statSync(base).size;
-    return startDaemon(
-      ctx,
-      "qemu-storage-daemon",
-      "qemu-storage-daemon",
-      [
-        "--blockdev",
-        `driver=file,node-name=file0,filename=${overlay}`,
-        "--blockdev",
-        "driver=qcow2,node-name=disk0,file=file0",
-        "--export",
-        `type=fuse,id=exp0,node-name=disk0,mountpoint=${mnt},writable=on`,
-      ],
-      mnt,
-      () => (fs.statSync(mnt).size === size ? mnt : undefined),
-    );
-  },
+  start: (ctx, base, dir) => startQsdOverlay(ctx, "qemu-storage-daemon", base, "raw", dir),
 };
 
 const xmount: System = {
