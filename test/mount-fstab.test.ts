@@ -13,61 +13,41 @@ import {
   trackMount,
   waitFor,
 } from "./helpers/mount";
+import { inNamespace, sbinWithHelper } from "./helpers/namespace";
 
 afterEach(cleanupAll);
 
 const DIST = path.resolve(__dirname, "../dist/src/cli");
 const MiB = 1 << 20;
 
+/** A shell script that runs this checkout's program (what npm's bin links do). */
+function wrapper(dir: string, name: string, script: string): string {
+  const file = path.join(dir, name);
+  fs.writeFileSync(file, `#!/bin/sh\nexec ${process.execPath} ${path.join(DIST, script)} "$@"\n`, {
+    mode: 0o755,
+  });
+  return file;
+}
+
 /**
- * mount(8) looks for /sbin/mount.fuse.TYPE only, and mount.fuse runs the
- * type's name (`addcow`) with a fixed PATH: both places are the system's. So
- * each test runs in a private mount namespace (unshare) where a directory of
- * its own is bound over /usr/sbin (a copy of it, plus mount.fuse.addcow) or
- * over /usr/local/sbin (an `addcow`): real mount, umount and fstab handling,
- * this checkout's helper, nothing changed outside. The daemons live in that
- * namespace; cleanupAll finds them by command line and stops them.
+ * Real mount(8), umount and fstab handling in a private mount namespace
+ * (helpers/namespace.ts): `over` is bound on `target` (a /usr/sbin with this
+ * checkout's mount.fuse.addcow, or a /usr/local/sbin with its addcow). The
+ * daemons live in that namespace; cleanupAll finds them by command line.
  */
-function wrapper(dir: string, name: string, script: string): void {
-  fs.writeFileSync(
-    path.join(dir, name),
-    `#!/bin/sh\nexec ${process.execPath} ${path.join(DIST, script)} "$@"\n`,
-    { mode: 0o755 },
-  );
-}
-
-/** A copy of /usr/sbin (symbolic links) with this checkout's mount.fuse.addcow in it. */
-function sbinWithHelper(dir: string): string {
-  const sbin = path.join(dir, "sbin");
-  fs.mkdirSync(sbin);
-  for (const name of fs.readdirSync("/usr/sbin")) {
-    fs.symlinkSync(path.join("/usr/sbin", name), path.join(sbin, name));
-  }
-  wrapper(sbin, "mount.fuse.addcow", "mount-fuse-addcow.js");
-  return sbin;
-}
-
-/** Runs a bash script in a private mount namespace with `over` bound on `target`. */
-function inNamespace(over: string, target: string, script: string, cwd: string) {
+function mountScript(prelude: string, script: string, cwd: string) {
   const env: NodeJS.ProcessEnv = {
     ...process.env,
     ADDCOW: `${process.execPath} ${path.join(DIST, "addcow.js")}`,
   };
   delete env.DEBUG;
-  return run(
-    "unshare",
-    [
-      "--mount",
-      "--propagation",
-      "private",
-      "bash",
-      "-euo",
-      "pipefail",
-      "-c",
-      `mount --bind ${over} ${target}\n${script}`,
-    ],
-    { cwd, env, timeoutMs: 90_000 },
-  );
+  return inNamespace(`${prelude}\n${script}`, { cwd, env, timeoutMs: 90_000 });
+}
+
+function withHelper(dir: string): string {
+  const bin = path.join(dir, "bin");
+  fs.mkdirSync(bin);
+  return sbinWithHelper(dir, wrapper(bin, "mount.fuse.addcow", "mount-fuse-addcow.js")).prelude;
 }
 
 /** Waits (inside the script) until no daemon serves DIR any more. */
@@ -79,9 +59,8 @@ describe("mount(8), umount and fstab", () => {
     const o = await makeOverlay(dir, "vm1", { backingBytes: 4 * MiB });
     const mnt = path.join(dir, "mnt");
     trackMount(mnt);
-    const r = await inNamespace(
-      sbinWithHelper(dir),
-      "/usr/sbin",
+    const r = await mountScript(
+      withHelper(dir),
       `${WAIT_GONE}
 mount -t fuse.addcow ${o.addcow} ${mnt} -o ro,allow_other
 findmnt -n -o SOURCE,FSTYPE,OPTIONS ${mnt}
@@ -109,49 +88,60 @@ echo DONE`,
     expect(r.stdout).toContain("DONE");
   });
 
-  it("mount -a -T FSTAB mounts the fstab line (generic options ignored, noauto skipped); data survives umount", async () => {
+  it("mount -a -T mount-examples/fstab.txt mounts its lines (generic options ignored, noauto skipped); data survives umount", async () => {
     const dir = tempDir();
-    const o = await makeOverlay(dir, "vm1", { backingBytes: 4 * MiB });
-    const other = await makeOverlay(dir, "vm2", { size: 4 * MiB });
-    const mnt = path.join(dir, "mnt");
-    const skipped = path.join(dir, "skipped");
-    trackMount(mnt);
-    trackMount(skipped);
+    const vm1 = await makeOverlay(dir, "vm1", { backingBytes: 4 * MiB });
+    const vm2 = await makeOverlay(dir, "vm2", { size: 4 * MiB });
+    const mnt1 = path.join(dir, "mnt1");
+    const mnt2 = path.join(dir, "mnt2");
+    trackMount(mnt1);
+    trackMount(mnt2);
+    fs.mkdirSync(mnt1);
+    fs.mkdirSync(mnt2);
+    // The example, with this test's files in place of /var/lib/addcow and /mnt.
     const fstab = path.join(dir, "fstab");
     fs.writeFileSync(
       fstab,
-      `# as in mount-examples/fstab.txt\n` +
-        `${o.addcow} ${mnt} fuse.addcow defaults,nofail,_netdev,noatime,x-systemd.requires=local-fs.target,cache=writethrough 0 0\n` +
-        `${other.addcow} ${skipped} fuse.addcow noauto 0 0\n`,
+      fs
+        .readFileSync(path.join(__dirname, "../mount-examples/fstab.txt"), "utf8")
+        .replaceAll("/var/lib/addcow/vm1.add-cow", vm1.addcow)
+        .replaceAll("/var/lib/addcow/vm2.add-cow", vm2.addcow)
+        .replaceAll("/mnt/vm1", mnt1)
+        .replaceAll("/mnt/vm2", mnt2),
     );
-    fs.mkdirSync(skipped);
-    const r = await inNamespace(
-      sbinWithHelper(dir),
-      "/usr/sbin",
+    const r = await mountScript(
+      withHelper(dir),
       `${WAIT_GONE}
 mount -a -T ${fstab}
-findmnt -n -o SOURCE,TARGET,FSTYPE -T ${mnt}
-findmnt -n ${skipped} || echo SKIPPED-NOT-MOUNTED
+findmnt -n -o SOURCE,TARGET,FSTYPE ${mnt1}
+findmnt -n ${mnt2} || echo NOAUTO-NOT-MOUNTED
 dd if=/dev/urandom of=${dir}/data bs=64k count=3 status=none
-dd if=${dir}/data of=${mnt}/vm1 bs=64k seek=5 conv=notrunc,fsync status=none
-$ADDCOW info ${o.addcow} 2>&1 || true
-umount ${mnt}
-wait_gone ${mnt}
-# mount by its fstab line alone, read-only this time
-mount -T ${fstab} -o ro ${mnt}
-cmp <(dd if=${mnt}/vm1 bs=64k skip=5 count=3 status=none) ${dir}/data && echo DATA-KEPT
-umount ${mnt}
-wait_gone ${mnt}
+dd if=${dir}/data of=${mnt1}/vm1 bs=64k seek=5 conv=notrunc,fsync status=none
+$ADDCOW info ${vm1.addcow} 2>&1 || true
+umount ${mnt1}
+wait_gone ${mnt1}
+mount -T ${fstab} -o ro ${mnt1}
+cmp <(dd if=${mnt1}/vm1 bs=64k skip=5 count=3 status=none) ${dir}/data && echo DATA-KEPT
+umount ${mnt1}
+wait_gone ${mnt1}
+# the noauto line, by its mount point: read-only, readable by others
+mount -T ${fstab} ${mnt2}
+findmnt -n -o OPTIONS ${mnt2}
+stat -c %a ${mnt2}/vm2
+umount ${mnt2}
+wait_gone ${mnt2}
 echo DONE`,
       dir,
     );
     expect(r.code, r.stderr + r.stdout).toBe(0);
-    expect(r.stdout).toContain(`${o.addcow} ${mnt} fuse.addcow`);
-    expect(r.stdout).toContain("SKIPPED-NOT-MOUNTED");
+    expect(r.stdout).toContain(`${vm1.addcow} ${mnt1} fuse.addcow`);
+    expect(r.stdout).toContain("NOAUTO-NOT-MOUNTED");
     // A mounted disk's lock error names the mount point and what to do.
-    expect(r.stdout).toContain(`addcow: ${o.addcow} is mounted at ${mnt} (addcow-mount, pid `);
-    expect(r.stdout).toContain(`unmount it first (fusermount -u ${mnt}); or add -U`);
+    expect(r.stdout).toContain(`addcow: ${vm1.addcow} is mounted at ${mnt1} (addcow-mount, pid `);
+    expect(r.stdout).toContain(`unmount it first (fusermount -u ${mnt1}); or add -U`);
     expect(r.stdout).toContain("DATA-KEPT");
+    expect(r.stdout).toMatch(/^ro,.*allow_other/m);
+    expect(r.stdout).toMatch(/^444$/m);
     expect(r.stdout).toContain("DONE");
   });
 
@@ -163,9 +153,8 @@ echo DONE`,
     const bin = path.join(dir, "local-sbin");
     fs.mkdirSync(bin);
     wrapper(bin, "addcow", "addcow.js");
-    const r = await inNamespace(
-      bin,
-      "/usr/local/sbin",
+    const r = await mountScript(
+      `mount --bind ${bin} /usr/local/sbin`,
       `${WAIT_GONE}
 mount -t fuse.addcow ${o.addcow} ${mnt} -o ro,user
 findmnt -n -o SOURCE,FSTYPE ${mnt}

@@ -168,6 +168,32 @@ describe("addcow rebase (safe), with qemu-img rebase as the reference", () => {
     expect((await readDisk(top)).equals(before)).toBe(true);
   });
 
+  it("onto a qcow2 image (any backing format, through block status and reads)", async () => {
+    const d = dir("rebase-qcow2");
+    const t = await twins(d);
+    const before = await readDisk(t.file);
+    // A qcow2 base holding base2's bytes, with zero clusters where base2 has zeros.
+    execFileSync("qemu-img", [
+      "convert",
+      "-f",
+      "raw",
+      "-O",
+      "qcow2",
+      t.base2,
+      path.join(d, "base2.qcow2"),
+    ]);
+    const r = addcow(d, "rebase", "-b", "base2.qcow2", "-F", "qcow2", "disk.add-cow");
+    expect(r.code, r.stderr).toBe(0);
+    expect((await readDisk(t.file)).equals(before)).toBe(true);
+    const info = JSON.parse(addcow(d, "info", "--json", "disk.add-cow").stdout) as {
+      backing: { stored: string; format: string };
+    };
+    expect(info.backing).toMatchObject({ stored: "base2.qcow2", format: "qcow2" });
+    // -F raw on it is refused: its header would read as disk data.
+    const wrong = addcow(d, "rebase", "-u", "-b", "base2.qcow2", "-F", "raw", "disk.add-cow");
+    expect(wrong.stderr).toMatch(/base2\.qcow2 is a qcow2 image, not raw: use -F qcow2/);
+  });
+
   it("resumes after a cancel: the clusters copied stay, a rerun finishes and reads the same", async () => {
     const d = dir("rebase-resume");
     const t = await twins(d);
