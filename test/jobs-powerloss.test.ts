@@ -2,7 +2,13 @@ import { describe, expect, it } from "vitest";
 import { commitDisk } from "../src/ops/commit";
 import { Job } from "../src/ops/job";
 import { streamDisk } from "../src/ops/stream";
-import { MemoryFs, type SparseBytes, createMemoryDisk, openDiskVia } from "./helpers/memory-io";
+import {
+  MemoryFs,
+  type SparseBytes,
+  createMemoryDisk,
+  openDiskVia,
+  scribbleAndKeep,
+} from "./helpers/memory-io";
 import { Rng, crashStates, describeCrash } from "./helpers/power-loss";
 import { Recorder } from "./helpers/recording-io";
 import { readAll } from "./jobs-helpers";
@@ -32,15 +38,7 @@ async function setUp(seed: number, opts: { zeros?: boolean } = {}) {
   if (opts.zeros) {
     for (let i = 0; i < 4; i++) mfs.get(paths.image).write(rng.bytes(4096), rng.int(0, 22) * 4096);
   }
-  const dev = await openDiskVia(mfs.opener, paths.addcow, { writable: true });
-  for (let i = 0; i < 8; i++) {
-    const len = rng.int(1, 9000);
-    await dev.write(rng.bytes(len), rng.int(0, SIZE - len));
-  }
-  const before = await readAll(dev);
-  await dev.close();
-  const initial = new Map<string, SparseBytes>();
-  for (const [p, b] of mfs.files) initial.set(p, b.clone());
+  const { before, initial } = await scribbleAndKeep(mfs, paths.addcow, rng, 8, 9000);
   return { mfs, paths, before, initial };
 }
 

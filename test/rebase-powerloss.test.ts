@@ -3,7 +3,7 @@ import { RawDevice } from "../src/block/raw-device";
 import { readHeader } from "../src/open/open-disk";
 import { Job } from "../src/ops/job";
 import { type RebaseTarget, rebaseDisk } from "../src/ops/rebase";
-import { MemoryFs, type SparseBytes, createMemoryDisk, openDiskVia } from "./helpers/memory-io";
+import { MemoryFs, createMemoryDisk, openDiskVia, scribbleAndKeep } from "./helpers/memory-io";
 import { Rng, crashStates, describeCrash } from "./helpers/power-loss";
 import { Recorder } from "./helpers/recording-io";
 import { readAll } from "./jobs-helpers";
@@ -37,15 +37,7 @@ async function setUp(seed: number, newLength: number) {
   old.fill(0, 40 * 1024, 48 * 1024); // zeros in the old one too
   const paths = createMemoryDisk(mfs, { clusterBits: CLUSTER_BITS, size: SIZE, backing: old });
   mfs.set(NEW_BACKING, newBacking(rng, old, newLength));
-  const dev = await openDiskVia(mfs.opener, paths.addcow, { writable: true });
-  for (let i = 0; i < 5; i++) {
-    const len = rng.int(1, 7000);
-    await dev.write(rng.bytes(len), rng.int(0, SIZE - len));
-  }
-  const before = await readAll(dev);
-  await dev.close();
-  const initial = new Map<string, SparseBytes>();
-  for (const [p, b] of mfs.files) initial.set(p, b.clone());
+  const { before, initial } = await scribbleAndKeep(mfs, paths.addcow, rng, 5, 7000);
   return { mfs, paths, before, initial };
 }
 

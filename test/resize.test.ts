@@ -3,23 +3,21 @@ import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { resizeDisk } from "../src/ops/resize";
 import { checkDisk } from "../src/ops/check";
-import { MemoryFs, type SparseBytes, createMemoryDisk, openDiskVia } from "./helpers/memory-io";
+import {
+  MemoryFs,
+  type SparseBytes,
+  createMemoryDisk,
+  openDiskVia,
+  scribbleAndKeep,
+} from "./helpers/memory-io";
 import { Rng, crashStates, describeCrash } from "./helpers/power-loss";
 import { Recorder } from "./helpers/recording-io";
-import { MiB, pattern, readAll, readDisk, scribble, tempDir } from "./jobs-helpers";
-import { cleanupAll, makeOverlay, mountDisk } from "./helpers/mount";
+import { MiB, pattern, readAll, readDisk, scribble } from "./jobs-helpers";
+import { cleanupAll, makeOverlay, mountDisk, tempDir } from "./helpers/mount";
 import { addcow } from "./cli-helpers";
 
 afterEach(cleanupAll);
-const dirs: string[] = [];
-afterEach(() => {
-  for (const d of dirs.splice(0)) fs.rmSync(d, { recursive: true, force: true });
-});
-function dir(tag: string): string {
-  const d = tempDir(tag);
-  dirs.push(d);
-  return d;
-}
+const dir = (tag: string) => tempDir(`addcow-${tag}-`);
 
 const CLUSTER_BITS = 12;
 const OLD = 60 * 1024 + 1000; // a partial last cluster
@@ -47,16 +45,15 @@ describe("resize: power loss at every point of a grow", () => {
         size: OLD,
         backing: rng.bytes(BACKING),
       });
-      const dev = await openDiskVia(mfs.opener, paths.addcow, { writable: true });
-      for (let i = 0; i < 6; i++) {
-        const len = rng.int(1, 6000);
-        await dev.write(rng.bytes(len), rng.int(0, OLD - len - 5000));
-      }
-      const before = await readAll(dev);
-      await dev.close();
+      const { before, initial } = await scribbleAndKeep(
+        mfs,
+        paths.addcow,
+        rng,
+        6,
+        6000,
+        OLD - 5000,
+      );
       const after = Buffer.concat([before, Buffer.alloc(NEW - OLD)]);
-      const initial = new Map<string, SparseBytes>();
-      for (const [p, b] of mfs.files) initial.set(p, b.clone());
 
       const recorder = new Recorder();
       const grow = await openDiskVia(recorder.opener(mfs.opener), paths.addcow, {

@@ -273,3 +273,36 @@ export async function openDiskVia(
     bitmapCacheBytes: opts.bitmapCacheBytes,
   });
 }
+
+/** What a power-loss test starts from: what the disk reads, and a copy of every file. */
+export interface CrashTestStart {
+  before: Buffer;
+  initial: Map<string, SparseBytes>;
+}
+
+/**
+ * Writes `count` random pieces (1..maxLen bytes, ending before `end`) into the
+ * disk through the engine, then keeps what it reads and a copy of every file:
+ * the state a job then starts from.
+ */
+export async function scribbleAndKeep(
+  mfs: MemoryFs,
+  addcow: string,
+  rng: { int(lo: number, hi: number): number; bytes(n: number): Buffer },
+  count: number,
+  maxLen: number,
+  end?: number,
+): Promise<CrashTestStart> {
+  const dev = await openDiskVia(mfs.opener, addcow, { writable: true });
+  const limit = end ?? dev.size;
+  for (let i = 0; i < count; i++) {
+    const len = rng.int(1, maxLen);
+    await dev.write(rng.bytes(len), rng.int(0, limit - len));
+  }
+  const before = Buffer.alloc(dev.size);
+  await dev.read(before, 0);
+  await dev.close();
+  const initial = new Map<string, SparseBytes>();
+  for (const [p, b] of mfs.files) initial.set(p, b.clone());
+  return { before, initial };
+}
