@@ -188,6 +188,37 @@ function json<T>(args: string[]): T {
   return JSON.parse(r.stdout) as T;
 }
 
+describe("qemu-img spellings", () => {
+  it("--output=json|human is --json or the text; -f add-cow is accepted, any other format refused", () => {
+    rawFile("base.raw", 1 << 20, Buffer.alloc(1 << 20, 3));
+    expect(addcow(dir, "create", "-q", "-b", "base.raw", "-F", "raw", "d.add-cow").code).toBe(0);
+    for (const cmd of ["info", "map", "check"]) {
+      const json = addcow(dir, cmd, "--output=json", "-f", "add-cow", "d.add-cow");
+      expect(json.code, json.stderr).toBe(0);
+      expect(json.stdout).toBe(addcow(dir, cmd, "--json", "d.add-cow").stdout);
+      const human = addcow(dir, cmd, "--output", "human", "d.add-cow");
+      expect(human.stdout).toBe(addcow(dir, cmd, "d.add-cow").stdout);
+    }
+    for (const args of [
+      ["info", "-f", "qcow2", "d.add-cow"],
+      ["map", "-f", "raw", "d.add-cow"],
+      ["check", "-f", "vmdk", "d.add-cow"],
+      ["stream", "-f", "qcow2", "d.add-cow"],
+      ["commit", "-f", "qcow2", "d.add-cow"],
+      ["snapshot", "-f", "qcow2", "d.add-cow", "s.add-cow"],
+      ["rebase", "-f", "qcow2", "-b", "", "d.add-cow"],
+      ["resize", "-f", "qcow2", "d.add-cow", "+1M"],
+    ]) {
+      expectFailure(1, args, /addcow works on add-cow disks only \(-f add-cow\)/);
+    }
+    expectFailure(1, ["info", "--output=xml", "d.add-cow"], /Allowed choices are json, human/);
+    expectFailure(1, ["map", "--json", "--output=human", "d.add-cow"], /contradict/);
+    const jobs = addcow(dir, "jobs", "--output=json");
+    expect(jobs.code, jobs.stderr).toBe(0);
+    expect(JSON.parse(jobs.stdout)).toBeInstanceOf(Array);
+  });
+});
+
 describe("addcow info and map", () => {
   it("describes a fresh overlay over a 2 GiB sparse raw backing file", () => {
     rawFile("base.raw", 2 * 2 ** 30);

@@ -214,6 +214,22 @@ describe("addcow-mount -d, -o debug, -o auto_unmount", () => {
     },
   );
 
+  it("the source findmnt shows is the .add-cow file, also with a comma and a space in its path", async () => {
+    const dir = tempDir();
+    const odd = path.join(dir, "a,b c");
+    fs.mkdirSync(odd);
+    const o = await makeOverlay(odd, "my vm", { size: MiB });
+    const m = await mountDisk(o.addcow, path.join(odd, "mnt x"));
+    const r = await run("findmnt", ["-n", "-o", "SOURCE,FSTYPE", m.dir]);
+    expect(r.stdout.trim()).toBe(`${o.addcow} fuse.addcow`);
+    // ... and a lock error quotes the mount point for the shell when it must.
+    const info = await run(process.execPath, [path.join(DIST, "addcow.js"), "info", o.addcow]);
+    expect(info.stderr).toContain(
+      `is mounted at ${m.dir} (addcow-mount, pid ${m.pid}): unmount it first (fusermount -u '${m.dir}')`,
+    );
+    await m.unmount();
+  });
+
   it("-o auto_unmount: the mount goes away when the daemon is killed", async () => {
     const dir = tempDir();
     const o = await makeOverlay(dir, "vm1", { size: MiB });
