@@ -79,6 +79,7 @@ export class MountDaemon {
           openDisk(disk.file, {
             writable: !config.options.readOnly,
             cacheMode: config.options.cacheMode,
+            copyOnRead: config.options.copyOnRead,
             // Undefined unless a fault test set ADDCOW_TEST_FILE_OPENER.
             opener: openerFromEnvironment(),
           }),

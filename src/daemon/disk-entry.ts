@@ -83,8 +83,9 @@ export class DiskEntry {
    * seconds would only stall a streaming writer.
    */
   async writeBackIfNeeded(): Promise<void> {
-    if (this.dev.hasUnsavedMetadata && !this.dev.hasUnsavedMetadata()) return;
-    await this.flushIfDirty();
+    if (!this.dev.hasUnsavedMetadata) return this.flushIfDirty();
+    // Bits can be set by reads too (copy-on-read): they are written back without a write.
+    if (this.dev.hasUnsavedMetadata()) await this.flush();
   }
 
   async flush(): Promise<void> {

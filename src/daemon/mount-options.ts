@@ -11,10 +11,12 @@ export interface MountOptions {
   /** Permission bits to clear; undefined = files 0644 (0444 with ro), directory 0755. */
   umask: number | undefined;
   cacheMode: CacheMode;
+  /** Reads from the backing chain also fill the image file. */
+  copyOnRead: boolean;
 }
 
 export const KNOWN_OPTIONS =
-  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough";
+  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, copy-on-read";
 
 /**
  * Generic options mount(8) and mount.fuse hand every filesystem (from fstab or
@@ -59,6 +61,7 @@ export function defaultMountOptions(): MountOptions {
     gid: undefined,
     umask: undefined,
     cacheMode: "writeback",
+    copyOnRead: false,
   };
 }
 
@@ -128,6 +131,11 @@ export function parseMountOptions(args: string[]): MountOptions {
           opts.cacheMode = v;
           break;
         }
+        case "copy-on-read":
+        case "copy_on_read":
+          flag();
+          opts.copyOnRead = true;
+          break;
         case "sync":
           // mount(8)'s "every write synchronous": the same promise as cache=writethrough.
           flag();
@@ -140,6 +148,11 @@ export function parseMountOptions(args: string[]): MountOptions {
           );
       }
     }
+  }
+  if (opts.copyOnRead && opts.readOnly) {
+    throw new AddCowError(
+      "-o copy-on-read writes what is read into the image file: it cannot be combined with -o ro",
+    );
   }
   return opts;
 }

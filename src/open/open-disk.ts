@@ -16,6 +16,9 @@ import { type FileIO, type FileOpener, openPosixFile } from "../block/file-io";
 import { log } from "../util/log";
 import { AddCowDevice, type CacheMode } from "../addcow/addcow-device";
 import { lockFile } from "../os/file-lock";
+import { isRemoteName } from "../remote/url";
+import type { RemoteSettings } from "../remote/options";
+import { openRemoteBacking } from "./open-remote";
 
 /** Longest backing chain we follow; deeper chains are refused as hostile. */
 export const MAX_CHAIN_DEPTH = 64;
@@ -42,6 +45,10 @@ export interface OpenOptions {
    * The new device owns it: closing the new device closes it.
    */
   backingDevice?: BlockDevice;
+  /** Remote backings: block size, timeouts, cache (default: from the environment). */
+  remote?: RemoteSettings;
+  /** Reads from the backing chain also fill the image file (add-cow copy-on-read). */
+  copyOnRead?: boolean;
 }
 
 /** Identity of a file across paths, symlinks and hard links. */
@@ -223,6 +230,11 @@ async function openLayer(
   namedIn?: string,
   writable = false,
 ): Promise<BlockDevice> {
+  if (isRemoteName(file)) {
+    const dev = await openRemoteBacking(file, format, writable, namedIn, state.opts.remote);
+    state.cleanup.push(() => dev.close());
+    return dev;
+  }
   if (format === "add-cow") return openAddCow(file, writable, state, namedIn);
   const st = await statExisting(file, role, namedIn);
   remember(state, st, file, role, namedIn);
@@ -245,6 +257,11 @@ export function resolveStoredName(addcowFile: string, stored: string): string {
   return path.resolve(path.dirname(path.resolve(addcowFile)), stored);
 }
 
+/** A stored backing name: an absolute URL stays a URL, anything else is a path. */
+export function resolveBackingName(addcowFile: string, stored: string): string {
+  return isRemoteName(stored) ? stored : resolveStoredName(addcowFile, stored);
+}
+
 async function openAddCow(
   file: string,
   writable: boolean,
@@ -259,6 +276,7 @@ async function openAddCow(
     );
   }
   const role = namedIn ? "backing file" : "add-cow file";
+  const isTop = state.depth === 1 && namedIn === undefined;
   const st = await statExisting(file, role, namedIn);
   remember(state, st, file, role, namedIn);
   const mode = writable ? "write" : "read";
@@ -284,7 +302,7 @@ async function openAddCow(
   let backing: BlockDevice | null = null;
   let backingPath: string | null = null;
   if (header.backingName !== null) {
-    backingPath = resolveStoredName(file, header.backingName);
+    backingPath = resolveBackingName(file, header.backingName);
     const top = state.depth === 1;
     if (top && state.opts.backingDevice) {
       backing = state.opts.backingDevice;
@@ -312,6 +330,7 @@ async function openAddCow(
     backingPath,
     cacheMode: state.opts.cacheMode,
     bitmapCacheBytes: state.opts.bitmapCacheBytes,
+    copyOnRead: isTop && writable && state.opts.copyOnRead === true,
   });
 }
 

@@ -2,7 +2,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { chainFiles } from "./create";
 import { lockFile } from "../os/file-lock";
-import { openBacking, resolveStoredName } from "../open/open-disk";
+import { openBacking, resolveBackingName, resolveStoredName } from "../open/open-disk";
 import { AddCowError, errnoCode } from "../util/errors";
 import {
   type AddCowHeader,
@@ -16,6 +16,7 @@ import {
   decodeHeader,
 } from "../addcow/header";
 import { PosixFile } from "../block/file-io";
+import { isRemoteName } from "../remote/url";
 import { checkCreateLeftovers, checkShrunkImage } from "./check-crash";
 
 /**
@@ -324,8 +325,11 @@ export const checkBacking: CheckStep = {
   async run(ctx) {
     const h = ctx.header;
     if (!h || h.backingName === null) return;
-    const backingPath = resolveStoredName(ctx.path, h.backingName);
+    const backingPath = resolveBackingName(ctx.path, h.backingName);
     const named = `backing file ${backingPath} (stored as ${JSON.stringify(h.backingName)})`;
+    if (isRemoteName(h.backingName)) {
+      return checkRemoteBacking(ctx, backingPath, named);
+    }
     let st: fs.Stats;
     try {
       st = fs.statSync(backingPath);
@@ -386,6 +390,31 @@ export const checkBacking: CheckStep = {
     }
   },
 };
+
+/**
+ * A remote backing (URL) must answer with a usable object: a missing object or
+ * a refused format is corruption of the disk's naming; a server that cannot be
+ * reached now (network, timeouts, 5xx, access) means the check cannot finish.
+ */
+async function checkRemoteBacking(ctx: CheckContext, url: string, named: string): Promise<void> {
+  if (ctx.allAllocated) return;
+  let backing;
+  try {
+    backing = await openBacking(url, ctx.header!.backingFormat!, { layersAbove: 1 });
+  } catch (err) {
+    if (!(err instanceof AddCowError) || (err.code !== "ENOENT" && err.code !== "EINVAL")) {
+      throw err;
+    }
+    ctx.report({
+      severity: "corruption",
+      offset: null,
+      field: "backing file",
+      message: `${named} cannot be used: ${err.message}`,
+    });
+    return;
+  }
+  await backing.close();
+}
 
 /** The checks, in order. Later helpers append steps here (e.g. crash leftovers). */
 export const CHECKS: CheckStep[] = [

@@ -1,6 +1,5 @@
 import { waitingForExitingDaemon } from "../open/exiting-daemon";
 import type { BlockDevice } from "../block/block-device";
-import { RawDevice } from "../block/raw-device";
 import { AddCowDevice } from "../addcow/addcow-device";
 import { type OpenOptions, openDisk } from "../open/open-disk";
 import { FEATURE_ALL_ALLOCATED, KNOWN_COMPATIBLE, bitmapBytes } from "../addcow/header";
@@ -34,7 +33,14 @@ export interface AddCowInfo {
   /** allocatedClusters * 100 / clusters, rounded down to two decimals; 0 for an empty disk. */
   allocatedPercent: number;
   image: FileRef & { format: "raw"; size: number };
-  backing: (FileRef & { format: "raw" | "add-cow"; inUse: boolean }) | null;
+  backing:
+    | (FileRef & {
+        format: "raw" | "add-cow";
+        inUse: boolean;
+        /** A remote backing (URL): size, identity, block size, cache state (RemoteDevice details). */
+        remote?: Record<string, unknown>;
+      })
+    | null;
   /** Backing layers in use below this disk: 0 without a backing file or when all allocated. */
   chainDepth: number;
   features: {
@@ -50,6 +56,8 @@ export interface RawLayerInfo {
   file: string;
   format: "raw";
   virtualSize: number;
+  /** A remote layer's facts (see AddCowInfo.backing.remote). */
+  remote?: Record<string, unknown>;
 }
 
 export type LayerInfo = (AddCowInfo | RawLayerInfo) & { depth: number };
@@ -96,6 +104,7 @@ export async function describeAddCow(dev: AddCowDevice, name: string): Promise<A
             path: dev.backingPath!,
             format: h.backingFormat!,
             inUse: dev.backing !== null,
+            ...remoteDetails(dev.backing),
           },
     chainDepth: depth,
     features: {
@@ -107,14 +116,15 @@ export async function describeAddCow(dev: AddCowDevice, name: string): Promise<A
   };
 }
 
-async function describeLayer(
-  dev: BlockDevice,
-  path: string,
-  depth: number,
-): Promise<LayerInfo | null> {
+/** The remote facts of a backing layer, when it is remote. */
+function remoteDetails(dev: BlockDevice | null): { remote?: Record<string, unknown> } {
+  const details = dev?.describe().details;
+  return details?.remote === true ? { remote: details } : {};
+}
+
+async function describeLayer(dev: BlockDevice, path: string, depth: number): Promise<LayerInfo> {
   if (dev instanceof AddCowDevice) return { ...(await describeAddCow(dev, dev.path)), depth };
-  if (dev instanceof RawDevice) return { file: path, format: "raw", virtualSize: dev.size, depth };
-  return null;
+  return { file: path, format: "raw", virtualSize: dev.size, depth, ...remoteDetails(dev) };
 }
 
 export interface InfoOptions {
@@ -134,8 +144,7 @@ export async function diskInfo(file: string, opts: InfoOptions = {}): Promise<Di
       let depth = 1;
       let path = dev.backingPath;
       for (let layer = dev.backing; layer && path; depth++) {
-        const entry = await describeLayer(layer, path, depth);
-        if (entry) info.backingChain.push(entry);
+        info.backingChain.push(await describeLayer(layer, path, depth));
         path = layer instanceof AddCowDevice ? layer.backingPath : null;
         layer = layer instanceof AddCowDevice ? layer.backing : null;
       }

@@ -1,6 +1,5 @@
 import { waitingForExitingDaemon } from "../open/exiting-daemon";
 import type { BlockDevice } from "../block/block-device";
-import { RawDevice } from "../block/raw-device";
 import { AddCowDevice, type ClusterSource } from "../addcow/addcow-device";
 import { openDisk } from "../open/open-disk";
 
@@ -55,8 +54,7 @@ async function resolveBacking(
   out: (e: Extent) => void,
 ): Promise<void> {
   if (!(dev instanceof AddCowDevice)) {
-    const file = dev instanceof RawDevice ? dev.file.path : null;
-    out({ start, length: end - start, source: "backing", depth, file });
+    out({ start, length: end - start, source: "backing", depth, file: dev.describe().dataFile });
     return;
   }
   let runs = cache.get(dev);

@@ -1,0 +1,233 @@
+import * as crypto from "node:crypto";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import * as zlib from "node:zlib";
+import { log } from "../util/log";
+import type { ObjectIdentity } from "./source";
+
+/**
+ * The persistent block cache shared by every overlay (and every daemon) on the
+ * host. Layout, under the cache root:
+ *
+ *   v1/<k[0..2]>/<k>/object.json      what the entry is (URL, identity, block size), for people
+ *   v1/<k[0..2]>/<k>/<index>.blk      one block: 40-byte header + the block's bytes
+ *
+ * k = sha256(URL without credentials, size, ETag, Last-Modified, block size):
+ * a changed object gets a new key, so its old blocks are never read again (they
+ * age out). A block is written to a unique temp name and renamed into place, so
+ * readers see a whole file or none; its header carries the key, the index, the
+ * length and a CRC-32 of the bytes, checked on every read, so a file torn by a
+ * crash or power loss (the rename may reach disk before the data) or damaged
+ * later is detected, deleted and fetched again. Several processes may fill and
+ * read the same entry at once: the last rename wins with identical bytes.
+ * Eviction keeps the total under a limit, oldest blocks (by mtime, refreshed on
+ * use) first; any process may evict, a block vanishing under a reader is a miss.
+ */
+const MAGIC = Buffer.from("ACOWBLK1");
+const HEADER = 40;
+/** Hits refresh a block's mtime (its age for eviction) at most this often. */
+const TOUCH_AFTER_MS = 60_000;
+/** Temp files older than this are leftovers of a killed writer. */
+const STALE_TMP_MS = 10 * 60_000;
+export const DEFAULT_CACHE_BYTES = 8 * 2 ** 30;
+
+export function defaultCacheRoot(env: NodeJS.ProcessEnv = process.env): string {
+  if (process.getuid?.() === 0) return "/var/cache/addcow";
+  return path.join(env.XDG_CACHE_HOME || path.join(os.homedir(), ".cache"), "addcow");
+}
+
+export interface CacheStats {
+  hits: number;
+  misses: number;
+  stored: number;
+  corrupt: number;
+  evicted: number;
+}
+
+/** One object's blocks in a {@link CacheRoot}. */
+export class BlockCache {
+  readonly stats: CacheStats = { hits: 0, misses: 0, stored: 0, corrupt: 0, evicted: 0 };
+  private readonly keyBytes: Buffer;
+
+  constructor(
+    private readonly root: CacheRoot,
+    readonly dir: string,
+    key: string,
+  ) {
+    this.keyBytes = Buffer.from(key.slice(0, 32), "hex");
+  }
+
+  private file(index: number): string {
+    return path.join(this.dir, `${index}.blk`);
+  }
+
+  /** The block's bytes when a whole, verified copy is cached; null otherwise. */
+  get(index: number, length: number): Buffer | null {
+    const file = this.file(index);
+    let raw: Buffer;
+    try {
+      raw = fs.readFileSync(file);
+    } catch {
+      this.stats.misses++;
+      return null;
+    }
+    const data = raw.subarray(HEADER);
+    const ok =
+      raw.length === HEADER + length &&
+      raw.subarray(0, 8).equals(MAGIC) &&
+      raw.subarray(8, 24).equals(this.keyBytes) &&
+      raw.readUIntLE(24, 6) === index &&
+      raw.readUInt32LE(32) === length &&
+      raw.readUInt32LE(36) === zlib.crc32(data);
+    if (!ok) {
+      this.stats.corrupt++;
+      this.stats.misses++;
+      log.remote("cache: %s is damaged or partial; fetching the block again", file);
+      fs.rmSync(file, { force: true });
+      return null;
+    }
+    this.stats.hits++;
+    this.touch(file);
+    return data;
+  }
+
+  /** Stores a block (best effort: a full or read-only cache disk only costs refetches). */
+  put(index: number, data: Buffer): void {
+    const header = Buffer.alloc(HEADER);
+    MAGIC.copy(header, 0);
+    this.keyBytes.copy(header, 8);
+    header.writeUIntLE(index, 24, 6);
+    header.writeUInt32LE(data.length, 32);
+    header.writeUInt32LE(zlib.crc32(data), 36);
+    const final = this.file(index);
+    const tmp = `${final}.${process.pid}.${crypto.randomBytes(4).toString("hex")}.tmp`;
+    try {
+      const fd = fs.openSync(tmp, "wx", 0o600);
+      try {
+        fs.writevSync(fd, [header, data]);
+      } finally {
+        fs.closeSync(fd);
+      }
+      fs.renameSync(tmp, final);
+      this.stats.stored++;
+      this.root.added(HEADER + data.length, this.stats);
+    } catch (err) {
+      fs.rmSync(tmp, { force: true });
+      log.remote("cache: cannot store %s: %s", final, (err as Error).message);
+    }
+  }
+
+  /** Blocks of this object on disk now (for info). */
+  countBlocks(): number {
+    return readdir(this.dir).filter((n) => n.endsWith(".blk")).length;
+  }
+
+  private touch(file: string): void {
+    try {
+      const st = fs.statSync(file);
+      if (Date.now() - st.mtimeMs > TOUCH_AFTER_MS) {
+        const now = new Date();
+        fs.utimesSync(file, now, now);
+      }
+    } catch {
+      // Evicted meanwhile: nothing to refresh.
+    }
+  }
+}
+
+/** A cache directory with a size limit, shared by all objects and processes. */
+export class CacheRoot {
+  private approxBytes: number | null = null;
+  private evicting = false;
+
+  constructor(
+    readonly dir: string,
+    readonly limitBytes: number = DEFAULT_CACHE_BYTES,
+  ) {}
+
+  /** The cache of one object version; creates its directory. */
+  open(name: string, identity: ObjectIdentity, blockSize: number): BlockCache {
+    const key = crypto
+      .createHash("sha256")
+      .update(
+        JSON.stringify([name, identity.size, identity.etag, identity.lastModified, blockSize]),
+      )
+      .digest("hex");
+    const dir = path.join(this.dir, "v1", key.slice(0, 2), key);
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const about = path.join(dir, "object.json");
+    if (!fs.existsSync(about)) {
+      const tmp = `${about}.${process.pid}.tmp`;
+      fs.writeFileSync(tmp, JSON.stringify({ url: name, ...identity, blockSize }) + "\n");
+      fs.renameSync(tmp, about);
+    }
+    return new BlockCache(this, dir, key);
+  }
+
+  /** Called after a block was stored; evicts when the total passes the limit. */
+  added(bytes: number, stats: CacheStats): void {
+    if (this.approxBytes === null) this.approxBytes = this.scan().reduce((s, f) => s + f.size, 0);
+    else this.approxBytes += bytes;
+    if (this.approxBytes > this.limitBytes && !this.evicting) {
+      this.evicting = true;
+      try {
+        stats.evicted += this.evict();
+      } finally {
+        this.evicting = false;
+      }
+    }
+  }
+
+  /** Deletes the least recently used blocks until the cache is at 90% of its limit. */
+  evict(): number {
+    const files = this.scan().sort((a, b) => a.mtimeMs - b.mtimeMs);
+    let total = files.reduce((s, f) => s + f.size, 0);
+    const target = Math.floor(this.limitBytes * 0.9);
+    let removed = 0;
+    for (const f of files) {
+      if (total <= target) break;
+      fs.rmSync(f.path, { force: true });
+      total -= f.size;
+      removed++;
+    }
+    this.approxBytes = total;
+    log.remote("cache %s: evicted %d blocks, %d bytes left", this.dir, removed, total);
+    return removed;
+  }
+
+  /** Every block file (and stale temp file, deleted on the way). */
+  private scan(): Array<{ path: string; size: number; mtimeMs: number }> {
+    const out: Array<{ path: string; size: number; mtimeMs: number }> = [];
+    const base = path.join(this.dir, "v1");
+    const now = Date.now();
+    for (const shard of readdir(base)) {
+      for (const entry of readdir(path.join(base, shard))) {
+        const dir = path.join(base, shard, entry);
+        for (const name of readdir(dir)) {
+          const p = path.join(dir, name);
+          let st: fs.Stats;
+          try {
+            st = fs.statSync(p);
+          } catch {
+            continue;
+          }
+          if (name.endsWith(".tmp")) {
+            if (now - st.mtimeMs > STALE_TMP_MS) fs.rmSync(p, { force: true });
+          } else if (name.endsWith(".blk")) {
+            out.push({ path: p, size: st.size, mtimeMs: st.mtimeMs });
+          }
+        }
+      }
+    }
+    return out;
+  }
+}
+
+function readdir(dir: string): string[] {
+  try {
+    return fs.readdirSync(dir);
+  } catch {
+    return [];
+  }
+}
