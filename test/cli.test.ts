@@ -146,7 +146,7 @@ describe("addcow create", () => {
     const traced = addcowEnv(dir, { DEBUG: "addcow:*" }, "create", "disk.add-cow", "0");
     expect(traced.code).toBe(1);
     expect(traced.stderr).toMatch(/^addcow: invalid size/);
-    expect(traced.stderr).toMatch(/\n\s+at .*create-disk/);
+    expect(traced.stderr).toMatch(/\n\s+at .*ops\/create/);
   });
 
   it("prints help and version", () => {

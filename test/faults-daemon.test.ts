@@ -11,13 +11,13 @@ import {
   tempDir,
 } from "./helpers/mount";
 
-// The daemon loads this built module through the test-only ADDCOW_TEST_FILE_OPENER hook.
-const FAULT_MODULE = path.resolve(__dirname, "../dist/test/helpers/fault-opener-module.js");
+// addcow-mount started through a test launcher whose daemon opens files through a fault injector.
+const FAULTY_MOUNT = path.resolve(__dirname, "../dist/test/helpers/faulty-addcow-mount.js");
 const CS = 4096;
 const SIZE = 1 << 20;
 
 beforeAll(() => {
-  if (!fs.existsSync(FAULT_MODULE)) throw new Error(`${FAULT_MODULE} is missing: npm run build`);
+  if (!fs.existsSync(FAULTY_MOUNT)) throw new Error(`${FAULTY_MOUNT} is missing: npm run build`);
 });
 afterEach(cleanupAll);
 
@@ -41,7 +41,8 @@ async function mountWithFaults(options?: string): Promise<Setup> {
   setFaults([]);
   const m = await mountDisk(disk.addcow, path.join(dir, "mnt"), {
     options,
-    env: { ...process.env, ADDCOW_TEST_FILE_OPENER: FAULT_MODULE, ADDCOW_TEST_FAULTS: control },
+    bin: FAULTY_MOUNT,
+    env: { ...process.env, ADDCOW_TEST_FAULTS: control },
   });
   return { m, control, backing: fs.readFileSync(disk.backing!), addcow: disk.addcow, setFaults };
 }

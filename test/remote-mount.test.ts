@@ -137,7 +137,7 @@ describe("a disk over a remote base, through the mount", () => {
     expect(info.code, info.stderr).toBe(0);
     const json = JSON.parse(info.stdout);
     expect(json.backing).toMatchObject({ stored: url, path: url, format: "raw" });
-    expect(json.backing.remote).toMatchObject({ remote: true, size: BASE });
+    expect(json.backing.details).toMatchObject({ remote: true, size: BASE });
     const map = await addcow(env, "map", "--json", remote);
     expect(JSON.parse(map.stdout)[0]).toMatchObject({ source: "backing", file: url, length: BASE });
     expect((await addcow(env, "check", remote)).code).toBe(0);

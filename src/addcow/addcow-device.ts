@@ -1,6 +1,7 @@
 import * as fs from "node:fs";
 import type { BlockDevice, Extent, LayerDescription } from "../block/block-device";
-import { pushExtent } from "../block/extents";
+import { forEachExtent, pushExtent } from "../block/extents";
+import { type AddCowInfo, describeAddCow } from "./addcow-info";
 import { checkRange } from "../block/range";
 import { AddCowError } from "../util/errors";
 import {
@@ -44,9 +45,6 @@ export interface AddCowDeviceParts {
   /** Called once when the device is closed (releases locks). */
   onClose?: () => Promise<void> | void;
 }
-
-/** Where the bytes of a run of clusters come from. */
-export type ClusterSource = "image" | "backing" | "zero";
 
 /**
  * An add-cow disk. Reads are served per run of clusters from the image file
@@ -434,46 +432,32 @@ export class AddCowDevice implements BlockDevice {
     }
   }
 
-  /** Where the bytes of clusters [c0, c0 + result.count) come from. */
-  async sourceRuns(
-    fn: (start: number, length: number, source: ClusterSource) => void | Promise<void>,
-  ): Promise<void> {
-    if (this.size === 0) return;
-    if (this.allAllocated) {
-      await fn(0, this.size, "image");
-      return;
-    }
-    const backingSize = this.backing ? this.backing.size : 0;
-    let pending: { start: number; end: number; source: ClusterSource } | null = null;
-    const emit = async (start: number, end: number, source: ClusterSource) => {
-      if (start >= end) return;
-      if (pending && pending.source === source && pending.end === start) {
-        pending.end = end;
-        return;
-      }
-      if (pending) await fn(pending.start, pending.end - pending.start, pending.source);
-      pending = { start, end, source };
-    };
-    await this.bitmap.forEachRun(0, this.numClusters, async (c, n, allocated) => {
-      const start = c * this.clusterSize;
-      const end = Math.min((c + n) * this.clusterSize, this.size);
-      if (allocated) return emit(start, end, "image");
-      const split = Math.max(start, Math.min(end, backingSize));
-      await emit(start, split, "backing");
-      await emit(split, end, "zero");
-    });
-    const last = pending as { start: number; end: number; source: ClusterSource } | null;
-    if (last) await fn(last.start, last.end - last.start, last.source);
-  }
-
-  /** Number of allocated clusters (scans the bitmap one bitmap cluster at a time). */
+  /** Number of allocated clusters (the data extents; a partial last cluster counts as one). */
   async countAllocated(): Promise<number> {
-    if (this.allAllocated) return this.numClusters;
     let count = 0;
-    await this.bitmap.forEachRun(0, this.numClusters, (_c, n, allocated) => {
-      if (allocated) count += n;
+    await forEachExtent(this, 0, this.size, (e) => {
+      if (e.kind === "data") count += Math.ceil(e.length / this.clusterSize);
     });
     return count;
+  }
+
+  /** What `addcow info` shows for this layer (costs a scan of the bitmap). */
+  async info(): Promise<AddCowInfo> {
+    let chainDepth = 0;
+    for (let layer = this.backing; layer; layer = layer.backing) chainDepth++;
+    return describeAddCow({
+      file: this.path,
+      header: this.header,
+      size: this.size,
+      numClusters: this.numClusters,
+      allocatedClusters: await this.countAllocated(),
+      metadataFileSize: await this.meta.size(),
+      imagePath: this.imagePath,
+      backingPath: this.backingPath,
+      backingInUse: this.backing !== null,
+      backingDetails: this.backing?.describe().details,
+      chainDepth,
+    });
   }
 
   /** Bits set in memory that the .add-cow file does not have yet. */

@@ -351,49 +351,6 @@ export class BitmapCache {
     }
     log.bitmap("data sync failed: rolled back unflushed bits");
   }
-
-  /**
-   * Calls fn for each maximal run of equal bits in [c0, c1), loading one
-   * bitmap cluster at a time, so scanning a huge disk keeps memory bounded.
-   */
-  async forEachRun(
-    c0: number,
-    c1: number,
-    fn: (start: number, count: number, allocated: boolean) => void | Promise<void>,
-  ): Promise<void> {
-    let runStart = c0;
-    let runCount = 0;
-    let runState = false;
-    let c = c0;
-    while (c < c1) {
-      const entryEnd = Math.min(
-        c1,
-        (Math.floor(c / this.clustersPerEntry) + 1) * this.clustersPerEntry,
-      );
-      await this.pin(c, entryEnd);
-      const pieces: Array<[number, boolean]> = [];
-      try {
-        while (c < entryEnd) {
-          const n = this.runLength(c, entryEnd);
-          pieces.push([n, this.isSet(c)]);
-          c += n;
-        }
-      } finally {
-        this.unpin(c - 1, c);
-      }
-      for (const [n, state] of pieces) {
-        if (runCount > 0 && state === runState) {
-          runCount += n;
-          continue;
-        }
-        if (runCount > 0) await fn(runStart, runCount, runState);
-        runStart += runCount;
-        runCount = n;
-        runState = state;
-      }
-    }
-    if (runCount > 0) await fn(runStart, runCount, runState);
-  }
 }
 
 /** Page `page` of a bitmap buffer (shorter at its end); a view, not a copy. */

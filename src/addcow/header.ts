@@ -71,9 +71,31 @@ export function headerSizeFor(clusterBits: number): number {
 export const DAMAGED_ADVICE =
   "the .add-cow file is damaged (or not add-cow revision 19/20): restore it from a backup";
 
-function bad(file: string, message: string, advice: string = DAMAGED_ADVICE): AddCowError {
-  return new AddCowError(`${file}: ${message}; ${advice}`, { file, code: "EINVAL" });
+/** Where in the header a problem is: the field's name and the byte (null: no single byte). */
+interface At {
+  field: string;
+  offset: number | null;
 }
+
+/** A header error: the fact (`detail`, what addcow check lists), the file, and what to do. */
+function bad(
+  file: string,
+  where: At,
+  detail: string,
+  advice: string = DAMAGED_ADVICE,
+): AddCowError {
+  return new AddCowError(`${file}: ${detail}; ${advice}`, {
+    file,
+    code: "EINVAL",
+    reason: "bad-field",
+    field: where.field,
+    ...(where.offset === null ? {} : { offset: where.offset }),
+    detail,
+  });
+}
+
+const at = (field: string, offset: number | null): At => ({ field, offset });
+const WHOLE_HEADER = at("header", null);
 
 /** A string from the file, quoted so control characters never break the one-line message. */
 function quote(text: string): string {
@@ -96,6 +118,7 @@ export function describeBits(bits: bigint): string {
  * wrote all 16 characters without a NUL, which we accept. Returns "" for all zeros.
  */
 function decodeFormatField(buf: Buffer, offset: number, file: string, field: string): string {
+  const here = at(field, offset);
   const raw = buf.subarray(offset, offset + FORMAT_FIELD_SIZE);
   const nul = raw.indexOf(0);
   const end = nul === -1 ? FORMAT_FIELD_SIZE : nul;
@@ -103,25 +126,32 @@ function decodeFormatField(buf: Buffer, offset: number, file: string, field: str
     if (raw[i] !== 0) {
       throw bad(
         file,
+        at(field, offset + i),
         `${field} (bytes ${offset}..${offset + FORMAT_FIELD_SIZE - 1}) has byte ${raw[i]} at offset ${offset + i}, after its terminating NUL (must be 0)`,
       );
     }
   }
   const text = raw.subarray(0, end).toString("latin1");
   if (!/^[\x20-\x7e]*$/.test(text)) {
-    throw bad(file, `${field} is ${quote(text)}, not printable text`);
+    throw bad(file, here, `${field} is ${quote(text)}, not printable text`);
   }
   return text;
 }
 
 export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): FixedHeader {
   if (fileSize === 0 || buf.length === 0) {
-    throw bad(file, `the file is empty (0 bytes), not an add-cow file`, "check the file name");
+    throw bad(
+      file,
+      WHOLE_HEADER,
+      `the file is empty (0 bytes), not an add-cow file`,
+      "check the file name",
+    );
   }
   // Magic first, on whatever is there: a short file of another kind is "not add-cow", not "truncated".
   if (buf.subarray(0, 8).equals(Buffer.from("ADD_COW\xff", "latin1"))) {
     throw bad(
       file,
+      at("magic", OFF.magic),
       `magic is "ADD_COW\\xff": the old big-endian add-cow layout (2011-2012), which addcow does not read`,
       "only the revision 19/20 layout (magic ACOW) is supported",
     );
@@ -130,6 +160,7 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
   if (!magic.equals(Buffer.from(MAGIC, "latin1").subarray(0, magic.length))) {
     throw bad(
       file,
+      at("magic", OFF.magic),
       `magic is ${quote(magic.toString("latin1"))}, expected "ACOW": not an add-cow file (revision 19/20)`,
       "check the file name",
     );
@@ -137,6 +168,7 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
   if (buf.length < FIXED_HEADER_SIZE) {
     throw bad(
       file,
+      WHOLE_HEADER,
       `header is truncated: the file has ${buf.length} bytes, the fixed header needs ${FIXED_HEADER_SIZE}`,
     );
   }
@@ -156,6 +188,7 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
   if (h.clusterBits < MIN_CLUSTER_BITS || h.clusterBits > MAX_CLUSTER_BITS) {
     throw bad(
       file,
+      at("cluster_bits", OFF.clusterBits),
       `cluster_bits is ${h.clusterBits}, must be ${MIN_CLUSTER_BITS}..${MAX_CLUSTER_BITS} (4 KiB to 2 MiB clusters)`,
     );
   }
@@ -163,25 +196,36 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
   if (unknownIncompat !== 0n) {
     throw bad(
       file,
+      at("incompatible features", OFF.incompatible),
       `incompatible features has unknown ${describeBits(unknownIncompat)} set`,
       "this disk needs a newer addcow, or the header is damaged; it is not opened",
     );
   }
   if (h.headerSize < HEADER_ALIGN) {
-    throw bad(file, `HEADER_SIZE is ${h.headerSize}, too small (at least ${HEADER_ALIGN})`);
+    throw bad(
+      file,
+      at("HEADER_SIZE", OFF.headerSize),
+      `HEADER_SIZE is ${h.headerSize}, too small (at least ${HEADER_ALIGN})`,
+    );
   }
   if (h.headerSize % HEADER_ALIGN !== 0) {
-    throw bad(file, `HEADER_SIZE is ${h.headerSize}, not a multiple of ${HEADER_ALIGN}`);
+    throw bad(
+      file,
+      at("HEADER_SIZE", OFF.headerSize),
+      `HEADER_SIZE is ${h.headerSize}, not a multiple of ${HEADER_ALIGN}`,
+    );
   }
   if (h.headerSize > MAX_HEADER_SIZE) {
     throw bad(
       file,
+      at("HEADER_SIZE", OFF.headerSize),
       `HEADER_SIZE is ${h.headerSize}, larger than the largest valid header (${MAX_HEADER_SIZE})`,
     );
   }
   if (h.headerSize > fileSize) {
     throw bad(
       file,
+      at("HEADER_SIZE", OFF.headerSize),
       `HEADER_SIZE is ${h.headerSize} but the file has only ${fileSize} bytes (truncated?)`,
     );
   }
@@ -191,13 +235,18 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
     if (h.backingNameOffset === 0 || h.backingNameSize === 0) {
       throw bad(
         file,
+        at("backing name offset", OFF.backingNameOffset),
         `backing name offset is ${h.backingNameOffset} and backing name size ${h.backingNameSize}: both must be 0 (no backing file) or both non-zero`,
       );
     }
     checkNameField(file, "backing name", h.backingNameOffset, h.backingNameSize, h.headerSize);
   }
   if (h.imageNameSize === 0) {
-    throw bad(file, `image name size is 0: the image name is empty (it is required)`);
+    throw bad(
+      file,
+      at("image name size", OFF.imageNameSize),
+      `image name size is 0: the image name is empty (it is required)`,
+    );
   }
   checkNameField(file, "image name", h.imageNameOffset, h.imageNameSize, h.headerSize);
   if (hasBackingName) {
@@ -206,6 +255,7 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
     if (a[0]! < b[1]! && b[0]! < a[1]!) {
       throw bad(
         file,
+        at("backing name", a[0]!),
         `backing name (bytes ${a[0]}..${a[1]! - 1}) and image name (bytes ${b[0]}..${b[1]! - 1}) overlap`,
       );
     }
@@ -217,12 +267,14 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
     if (backingFormat === "") {
       throw bad(
         file,
+        at("backing format", OFF.backingFormat),
         `backing format is empty but a backing file is named (must be raw or add-cow)`,
       );
     }
     if (!(BACKING_FORMATS as readonly string[]).includes(backingFormat)) {
       throw bad(
         file,
+        at("backing format", OFF.backingFormat),
         `backing format is ${quote(backingFormat)}, not supported (supported: raw, add-cow)`,
       );
     }
@@ -230,12 +282,19 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
   } else if (backingFormat !== "") {
     throw bad(
       file,
+      at("backing format", OFF.backingFormat),
       `backing format is ${quote(backingFormat)} but no backing file is named (backing name size is 0)`,
     );
   }
-  if (imageFormat === "") throw bad(file, `image format is empty (must be raw)`);
+  if (imageFormat === "") {
+    throw bad(file, at("image format", OFF.imageFormat), `image format is empty (must be raw)`);
+  }
   if (imageFormat !== "raw") {
-    throw bad(file, `image format is ${quote(imageFormat)}, not supported (supported: raw)`);
+    throw bad(
+      file,
+      at("image format", OFF.imageFormat),
+      `image format is ${quote(imageFormat)}, not supported (supported: raw)`,
+    );
   }
   return h;
 }
@@ -247,15 +306,21 @@ function checkNameField(
   size: number,
   headerSize: number,
 ): void {
+  const here = at(
+    `${what} offset`,
+    what === "image name" ? OFF.imageNameOffset : OFF.backingNameOffset,
+  );
   if (offset < FIXED_HEADER_SIZE) {
     throw bad(
       file,
+      here,
       `${what} offset is ${offset}, inside the fixed header (must be at least ${FIXED_HEADER_SIZE})`,
     );
   }
   if (offset + size > headerSize) {
     throw bad(
       file,
+      here,
       `${what} offset ${offset} + size ${size} = ${offset + size} runs past HEADER_SIZE ${headerSize}`,
     );
   }
@@ -271,6 +336,7 @@ function decodeName(buf: Buffer, offset: number, size: number, what: string, fil
     if (b < 0x20 || b === 0x7f) {
       throw bad(
         file,
+        at(what, offset + i),
         `${what} has control byte 0x${b.toString(16).padStart(2, "0")} at offset ${offset + i} (names are plain UTF-8 text)`,
       );
     }
@@ -278,7 +344,11 @@ function decodeName(buf: Buffer, offset: number, size: number, what: string, fil
   try {
     return utf8.decode(bytes);
   } catch {
-    throw bad(file, `${what} (bytes ${offset}..${offset + size - 1}) is not valid UTF-8`);
+    throw bad(
+      file,
+      at(what, offset),
+      `${what} (bytes ${offset}..${offset + size - 1}) is not valid UTF-8`,
+    );
   }
 }
 
@@ -288,6 +358,7 @@ export function decodeHeader(buf: Buffer, file: string, fileSize: number): AddCo
   if (buf.length < f.headerSize) {
     throw bad(
       file,
+      WHOLE_HEADER,
       `header is truncated: ${buf.length} bytes read, HEADER_SIZE is ${f.headerSize}`,
     );
   }
@@ -303,6 +374,7 @@ export function decodeHeader(buf: Buffer, file: string, fileSize: number): AddCo
       if (buf[i] !== 0) {
         throw bad(
           file,
+          at("name area", i),
           `name area byte at offset ${i} is ${buf[i]}, outside both names (must be 0)`,
         );
       }
@@ -316,6 +388,7 @@ export function decodeHeader(buf: Buffer, file: string, fileSize: number): AddCo
   if (backingName !== null && backingName === imageName) {
     throw bad(
       file,
+      at("image name", OFF.imageNameOffset),
       `image name and backing name are both ${quote(imageName)} (they must name different files)`,
     );
   }

@@ -36,6 +36,8 @@ export interface BlockDevice {
    * (add-cow: bitmap bits set in memory). Absent: assume there is some.
    */
   hasUnsavedMetadata?(): boolean;
+  /** Facts for `info --backing-chain` that cost I/O to find (allocation counts), JSON-safe. */
+  info?(): Promise<object>;
   /** fstat of the local file holding this layer's data (the mount's st_blocks and times). */
   dataFileStat?(): fs.Stats | null;
   /** Flushes (when writable) and releases the underlying files. */

@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 import * as path from "node:path";
 import { Command, Option } from "commander";
-import { registerControlService } from "../control/server";
+import type { FileOpener } from "../block/file-io";
+import { startControlService } from "../control/server";
 import { CHILD_FLAG, startInBackground, tellParent } from "../daemon/background";
 import { type DiskSpec, MountDaemon } from "../daemon/daemon";
 import { diskFileName } from "../os/mount-table";
@@ -23,7 +24,12 @@ function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
 }
 
-export function buildProgram(): Command {
+export interface MountProgramDeps {
+  /** How the daemon opens files (a test launcher passes a fault-injecting opener). */
+  opener?: FileOpener;
+}
+
+export function buildProgram(deps: MountProgramDeps = {}): Command {
   return new Command(PROGRAM)
     .version(packageVersion(), "-V, --version", "print the version and exit")
     .helpOption("-h, --help", "show help")
@@ -40,10 +46,14 @@ export function buildProgram(): Command {
       "file name inside MOUNTDIR (one disk only; default FILE without .add-cow)",
     )
     .addOption(new Option(CHILD_FLAG).hideHelp())
-    .action(mountAction);
+    .action((paths: string[], opts: CliOptions) => mountAction(paths, opts, deps));
 }
 
-async function mountAction(paths: string[], opts: CliOptions): Promise<void> {
+async function mountAction(
+  paths: string[],
+  opts: CliOptions,
+  deps: MountProgramDeps,
+): Promise<void> {
   if (paths.length < 2) {
     throw new AddCowError(
       "give at least one FILE.add-cow and a MOUNTDIR, e.g. addcow-mount disk.add-cow /mnt/disk",
@@ -73,7 +83,6 @@ async function mountAction(paths: string[], opts: CliOptions): Promise<void> {
   }
 
   const foreground = !opts.daemonChild;
-  registerControlService();
   let daemon: MountDaemon;
   try {
     daemon = await MountDaemon.start({
@@ -81,6 +90,8 @@ async function mountAction(paths: string[], opts: CliOptions): Promise<void> {
       mountDir,
       options,
       onWarning: (m) => process.stderr.write(`${PROGRAM}: ${m}\n`),
+      services: [startControlService],
+      ...(deps.opener ? { opener: deps.opener } : {}),
     });
   } catch (err) {
     if (!foreground) {

@@ -112,7 +112,7 @@ export async function runCli(program: Command, argv: string[] = process.argv): P
       code = err.exitCode;
     } else {
       if (err instanceof CommanderError) {
-        const hint = /unknown command/.test(err.message) ? "" : usageHint(program, argv);
+        const hint = err.code === "commander.unknownCommand" ? "" : usageHint(program, argv);
         process.stderr.write(`${name}: ${errorLine(err)}${hint}\n`);
       } else {
         process.stderr.write(`${name}: ${errorLine(err)}\n`);

@@ -2,8 +2,8 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
+import type { AddCowDevice } from "../addcow/addcow-device";
 import { openDisk } from "../open/open-disk";
-import { openerFromEnvironment } from "../io/test-opener";
 import { AddCowError, describeError } from "../util/errors";
 import { DiskEntry } from "./disk-entry";
 import { createFuseFrontEnd } from "./fuse-fs";
@@ -11,7 +11,7 @@ import type { MountOptions } from "./mount-options";
 import { log } from "../util/log";
 import { deviceId, prepareMountDir, readMountTable, readMountTableAsync } from "../os/mount-table";
 import { waitingForExitingDaemon } from "../open/exiting-daemon";
-import { type DaemonService, daemonServiceFactories } from "./services";
+import type { FileOpener } from "../block/file-io";
 
 const execFileAsync = promisify(execFile);
 
@@ -32,7 +32,23 @@ export interface DaemonConfig {
   pollIntervalMs?: number;
   /** Called for problems after start (failed periodic write-back, ...). */
   onWarning?: (message: string) => void;
+  /** How the disks' files are opened (default: plain POSIX files; fault tests wrap it). */
+  opener?: FileOpener;
+  /** Extra parts to run while mounted (the control socket for live jobs). */
+  services?: readonly DaemonServiceFactory[];
 }
+
+/**
+ * Something a daemon runs while mounted. A factory is called once the disks
+ * are mounted, before the daemon reports ready; a factory that throws fails
+ * the mount. stop() is called first when the daemon stops, before the disks
+ * are flushed and closed.
+ */
+export interface DaemonService {
+  stop(): Promise<void>;
+}
+
+export type DaemonServiceFactory = (daemon: MountDaemon) => Promise<DaemonService>;
 
 const MOUNT_TIMEOUT_MS = 20_000;
 
@@ -42,7 +58,7 @@ const MOUNT_TIMEOUT_MS = 20_000;
  * stops cleanly (flush, unmount, close).
  */
 export class MountDaemon {
-  readonly entries: DiskEntry[];
+  readonly entries: Array<DiskEntry<AddCowDevice>>;
   readonly mountDir: string;
   private readonly services: DaemonService[] = [];
   private timers: NodeJS.Timeout[] = [];
@@ -55,7 +71,7 @@ export class MountDaemon {
 
   private constructor(
     readonly config: DaemonConfig,
-    entries: DiskEntry[],
+    entries: Array<DiskEntry<AddCowDevice>>,
   ) {
     this.entries = entries;
     this.mountDir = config.mountDir;
@@ -71,7 +87,7 @@ export class MountDaemon {
     // The mount table names the real path; compare with that (MOUNTDIR may be reached by a symlink).
     mountDir = fs.realpathSync(mountDir);
     config.mountDir = mountDir;
-    const entries: DiskEntry[] = [];
+    const entries: Array<DiskEntry<AddCowDevice>> = [];
     let mounted = false;
     try {
       for (const disk of config.disks) {
@@ -80,8 +96,7 @@ export class MountDaemon {
             writable: !config.options.readOnly,
             cacheMode: config.options.cacheMode,
             copyOnRead: config.options.copyOnRead,
-            // Undefined unless a fault test set ADDCOW_TEST_FILE_OPENER.
-            opener: openerFromEnvironment(),
+            ...(config.opener ? { opener: config.opener } : {}),
           }),
         );
         entries.push(new DiskEntry(disk.name, disk.file, device));
@@ -94,7 +109,7 @@ export class MountDaemon {
       const st = await fs.promises.stat(mountDir);
       daemon.mountDevice = deviceId(st.dev);
       await fs.promises.stat(path.join(mountDir, entries[0]!.name));
-      for (const factory of daemonServiceFactories()) daemon.services.push(await factory(daemon));
+      for (const factory of config.services ?? []) daemon.services.push(await factory(daemon));
       daemon.startTimers();
       log.daemon(
         "mounted %s at %s (device %s)",

@@ -6,7 +6,7 @@ import type { BlockDevice } from "../block/block-device";
  * leave so the device can be swapped atomically (live snapshot): `exclusive`
  * holds new requests back, waits for the running ones, then runs its function.
  */
-export class DiskEntry {
+export class DiskEntry<D extends BlockDevice = BlockDevice> {
   /** Set by writes, cleared when a flush starts; the periodic write-back looks at it. */
   dirty = false;
   /** Set once the device is closed; later requests get EIO. */
@@ -20,11 +20,21 @@ export class DiskEntry {
     readonly name: string,
     /** The .add-cow file it was opened from (for messages and jobs). */
     readonly file: string,
-    private dev: BlockDevice,
-  ) {}
+    private served: D,
+  ) {
+    this.dev = served;
+  }
+
+  /** What requests go to: the disk, or a device in front of it while a live job needs one. */
+  private dev: BlockDevice;
 
   get device(): BlockDevice {
     return this.dev;
+  }
+
+  /** The disk this file serves (its top layer; live jobs work on it). */
+  get disk(): D {
+    return this.served;
   }
 
   /** Counts a request in; returns null when it may start now, else a promise to wait for first. */
@@ -59,9 +69,10 @@ export class DiskEntry {
   }
 
   /** Replaces the device; call inside `exclusive`. The caller owns closing the old one. */
-  replaceDevice(dev: BlockDevice): BlockDevice {
+  replaceDevice(dev: BlockDevice, disk: D): BlockDevice {
     const old = this.dev;
     this.dev = dev;
+    this.served = disk;
     return old;
   }
 

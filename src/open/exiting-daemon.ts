@@ -39,17 +39,15 @@ export async function waitingForExitingDaemon<T>(file: string, open: () => Promi
 const UNKNOWN_HOLDER_RETRIES = 5;
 
 function lockHolderState(err: unknown): "exiting" | "unknown" | "other" {
-  if (!(err instanceof AddCowError) || err.code !== "EBUSY") return "other";
-  if (/in use by another process/.test(err.message)) return "unknown";
-  return heldByExitingDaemon(err.message) ? "exiting" : "other";
+  if (!(err instanceof AddCowError) || err.reason !== "locked") return "other";
+  if (err.pid === undefined) return "unknown";
+  return heldByExitingDaemon(err.pid) ? "exiting" : "other";
 }
 
-function heldByExitingDaemon(message: string): boolean {
-  const m = /in use by process (\d+)/.exec(message);
-  if (!m) return false;
+function heldByExitingDaemon(pid: number): boolean {
   let args: string[];
   try {
-    args = fs.readFileSync(`/proc/${m[1]}/cmdline`, "utf8").split("\0");
+    args = fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0");
   } catch {
     return true; // Gone already: the lock is free on the next try.
   }

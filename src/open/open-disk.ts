@@ -55,7 +55,8 @@ export interface OpenOptions {
 type FileId = string;
 
 interface ChainState {
-  seen: Map<FileId, string>;
+  /** Every file opened so far, with the role it was opened in. */
+  seen: Map<FileId, { role: string; file: string }>;
   depth: number;
   opts: OpenOptions;
   cleanup: Array<() => Promise<void>>;
@@ -180,7 +181,7 @@ async function openFile(
         : "check the file and its permissions";
     throw new AddCowError(
       `${role} ${file}${namedIn ? ` (named in ${namedIn})` : ""} cannot be opened for ${mode === "write" ? "writing" : "reading"}: ${reason(err, file).replace(/^cannot be (accessed|opened): /, "")}; ${advice}`,
-      { file, code: code ?? "EIO" },
+      { file, code: code ?? "EIO", reason: "cannot-open", mode },
     );
   }
   state.cleanup.push(() => io.close());
@@ -210,16 +211,17 @@ function remember(
   if (earlier !== undefined) {
     const where = namedIn ? ` (named in ${namedIn})` : "";
     const fix = namedIn ? `; fix the name stored in ${namedIn}` : "";
-    const loops = role === "backing file" && /add-cow file|backing file/.test(earlier);
+    const loops = role === "backing file" && earlier.role !== "image file";
+    const before = `${earlier.role} ${earlier.file}`;
     const what = loops
-      ? `the backing chain loops: ${role} ${file}${where} is ${earlier}, opened earlier in the chain`
-      : `${role} ${file}${where} is the same file as ${earlier} (through another path, a symbolic link or a hard link)`;
+      ? `the backing chain loops: ${role} ${file}${where} is ${before}, opened earlier in the chain`
+      : `${role} ${file}${where} is the same file as ${before} (through another path, a symbolic link or a hard link)`;
     throw new AddCowError(
       `${what}; every file of a disk and its backing chain must be distinct${fix}`,
-      { file, code: "ELOOP" },
+      { file, code: "ELOOP", reason: "chain" },
     );
   }
-  state.seen.set(id, `${role} ${file}`);
+  state.seen.set(id, { role, file });
 }
 
 async function openLayer(

@@ -1,7 +1,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { bitmapBytes } from "../addcow/header";
-import type { CheckStep } from "./check";
+import type { CheckStep } from "./check-context";
 
 function processRuns(pid: number): boolean {
   try {

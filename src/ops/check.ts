@@ -5,8 +5,6 @@ import { lockFile } from "../os/file-lock";
 import { openBacking, resolveBackingName, resolveStoredName } from "../open/open-disk";
 import { AddCowError, errnoCode } from "../util/errors";
 import {
-  type AddCowHeader,
-  DAMAGED_ADVICE,
   FEATURE_ALL_ALLOCATED,
   FIXED_HEADER_SIZE,
   KNOWN_COMPATIBLE,
@@ -19,49 +17,9 @@ import { PosixFile } from "../block/file-io";
 import { isRemoteName } from "../remote/url";
 import { checkCreateLeftovers, checkShrunkImage } from "./check-crash";
 
-/**
- * `addcow check`: verifies an add-cow disk without modifying anything. The
- * checks are a list of independent steps sharing a context; a step that needs
- * something an earlier step could not establish (e.g. a valid header) skips.
- * Findings of severity "corruption" make the exit code 2; "warning"s do not.
- */
-export type Severity = "corruption" | "warning";
+import type { CheckContext, CheckStep, Finding } from "./check-context";
 
-export interface Finding {
-  severity: Severity;
-  /** The file the problem is in. */
-  file: string;
-  /** Byte offset in that file, when the problem has one. */
-  offset: number | null;
-  /** What part of the file: "magic", "cluster_bits", "bitmap", "image file", ... */
-  field: string;
-  message: string;
-}
-
-export interface CheckContext {
-  /** The .add-cow file as given, and its absolute path. */
-  file: string;
-  path: string;
-  fd: number;
-  fileSize: number;
-  forceShare: boolean;
-  header: AddCowHeader | null;
-  allAllocated: boolean;
-  imagePath: string | null;
-  imageSize: number | null;
-  imageId: string | null;
-  numClusters: number | null;
-  /** Bytes of bitmap present in the file (may be fewer than needed). */
-  bitmapPresent: number;
-  allocatedClusters: number | null;
-  findings: Finding[];
-  report(f: Omit<Finding, "file"> & { file?: string }): void;
-}
-
-export interface CheckStep {
-  name: string;
-  run(ctx: CheckContext): Promise<void> | void;
-}
+export type { CheckContext, CheckStep, Finding, Severity } from "./check-context";
 
 export interface CheckReport {
   file: string;
@@ -85,42 +43,13 @@ function readAt(fd: number, length: number, pos: number): Buffer {
   return buf.subarray(0, done);
 }
 
-/**
- * Where each header field lives, to point findings at a byte offset. Header
- * errors name their field first ("cluster_bits is 30, ...").
- */
-const FIELD_OFFSETS: Array<[RegExp, string, number | null]> = [
-  [/^magic\b/, "magic", 0],
-  [/^backing name offset\b/, "backing name offset", 4],
-  [/^backing name size\b/, "backing name size", 8],
-  [/^backing name\b/, "backing name", 4],
-  [/^image name offset\b/, "image name offset", 12],
-  [/^image name size\b/, "image name size", 16],
-  [/^image name\b/, "image name", 12],
-  [/^cluster_bits\b/, "cluster_bits", 20],
-  [/^incompatible features\b/, "incompatible features", 24],
-  [/^compatible features\b/, "compatible features", 32],
-  [/^HEADER_SIZE\b/, "HEADER_SIZE", 40],
-  [/^backing format\b/, "backing format", 44],
-  [/^image format\b/, "image format", 60],
-  [/^name area\b/, "name area", null],
-];
-
+/** A header that breaks a rule: the error names the field, the byte and the fact. */
 function headerFinding(ctx: CheckContext, err: AddCowError): void {
-  const prefix = `${ctx.file}: `;
-  let message = err.message.startsWith(prefix) ? err.message.slice(prefix.length) : err.message;
-  // The advice to restore from a backup fits an error; a check report lists facts.
-  if (message.endsWith(`; ${DAMAGED_ADVICE}`)) {
-    message = message.slice(0, -DAMAGED_ADVICE.length - 2);
-  }
-  const hit = FIELD_OFFSETS.find(([re]) => re.test(message));
-  // A message naming the exact byte ("... at offset 50 ...") beats the field's start.
-  const exact = /\bat offset (\d+)/.exec(message) ?? /\(bytes (\d+)\.\./.exec(message);
   ctx.report({
     severity: "corruption",
-    offset: exact ? Number(exact[1]) : hit ? hit[2] : null,
-    field: hit ? hit[1] : "header",
-    message,
+    offset: err.offset ?? null,
+    field: err.field ?? "header",
+    message: err.detail ?? err.message,
   });
 }
 
@@ -132,7 +61,7 @@ export const checkHeader: CheckStep = {
       const fixed = decodeFixedHeader(head.subarray(0, FIXED_HEADER_SIZE), ctx.file, ctx.fileSize);
       ctx.header = decodeHeader(head.subarray(0, fixed.headerSize), ctx.file, ctx.fileSize);
     } catch (err) {
-      if (err instanceof AddCowError) return headerFinding(ctx, err);
+      if (err instanceof AddCowError && err.reason === "bad-field") return headerFinding(ctx, err);
       throw err;
     }
     ctx.allAllocated = (ctx.header.compatibleFeatures & FEATURE_ALL_ALLOCATED) !== 0n;

@@ -1,12 +1,12 @@
 import * as fs from "node:fs";
 import { AddCowError, errnoCode } from "../util/errors";
-import { AddCowDevice } from "../addcow/addcow-device";
+import type { AddCowDevice } from "../addcow/addcow-device";
 import type { RangeLock } from "../block/range-lock";
 import { formatSize } from "../util/size";
 import { CopyEngine, type CopyOptions } from "./copy-engine";
 import type { Job } from "./job";
 import { findRun } from "./scan";
-import { bytesWithState } from "./stream";
+import { bytesOfKind } from "../block/extents";
 
 export interface CommitOptions extends CopyOptions {
   /** Leave the overlay as it is (its clusters stay allocated) instead of emptying it. */
@@ -50,8 +50,7 @@ export function readOnlyBackingError(file: string, backing: string, code: string
 
 /** Checks before any work that the backing layer's files can be written (live commit). */
 export function checkBackingWritable(dev: AddCowDevice): void {
-  const b = dev.backing;
-  const files = b instanceof AddCowDevice ? [b.path, b.imagePath] : [dev.backingPath!];
+  const files = dev.backing ? dev.backing.describe().files : [dev.backingPath!];
   for (const f of files) {
     try {
       fs.accessSync(f, fs.constants.W_OK);
@@ -83,26 +82,21 @@ export async function commitDisk(
     );
   }
   // Data past the backing disk's end has nowhere to go: the backing is never grown.
-  let beyond = 0;
-  await dev.bitmap.forEachRun(0, dev.numClusters, (c, n, allocated) => {
-    const end = Math.min((c + n) * dev.clusterSize, dev.size);
-    if (allocated && end > backing.size)
-      beyond += end - Math.max(backing.size, c * dev.clusterSize);
-  });
+  const beyond = await bytesPastEnd(dev, backing.size);
   if (beyond > 0) {
     throw new AddCowError(
       `${dev.path} has ${formatSize(beyond)} of data past the end of backing file ${dev.backingPath} (${backing.size} bytes); commit never grows a backing file: stream instead`,
       { file: dev.path, code: "EFBIG" },
     );
   }
-  const total = await bytesWithState(dev, true);
+  const total = await bytesOfKind(dev, ["data"]);
   const cs = dev.clusterSize;
   const engine = new CopyEngine(
     {
       clusterSize: cs,
       numClusters: dev.numClusters,
       size: dev.size,
-      findRun: (from, maxLen) => findRun(dev.bitmap, from, dev.numClusters, true, maxLen),
+      findRun: (from, maxLen) => findRun(dev, cs, from, dev.numClusters, ["data"], maxLen),
       copy: async (c0, c1, buf) => {
         const start = c0 * cs;
         // Clusters past the backing's end (written during a live commit) stay in the overlay.
@@ -111,9 +105,8 @@ export async function commitDisk(
         const data = buf.subarray(0, stop - start);
         const release = opts.copyLock ? await opts.copyLock.acquire(c0, c1) : undefined;
         try {
-          // Allocated clusters live in the image file; read it directly, not through the bitmap.
-          const n = await dev.image.read(data, start);
-          if (n < data.length) data.fill(0, n);
+          // These clusters are allocated (bits only go 1 -> 0 at the very end): the image file's bytes.
+          await dev.read(data, start);
           await backing.write(data, start);
         } finally {
           release?.();
@@ -150,11 +143,6 @@ export async function commitDisk(
 }
 
 /** Bytes of allocated clusters lying past `limit` (the backing disk's size). */
-async function bytesPastEnd(dev: AddCowDevice, limit: number): Promise<number> {
-  let beyond = 0;
-  await dev.bitmap.forEachRun(0, dev.numClusters, (c, n, allocated) => {
-    const end = Math.min((c + n) * dev.clusterSize, dev.size);
-    if (allocated && end > limit) beyond += end - Math.max(limit, c * dev.clusterSize);
-  });
-  return beyond;
+function bytesPastEnd(dev: AddCowDevice, limit: number): Promise<number> {
+  return limit >= dev.size ? Promise.resolve(0) : bytesOfKind(dev, ["data"], limit, dev.size);
 }

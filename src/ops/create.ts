@@ -13,8 +13,7 @@ import {
 } from "../addcow/header";
 import { formatSize } from "../util/size";
 import type { BlockDevice } from "../block/block-device";
-import { RawDevice } from "../block/raw-device";
-import { AddCowDevice } from "../addcow/addcow-device";
+import { chainOf } from "../block/extents";
 import { openBacking } from "../open/open-disk";
 import { isRemoteName, parseRemoteName } from "../remote/url";
 
@@ -278,19 +277,9 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
   };
 }
 
-/** Every file a backing device reads: each layer's .add-cow, image and raw files. */
+/** Every local file a backing device reads: the files of each layer of its chain. */
 export function chainFiles(dev: BlockDevice): string[] {
-  const files: string[] = [];
-  for (let layer: BlockDevice | null = dev; layer;) {
-    if (layer instanceof AddCowDevice) {
-      files.push(layer.path, layer.imagePath);
-      layer = layer.backing;
-    } else {
-      if (layer instanceof RawDevice) files.push(layer.file.path);
-      layer = null;
-    }
-  }
-  return files;
+  return chainOf(dev).flatMap((layer) => layer.describe().files);
 }
 
 export function describeCreate(r: CreateResult): string {

@@ -1,7 +1,10 @@
-import { waitingForExitingDaemon } from "../open/exiting-daemon";
 import type { BlockDevice } from "../block/block-device";
-import { AddCowDevice, type ClusterSource } from "../addcow/addcow-device";
+import { forEachExtent } from "../block/extents";
+import { waitingForExitingDaemon } from "../open/exiting-daemon";
 import { openDisk } from "../open/open-disk";
+
+/** Where the bytes of an extent come from, seen from the top disk. */
+export type ExtentSource = "image" | "backing" | "zero";
 
 /**
  * `addcow map`: the disk as merged extents. `source` says where the bytes come
@@ -13,71 +16,43 @@ import { openDisk } from "../open/open-disk";
 export interface Extent {
   start: number;
   length: number;
-  source: ClusterSource;
+  source: ExtentSource;
   depth: number | null;
   file: string | null;
 }
 
-interface Run {
-  start: number;
-  end: number;
-  source: ClusterSource;
-}
-
-async function runsOf(dev: AddCowDevice): Promise<Run[]> {
-  const runs: Run[] = [];
-  await dev.sourceRuns((start, length, source) => {
-    runs.push({ start, end: start + length, source });
-  });
-  return runs;
-}
-
-/** Index of the first run that ends after pos (runs are sorted and contiguous). */
-function firstRunAfter(runs: Run[], pos: number): number {
-  let lo = 0;
-  let hi = runs.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >> 1;
-    if (runs[mid]!.end <= pos) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
-
-/** Resolves [start, end) of a backing device, found at `depth`, to the layers holding it. */
-async function resolveBacking(
+/**
+ * Walks [start, end) of `dev` (found at `depth`) by block status, handing
+ * each range down the chain until a layer holds it or it reads as zeros.
+ */
+async function resolve(
   dev: BlockDevice,
   depth: number,
   start: number,
   end: number,
-  cache: Map<BlockDevice, Run[]>,
   out: (e: Extent) => void,
 ): Promise<void> {
-  if (!(dev instanceof AddCowDevice)) {
-    out({ start, length: end - start, source: "backing", depth, file: dev.describe().dataFile });
-    return;
-  }
-  let runs = cache.get(dev);
-  if (!runs) {
-    runs = await runsOf(dev);
-    cache.set(dev, runs);
-  }
-  for (let i = firstRunAfter(runs, start); i < runs.length && runs[i]!.start < end; i++) {
-    const run = runs[i]!;
-    const s = Math.max(start, run.start);
-    const e = Math.min(end, run.end);
-    if (run.source === "image") {
-      out({ start: s, length: e - s, source: "backing", depth, file: dev.imagePath });
-    } else if (run.source === "zero" || !dev.backing) {
-      out({ start: s, length: e - s, source: "zero", depth: null, file: null });
+  const file = dev.describe().dataFile;
+  await forEachExtent(dev, start, end, async (e) => {
+    const { start: s, length } = e;
+    if (e.kind === "data") {
+      out({ start: s, length, source: depth === 0 ? "image" : "backing", depth, file });
+    } else if (e.kind === "zero" || !dev.backing) {
+      out({ start: s, length, source: "zero", depth: null, file: null });
     } else {
-      await resolveBacking(dev.backing, depth + 1, s, e, cache, out);
+      // Past the end of the layer below, the bytes read as zeros (the layer said "backing").
+      const below = dev.backing;
+      const split = Math.min(s + length, Math.max(s, below.size));
+      if (split > s) await resolve(below, depth + 1, s, split, out);
+      if (split < s + length) {
+        out({ start: split, length: s + length - split, source: "zero", depth: null, file: null });
+      }
     }
-  }
+  });
 }
 
 /** The extents of an open disk, merged so neighbours always differ. */
-export async function mapDevice(dev: AddCowDevice): Promise<Extent[]> {
+export async function mapDevice(dev: BlockDevice): Promise<Extent[]> {
   const extents: Extent[] = [];
   const push = (e: Extent) => {
     if (e.length <= 0) return;
@@ -94,17 +69,7 @@ export async function mapDevice(dev: AddCowDevice): Promise<Extent[]> {
       extents.push({ ...e });
     }
   };
-  const cache = new Map<BlockDevice, Run[]>();
-  for (const run of await runsOf(dev)) {
-    const length = run.end - run.start;
-    if (run.source === "image") {
-      push({ start: run.start, length, source: "image", depth: 0, file: dev.imagePath });
-    } else if (run.source === "zero" || !dev.backing) {
-      push({ start: run.start, length, source: "zero", depth: null, file: null });
-    } else {
-      await resolveBacking(dev.backing, 1, run.start, run.end, cache, push);
-    }
-  }
+  await resolve(dev, 0, 0, dev.size, push);
   return extents;
 }
 

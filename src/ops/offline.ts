@@ -95,7 +95,7 @@ export async function explainReadOnlyBacking(file: string, err: unknown): Promis
   if (!(err instanceof AddCowError) || err.file === undefined) return err;
   const code = err.code;
   if (code !== "EACCES" && code !== "EROFS" && code !== "EPERM") return err;
-  if (!/for writing/.test(err.message)) return err;
+  if (err.reason !== "cannot-open" || err.mode !== "write") return err;
   // The overlay's own files are not the backing: their error stands as it is.
   const own = [path.resolve(file)];
   try {

@@ -1,37 +1,53 @@
-import type { BitmapCache } from "../addcow/bitmap-cache";
+import type { BlockDevice, ExtentKind } from "../block/block-device";
+
+/** Clusters asked about per block-status call while nothing wanted is found; it doubles from there. */
+const FIRST_WINDOW_CLUSTERS = 64;
 
 /**
- * The first run of clusters in [from, end) whose bit is `allocated`, at most
- * maxLen long, or null. Works one cached bitmap cluster at a time and skips
- * runs of the other state with runLength (whole bytes at once), never bit by
- * bit over long runs.
+ * The first run of whole clusters in [from, end) whose extents are of a wanted
+ * kind, at most maxLen clusters long, or null. Asks the device's block status
+ * in windows that start small (the answer is usually near) and double while
+ * nothing wanted turns up, so long runs of the other kinds are skipped in few
+ * calls and a fragmented disk never produces long extent lists.
  */
 export async function findRun(
-  bitmap: BitmapCache,
+  dev: BlockDevice,
+  clusterSize: number,
   from: number,
   end: number,
-  allocated: boolean,
+  wanted: ReadonlyArray<ExtentKind>,
   maxLen: number,
 ): Promise<[number, number] | null> {
   let c = from;
+  let window = Math.max(FIRST_WINDOW_CLUSTERS, maxLen);
   while (c < end) {
-    const entryEnd = Math.min(
-      end,
-      (Math.floor(c / bitmap.clustersPerEntry) + 1) * bitmap.clustersPerEntry,
-    );
-    const pinning = bitmap.pin(c, entryEnd);
-    if (pinning) await pinning;
-    try {
-      while (c < entryEnd) {
-        if (bitmap.isSet(c) === allocated) {
-          const n = bitmap.runLength(c, Math.min(entryEnd, c + maxLen));
-          return [c, c + n];
+    const start = c * clusterSize;
+    const stop = Math.min(end * clusterSize, dev.size, start + window * clusterSize);
+    const extents = await dev.blockStatus(start, stop - start);
+    let runStart = -1;
+    let runEnd = -1;
+    for (const e of extents) {
+      const hit = wanted.includes(e.kind);
+      if (runStart < 0) {
+        if (hit) {
+          runStart = e.start;
+          runEnd = e.start + e.length;
         }
-        c += bitmap.runLength(c, entryEnd);
+      } else if (hit && e.start === runEnd) {
+        runEnd += e.length;
+      } else {
+        break;
       }
-    } finally {
-      bitmap.unpin(entryEnd - 1, entryEnd);
     }
+    if (runStart >= 0) {
+      const c0 = Math.floor(runStart / clusterSize);
+      const c1 = Math.min(end, Math.ceil(runEnd / clusterSize), c0 + maxLen);
+      return [c0, c1];
+    }
+    const last = extents[extents.length - 1];
+    const reached = last ? last.start + last.length : stop;
+    c = Math.ceil(reached / clusterSize);
+    window *= 2;
   }
   return null;
 }

@@ -4,16 +4,11 @@ import { formatSize } from "../util/size";
 import { CopyEngine, type CopyOptions } from "./copy-engine";
 import type { Job } from "./job";
 import { findRun } from "./scan";
+import { bytesOfKind } from "../block/extents";
 
-/** Bytes of the clusters whose bit has the given state (the last cluster clipped to the disk). */
-export async function bytesWithState(dev: AddCowDevice, allocated: boolean): Promise<number> {
-  if (dev.allAllocated) return allocated ? dev.size : 0;
-  let bytes = 0;
-  await dev.bitmap.forEachRun(0, dev.numClusters, (c, n, state) => {
-    if (state !== allocated) return;
-    bytes += Math.min((c + n) * dev.clusterSize, dev.size) - c * dev.clusterSize;
-  });
-  return bytes;
+/** Bytes of the disk that its own layer does not hold yet (what stream still copies). */
+export function bytesToStream(dev: AddCowDevice): Promise<number> {
+  return bytesOfKind(dev, ["backing", "zero"]);
 }
 
 /** Refuses a disk without backing file: nothing to stream. */
@@ -47,13 +42,14 @@ export async function streamDisk(
   if (dev.allAllocated) {
     return `${dev.path} is complete already: image file ${dev.imagePath} is a standalone raw disk`;
   }
-  const total = await bytesWithState(dev, false);
+  const total = await bytesToStream(dev);
   const engine = new CopyEngine(
     {
       clusterSize: dev.clusterSize,
       numClusters: dev.numClusters,
       size: dev.size,
-      findRun: (from, maxLen) => findRun(dev.bitmap, from, dev.numClusters, false, maxLen),
+      findRun: (from, maxLen) =>
+        findRun(dev, dev.clusterSize, from, dev.numClusters, ["backing", "zero"], maxLen),
       copy: async (c0, c1, buf) => {
         await dev.copyFromBacking(c0, c1, buf);
       },
@@ -63,7 +59,7 @@ export async function streamDisk(
   );
   const outcome = await job.runEngine(engine);
   if (outcome === "cancelled") {
-    const left = await bytesWithState(dev, false);
+    const left = await bytesToStream(dev);
     return `stream of ${dev.path} stopped with ${formatSize(left)} left to copy; progress is kept: run it again to finish`;
   }
   await dev.markAllAllocated();

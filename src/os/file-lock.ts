@@ -24,7 +24,13 @@ export function lockFile(file: FileIO, kind: LockKind, role: string): void {
     const wanted = kind === "exclusive" ? "for writing" : "for reading";
     throw new AddCowError(
       `${role} ${file.path} is in use by ${who}; it cannot be opened ${wanted} until that process ends (unmount it or stop the job)`,
-      { code: "EBUSY", file: file.path },
+      {
+        code: "EBUSY",
+        reason: "locked",
+        file: file.path,
+        mode: kind === "exclusive" ? "write" : "read",
+        ...(holder === undefined ? {} : { pid: holder }),
+      },
     );
   }
 }

@@ -32,6 +32,8 @@ export interface ErrorFields {
   pid?: number;
   /** How the file was being opened. */
   mode?: "read" | "write";
+  /** The fact alone, without the file name or advice (addcow check lists it). */
+  detail?: string;
   cause?: unknown;
 }
 
@@ -49,6 +51,7 @@ export class AddCowError extends Error {
   readonly offset: number | undefined;
   readonly pid: number | undefined;
   readonly mode: "read" | "write" | undefined;
+  readonly detail: string | undefined;
 
   constructor(message: string, fields: ErrorFields = {}) {
     super(message, fields.cause === undefined ? undefined : { cause: fields.cause });
@@ -60,6 +63,7 @@ export class AddCowError extends Error {
     this.offset = fields.offset;
     this.pid = fields.pid;
     this.mode = fields.mode;
+    this.detail = fields.detail;
   }
 }
 

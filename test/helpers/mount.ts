@@ -208,6 +208,8 @@ export interface MountOpts {
   /** Run with -f as a child of this process (default: background like a user would). */
   foreground?: boolean;
   env?: NodeJS.ProcessEnv;
+  /** The program to run instead of the built addcow-mount (a test launcher). */
+  bin?: string;
 }
 
 /** Arguments for addcow-mount. */
@@ -232,7 +234,7 @@ export async function mountDisks(
 ): Promise<MountHandle> {
   const dir = path.resolve(mountDir);
   fuseMounts.add(dir);
-  const args = [MOUNT_BIN, ...mountArgs(files, dir, opts)];
+  const args = [opts.bin ?? MOUNT_BIN, ...mountArgs(files, dir, opts)];
   let pid: number;
   if (opts.foreground) {
     const child = spawn(process.execPath, args, {

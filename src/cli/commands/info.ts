@@ -28,7 +28,8 @@ export function formatAddCowInfo(info: AddCowInfo): string {
     const unused = info.backing.inUse ? "" : " (not used: all clusters allocated)";
     lines.push(`backing file: ${info.backing.stored} (actual path: ${info.backing.path})${unused}`);
     lines.push(`backing file format: ${info.backing.format}`);
-    if (info.backing.remote) lines.push(...formatRemote(info.backing.remote));
+    const details = info.backing.details;
+    if (details?.remote === true) lines.push(...formatRemote(details));
   } else {
     lines.push(`backing file: none`);
   }
@@ -73,16 +74,23 @@ function formatRemote(r: Record<string, unknown>): string[] {
 }
 
 function formatLayer(layer: LayerInfo): string {
-  if (layer.format === "raw") {
-    return [
-      `image: ${layer.file}`,
-      `file format: raw`,
-      `virtual size: ${sized(layer.virtualSize)}`,
-      ...(layer.remote ? formatRemote(layer.remote) : []),
-      `backing chain position: ${layer.depth}`,
-    ].join("\n");
+  if (layer.format === "add-cow") {
+    return `${formatAddCowInfo(layer as AddCowInfo)}\nbacking chain position: ${layer.depth}`;
   }
-  return `${formatAddCowInfo(layer)}\nbacking chain position: ${layer.depth}`;
+  const lines = [
+    `image: ${layer.file}`,
+    `file format: ${layer.format}`,
+    `virtual size: ${sized(layer.virtualSize)}`,
+  ];
+  // Other formats' own facts, one "name: value" line each.
+  const shown = new Set(["file", "format", "virtualSize", "depth"]);
+  for (const [key, value] of Object.entries(layer)) {
+    if (shown.has(key) || value === undefined) continue;
+    const text = typeof value === "object" ? JSON.stringify(value) : String(value);
+    lines.push(`${key.replace(/[A-Z]/g, (c) => " " + c.toLowerCase())}: ${text}`);
+  }
+  lines.push(`backing chain position: ${layer.depth}`);
+  return lines.join("\n");
 }
 
 export function register(program: Command): void {

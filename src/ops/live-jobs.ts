@@ -1,0 +1,133 @@
+import { AddCowError } from "../util/errors";
+import type { CopyOptions } from "./copy-engine";
+import { Job, type JobKind, type JobStatus } from "./job";
+import { type LiveDisk, checkLiveJob, liveCommit, liveSnapshot, liveStream } from "./live";
+
+/** What a live job is asked to do (the control protocol's job options, decoded). */
+export interface LiveJobRequest extends CopyOptions {
+  keep?: boolean;
+  /** snapshot: the new overlay and its image file (absolute paths). */
+  newFile?: string;
+  image?: string;
+  clusterSize?: number;
+}
+
+interface Served {
+  live: LiveDisk;
+  /** The .add-cow file on top of the mounted disk (changes with a live snapshot). */
+  top: string;
+  job: Job | null;
+}
+
+/** Finished jobs stay listed a while so `addcow jobs` can show how they ended. */
+const KEEP_FINISHED = 16;
+
+/**
+ * The jobs of one daemon: at most one per mounted disk at a time, found by
+ * id; disks are named by their top .add-cow file (by real path, `keyOf`).
+ */
+export class LiveJobs {
+  private readonly served: Served[];
+  private readonly byKey = new Map<string, Served>();
+  /** Keys of files that were the top before a live snapshot: now only read. */
+  private readonly retired = new Map<string, string>();
+  private readonly jobs = new Map<string, Job>();
+  private counter = 0;
+
+  constructor(
+    disks: readonly LiveDisk[],
+    private readonly keyOf: (file: string) => string,
+    /** Called when a live snapshot put a new file on top of a disk. */
+    private readonly onNewTop: (newFile: string) => Promise<void>,
+  ) {
+    this.served = disks.map((live) => ({ live, top: live.file, job: null }));
+    for (const s of this.served) this.byKey.set(keyOf(s.top), s);
+  }
+
+  /** The top file of every disk. */
+  tops(): string[] {
+    return this.served.map((s) => s.top);
+  }
+
+  list(): JobStatus[] {
+    return [...this.jobs.values()].map((j) => j.status());
+  }
+
+  find(id: string): Job {
+    const job = this.jobs.get(id);
+    if (!job) throw new AddCowError(`no job ${id} in daemon ${process.pid}`, { reason: "invalid" });
+    return job;
+  }
+
+  /** Cancels the running jobs and waits until they have stopped (they flush). */
+  async cancelAll(): Promise<void> {
+    const running = [...this.jobs.values()].filter((j) => !j.finished);
+    for (const job of running) job.cancel();
+    await Promise.all(running.map((job) => job.wait()));
+  }
+
+  private servedFor(disk: string): Served {
+    const key = this.keyOf(disk);
+    const newer = this.retired.get(key);
+    if (newer !== undefined) {
+      throw new AddCowError(
+        `${disk} is now a backing layer of ${newer} (live snapshot) and is only read; run the job on ${newer}`,
+        { reason: "invalid" },
+      );
+    }
+    const served = this.byKey.get(key);
+    if (!served) {
+      throw new AddCowError(`${disk} is not served by daemon ${process.pid}`, {
+        reason: "invalid",
+      });
+    }
+    return served;
+  }
+
+  /** Starts a job; refusals that need no work are thrown at once, as one line. */
+  start(kind: JobKind, disk: string, req: LiveJobRequest): JobStatus {
+    const served = this.servedFor(disk);
+    if (served.job && !served.job.finished) {
+      throw new AddCowError(
+        `${served.top} already runs job ${served.job.id}; wait for it or cancel it (addcow job cancel ${served.job.id})`,
+        { code: "EBUSY", reason: "invalid" },
+      );
+    }
+    checkLiveJob(kind, served.live, served.top);
+    const job = new Job(kind, served.top, `${kind}-${process.pid}-${++this.counter}`);
+    served.job = job;
+    this.jobs.set(job.id, job);
+    this.forgetOldJobs();
+    void job.start((j) => this.run(kind, served, j, req));
+    return job.status();
+  }
+
+  private async run(kind: JobKind, served: Served, job: Job, req: LiveJobRequest) {
+    const { keep, newFile, image, clusterSize, ...copy } = req;
+    switch (kind) {
+      case "stream":
+        return liveStream(served.live, job, copy);
+      case "commit":
+        return liveCommit(served.live, served.top, job, { ...copy, keep: keep === true });
+      case "snapshot": {
+        if (!newFile) throw new AddCowError("snapshot needs the new file name");
+        const msg = await liveSnapshot(served.live, served.top, newFile, {
+          ...(image === undefined ? {} : { image }),
+          ...(clusterSize === undefined ? {} : { clusterSize }),
+        });
+        this.retired.set(this.keyOf(served.top), newFile);
+        served.top = newFile;
+        this.byKey.set(this.keyOf(newFile), served);
+        await this.onNewTop(newFile);
+        return msg;
+      }
+    }
+  }
+
+  private forgetOldJobs(): void {
+    const finished = [...this.jobs.values()].filter((j) => j.finished);
+    for (const j of finished.slice(0, Math.max(0, finished.length - KEEP_FINISHED))) {
+      this.jobs.delete(j.id);
+    }
+  }
+}
