@@ -49,6 +49,8 @@ export interface CacheStats {
 export class BlockCache {
   readonly stats: CacheStats = { hits: 0, misses: 0, stored: 0, corrupt: 0, evicted: 0 };
   private readonly keyBytes: Buffer;
+  /** Blocks this process has read whole and checked; later reads take only the bytes asked for. */
+  private readonly verified = new Set<number>();
 
   constructor(
     private readonly root: CacheRoot,
@@ -88,8 +90,47 @@ export class BlockCache {
       return null;
     }
     this.stats.hits++;
+    this.verified.add(index);
     this.touch(file);
     return data;
+  }
+
+  /**
+   * Reads target.length bytes from offset `at` of a block this process has
+   * checked before; false when it was not checked or is gone (evicted). A
+   * block file is only ever replaced whole (rename) by one with the same key,
+   * so a checked file stays good for as long as this process runs.
+   */
+  readVerified(index: number, at: number, target: Buffer): boolean {
+    if (!this.verified.has(index)) return false;
+    let fd: number;
+    try {
+      fd = fs.openSync(this.file(index), "r");
+    } catch {
+      this.verified.delete(index);
+      return false;
+    }
+    try {
+      let done = 0;
+      while (done < target.length) {
+        const n = fs.readSync(fd, target, done, target.length - done, HEADER + at + done);
+        if (n === 0) break;
+        done += n;
+      }
+      if (done === target.length) {
+        this.stats.hits++;
+        return true;
+      }
+      this.verified.delete(index);
+      return false;
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+
+  /** A block file exists (not checked: for readahead decisions only). */
+  has(index: number): boolean {
+    return fs.existsSync(this.file(index));
   }
 
   /** Stores a block (best effort: a full or read-only cache disk only costs refetches). */

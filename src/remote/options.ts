@@ -9,7 +9,7 @@ import { DEFAULT_REMOTE_OPTIONS, type RemoteDeviceOptions } from "./remote-devic
  *   ADDCOW_REMOTE_TIMEOUT     seconds one attempt may take (default 30)
  *   ADDCOW_REMOTE_RETRIES     attempts after the first (default 4)
  *   ADDCOW_REMOTE_IN_FLIGHT   range requests at once (default 4)
- *   ADDCOW_REMOTE_READAHEAD   bytes fetched ahead of sequential readers (default 4M)
+ *   ADDCOW_REMOTE_READAHEAD   bytes fetched ahead of sequential readers (default 8M)
  *   ADDCOW_CACHE_DIR          block cache root, or "none" (default /var/cache/addcow
  *                             for root, else $XDG_CACHE_HOME/addcow or ~/.cache/addcow)
  *   ADDCOW_CACHE_SIZE         cache size limit (default 8G)

@@ -37,7 +37,7 @@ export const DEFAULT_REMOTE_OPTIONS: RemoteDeviceOptions = {
   blockSize: 1 << 20,
   maxInFlight: 4,
   maxRequestBlocks: 8,
-  readaheadBlocks: 4,
+  readaheadBlocks: 8,
   retries: 4,
   timeoutMs: 30_000,
   memoryBlocks: 32,
@@ -81,6 +81,8 @@ export class RemoteDevice implements BlockDevice {
   private readonly waiting: Array<() => void> = [];
   private changed: AddCowError | null = null;
   private nextSequential = -1;
+  /** Where the last readahead ended. */
+  private readaheadEnd = 0;
   private lastWarning = "";
   private closed = false;
 
@@ -125,16 +127,80 @@ export class RemoteDevice implements BlockDevice {
     const b0 = Math.floor(offset / bs);
     const b1 = Math.ceil((offset + buf.length) / bs);
     this.stats.blockReads += b1 - b0;
-    const blocks = this.blocks(b0, b1, true);
-    this.readahead(b0, b1);
-    return Promise.all(blocks).then((datas) => {
-      for (let i = 0; i < datas.length; i++) {
-        const blockStart = (b0 + i) * bs;
-        const from = Math.max(offset, blockStart);
-        const to = Math.min(offset + buf.length, blockStart + datas[i]!.length);
-        datas[i]!.copy(buf, from - offset, from - blockStart, to - blockStart);
+    const end = offset + buf.length;
+    // Copies the part of block b that the read wants.
+    const into = (b: number, data: Buffer) => {
+      const blockStart = b * bs;
+      const from = Math.max(offset, blockStart);
+      data.copy(
+        buf,
+        from - offset,
+        from - blockStart,
+        Math.min(end, blockStart + data.length) - blockStart,
+      );
+    };
+    const waits: Array<Promise<void>> = [];
+    let missFrom = -1;
+    const fetchMisses = (upTo: number) => {
+      if (missFrom < 0) return;
+      const first = missFrom;
+      this.fetchBlocks(first, upTo).forEach((p, i) =>
+        waits.push(p.then((d) => into(first + i, d))),
+      );
+      missFrom = -1;
+    };
+    for (let b = b0; b < b1; b++) {
+      const blockStart = b * bs;
+      const from = Math.max(offset, blockStart);
+      const to = Math.min(end, blockStart + this.blockLength(b));
+      if (this.readLocal(b, buf.subarray(from - offset, to - offset), from - blockStart)) {
+        fetchMisses(b);
+        continue;
       }
+      const pending = this.inflight.get(b);
+      if (pending) {
+        fetchMisses(b);
+        waits.push(pending.then((d) => into(b, d)));
+      } else if (missFrom < 0) {
+        missFrom = b;
+      }
+    }
+    fetchMisses(b1);
+    this.readahead(b0, b1);
+    if (waits.length === 0) return Promise.resolve();
+    // Every block settles before a failure is reported: the caller's buffer is not written later.
+    return Promise.allSettled(waits).then((results) => {
+      for (const r of results) if (r.status === "rejected") throw r.reason;
     });
+  }
+
+  /**
+   * Fills target with block b's bytes from offset `at` when they are here:
+   * in memory, or in the disk cache (checked whole once per process, then read
+   * in place: a cache file is only ever replaced whole, by rename).
+   */
+  private readLocal(b: number, target: Buffer, at: number): boolean {
+    const mem = this.memory.get(b);
+    if (mem) {
+      // Refresh its place in the LRU order.
+      this.memory.delete(b);
+      this.memory.set(b, mem);
+      mem.copy(target, 0, at, at + target.length);
+      this.stats.memoryHits++;
+      return true;
+    }
+    const cache = this.opts.cache;
+    if (!cache) return false;
+    if (cache.readVerified(b, at, target)) {
+      this.stats.cacheHits++;
+      return true;
+    }
+    const data = cache.get(b, this.blockLength(b));
+    if (!data) return false;
+    this.remember(b, data);
+    data.copy(target, 0, at, at + target.length);
+    this.stats.cacheHits++;
+    return true;
   }
 
   /**
@@ -147,53 +213,30 @@ export class RemoteDevice implements BlockDevice {
     if (!sequential || this.opts.readaheadBlocks <= 0) return;
     const last = Math.ceil(this.size / this.opts.blockSize);
     const end = Math.min(last, b1 + this.opts.readaheadBlocks);
-    if (b1 >= end) return;
-    // Failures here reach whoever reads those blocks later (they retry then).
-    for (const p of this.blocks(b1, end, false)) p.catch(() => undefined);
-  }
-
-  /** One promise per block of [b0, b1): memory, a request in flight, the disk cache, or a new fetch. */
-  private blocks(b0: number, b1: number, counted: boolean): Array<Promise<Buffer>> {
-    const out: Array<Promise<Buffer>> = [];
+    // Top the window up only when half of it is used: requests of several blocks, not one each.
+    if (this.readaheadEnd - b1 > this.opts.readaheadBlocks / 2) return;
+    this.readaheadEnd = end;
     let missFrom = -1;
-    const flushMisses = (upTo: number) => {
-      if (missFrom < 0) return;
-      for (let s = missFrom; s < upTo; s += this.opts.maxRequestBlocks) {
-        out.push(...this.fetchRun(s, Math.min(upTo, s + this.opts.maxRequestBlocks)));
-      }
+    const fetchMisses = (upTo: number) => {
+      // Failures here reach whoever reads those blocks later (they retry then).
+      if (missFrom >= 0) for (const p of this.fetchBlocks(missFrom, upTo)) p.catch(() => undefined);
       missFrom = -1;
     };
-    for (let b = b0; b < b1; b++) {
-      const have = this.lookup(b, counted);
-      if (have) {
-        flushMisses(b);
-        out.push(have);
-      } else if (missFrom < 0) {
-        missFrom = b;
-      }
+    for (let b = b1; b < end; b++) {
+      const here = this.memory.has(b) || this.inflight.has(b) || this.opts.cache?.has(b);
+      if (here) fetchMisses(b);
+      else if (missFrom < 0) missFrom = b;
     }
-    flushMisses(b1);
-    return out;
+    fetchMisses(end);
   }
 
-  private lookup(b: number, counted: boolean): Promise<Buffer> | null {
-    const mem = this.memory.get(b);
-    if (mem) {
-      // Refresh its place in the LRU order.
-      this.memory.delete(b);
-      this.memory.set(b, mem);
-      if (counted) this.stats.memoryHits++;
-      return Promise.resolve(mem);
+  /** Blocks [first, end), in requests of at most maxRequestBlocks adjacent blocks. */
+  private fetchBlocks(first: number, end: number): Array<Promise<Buffer>> {
+    const out: Array<Promise<Buffer>> = [];
+    for (let s = first; s < end; s += this.opts.maxRequestBlocks) {
+      out.push(...this.fetchRun(s, Math.min(end, s + this.opts.maxRequestBlocks)));
     }
-    const pending = this.inflight.get(b);
-    if (pending) return pending;
-    const cached = this.opts.cache?.get(b, this.blockLength(b));
-    if (cached) {
-      if (counted) this.stats.cacheHits++;
-      this.remember(b, cached);
-      return Promise.resolve(cached);
-    }
-    return null;
+    return out;
   }
 
   private remember(b: number, data: Buffer): void {

@@ -2,6 +2,7 @@ import type { BenchSuite } from "./suite";
 import { fioSuite } from "./fio-bench";
 import { sparseSuite } from "./sparse-bench";
 import { jobsSuite } from "./jobs-bench";
+import { remoteSuite } from "./remote-bench";
 
 /** Every benchmark suite, in run order. Add one import and one entry per new suite. */
-export const suites: BenchSuite[] = [fioSuite, sparseSuite, jobsSuite];
+export const suites: BenchSuite[] = [fioSuite, sparseSuite, jobsSuite, remoteSuite];

@@ -78,6 +78,7 @@ export async function startNginx(
   dir: string,
   root: string,
   opts: { tls?: boolean; bearer?: string; extra?: string } = {},
+  onCleanup: (fn: () => Promise<void>) => void = deferCleanup,
 ): Promise<NginxServer> {
   const port = await freePort();
   const conf = path.join(dir, "nginx.conf");
@@ -129,7 +130,7 @@ http {
     },
     async start() {
       child = spawn("nginx", ["-p", dir, "-c", conf], { stdio: "ignore" });
-      trackChild(child);
+      if (onCleanup === deferCleanup) trackChild(child);
       await waitFor(`nginx on port ${port}`, () => portOpen(port));
     },
     async stop() {
@@ -141,7 +142,7 @@ http {
     },
   };
   await server.start();
-  deferCleanup(() => server.stop());
+  onCleanup(() => server.stop());
   return server;
 }
 
@@ -232,7 +233,11 @@ export interface FaultProxy {
  * unchanged (the Host header too, so SigV4 signatures stay valid) and can
  * add latency, answer an error status, cut answers short or hang.
  */
-export async function startProxy(upstream: string, mode: ProxyMode = { kind: "pass" }) {
+export async function startProxy(
+  upstream: string,
+  mode: ProxyMode = { kind: "pass" },
+  onCleanup: (fn: () => Promise<void>) => void = deferCleanup,
+) {
   const up = new URL(upstream);
   const sockets = new Set<net.Socket>();
   const proxy: FaultProxy = {
@@ -292,6 +297,6 @@ export async function startProxy(upstream: string, mode: ProxyMode = { kind: "pa
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   proxy.port = (server.address() as net.AddressInfo).port;
   proxy.url = `http://127.0.0.1:${proxy.port}`;
-  deferCleanup(() => proxy.stop());
+  onCleanup(() => proxy.stop());
   return proxy;
 }
