@@ -168,6 +168,18 @@ describe("a disk over a remote base, through the mount", () => {
     expect(s.code, s.stderr).toBe(0);
     await cmpFiles(ml.file, path.join(dir, "remote.raw"));
     await ml.unmount();
+
+    // Stream of an overlay that never read anything: every block comes over the network.
+    const fresh = path.join(dir, "fresh.add-cow");
+    await remoteOverlay({ ...env, ADDCOW_CACHE_DIR: "none" }, url, fresh);
+    const s2 = await addcow({ ...env, ADDCOW_CACHE_DIR: "none" }, "stream", "-q", fresh);
+    expect(s2.code, s2.stderr).toBe(0);
+    await sh("cmp", ["-n", String(BASE), path.join(dir, "fresh.raw"), base]);
+    const tail = Buffer.alloc(SIZE - BASE);
+    const fd = fs.openSync(path.join(dir, "fresh.raw"), "r");
+    fs.readSync(fd, tail, 0, tail.length, BASE);
+    fs.closeSync(fd);
+    expect(tail.every((b) => b === 0)).toBe(true);
   }, 180_000);
 
   it("two overlays on one base: the second reads everything from the shared cache (no request for data)", async () => {

@@ -10,6 +10,7 @@ import {
   statusFailure,
 } from "./source";
 import { HTTP_AUTH_HELP, authorizationFor } from "./http-auth";
+import { AddCowError } from "../util/errors";
 
 /** Connections kept open to one server (several range requests in flight). */
 const CONNECTIONS = 8;
@@ -31,11 +32,11 @@ export class HttpSource implements RangeSource {
     readonly name: string,
     env: NodeJS.ProcessEnv = process.env,
   ) {
-    const caFile = env.ADDCOW_CA_FILE;
+    const ca = env.ADDCOW_CA_FILE ? readCaFile(env.ADDCOW_CA_FILE) : null;
     this.agent = new Agent({
       connections: CONNECTIONS,
       keepAliveTimeout: 30_000,
-      ...(caFile ? { connect: { ca: [fs.readFileSync(caFile, "utf8")] } } : {}),
+      ...(ca ? { connect: { ca: [ca] } } : {}),
     });
     this.authorization = authorizationFor(url.toString(), env);
   }
@@ -121,6 +122,17 @@ export class HttpSource implements RangeSource {
 
   async close(): Promise<void> {
     await this.agent.close();
+  }
+}
+
+function readCaFile(file: string): string {
+  try {
+    return fs.readFileSync(file, "utf8");
+  } catch (err) {
+    throw new AddCowError(
+      `ADDCOW_CA_FILE ${file} cannot be read: ${(err as Error).message}; give a PEM file of CA certificates`,
+      { reason: "remote", file, code: "EINVAL" },
+    );
   }
 }
 
