@@ -2,7 +2,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { cleanupAll, tempDir, writePatternFile } from "./helpers/mount";
-import { startNginx, startProxy, startS3 } from "./helpers/remote-servers";
+import { servedBase, startNginx, startProxy, startS3 } from "./helpers/remote-servers";
 import { openRemoteDevice } from "../src/remote/open-remote-device";
 import { remoteSettingsFromEnv } from "../src/remote/options";
 import type { RemoteDevice } from "../src/remote/remote-device";
@@ -13,14 +13,8 @@ afterEach(cleanupAll);
 const BASE_BYTES = 5 * (1 << 20) + 12345; // not a multiple of the block size
 
 /** A base image file in dir/www and an nginx serving it. */
-async function served(opts: { tls?: boolean; bearer?: string } = {}) {
-  const dir = tempDir();
-  const www = path.join(dir, "www");
-  fs.mkdirSync(www);
-  const base = path.join(www, "base.raw");
-  writePatternFile(base, BASE_BYTES, 3);
-  const nginx = await startNginx(path.join(dir, "nginx-run"), www, opts);
-  return { dir, base, nginx, url: `${nginx.baseUrl}base.raw` };
+function served(opts: { tls?: boolean; bearer?: string } = {}) {
+  return servedBase(BASE_BYTES, 3, opts);
 }
 
 function settings(dir: string, env: NodeJS.ProcessEnv = {}) {

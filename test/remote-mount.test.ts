@@ -22,7 +22,7 @@ import {
   writePatternFile,
 } from "./helpers/mount";
 import { ADDCOW } from "./cli-helpers";
-import { startNginx, startProxy, startS3 } from "./helpers/remote-servers";
+import { servedBase, startProxy, startS3 } from "./helpers/remote-servers";
 
 afterEach(cleanupAll);
 
@@ -36,19 +36,14 @@ async function addcow(env: NodeJS.ProcessEnv, ...args: string[]) {
 }
 
 async function setup(opts: { tls?: boolean } = {}) {
-  const dir = tempDir();
-  const www = path.join(dir, "www");
-  fs.mkdirSync(www);
-  const base = path.join(www, "base.raw");
-  writePatternFile(base, BASE, 21);
-  const nginx = await startNginx(path.join(dir, "nginx"), www, opts);
+  const { dir, base, nginx, url } = await servedBase(BASE, 21, opts);
   const env: NodeJS.ProcessEnv = {
     ADDCOW_CACHE_DIR: path.join(dir, "cache"),
     ADDCOW_REMOTE_TIMEOUT: "3",
     ADDCOW_REMOTE_RETRIES: "1",
     ...(nginx.caFile ? { ADDCOW_CA_FILE: nginx.caFile } : {}),
   };
-  return { dir, base, nginx, env, url: `${nginx.baseUrl}base.raw` };
+  return { dir, base, nginx, env, url };
 }
 
 async function remoteOverlay(env: NodeJS.ProcessEnv, url: string, file: string, size = SIZE) {

@@ -1,7 +1,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import type { BenchContext, BenchSuite } from "./suite";
-import { addcowMountJs, fileIn, repoRoot, startDaemon, type Mounted } from "./systems";
+import { addcowMountJs, fileIn, repoRoot, startDaemon, startQsd, type Mounted } from "./systems";
 import { MiB, median, run, which, writeRandomFile } from "./util";
 import { type FaultProxy, startNginx, startProxy } from "../helpers/remote-servers";
 
@@ -37,6 +37,8 @@ const WORKLOADS: Workload[] = [
 ];
 
 const LATENCIES = [2, 20];
+/** fio stops a run after this long; the table then shows what it read by then. */
+const RUNTIME_S = 180;
 
 interface Row {
   system: string;
@@ -44,6 +46,8 @@ interface Row {
   latencyMs: number;
   workload: string;
   secs: number[];
+  /** Bytes fio read (less than the workload's when a run hit RUNTIME_S). */
+  read: number[];
   requests: number[];
   bytes: number[];
 }
@@ -57,50 +61,27 @@ function sizeFromEnv(): number {
   return parseSize(text, "ADDCOW_REMOTE_BENCH_SIZE");
 }
 
-function addcowStarter(cacheDir: string, size: number): Starter {
+/**
+ * addcow over the URL, or over `localBase` (the reference: what "local-disk
+ * speed" means here), with the cache directory in env.
+ */
+function addcowStarter(size: number, env: NodeJS.ProcessEnv, localBase?: string): Starter {
   return async (ctx, dir, url) => {
     const file = path.join(dir, "disk.add-cow");
+    const fullEnv = { ...process.env, ...env };
+    const addcowJs = path.join(repoRoot, "dist/src/cli/addcow.js");
     await run(
       process.execPath,
-      [path.join(repoRoot, "dist/src/cli/addcow.js"), "create", "-q", "-b", url, "-F", "raw", file],
-      { env: { ...process.env, ADDCOW_CACHE_DIR: cacheDir } },
+      [addcowJs, "create", "-q", "-b", localBase ?? url, "-F", "raw", file],
+      {
+        env: fullEnv,
+      },
     );
     const mnt = path.join(dir, "mnt");
-    return startDaemon(
-      ctx,
-      "addcow",
-      process.execPath,
-      [addcowMountJs, "-f", file, mnt],
-      mnt,
-      fileIn(mnt, size, "disk"),
-      { env: { ...process.env, ADDCOW_CACHE_DIR: cacheDir } },
-    );
-  };
-}
-
-/** The same overlay over a local copy of the base: what "local-disk speed" means here. */
-function localStarter(size: number, base: string): Starter {
-  return async (ctx, dir) => {
-    const file = path.join(dir, "disk.add-cow");
-    await run(process.execPath, [
-      path.join(repoRoot, "dist/src/cli/addcow.js"),
-      "create",
-      "-q",
-      "-b",
-      base,
-      "-F",
-      "raw",
-      file,
-    ]);
-    const mnt = path.join(dir, "mnt");
-    return startDaemon(
-      ctx,
-      "addcow",
-      process.execPath,
-      [addcowMountJs, "-f", file, mnt],
-      mnt,
-      fileIn(mnt, size, "disk"),
-    );
+    const args = [addcowMountJs, "-f", file, mnt];
+    return startDaemon(ctx, "addcow", process.execPath, args, mnt, fileIn(mnt, size, "disk"), {
+      env: fullEnv,
+    });
   };
 }
 
@@ -108,23 +89,7 @@ function qsdStarter(size: number): Starter {
   return async (ctx, dir, url) => {
     const overlay = path.join(dir, "overlay.qcow2");
     await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", url, "-F", "raw", overlay]);
-    const mnt = path.join(dir, "disk");
-    fs.writeFileSync(mnt, "");
-    return startDaemon(
-      ctx,
-      "qemu-storage-daemon",
-      "qemu-storage-daemon",
-      [
-        "--blockdev",
-        `driver=file,node-name=file0,filename=${overlay}`,
-        "--blockdev",
-        "driver=qcow2,node-name=disk0,file=file0",
-        "--export",
-        `type=fuse,id=exp0,node-name=disk0,mountpoint=${mnt},writable=on`,
-      ],
-      mnt,
-      () => (fs.statSync(mnt).size === size ? mnt : undefined),
-    );
+    return startQsd(ctx, overlay, path.join(dir, "disk"), size);
   };
 }
 
@@ -159,18 +124,24 @@ function nbdkitCurlMissing(): string | null {
   return r.status === 0 ? null : "nbdkit's curl plugin is missing";
 }
 
-async function fioTime(file: string, w: Workload): Promise<number> {
+/** Runs fio; returns wall seconds and the bytes it read (fio stops at --runtime). */
+async function fioRun(file: string, w: Workload): Promise<{ secs: number; bytes: number }> {
   const t0 = process.hrtime.bigint();
-  await run("fio", [
+  const r = await run("fio", [
     "--name=boot",
     `--filename=${file}`,
     "--ioengine=psync",
     "--direct=1",
     "--numjobs=1",
-    "--runtime=120",
+    `--runtime=${RUNTIME_S}`,
+    "--output-format=json",
     ...w.fio,
   ]);
-  return Number(process.hrtime.bigint() - t0) / 1e9;
+  const secs = Number(process.hrtime.bigint() - t0) / 1e9;
+  const json = JSON.parse(r.stdout.slice(r.stdout.indexOf("{"))) as {
+    jobs: Array<{ read: { io_bytes: number } }>;
+  };
+  return { secs, bytes: json.jobs[0]?.read.io_bytes ?? NaN };
 }
 
 export const remoteSuite: BenchSuite = {
@@ -207,13 +178,13 @@ export const remoteSuite: BenchSuite = {
         name: "addcow",
         label: "addcow (1 MiB blocks, shared cache)",
         missing: null,
-        start: (c) => addcowStarter(c, size),
+        start: (c) => addcowStarter(size, { ADDCOW_CACHE_DIR: c }),
       },
       {
         name: "addcow-local",
         label: "addcow over a local base file (reference)",
         missing: null,
-        start: () => localStarter(size, path.join(www, "base.raw")),
+        start: () => addcowStarter(size, {}, path.join(www, "base.raw")),
       },
       {
         name: "qsd-curl",
@@ -233,7 +204,11 @@ export const remoteSuite: BenchSuite = {
     for (let rep = 0; rep < ctx.repeat; rep++) {
       for (const latencyMs of LATENCIES) {
         for (const sys of systems) {
-          if (!ctx.only.has("system", sys.name)) continue;
+          // Remote systems are not in systems.ts: naming any of them narrows to those.
+          const named = systems.filter((x) => ctx.only.named(x.name));
+          if (named.length > 0 ? !named.includes(sys) : !ctx.only.has("system", sys.name)) {
+            continue;
+          }
           if (sys.missing) {
             if (rep === 0 && latencyMs === LATENCIES[0])
               skipped.push(`${sys.label}: ${sys.missing}`);
@@ -251,7 +226,7 @@ export const remoteSuite: BenchSuite = {
                 proxy.mode = { kind: "delay", ms: latencyMs };
                 const r0 = proxy.requests;
                 const b0 = proxy.bytes;
-                const secs = await fioTime(m.file, w);
+                const { secs, bytes } = await fioRun(m.file, w);
                 let row = rows.find(
                   (r) =>
                     r.system === sys.name &&
@@ -266,12 +241,14 @@ export const remoteSuite: BenchSuite = {
                     latencyMs,
                     workload: w.name,
                     secs: [],
+                    read: [],
                     requests: [],
                     bytes: [],
                   };
                   rows.push(row);
                 }
                 row.secs.push(secs);
+                row.read.push(bytes);
                 row.requests.push(proxy.requests - r0);
                 row.bytes.push(proxy.bytes - b0);
                 ctx.log(
@@ -288,10 +265,9 @@ export const remoteSuite: BenchSuite = {
       }
     }
     const label = (name: string) => systems.find((s) => s.name === name)!.label;
-    const io = (w: string) => (w === "boot-seq" ? 64 * MiB : 16 * MiB);
     const lines = rows.map((r) => {
       const t = median(r.secs);
-      return `| ${label(r.system)} | ${r.workload} | ${r.latencyMs} ms | ${r.cache} | ${t.toFixed(2)} | ${(io(r.workload) / t / MiB).toFixed(1)} | ${median(r.requests)} | ${(median(r.bytes) / MiB).toFixed(1)} |`;
+      return `| ${label(r.system)} | ${r.workload} | ${r.latencyMs} ms | ${r.cache} | ${t.toFixed(2)} | ${(median(r.read) / t / MiB).toFixed(1)} | ${median(r.requests)} | ${(median(r.bytes) / MiB).toFixed(1)} |`;
     });
     const markdown = [
       `### Remote base (${size / MiB} MiB over http through a delaying proxy)`,
@@ -300,7 +276,7 @@ export const remoteSuite: BenchSuite = {
       "|---|---|---|---|---|---|---|---|",
       ...lines,
       "",
-      `Workloads: ${WORKLOADS.map((w) => `${w.name} = ${w.description}`).join("; ")} (fio psync, O_DIRECT, one job). ` +
+      `Workloads: ${WORKLOADS.map((w) => `${w.name} = ${w.description}`).join("; ")} (fio psync, O_DIRECT, one job, stopped after ${RUNTIME_S} s; MiB/s from what it read). ` +
         `Each run mounts a fresh overlay; "warm" is a second overlay with a new daemon: addcow's shared block cache is kept, the peers have no cache across restarts. Median of ${ctx.repeat} run(s).`,
       ...(skipped.length ? ["", `Skipped: ${skipped.join("; ")}.`] : []),
     ].join("\n");

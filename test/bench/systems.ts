@@ -161,26 +161,34 @@ const qsd: System = {
   async start(ctx, base, dir) {
     const overlay = path.join(dir, "overlay.qcow2");
     await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay]);
-    const mnt = path.join(dir, "disk");
-    fs.writeFileSync(mnt, "");
-    const size = fs.statSync(base).size;
-    return startDaemon(
-      ctx,
-      "qemu-storage-daemon",
-      "qemu-storage-daemon",
-      [
-        "--blockdev",
-        `driver=file,node-name=file0,filename=${overlay}`,
-        "--blockdev",
-        "driver=qcow2,node-name=disk0,file=file0",
-        "--export",
-        `type=fuse,id=exp0,node-name=disk0,mountpoint=${mnt},writable=on`,
-      ],
-      mnt,
-      () => (fs.statSync(mnt).size === size ? mnt : undefined),
-    );
+    return startQsd(ctx, overlay, path.join(dir, "disk"), fs.statSync(base).size);
   },
 };
+
+/** qemu-storage-daemon exporting a qcow2 overlay (and its backing) as the FUSE file `mnt`. */
+export function startQsd(
+  ctx: BenchContext,
+  overlay: string,
+  mnt: string,
+  size: number,
+): Promise<Mounted> {
+  fs.writeFileSync(mnt, "");
+  return startDaemon(
+    ctx,
+    "qemu-storage-daemon",
+    "qemu-storage-daemon",
+    [
+      "--blockdev",
+      `driver=file,node-name=file0,filename=${overlay}`,
+      "--blockdev",
+      "driver=qcow2,node-name=disk0,file=file0",
+      "--export",
+      `type=fuse,id=exp0,node-name=disk0,mountpoint=${mnt},writable=on`,
+    ],
+    mnt,
+    () => (fs.statSync(mnt).size === size ? mnt : undefined),
+  );
+}
 
 const xmount: System = {
   name: "xmount",

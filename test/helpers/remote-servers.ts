@@ -10,7 +10,7 @@ import * as http from "node:http";
 import * as net from "node:net";
 import * as path from "node:path";
 import { spawn } from "node:child_process";
-import { deferCleanup, sh, trackChild, waitFor } from "./mount";
+import { deferCleanup, sh, tempDir, trackChild, waitFor, writePatternFile } from "./mount";
 
 export async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -144,6 +144,21 @@ http {
   await server.start();
   onCleanup(() => server.stop());
   return server;
+}
+
+/** A fresh temp dir with www/base.raw (pattern data) and an nginx serving it. */
+export async function servedBase(
+  bytes: number,
+  seed: number,
+  opts: { tls?: boolean; bearer?: string } = {},
+) {
+  const dir = tempDir();
+  const www = path.join(dir, "www");
+  fs.mkdirSync(www);
+  const base = path.join(www, "base.raw");
+  writePatternFile(base, bytes, seed);
+  const nginx = await startNginx(path.join(dir, "nginx-run"), www, opts);
+  return { dir, base, nginx, url: `${nginx.baseUrl}base.raw` };
 }
 
 export const S3_ACCESS_KEY = "S3RVER";
