@@ -70,7 +70,6 @@ export class HttpSource implements RangeSource {
         throw new RemoteFailure(
           `${this.name}: the server stopped honouring range requests (answered 200)`,
           false,
-          true,
         );
       }
       throw statusFailure(status, this.name, HTTP_AUTH_HELP);
@@ -80,7 +79,8 @@ export class HttpSource implements RangeSource {
       throw new RemoteFailure(
         `${this.name}: asked for bytes [${start}, ${end}), the server answered ${one(headers, "content-range") ?? "no Content-Range"}`,
         false,
-        cr?.total !== undefined,
+        // Ranges asked for lie inside the object: another range back means another object.
+        cr !== null && cr.total !== null,
       );
     }
     if (body.length !== end - start) {
