@@ -263,6 +263,35 @@ describe("remote device faults (through a fault-injecting proxy)", () => {
   });
 });
 
+describe("remote device requests", () => {
+  it("adjacent missing blocks go out as one request; a sequential reader is read ahead of", async () => {
+    const { dir, base, nginx } = await served();
+    const proxy = await startProxy(`http://127.0.0.1:${nginx.port}`);
+    const dev = await open(`${proxy.url}/base.raw`, dir, { ADDCOW_CACHE_DIR: "none" });
+    const local = fs.readFileSync(base);
+    try {
+      // 2 MiB = 8 blocks of 256 KiB, none cached: one range request.
+      let before = proxy.requests;
+      const two = Buffer.alloc(2 << 20);
+      await dev.read(two, 0);
+      expect(two.equals(local.subarray(0, 2 << 20))).toBe(true);
+      expect(proxy.requests - before).toBe(1);
+      // Sequential 64 KiB reads through the next 2 MiB: readahead keeps the
+      // requests far fewer than the blocks read, and several blocks long.
+      before = proxy.requests;
+      for (let off = 2 << 20; off < 4 << 20; off += 65536) {
+        const b = Buffer.alloc(65536);
+        await dev.read(b, off);
+        expect(b.equals(local.subarray(off, off + 65536))).toBe(true);
+      }
+      expect(proxy.requests - before).toBeLessThanOrEqual(3);
+      expect(dev.stats.memoryHits).toBeGreaterThan(20);
+    } finally {
+      await dev.close();
+    }
+  });
+});
+
 describe("the shared block cache", () => {
   it("a second device on the same object fetches nothing; a damaged entry is refetched", async () => {
     const { dir, base, nginx } = await served();
