@@ -37,6 +37,13 @@ cleanup_push kill "$nginx_pid"
 for i in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 url="http://127.0.0.1:$port/base.raw"
 requests() { grep -c 'GET /base.raw' "$work/nginx/access.log" || true; }
+# The count once readahead still in flight has landed.
+settled_requests() {
+  local a b
+  b=$(requests)
+  while sleep 0.5; a=$b; b=$(requests); [ "$a" != "$b" ]; do :; done
+  echo "$b"
+}
 
 # The shared block cache; by default /var/cache/addcow (root) or ~/.cache/addcow.
 export ADDCOW_CACHE_DIR="$work/cache"
@@ -63,12 +70,12 @@ boot() {
   echo "$name" > "$dir/etc/hostname"
   umount "$dir"
 }
-before=$(requests)
+before=$(settled_requests)
 boot mnt/vm1 vm1
-after_vm1=$(requests)
+after_vm1=$(settled_requests)
 echo "vm1 boot: $((after_vm1 - before)) requests to the server"
 boot mnt/vm2 vm2
-after_vm2=$(requests)
+after_vm2=$(settled_requests)
 echo "vm2 boot: $((after_vm2 - after_vm1)) requests to the server (vm1 filled the shared cache)"
 boot mnt3/vm3 vm3
 
