@@ -14,6 +14,8 @@ import { afterAll, describe, expect, it } from "vitest";
 import type { AddCowDevice } from "../src/addcow/addcow-device";
 import { createDisk } from "../src/ops/create";
 import { openDisk } from "../src/open/open-disk";
+import type { ExtentKind } from "../src/block/block-device";
+import { forEachExtent } from "../src/block/extents";
 import { jitterOpener, prng } from "./helpers/jitter-io";
 import { SparseModel, bufferBaseline } from "./helpers/sparse-model";
 
@@ -139,6 +141,39 @@ async function runOps(layout: Layout, seed: number, ops: Op[]): Promise<void> {
   const open = () =>
     openDisk(file, { writable: true, opener, bitmapCacheBytes: layout.bitmapCacheBytes });
   let dev: AddCowDevice = await open();
+  const cs = layout.clusterSize;
+  /** Clusters written at least once: the engine must report them as this layer's data. */
+  const written = new Set<number>();
+  const noteWrite = (off: number, len: number) => {
+    for (let c = Math.floor(off / cs); c < Math.ceil((off + len) / cs); c++) written.add(c);
+  };
+  // Unwritten clusters come from the layer below (its size), zeros past it.
+  const below = layout.chain ? layout.size : layout.backingSize;
+  const expectedKind = (pos: number): ExtentKind =>
+    written.has(Math.floor(pos / cs)) ? "data" : pos < below ? "backing" : "zero";
+  /** Block status of [start, end) agrees byte for byte (at cluster and backing edges) with the model. */
+  const verifyStatus = async (start: number, end: number) => {
+    let pos = start;
+    await forEachExtent(dev, start, end, (e) => {
+      if (e.start !== pos) throw new Error(`extent at ${e.start}, expected ${pos}`);
+      // Kinds only change at cluster boundaries and at the end of the layer below.
+      for (
+        let p = e.start;
+        p < e.start + e.length;
+        p = Math.min(
+          e.start + e.length,
+          (Math.floor(p / cs) + 1) * cs,
+          p < below ? below : Infinity,
+        )
+      ) {
+        if (expectedKind(p) !== e.kind) {
+          throw new Error(`blockStatus says ${e.kind} at ${p}, the model ${expectedKind(p)}`);
+        }
+      }
+      pos = e.start + e.length;
+    });
+    if (pos !== end) throw new Error(`extents end at ${pos}, expected ${end}`);
+  };
   const verify = async (offset: number, length: number) => {
     const got = Buffer.alloc(length);
     await dev.read(got, offset);
@@ -154,11 +189,13 @@ async function runOps(layout: Layout, seed: number, ops: Op[]): Promise<void> {
           const data = pattern(op.seed, len);
           await dev.write(data, off);
           model.write(data, off);
+          noteWrite(off, len);
           break;
         }
         case "read": {
           const [off, len] = range(layout, op.at, op.len);
           await verify(off, len);
+          await verifyStatus(off, off + len);
           break;
         }
         case "batch": {
@@ -185,7 +222,10 @@ async function runOps(layout: Layout, seed: number, ops: Op[]): Promise<void> {
               .filter(([o, l]) => overlaps(o, l))
               .map(([o, l]) => dev.read(Buffer.alloc(l), o)),
           ]);
-          for (const [o, , d] of writes) model.write(d, o);
+          for (const [o, , d] of writes) {
+            model.write(d, o);
+            noteWrite(o, d.length);
+          }
           checked.forEach(([o, l], i) => {
             if (!results[i]!.equals(expected[i]!)) {
               throw new Error(`concurrent read [${o}, +${l}) differs from the model`);
@@ -205,9 +245,13 @@ async function runOps(layout: Layout, seed: number, ops: Op[]): Promise<void> {
     await dev.close();
     dev = await open();
     // Everything survives a close and reopen.
-    if (layout.size <= 8 << 20) await verify(0, layout.size);
-    else
+    if (layout.size <= 8 << 20) {
+      await verify(0, layout.size);
+      await verifyStatus(0, layout.size);
+    } else {
       for (const off of model.writtenPages()) await verify(off, Math.min(4096, layout.size - off));
+      await verifyStatus(0, layout.size);
+    }
   } finally {
     await dev.close();
   }

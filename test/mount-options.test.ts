@@ -1,3 +1,4 @@
+import * as path from "node:path";
 import { describe, expect, it } from "vitest";
 import { diskFileName, parseMountInfo } from "../src/os/mount-table";
 import { libfuseOptions } from "../src/daemon/fuse-fs";
@@ -15,12 +16,23 @@ describe("addcow-mount -o parsing", () => {
       umask: 0o027,
       cacheMode: "writethrough",
       copyOnRead: false,
+      confine: null,
     });
     expect(parseMountOptions(["ro", "rw"]).readOnly).toBe(false);
     expect(parseMountOptions(["copy-on-read"]).copyOnRead).toBe(true);
     expect(() => parseMountOptions(["ro,copy-on-read"])).toThrow(/cannot be combined with -o ro/);
     expect(parseMountOptions([]).cacheMode).toBe("writeback");
     expect(parseMountOptions(["sync"]).cacheMode).toBe("writethrough");
+  });
+
+  it("reads confine, allow_dir=DIR (repeatable, absolute, implies confine) and allow_url", () => {
+    expect(parseMountOptions(["confine"]).confine).toEqual({ allowDirs: [], allowUrls: false });
+    expect(parseMountOptions(["allow_dir=/srv/golden", "allow_dir=rel,allow_url"]).confine).toEqual(
+      { allowDirs: ["/srv/golden", path.resolve("rel")], allowUrls: true },
+    );
+    expect(parseMountOptions(["allow_url"]).confine).toEqual({ allowDirs: [], allowUrls: true });
+    expect(() => parseMountOptions(["allow_dir="])).toThrow(/needs a value/);
+    expect(() => parseMountOptions(["confine=1"])).toThrow(/takes no value/);
   });
 
   it("ignores what mount(8) and mount.fuse add (fstab), refuses everything else", () => {

@@ -130,8 +130,32 @@ export class PosixFile implements FileIO {
   }
 }
 
-/** Opens an existing file; "read" opens are O_RDONLY so a backing file can never be modified. */
-export const openPosixFile: FileOpener = async (path, mode) => {
-  const fd = await promisify(fs.open)(path, mode === "write" ? "r+" : "r");
-  return new PosixFile(path, fd, mode === "write");
-};
+const openAsync = promisify(fs.open);
+
+/** O_PATH (Linux): a descriptor naming a file without opening it for I/O. Not in fs.constants. */
+const O_PATH = 0o10000000;
+
+/**
+ * Opens an existing regular file for I/O and returns its descriptor. The name
+ * is looked up once, as an O_PATH descriptor, which opens nothing (no FIFO
+ * waits for a writer, no device sees an open); only when fstat of that
+ * descriptor shows a regular file is the same inode opened for I/O through
+ * /proc/self/fd, so a name swapped for something else meanwhile cannot be
+ * what gets opened. "read" opens are O_RDONLY so a backing file can never be modified.
+ */
+export async function openRegularFile(path: string, mode: OpenMode): Promise<number> {
+  const pathFd = await openAsync(path, O_PATH);
+  try {
+    const st = await fstatAsync(pathFd);
+    if (!st.isFile()) {
+      throw Object.assign(new Error(`${path} is not a regular file`), { code: "EFTYPE" });
+    }
+    return await openAsync(`/proc/self/fd/${pathFd}`, mode === "write" ? "r+" : "r");
+  } finally {
+    await closeAsync(pathFd);
+  }
+}
+
+/** Opens an existing regular file (see {@link openRegularFile}). */
+export const openPosixFile: FileOpener = async (path, mode) =>
+  new PosixFile(path, await openRegularFile(path, mode), mode === "write");

@@ -8,10 +8,12 @@ import type { CopyOptions } from "../ops/copy-engine";
 import { DEFAULT_BUF_SIZE, DEFAULT_IN_FLIGHT } from "../ops/copy-engine";
 import { Job, type JobKind, type JobStatus } from "../ops/job";
 import { ProgressOutput, chooseMode } from "./progress-output";
+import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "./confine-options";
+import { confinementCovers } from "../open/access-policy";
 
 /** Shared by `addcow stream|commit|snapshot`: options, live or offline, progress, Ctrl-C. */
 
-export interface CopyFlags {
+export interface CopyFlags extends ConfineFlags {
   inFlight?: string;
   bufSize?: string;
   granularity?: string;
@@ -25,7 +27,7 @@ export interface CopyFlags {
 export const EXIT_CANCELLED = 130;
 
 export function addCopyOptions(cmd: Command): Command {
-  return cmd
+  return addConfineOptions(cmd)
     .option("-n, --in-flight <n>", `copies running at once (default ${DEFAULT_IN_FLIGHT})`)
     .option("--buf-size <size>", "buffer memory shared by the copies (default 16M)")
     .option(
@@ -122,6 +124,14 @@ export async function runLiveIfMounted(
   const daemon = await findDaemon(disk);
   if (!daemon) return null;
   const { client } = daemon;
+  const wanted = confinementFromFlags(flags);
+  if (wanted && !confinementCovers(daemon.hello.confine ?? null, wanted)) {
+    // The job would run under the mount's rules, which are looser than asked for.
+    throw new AddCowError(
+      `${disk} is mounted (daemon pid ${daemon.hello.pid}) ${daemon.hello.confine ? "with a wider confinement than asked for" : "without -o confine"}, and a live job runs under the mount's rules; remount it with -o confine (and the same allow_dir=), or run the job without --confine`,
+      { file: disk, reason: "forbidden" },
+    );
+  }
   const started = await client.call<{ ok: true; job: JobStatus }>({
     op: "start",
     kind,

@@ -1,4 +1,5 @@
 import type { JobKind, JobStatus } from "../ops/job";
+import type { Confinement } from "../open/access-policy";
 
 /**
  * The control protocol: one JSON object per line over a unix socket. A client
@@ -29,6 +30,8 @@ export interface HelloResponse {
   pid: number;
   disks: string[];
   mountDir: string;
+  /** The mount's confinement (-o confine); null without. */
+  confine: Confinement | null;
 }
 
 export type ControlResponse =

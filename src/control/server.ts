@@ -4,6 +4,7 @@ import type { LiveDisk } from "../ops/live";
 import { LiveJobs } from "../ops/live-jobs";
 import type { Job, JobStatus } from "../ops/job";
 import { AddCowError, describeError } from "../util/errors";
+import type { Confinement } from "../open/access-policy";
 import { log } from "../util/log";
 import { diskKey, ensureRuntimeDir, socketPathFor } from "./paths";
 import {
@@ -17,6 +18,8 @@ import {
 export interface ControlHost {
   readonly entries: readonly LiveDisk[];
   readonly mountDir: string;
+  /** The mount's confinement: every reopen of a disk's files applies it too. */
+  readonly confine: Confinement | null;
 }
 
 /**
@@ -30,7 +33,9 @@ export class ControlServer {
   private readonly sockets = new Set<net.Socket>();
 
   private constructor(private readonly host: ControlHost) {
-    this.jobs = new LiveJobs(host.entries, diskKey, (newFile) => this.listenFor(newFile));
+    this.jobs = new LiveJobs(host.entries, diskKey, host.confine, (newFile) =>
+      this.listenFor(newFile),
+    );
   }
 
   static async start(host: ControlHost): Promise<ControlServer> {
@@ -106,6 +111,7 @@ export class ControlServer {
           pid: process.pid,
           disks: this.jobs.tops(),
           mountDir: this.host.mountDir,
+          confine: this.host.confine,
         });
       case "list":
         return reply(sock, { ok: true, jobs: this.jobs.list() });

@@ -4,10 +4,11 @@ import { execFile } from "node:child_process";
 import { promisify } from "node:util";
 import type { AddCowDevice } from "../addcow/addcow-device";
 import { openDisk } from "../open/open-disk";
-import { AddCowError, describeError } from "../util/errors";
+import { AddCowError, describeError, errnoCode } from "../util/errors";
 import { DiskEntry } from "./disk-entry";
 import { createFuseFrontEnd } from "./fuse-fs";
 import type { MountOptions } from "./mount-options";
+import type { Confinement } from "../open/access-policy";
 import { log } from "../util/log";
 import { deviceId, prepareMountDir, readMountTable, readMountTableAsync } from "../os/mount-table";
 import { waitingForExitingDaemon } from "../open/exiting-daemon";
@@ -60,6 +61,10 @@ const MOUNT_TIMEOUT_MS = 20_000;
 export class MountDaemon {
   readonly entries: Array<DiskEntry<AddCowDevice>>;
   readonly mountDir: string;
+  /** The mount's confinement (-o confine): reopens of a disk's files for jobs apply it too. */
+  get confine(): Confinement | null {
+    return this.config.options.confine;
+  }
   private readonly services: DaemonService[] = [];
   private timers: NodeJS.Timeout[] = [];
   private mountDevice: string | null = null;
@@ -96,6 +101,7 @@ export class MountDaemon {
             writable: !config.options.readOnly,
             cacheMode: config.options.cacheMode,
             copyOnRead: config.options.copyOnRead,
+            confine: config.options.confine,
             ...(config.opener ? { opener: config.opener } : {}),
           }),
         );
@@ -103,7 +109,13 @@ export class MountDaemon {
       }
       const daemon = new MountDaemon(config, entries);
       const frontEnd = createFuseFrontEnd(mountDir, entries, config.options);
-      await withTimeout(frontEnd.mount(), MOUNT_TIMEOUT_MS, `mounting ${mountDir} timed out`);
+      await withTimeout(
+        frontEnd.mount().catch((err: unknown) => {
+          throw mountError(err, mountDir);
+        }),
+        MOUNT_TIMEOUT_MS,
+        `mounting ${mountDir} timed out`,
+      );
       mounted = true;
       // A stat through the mount proves the kernel reaches us (async: it is served on this thread).
       const st = await fs.promises.stat(mountDir);
@@ -122,7 +134,7 @@ export class MountDaemon {
       if (mounted || isMountedAt(mountDir)) await unmountDir(mountDir, true).catch(() => undefined);
       for (const e of entries) await e.close().catch(() => undefined);
       if (createdDir) fs.promises.rmdir(mountDir).catch(() => undefined);
-      throw mountError(err, mountDir);
+      throw err;
     }
   }
 
@@ -266,22 +278,15 @@ function withTimeout<T>(p: Promise<T>, ms: number, message: string): Promise<T> 
   });
 }
 
-/** fuse-native's errors say little ("fuse failed"): name the directory and the likely cause. */
+/**
+ * fuse-native's own mount failure carries no code ("fuse failed"): name the
+ * directory and the likely cause. The directory itself was checked before
+ * (prepareMountDir), so a file system error here is passed on with its code.
+ */
 function mountError(err: unknown, dir: string): unknown {
-  if (err instanceof AddCowError) return err;
-  const text = describeError(err);
-  if (/fuse failed/i.test(text)) {
-    return new AddCowError(
-      `cannot mount ${dir}: the FUSE mount failed (is /dev/fuse there and are you allowed to use it? is the fuse package installed?)`,
-      { file: dir, code: "EIO", cause: err },
-    );
-  }
-  if (/Mountpoint in use/i.test(text)) {
-    return new AddCowError(`cannot mount ${dir}: it is already a mount point`, {
-      file: dir,
-      code: "EBUSY",
-      cause: err,
-    });
-  }
-  return err;
+  if (err instanceof AddCowError || errnoCode(err) !== undefined) return err;
+  return new AddCowError(
+    `cannot mount ${dir}: the FUSE mount failed (is /dev/fuse there and are you allowed to use it? is the fuse package installed?)`,
+    { file: dir, code: "EIO", cause: err },
+  );
 }

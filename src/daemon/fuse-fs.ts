@@ -88,9 +88,11 @@ export function createFuseFrontEnd(
   const uid = opts.uid ?? process.getuid?.() ?? 0;
   const gid = opts.gid ?? process.getgid?.() ?? 0;
   const writeBits = opts.readOnly ? 0o222 : 0;
+  // Owner only unless umask= says otherwise: a disk holds someone's data, like a block
+  // device; allow_other only lets the kernel ask, the mode still decides.
   const fileMode =
-    S_IFREG | ((opts.umask === undefined ? 0o644 : 0o666 & ~opts.umask) & ~writeBits);
-  const dirMode = S_IFDIR | (opts.umask === undefined ? 0o755 : 0o777 & ~opts.umask);
+    S_IFREG | ((opts.umask === undefined ? 0o600 : 0o666 & ~opts.umask) & ~writeBits);
+  const dirMode = S_IFDIR | (opts.umask === undefined ? 0o700 : 0o777 & ~opts.umask);
   const mountTime = new Date();
 
   const dirStat = {

@@ -1,4 +1,6 @@
+import * as path from "node:path";
 import { AddCowError } from "../util/errors";
+import type { Confinement } from "../open/access-policy";
 import type { CacheMode } from "../addcow/addcow-device";
 
 /** What `-o` can say; everything else is refused so typos do not pass silently. */
@@ -8,15 +10,20 @@ export interface MountOptions {
   /** Owner of the files; default the daemon's uid/gid. */
   uid: number | undefined;
   gid: number | undefined;
-  /** Permission bits to clear; undefined = files 0644 (0444 with ro), directory 0755. */
+  /**
+   * Permission bits to clear; undefined = owner only, like a block device:
+   * files 0600 (0400 with ro), directory 0700.
+   */
   umask: number | undefined;
   cacheMode: CacheMode;
   /** Reads from the backing chain also fill the image file. */
   copyOnRead: boolean;
+  /** confine, allow_dir=DIR, allow_url: where names in headers may lead (docs/security.md). */
+  confine: Confinement | null;
 }
 
 export const KNOWN_OPTIONS =
-  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, copy-on-read";
+  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, copy-on-read, confine, allow_dir=DIR, allow_url";
 
 /**
  * Generic options mount(8) and mount.fuse hand every filesystem (from fstab or
@@ -62,6 +69,7 @@ export function defaultMountOptions(): MountOptions {
     umask: undefined,
     cacheMode: "writeback",
     copyOnRead: false,
+    confine: null,
   };
 }
 
@@ -135,6 +143,20 @@ export function parseMountOptions(args: string[]): MountOptions {
         case "copy_on_read":
           flag();
           opts.copyOnRead = true;
+          break;
+        case "confine":
+          flag();
+          opts.confine ??= { allowDirs: [], allowUrls: false };
+          break;
+        case "allow_dir":
+          // Implies confine. Resolved now: the background daemon later leaves the working directory.
+          opts.confine ??= { allowDirs: [], allowUrls: false };
+          opts.confine.allowDirs.push(path.resolve(needValue()));
+          break;
+        case "allow_url":
+          flag();
+          opts.confine ??= { allowDirs: [], allowUrls: false };
+          opts.confine.allowUrls = true;
           break;
         case "sync":
           // mount(8)'s "every write synchronous": the same promise as cache=writethrough.

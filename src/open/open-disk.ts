@@ -15,8 +15,15 @@ import {
 import { type FileIO, type FileOpener, openPosixFile } from "../block/file-io";
 import { log } from "../util/log";
 import { AddCowDevice, type CacheMode } from "../addcow/addcow-device";
-import { lockFile } from "../os/file-lock";
-import { isRemoteName } from "../remote/url";
+import { type LockKind, lockFile } from "../os/file-lock";
+import {
+  AccessPolicy,
+  type Confinement,
+  type Judged,
+  type NamedFile,
+  type Namer,
+  isUrlName,
+} from "./access-policy";
 import type { RemoteSettings } from "../remote/options";
 import { openRemoteBacking } from "./open-remote";
 
@@ -45,9 +52,19 @@ export interface OpenOptions {
    * The new device owns it: closing the new device closes it.
    */
   backingDevice?: BlockDevice;
+  /**
+   * Confinement for the names in headers (docs/security.md): they must resolve
+   * inside the disk's directory or an allowed one. The owner rule always applies.
+   */
+  confine?: Confinement | null;
+  /**
+   * openBacking only: the .add-cow file whose header names the file opened,
+   * and its owner (`addcow check` opens a disk's backing chain this way).
+   */
+  namedBy?: Namer;
   /** Remote backings: block size, timeouts, cache (default: from the environment). */
   remote?: RemoteSettings;
-  /** Reads from the backing chain also fill the image file (add-cow copy-on-read). */
+  /** Reads from the backing chain also fill the top disk's image file (copy-on-read). */
   copyOnRead?: boolean;
 }
 
@@ -60,41 +77,53 @@ interface ChainState {
   depth: number;
   opts: OpenOptions;
   cleanup: Array<() => Promise<void>>;
+  /** Judges every file a header names before and after it is opened. */
+  policy: AccessPolicy;
 }
 
-/** Opens an add-cow disk and its backing chain. */
-export async function openDisk(file: string, opts: OpenOptions = {}): Promise<AddCowDevice> {
-  const state: ChainState = { seen: new Map(), depth: 0, opts, cleanup: [] };
+/** Runs one open of a chain; on failure closes whatever it opened, innermost last. */
+async function openChain<T>(
+  diskFile: string,
+  opts: OpenOptions,
+  depth: number,
+  open: (state: ChainState) => Promise<T>,
+): Promise<T> {
+  const policy = AccessPolicy.create(diskFile, opts.confine);
+  const state: ChainState = { seen: new Map(), depth, opts, cleanup: [], policy };
   try {
-    return await openAddCow(file, opts.writable ?? false, state);
+    return await open(state);
   } catch (err) {
-    // Close whatever was opened before the failure, innermost last.
     for (const undo of state.cleanup.reverse()) await undo().catch(() => undefined);
     throw err;
+  } finally {
+    policy.close();
   }
 }
 
+/** Opens an add-cow disk and its backing chain. */
+export function openDisk(file: string, opts: OpenOptions = {}): Promise<AddCowDevice> {
+  return openChain(file, opts, 0, (state) => openAddCow(file, opts.writable ?? false, state));
+}
+
 /** Opens a disk of a known format read-only (raw file or add-cow chain), for backing use. */
-export async function openBacking(
+export function openBacking(
   file: string,
   format: BackingFormat,
   opts: OpenOptions = {},
 ): Promise<BlockDevice> {
-  const state: ChainState = { seen: new Map(), depth: opts.layersAbove ?? 0, opts, cleanup: [] };
-  try {
-    return await openLayer(file, format, state, "backing file");
-  } catch (err) {
-    for (const undo of state.cleanup.reverse()) await undo().catch(() => undefined);
-    throw err;
-  }
+  const namer = opts.namedBy;
+  return openChain(namer?.file ?? file, opts, opts.layersAbove ?? 0, (state) => {
+    if (namer) state.policy.setDiskOwner(namer);
+    return openLayer(file, format, state, "backing file", namer);
+  });
 }
 
-function fileId(st: fs.Stats): FileId {
+function fileId(st: fs.BigIntStats): FileId {
   return `${st.dev}:${st.ino}`;
 }
 
 /** What kind of non-regular file a path names, for messages. */
-function fileKind(st: fs.Stats): string {
+function fileKind(st: fs.BigIntStats): string {
   if (st.isDirectory()) return "a directory";
   if (st.isFIFO()) return "a FIFO";
   if (st.isSocket()) return "a socket";
@@ -130,6 +159,8 @@ function reason(err: unknown, file: string): string {
       return "is a directory";
     case "EROFS":
       return "is on a read-only file system";
+    case "EFTYPE":
+      return "cannot be opened: it is not a regular file (it changed while being opened)";
     default:
       return `cannot be opened: ${describeError(err)}`;
   }
@@ -141,33 +172,40 @@ function fixAdvice(role: string, file: string, namedIn?: string): string {
   return `restore ${role === "image file" ? "the image file" : "the backing file"} at ${file}, or fix the name stored in ${namedIn}`;
 }
 
-async function statExisting(file: string, role: string, namedIn?: string): Promise<fs.Stats> {
+async function statExisting(file: string, role: string, namedIn?: string): Promise<Judged> {
   const where = namedIn ? ` (named in ${namedIn})` : "";
-  let st: fs.Stats;
+  let st: Judged;
   try {
-    st = await fs.promises.stat(file);
+    st = await fs.promises.stat(file, { bigint: true });
   } catch (err) {
     const code = errnoCode(err);
     throw new AddCowError(
       `${role} ${file}${where} ${reason(err, file)}; ${fixAdvice(role, file, namedIn)}`,
-      { file, code: code ?? "EIO" },
+      { file, code: code ?? "EIO", reason: "cannot-open" },
     );
   }
   if (!st.isFile()) {
+    // Only regular files: a FIFO would block, a device or a directory is not a disk's file.
     throw new AddCowError(
       `${role} ${file}${where} is ${fileKind(st)}, not a regular file; ${fixAdvice(role, file, namedIn)}`,
-      { file, code: "EINVAL" },
+      { file, code: "EINVAL", reason: namedIn ? "forbidden" : "cannot-open" },
     );
   }
   return st;
 }
 
+/**
+ * Opens a file; `check` judges the descriptor before the file is locked (a
+ * file that fails it is closed again without ever being locked). The lock is
+ * shared for reading, exclusive for writing, unless `lock` says otherwise.
+ */
 async function openFile(
   file: string,
   mode: "read" | "write",
   role: string,
   state: ChainState,
   namedIn?: string,
+  opts: { lock?: LockKind | false; check?: (io: FileIO) => Promise<void> } = {},
 ): Promise<FileIO> {
   const opener = state.opts.opener ?? openPosixFile;
   let io: FileIO;
@@ -185,23 +223,45 @@ async function openFile(
     );
   }
   state.cleanup.push(() => io.close());
-  if (state.opts.lock !== false) {
-    try {
-      lockFile(io, mode === "write" ? "exclusive" : "shared", role);
-    } catch (err) {
-      if (err instanceof AddCowError) throw err;
-      throw new AddCowError(`${role} ${file} cannot be locked: ${describeError(err)}`, {
-        file,
-        code: errnoCode(err) ?? "EIO",
-      });
-    }
+  if (opts.check) await opts.check(io);
+  if (opts.lock !== false) lock(io, opts.lock ?? lockFor(mode), role, state);
+  return io;
+}
+
+function lock(io: FileIO, kind: LockKind, role: string, state: ChainState): void {
+  if (state.opts.lock === false) return;
+  try {
+    lockFile(io, kind, role);
+  } catch (err) {
+    if (err instanceof AddCowError) throw err;
+    throw new AddCowError(`${role} ${io.path} cannot be locked: ${describeError(err)}`, {
+      file: io.path,
+      code: errnoCode(err) ?? "EIO",
+    });
   }
+}
+
+/**
+ * An .add-cow file is read first and opened for writing last (nothing is opened
+ * for writing before the whole chain has passed). The read-only descriptor
+ * holds the exclusive lock meanwhile, so a disk in use says so at once; the
+ * lock moves to the writing descriptor once that is the same file.
+ */
+async function reopenForWriting(
+  readOnly: FileIO,
+  role: string,
+  state: ChainState,
+  openUnlocked: () => Promise<FileIO>,
+): Promise<FileIO> {
+  const io = await openUnlocked();
+  await readOnly.close();
+  lock(io, "exclusive", role, state);
   return io;
 }
 
 function remember(
   state: ChainState,
-  st: fs.Stats,
+  st: Judged,
   file: string,
   role: string,
   namedIn?: string,
@@ -224,23 +284,82 @@ function remember(
   state.seen.set(id, { role, file });
 }
 
+/** Everything decided about a named file before it is opened: it exists, is new to the chain, is allowed. */
+async function judgeNamed(n: NamedFile, state: ChainState): Promise<Judged> {
+  const st = await statExisting(n.file, n.role, n.namer.file);
+  remember(state, st, n.file, n.role, n.namer.file);
+  await state.policy.judge(n, st);
+  return st;
+}
+
+/** Opens a judged file; its descriptor must be the file judged. */
+function openJudged(
+  n: NamedFile,
+  judged: Judged,
+  state: ChainState,
+  lockAs?: LockKind | false,
+): Promise<FileIO> {
+  return openFile(n.file, n.access, n.role, state, n.namer.file, {
+    lock: lockAs,
+    check: (io) => state.policy.verify(n, judged, io),
+  });
+}
+
+/** Opens a file the user named (not a header): exists, new to the chain. */
+async function openGiven(
+  file: string,
+  mode: "read" | "write",
+  role: string,
+  state: ChainState,
+  lockAs?: LockKind,
+): Promise<{ io: FileIO; st: Judged }> {
+  const st = await statExisting(file, role);
+  remember(state, st, file, role);
+  const io = await openFile(file, mode, role, state, undefined, { lock: lockAs });
+  // The descriptor's own identity: the owner of what was opened, not of what a path names now.
+  return { io, st: io.fd === undefined ? st : fs.fstatSync(io.fd, { bigint: true }) };
+}
+
+/** Opens a file the user named again, for writing (unlocked): it must still be the file read. */
+function reopenGiven(file: string, st: Judged, role: string, state: ChainState): Promise<FileIO> {
+  return openFile(file, "write", role, state, undefined, {
+    lock: false,
+    check: async (io) => {
+      if (io.fd === undefined) return;
+      const now = fs.fstatSync(io.fd, { bigint: true });
+      if (now.dev !== st.dev || now.ino !== st.ino) {
+        throw new AddCowError(`${role} ${file} was replaced while it was being opened; try again`, {
+          file,
+          code: "EBUSY",
+          reason: "cannot-open",
+        });
+      }
+    },
+  });
+}
+
 async function openLayer(
   file: string,
   format: BackingFormat,
   state: ChainState,
   role: string,
-  namedIn?: string,
+  namer?: Namer,
   writable = false,
 ): Promise<BlockDevice> {
-  if (isRemoteName(file)) {
-    const dev = await openRemoteBacking(file, format, writable, namedIn, state.opts.remote);
+  if (isUrlName(file)) {
+    const dev = await openRemoteBacking(file, format, writable, namer?.file, state.opts.remote);
     state.cleanup.push(() => dev.close());
     return dev;
   }
-  if (format === "add-cow") return openAddCow(file, writable, state, namedIn);
-  const st = await statExisting(file, role, namedIn);
-  remember(state, st, file, role, namedIn);
-  return RawDevice.open(await openFile(file, writable ? "write" : "read", role, state, namedIn));
+  if (format === "add-cow") return openAddCow(file, writable, state, namer);
+  const mode = writable ? "write" : "read";
+  if (!namer) return RawDevice.open((await openGiven(file, mode, role, state)).io);
+  const n: NamedFile = { file, role, access: mode, namer };
+  return RawDevice.open(await openJudged(n, await judgeNamed(n, state), state));
+}
+
+function lockFor(mode: "read" | "write"): LockKind {
+  return mode === "write" ? "exclusive" : "shared";
 }
 
 /** Reads and validates the header of an open .add-cow file. */
@@ -261,28 +380,47 @@ export function resolveStoredName(addcowFile: string, stored: string): string {
 
 /** A stored backing name: an absolute URL stays a URL, anything else is a path. */
 export function resolveBackingName(addcowFile: string, stored: string): string {
-  return isRemoteName(stored) ? stored : resolveStoredName(addcowFile, stored);
+  return isUrlName(stored) ? stored : resolveStoredName(addcowFile, stored);
 }
 
+/**
+ * Opens one add-cow layer and everything below it. Files named in headers are
+ * judged (access-policy.ts) before they are opened, and nothing is opened for
+ * writing before every file below it has passed: the .add-cow file is read
+ * first and reopened for writing last, the image file is opened after the
+ * backing chain.
+ */
 async function openAddCow(
   file: string,
   writable: boolean,
   state: ChainState,
-  namedIn?: string,
+  namer?: Namer,
 ): Promise<AddCowDevice> {
+  const namedIn = namer?.file;
   state.depth++;
   if (state.depth > MAX_CHAIN_DEPTH) {
     throw new AddCowError(
       `${file}${namedIn ? ` (named in ${namedIn})` : ""}: the backing chain is deeper than MAX_CHAIN_DEPTH = ${MAX_CHAIN_DEPTH} layers; shorten the chain (stream or commit layers) or check that it does not loop`,
-      { file, code: "ELOOP" },
+      { file, code: "ELOOP", reason: "chain" },
     );
   }
-  const role = namedIn ? "backing file" : "add-cow file";
-  const isTop = state.depth === 1 && namedIn === undefined;
-  const st = await statExisting(file, role, namedIn);
-  remember(state, st, file, role, namedIn);
+  const role = namer ? "backing file" : "add-cow file";
+  const isTop = state.depth === 1 && !namer;
   const mode = writable ? "write" : "read";
-  const meta = await openFile(file, mode, role, state, namedIn);
+  let meta: FileIO;
+  let metaStat: Judged;
+  let self: NamedFile | null = null;
+  if (namer) {
+    self = { file, role, access: mode, namer };
+    metaStat = await judgeNamed(self, state);
+    // Read first; reopened for writing at the end, once the layers below have passed.
+    meta = await openJudged({ ...self, access: "read" }, metaStat, state, lockFor(mode));
+  } else {
+    ({ io: meta, st: metaStat } = await openGiven(file, "read", role, state, lockFor(mode)));
+    state.policy.setDiskOwner(metaStat);
+  }
+  // Names in this header are this file's owner's words: judged for that user too.
+  const layer: Namer = { file, uid: Number(metaStat.uid), gid: Number(metaStat.gid) };
   const header = await readHeader(meta, file);
   log.open(
     "%s: cluster_bits %d, image %s, backing %s",
@@ -293,17 +431,16 @@ async function openAddCow(
   );
 
   const imagePath = resolveStoredName(file, header.imageName);
-  const imageStat = await statExisting(imagePath, "image file", file);
-  remember(state, imageStat, imagePath, "image file", file);
-  const image = await openFile(imagePath, mode, "image file", state, file);
-  const imageSize = await image.size();
+  const imageFile: NamedFile = { file: imagePath, role: "image file", access: mode, namer: layer };
+  const imageStat = await judgeNamed(imageFile, state);
 
   const allAllocated = (header.compatibleFeatures & FEATURE_ALL_ALLOCATED) !== 0n;
-  if (!allAllocated) checkBitmapLength(file, header, await meta.size(), imagePath, imageSize);
-
   let backing: BlockDevice | null = null;
   let backingPath: string | null = null;
   if (header.backingName !== null) {
+    if (isUrlName(header.backingName)) {
+      state.policy.checkUrl(header.backingName, "backing file", file);
+    }
     backingPath = resolveBackingName(file, header.backingName);
     const top = state.depth === 1;
     if (top && state.opts.backingDevice) {
@@ -316,11 +453,22 @@ async function openAddCow(
         header.backingFormat!,
         state,
         "backing file",
-        file,
+        layer,
         writableBacking,
       );
     }
   }
+
+  const image = await openJudged(imageFile, imageStat, state);
+  if (writable) {
+    const n = self;
+    meta = await reopenForWriting(meta, role, state, () =>
+      n ? openJudged(n, metaStat, state, false) : reopenGiven(file, metaStat, role, state),
+    );
+  }
+  const imageSize = await image.size();
+  if (!allAllocated) checkBitmapLength(file, header, await meta.size(), imagePath, imageSize);
+
   return new AddCowDevice({
     path: file,
     header,
@@ -357,5 +505,20 @@ function checkBitmapLength(
       `${file}: bitmap is ${have} bytes, shorter than the ${needed} bytes the disk needs for image file ${imagePath} (${imageSize} bytes, ${numClusters} clusters); the .add-cow file is truncated or the image file was grown: restore the original files`,
       { file, code: "EINVAL" },
     );
+  }
+}
+
+/**
+ * For `addcow check`, which reads a disk's files without opening it as a
+ * device: judges a file named in the header of `namer` as openDisk would,
+ * and throws the same refusal.
+ */
+export async function judgeNamedFile(n: NamedFile, confine?: Confinement | null): Promise<void> {
+  const policy = AccessPolicy.create(n.namer.file, confine);
+  try {
+    policy.setDiskOwner(n.namer);
+    await policy.judge(n, await statExisting(n.file, n.role, n.namer.file));
+  } finally {
+    policy.close();
   }
 }

@@ -1,4 +1,5 @@
 import type { AddCowHeader } from "../addcow/header";
+import type { Confinement, Namer } from "../open/access-policy";
 
 /**
  * The shared parts of `addcow check` (ops/check.ts): verifies an add-cow disk without modifying anything. The
@@ -26,6 +27,9 @@ export interface CheckContext {
   fd: number;
   fileSize: number;
   forceShare: boolean;
+  /** The .add-cow file and its owner: the names in its header are judged for that user. */
+  namer: Namer;
+  confine: Confinement | null;
   header: AddCowHeader | null;
   allAllocated: boolean;
   imagePath: string | null;

@@ -2,7 +2,13 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { chainFiles } from "./create";
 import { lockFile } from "../os/file-lock";
-import { openBacking, resolveBackingName, resolveStoredName } from "../open/open-disk";
+import {
+  judgeNamedFile,
+  openBacking,
+  resolveBackingName,
+  resolveStoredName,
+} from "../open/open-disk";
+import { type Confinement, checkUrlName, isUrlName } from "../open/access-policy";
 import { AddCowError, errnoCode } from "../util/errors";
 import {
   FEATURE_ALL_ALLOCATED,
@@ -14,7 +20,6 @@ import {
   decodeHeader,
 } from "../addcow/header";
 import { PosixFile } from "../block/file-io";
-import { isRemoteName } from "../remote/url";
 import { checkCreateLeftovers, checkShrunkImage } from "./check-crash";
 
 import type { CheckContext, CheckStep, Finding } from "./check-context";
@@ -79,7 +84,7 @@ export const checkHeader: CheckStep = {
 
 export const checkImageFile: CheckStep = {
   name: "image file",
-  run(ctx) {
+  async run(ctx) {
     const h = ctx.header;
     if (!h) return;
     const imagePath = resolveStoredName(ctx.path, h.imageName);
@@ -106,6 +111,11 @@ export const checkImageFile: CheckStep = {
       });
       return;
     }
+    // A name the disk may not use is refused, as any command refuses it (exit 1).
+    await judgeNamedFile(
+      { file: imagePath, role: "image file", access: "read", namer: ctx.namer },
+      ctx.confine,
+    );
     const self = fs.statSync(ctx.path);
     if (self.dev === st.dev && self.ino === st.ino) {
       ctx.report({
@@ -254,9 +264,12 @@ export const checkBacking: CheckStep = {
   async run(ctx) {
     const h = ctx.header;
     if (!h || h.backingName === null) return;
+    if (isUrlName(h.backingName)) {
+      checkUrlName(ctx.confine, h.backingName, "backing file", ctx.path);
+    }
     const backingPath = resolveBackingName(ctx.path, h.backingName);
     const named = `backing file ${backingPath} (stored as ${JSON.stringify(h.backingName)})`;
-    if (isRemoteName(h.backingName)) {
+    if (isUrlName(h.backingName)) {
       return checkRemoteBacking(ctx, backingPath, named);
     }
     let st: fs.Stats;
@@ -290,10 +303,15 @@ export const checkBacking: CheckStep = {
       backing = await openBacking(backingPath, h.backingFormat!, {
         lock: !ctx.forceShare,
         layersAbove: 1,
+        namedBy: ctx.namer,
+        confine: ctx.confine,
       });
     } catch (err) {
       // A layer in use by a writer cannot be checked now: that is not corruption.
-      if (!(err instanceof AddCowError) || err.code === "EBUSY") throw err;
+      // A name the disk may not use is refused, not reported.
+      if (!(err instanceof AddCowError) || err.code === "EBUSY" || err.reason === "forbidden") {
+        throw err;
+      }
       ctx.report({
         severity: "corruption",
         offset: null,
@@ -361,6 +379,8 @@ export interface CheckOptions {
   /** Skip the shared lock (like qemu-img -U); results may be stale while a writer runs. */
   forceShare?: boolean;
   steps?: CheckStep[];
+  /** Confinement for the names in headers (docs/security.md). */
+  confine?: Confinement | null;
 }
 
 /**
@@ -383,12 +403,15 @@ export async function checkDisk(file: string, opts: CheckOptions = {}): Promise<
   const handle = new PosixFile(abs, fd, false, "sync");
   try {
     if (!opts.forceShare) lockFile(handle, "shared", "add-cow file");
+    const own = fs.fstatSync(fd);
     const ctx: CheckContext = {
       file,
       path: abs,
       fd,
-      fileSize: fs.fstatSync(fd).size,
+      fileSize: own.size,
       forceShare: opts.forceShare ?? false,
+      namer: { file: abs, uid: own.uid, gid: own.gid },
+      confine: opts.confine ?? null,
       header: null,
       allAllocated: false,
       imagePath: null,

@@ -16,6 +16,7 @@ import type { BlockDevice } from "../block/block-device";
 import { chainOf } from "../block/extents";
 import { openBacking } from "../open/open-disk";
 import { isRemoteName, parseRemoteName } from "../remote/url";
+import type { Confinement } from "../open/access-policy";
 
 export interface CreateOptions {
   /** Path of the new .add-cow file. */
@@ -34,6 +35,8 @@ export interface CreateOptions {
    * file is then not opened again to validate it.
    */
   backingSize?: number;
+  /** Confinement for the names in the backing disk's headers (docs/security.md). */
+  confine?: Confinement | null;
 }
 
 export interface CreateResult {
@@ -155,7 +158,9 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
       backingSize = opts.backingSize;
     } else {
       // Opening validates the backing disk (and its whole chain) and gives its size.
-      const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat);
+      const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat, {
+        confine: opts.confine,
+      });
       try {
         backingSize = backing.size;
         // Writing the new disk must never modify a file its backing chain reads.

@@ -2,6 +2,7 @@ import type { BlockDevice } from "../block/block-device";
 import type { AddCowInfo } from "../addcow/addcow-info";
 import { waitingForExitingDaemon } from "../open/exiting-daemon";
 import { type OpenOptions, openDisk } from "../open/open-disk";
+import { type Confinement, type ConfinementInfo, confinementOf } from "../open/access-policy";
 
 export type { AddCowInfo, FileRef } from "../addcow/addcow-info";
 
@@ -20,6 +21,12 @@ export interface OtherLayerInfo {
 export type LayerInfo = (AddCowInfo | OtherLayerInfo) & { depth: number };
 
 export interface DiskInfo extends AddCowInfo {
+  /**
+   * How the disk was opened for this answer: with confinement (--confine), the
+   * directories every name had to resolve inside and whether URL backings were
+   * allowed; null without.
+   */
+  confinement: ConfinementInfo | null;
   /** Only with --backing-chain: every layer below this disk, depth 1 = its backing file. */
   backingChain?: LayerInfo[];
 }
@@ -34,14 +41,20 @@ export interface InfoOptions {
   backingChain?: boolean;
   /** Open without taking locks (like qemu-img -U): the answer may be stale. */
   forceShare?: boolean;
+  /** Confinement for the names in headers (docs/security.md). */
+  confine?: Confinement | null;
 }
 
 /** Opens the disk read-only and describes it (and, when asked, every layer below it). */
 export async function diskInfo(file: string, opts: InfoOptions = {}): Promise<DiskInfo> {
-  const open: OpenOptions = { writable: false, lock: !opts.forceShare };
+  const open: OpenOptions = { writable: false, lock: !opts.forceShare, confine: opts.confine };
   const dev = await waitingForExitingDaemon(file, () => openDisk(file, open));
   try {
-    const info: DiskInfo = { ...(await dev.info()), file };
+    const info: DiskInfo = {
+      ...(await dev.info()),
+      file,
+      confinement: opts.confine ? confinementOf(file, opts.confine) : null,
+    };
     if (opts.backingChain) {
       info.backingChain = [];
       let depth = 1;

@@ -1,4 +1,5 @@
 import { AddCowError } from "../util/errors";
+import type { Confinement } from "../open/access-policy";
 import type { CopyOptions } from "./copy-engine";
 import { Job, type JobKind, type JobStatus } from "./job";
 import { type LiveDisk, checkLiveJob, liveCommit, liveSnapshot, liveStream } from "./live";
@@ -37,6 +38,8 @@ export class LiveJobs {
   constructor(
     disks: readonly LiveDisk[],
     private readonly keyOf: (file: string) => string,
+    /** The mount's confinement: a job reopening a disk's files applies it too. */
+    private readonly confine: Confinement | null,
     /** Called when a live snapshot put a new file on top of a disk. */
     private readonly onNewTop: (newFile: string) => Promise<void>,
   ) {
@@ -108,12 +111,17 @@ export class LiveJobs {
       case "stream":
         return liveStream(served.live, job, copy);
       case "commit":
-        return liveCommit(served.live, served.top, job, { ...copy, keep: keep === true });
+        return liveCommit(served.live, served.top, job, {
+          ...copy,
+          keep: keep === true,
+          confine: this.confine,
+        });
       case "snapshot": {
         if (!newFile) throw new AddCowError("snapshot needs the new file name");
         const msg = await liveSnapshot(served.live, served.top, newFile, {
           ...(image === undefined ? {} : { image }),
           ...(clusterSize === undefined ? {} : { clusterSize }),
+          confine: this.confine,
         });
         this.retired.set(this.keyOf(served.top), newFile);
         served.top = newFile;

@@ -2,6 +2,7 @@ import * as fs from "node:fs";
 import type { BlockDevice } from "../block/block-device";
 import type { AddCowDevice } from "../addcow/addcow-device";
 import { openDisk } from "../open/open-disk";
+import type { Confinement } from "../open/access-policy";
 import { AddCowError } from "../util/errors";
 import { CommitMirror } from "./commit-mirror";
 import { type CommitOptions, checkBackingWritable, checkCommittable, commitDisk } from "./commit";
@@ -76,6 +77,7 @@ export async function liveSnapshot(
     let dev: AddCowDevice;
     try {
       dev = await openDisk(newFile, {
+        confine: opts.confine,
         writable: true,
         backingDevice: old,
         cacheMode: old.cacheMode,
@@ -100,8 +102,9 @@ export async function liveCommit(
   live: LiveDisk,
   top: string,
   job: Job,
-  opts: CommitOptions,
+  opts: CommitOptions & { confine?: Confinement | null },
 ): Promise<string> {
+  const { confine, ...commit } = opts;
   let dev!: AddCowDevice;
   let mirror: CommitMirror | undefined;
   await live.exclusive(async () => {
@@ -113,10 +116,11 @@ export async function liveCommit(
         writable: true,
         writableBacking: true,
         cacheMode: old.cacheMode,
+        confine,
       });
     } catch (err) {
       // Back to the disk as it was mounted; the commit is refused.
-      const again = await openDisk(top, { writable: true, cacheMode: old.cacheMode });
+      const again = await openDisk(top, { writable: true, cacheMode: old.cacheMode, confine });
       live.replaceDevice(again, again);
       throw await explainReadOnlyBacking(top, err);
     }
@@ -129,7 +133,7 @@ export async function liveCommit(
   });
   try {
     return await commitDisk(dev, job, {
-      ...opts,
+      ...commit,
       ...(mirror ? { copyLock: mirror.lock } : {}),
       quiesce: (finish) =>
         live.exclusive(async () => {

@@ -2,6 +2,7 @@ import type { BlockDevice } from "../block/block-device";
 import { forEachExtent } from "../block/extents";
 import { waitingForExitingDaemon } from "../open/exiting-daemon";
 import { openDisk } from "../open/open-disk";
+import type { Confinement } from "../open/access-policy";
 
 /** Where the bytes of an extent come from, seen from the top disk. */
 export type ExtentSource = "image" | "backing" | "zero";
@@ -73,9 +74,12 @@ export async function mapDevice(dev: BlockDevice): Promise<Extent[]> {
   return extents;
 }
 
-export async function mapDisk(file: string, opts: { forceShare?: boolean } = {}) {
+export async function mapDisk(
+  file: string,
+  opts: { forceShare?: boolean; confine?: Confinement | null } = {},
+) {
   const dev = await waitingForExitingDaemon(file, () =>
-    openDisk(file, { writable: false, lock: !opts.forceShare }),
+    openDisk(file, { writable: false, lock: !opts.forceShare, confine: opts.confine }),
   );
   try {
     return await mapDevice(dev);

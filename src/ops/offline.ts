@@ -1,19 +1,15 @@
 import { waitingForExitingDaemon } from "../open/exiting-daemon";
-import * as fs from "node:fs";
 import * as path from "node:path";
-import { promisify } from "node:util";
 import { AddCowError } from "../util/errors";
 import type { AddCowDevice } from "../addcow/addcow-device";
 import { type OpenOptions, openDisk, readHeader, resolveStoredName } from "../open/open-disk";
-import { type FileOpener, PosixFile, openPosixFile } from "../block/file-io";
+import { type FileOpener, PosixFile, openPosixFile, openRegularFile } from "../block/file-io";
 import { type CommitOptions, commitDisk, readOnlyBackingError } from "./commit";
 import { type CopyOptions, DEFAULT_IN_FLIGHT } from "./copy-engine";
 import type { Job } from "./job";
 import { streamDisk } from "./stream";
 
 /** Jobs on a disk at rest: the job opens the disk, runs, flushes and closes it. */
-
-const openAsync = promisify(fs.open);
 
 /**
  * Bulk copies with several in flight use thread-pool I/O, so reads and writes
@@ -24,10 +20,8 @@ function jobOpener(opts: CopyOptions, open: OpenOptions): FileOpener | undefined
   if (open.opener || process.env.ADDCOW_IO || (opts.inFlight ?? DEFAULT_IN_FLIGHT) <= 1) {
     return open.opener;
   }
-  return async (file, mode) => {
-    const fd = await openAsync(file, mode === "write" ? "r+" : "r");
-    return new PosixFile(file, fd, mode === "write", "async");
-  };
+  return async (file, mode) =>
+    new PosixFile(file, await openRegularFile(file, mode), mode === "write", "async");
 }
 
 async function withDisk<T>(

@@ -1,6 +1,7 @@
 import * as fs from "node:fs";
 import { AddCowError } from "../util/errors";
 import { createDisk, defaultImageName } from "./create";
+import type { Confinement } from "../open/access-policy";
 
 export interface SnapshotOptions {
   /** Image file of the new overlay (default NEW with .add-cow replaced by .raw). */
@@ -8,6 +9,8 @@ export interface SnapshotOptions {
   clusterSize?: number;
   /** Size of the current disk when it is open in this process (live snapshot). */
   backingSize?: number;
+  /** Confinement for the names in FILE's chain (docs/security.md). */
+  confine?: Confinement | null;
 }
 
 /**
@@ -39,6 +42,7 @@ export async function snapshotDisk(
     image,
     ...(opts.clusterSize === undefined ? {} : { clusterSize: opts.clusterSize }),
     ...(opts.backingSize === undefined ? {} : { backingSize: opts.backingSize }),
+    confine: opts.confine,
   });
   return `created ${newFile} (image file ${image}) over ${file}; from now on use ${newFile}: ${file} and its chain are only read`;
 }

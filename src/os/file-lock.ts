@@ -1,6 +1,11 @@
 import * as fs from "node:fs";
 import { AddCowError } from "../util/errors";
-import type { FileIO } from "../block/file-io";
+
+/** An open file: its descriptor (none for in-memory test files) and its name for messages. */
+export interface LockableFile {
+  readonly fd?: number;
+  readonly path: string;
+}
 
 // fs-ext wraps flock(2): released by the kernel when the process dies, even by SIGKILL.
 const fsExt = require("fs-ext") as { flockSync(fd: number, flags: string): void };
@@ -12,7 +17,7 @@ export type LockKind = "shared" | "exclusive";
  * so a disk open for writing cannot be opened again by anyone, and a disk being
  * read cannot be opened for writing. The error names the holder's pid.
  */
-export function lockFile(file: FileIO, kind: LockKind, role: string): void {
+export function lockFile(file: LockableFile, kind: LockKind, role: string): void {
   if (file.fd === undefined) return;
   try {
     fsExt.flockSync(file.fd, kind === "exclusive" ? "exnb" : "shnb");

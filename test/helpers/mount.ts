@@ -39,7 +39,7 @@ export interface RunResult {
 export function run(
   cmd: string,
   args: string[],
-  opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number; input?: string } = {},
+  opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number; input?: string; cwd?: string } = {},
 ): Promise<RunResult> {
   return new Promise((resolve) => {
     const child = execFile(
@@ -47,6 +47,7 @@ export function run(
       args,
       {
         env: opts.env ?? process.env,
+        ...(opts.cwd ? { cwd: opts.cwd } : {}),
         timeout: opts.timeoutMs ?? 60_000,
         maxBuffer: 64 << 20,
         encoding: "utf8",

@@ -2,8 +2,9 @@ import { waitingForExitingDaemon } from "../../open/exiting-daemon";
 import type { Command } from "commander";
 import { type CheckReport, type Finding, checkDisk } from "../../ops/check";
 import { action } from "../run-cli";
+import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
 
-interface CheckFlags {
+interface CheckFlags extends ConfineFlags {
   json?: boolean;
   forceShare?: boolean;
 }
@@ -32,22 +33,22 @@ export function formatReport(r: CheckReport): string {
 }
 
 export function register(program: Command): void {
-  program
+  const cmd = program
     .command("check")
     .description(
       "verify an add-cow disk (header, sizes, bitmap, names, chain); exit 0 clean, 2 corrupt, 1 cannot check",
     )
     .argument("<file>", "the .add-cow file")
     .option("--json", "print JSON (stable; see docs/cli.md)")
-    .option("-U, --force-share", "do not take locks (results may be stale while a writer runs)")
-    .action(
-      action(async (file: string, flags: CheckFlags) => {
-        const report = await waitingForExitingDaemon(file, () =>
-          checkDisk(file, { forceShare: flags.forceShare }),
-        );
-        if (flags.json) process.stdout.write(JSON.stringify(report, null, 2) + "\n");
-        else process.stdout.write(formatReport(report) + "\n");
-        return report.clean ? 0 : EXIT_CORRUPT;
-      }),
-    );
+    .option("-U, --force-share", "do not take locks (results may be stale while a writer runs)");
+  addConfineOptions(cmd).action(
+    action(async (file: string, flags: CheckFlags) => {
+      const report = await waitingForExitingDaemon(file, () =>
+        checkDisk(file, { forceShare: flags.forceShare, confine: confinementFromFlags(flags) }),
+      );
+      if (flags.json) process.stdout.write(JSON.stringify(report, null, 2) + "\n");
+      else process.stdout.write(formatReport(report) + "\n");
+      return report.clean ? 0 : EXIT_CORRUPT;
+    }),
+  );
 }

@@ -9,6 +9,7 @@ import {
   wireOptions,
 } from "../job-cli";
 import { action } from "../run-cli";
+import { confinementFromFlags } from "../confine-options";
 
 export function register(program: Command): void {
   addCopyOptions(
@@ -27,7 +28,9 @@ export function register(program: Command): void {
         keep: opts.keep,
       });
       if (live !== null) return live;
-      return runOffline("commit", file, flags, (job) => commitOffline(file, job, opts));
+      return runOffline("commit", file, flags, (job) =>
+        commitOffline(file, job, opts, { confine: confinementFromFlags(flags) }),
+      );
     }),
   );
 }

@@ -2,8 +2,9 @@ import type { Command } from "commander";
 import { createDisk, describeCreate } from "../../ops/create";
 import { parseSize } from "../../util/size";
 import { action } from "../run-cli";
+import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
 
-interface CreateFlags {
+interface CreateFlags extends ConfineFlags {
   backing?: string;
   backingFormat?: string;
   image?: string;
@@ -12,7 +13,7 @@ interface CreateFlags {
 }
 
 export function register(program: Command): void {
-  program
+  const cmd = program
     .command("create")
     .description(
       "create an add-cow disk: FILE.add-cow plus its raw image file, over an optional backing file",
@@ -26,18 +27,19 @@ export function register(program: Command): void {
     .option("-F, --backing-format <format>", "format of the backing file: raw or add-cow")
     .option("-i, --image <file>", "image file (default: FILE with .add-cow replaced by .raw)")
     .option("-c, --cluster-size <size>", "cluster size, a power of two from 4K to 2M", "64K")
-    .option("-q, --quiet", "print nothing on success")
-    .action(
-      action(async (file: string, size: string | undefined, flags: CreateFlags) => {
-        const result = await createDisk({
-          file,
-          backing: flags.backing,
-          backingFormat: flags.backingFormat,
-          image: flags.image,
-          clusterSize: parseSize(flags.clusterSize ?? "64K", "cluster size"),
-          size: size === undefined ? undefined : parseSize(size, "size"),
-        });
-        if (!flags.quiet) process.stdout.write(describeCreate(result) + "\n");
-      }),
-    );
+    .option("-q, --quiet", "print nothing on success");
+  addConfineOptions(cmd).action(
+    action(async (file: string, size: string | undefined, flags: CreateFlags) => {
+      const result = await createDisk({
+        file,
+        backing: flags.backing,
+        backingFormat: flags.backingFormat,
+        image: flags.image,
+        clusterSize: parseSize(flags.clusterSize ?? "64K", "cluster size"),
+        size: size === undefined ? undefined : parseSize(size, "size"),
+        confine: confinementFromFlags(flags),
+      });
+      if (!flags.quiet) process.stdout.write(describeCreate(result) + "\n");
+    }),
+  );
 }

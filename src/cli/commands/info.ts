@@ -1,9 +1,11 @@
 import type { Command } from "commander";
 import { type AddCowInfo, type LayerInfo, diskInfo } from "../../ops/info";
+import type { ConfinementInfo } from "../../open/access-policy";
 import { formatSize } from "../../util/size";
 import { action } from "../run-cli";
+import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
 
-interface InfoFlags {
+interface InfoFlags extends ConfineFlags {
   json?: boolean;
   backingChain?: boolean;
   forceShare?: boolean;
@@ -73,6 +75,11 @@ function formatRemote(r: Record<string, unknown>): string[] {
   return lines;
 }
 
+/** How a confined disk was opened: where its names had to stay. */
+export function formatConfinement(c: ConfinementInfo): string {
+  return `confinement: names resolve only inside ${c.dirs.join(", ")}; URL backings ${c.urls ? "allowed" : "refused"}`;
+}
+
 function formatLayer(layer: LayerInfo): string {
   if (layer.format === "add-cow") {
     return `${formatAddCowInfo(layer as AddCowInfo)}\nbacking chain position: ${layer.depth}`;
@@ -94,26 +101,28 @@ function formatLayer(layer: LayerInfo): string {
 }
 
 export function register(program: Command): void {
-  program
+  const cmd = program
     .command("info")
     .description("show what an add-cow disk is made of: sizes, files, backing chain, allocation")
     .argument("<file>", "the .add-cow file")
     .option("--json", "print JSON (stable; see docs/cli.md)")
     .option("--backing-chain", "also describe every layer of the backing chain")
-    .option("-U, --force-share", "do not take locks (answers may be stale while a writer runs)")
-    .action(
-      action(async (file: string, flags: InfoFlags) => {
-        const info = await diskInfo(file, {
-          backingChain: flags.backingChain,
-          forceShare: flags.forceShare,
-        });
-        if (flags.json) {
-          process.stdout.write(JSON.stringify(info, null, 2) + "\n");
-          return;
-        }
-        const parts = [formatAddCowInfo(info)];
-        for (const layer of info.backingChain ?? []) parts.push(formatLayer(layer));
-        process.stdout.write(parts.join("\n\n") + "\n");
-      }),
-    );
+    .option("-U, --force-share", "do not take locks (answers may be stale while a writer runs)");
+  addConfineOptions(cmd).action(
+    action(async (file: string, flags: InfoFlags) => {
+      const info = await diskInfo(file, {
+        backingChain: flags.backingChain,
+        forceShare: flags.forceShare,
+        confine: confinementFromFlags(flags),
+      });
+      if (flags.json) {
+        process.stdout.write(JSON.stringify(info, null, 2) + "\n");
+        return;
+      }
+      const parts = [formatAddCowInfo(info)];
+      if (info.confinement) parts[0] += `\n${formatConfinement(info.confinement)}`;
+      for (const layer of info.backingChain ?? []) parts.push(formatLayer(layer));
+      process.stdout.write(parts.join("\n\n") + "\n");
+    }),
+  );
 }

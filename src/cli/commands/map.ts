@@ -1,8 +1,9 @@
 import type { Command } from "commander";
 import { type Extent, mapDisk } from "../../ops/map";
 import { action } from "../run-cli";
+import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
 
-interface MapFlags {
+interface MapFlags extends ConfineFlags {
   json?: boolean;
   forceShare?: boolean;
 }
@@ -33,20 +34,23 @@ export function formatMap(extents: Extent[]): string {
 }
 
 export function register(program: Command): void {
-  program
+  const cmd = program
     .command("map")
     .description("show where each byte range of the disk comes from: image, backing or zero")
     .argument("<file>", "the .add-cow file")
     .option("--json", "print JSON (stable; see docs/cli.md)")
-    .option("-U, --force-share", "do not take locks (answers may be stale while a writer runs)")
-    .action(
-      action(async (file: string, flags: MapFlags) => {
-        const extents = await mapDisk(file, { forceShare: flags.forceShare });
-        if (flags.json) {
-          process.stdout.write(JSON.stringify(extents, null, 2) + "\n");
-          return;
-        }
-        process.stdout.write(formatMap(extents) + "\n");
-      }),
-    );
+    .option("-U, --force-share", "do not take locks (answers may be stale while a writer runs)");
+  addConfineOptions(cmd).action(
+    action(async (file: string, flags: MapFlags) => {
+      const extents = await mapDisk(file, {
+        forceShare: flags.forceShare,
+        confine: confinementFromFlags(flags),
+      });
+      if (flags.json) {
+        process.stdout.write(JSON.stringify(extents, null, 2) + "\n");
+        return;
+      }
+      process.stdout.write(formatMap(extents) + "\n");
+    }),
+  );
 }

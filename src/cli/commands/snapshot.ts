@@ -4,8 +4,9 @@ import { runLiveIfMounted, runOffline } from "../job-cli";
 import { snapshotDisk } from "../../ops/snapshot";
 import { parseSize } from "../../util/size";
 import { action } from "../run-cli";
+import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
 
-interface SnapshotFlags {
+interface SnapshotFlags extends ConfineFlags {
   image?: string;
   clusterSize?: string;
   json?: boolean;
@@ -13,7 +14,7 @@ interface SnapshotFlags {
 }
 
 export function register(program: Command): void {
-  program
+  const cmd = program
     .command("snapshot")
     .description(
       "create NEW.add-cow over FILE (backing format add-cow) with its own image file; afterwards FILE is only read",
@@ -29,25 +30,24 @@ export function register(program: Command): void {
     )
     .option("-c, --cluster-size <size>", "cluster size of the new overlay (default 64K)")
     .option("--json", "print the result as a JSON event")
-    .option("-q, --quiet", "print nothing but errors")
-    .action(
-      action(async (file: string, newFile: string, flags: SnapshotFlags) => {
-        const clusterSize =
-          flags.clusterSize === undefined
-            ? undefined
-            : parseSize(flags.clusterSize, "cluster size");
-        const live = await runLiveIfMounted("snapshot", file, flags, {
-          newFile: path.resolve(newFile),
-          ...(flags.image === undefined ? {} : { image: path.resolve(flags.image) }),
+    .option("-q, --quiet", "print nothing but errors");
+  addConfineOptions(cmd).action(
+    action(async (file: string, newFile: string, flags: SnapshotFlags) => {
+      const clusterSize =
+        flags.clusterSize === undefined ? undefined : parseSize(flags.clusterSize, "cluster size");
+      const live = await runLiveIfMounted("snapshot", file, flags, {
+        newFile: path.resolve(newFile),
+        ...(flags.image === undefined ? {} : { image: path.resolve(flags.image) }),
+        ...(clusterSize === undefined ? {} : { clusterSize }),
+      });
+      if (live !== null) return live;
+      return runOffline("snapshot", file, flags, () =>
+        snapshotDisk(file, newFile, {
+          ...(flags.image === undefined ? {} : { image: flags.image }),
           ...(clusterSize === undefined ? {} : { clusterSize }),
-        });
-        if (live !== null) return live;
-        return runOffline("snapshot", file, flags, () =>
-          snapshotDisk(file, newFile, {
-            ...(flags.image === undefined ? {} : { image: flags.image }),
-            ...(clusterSize === undefined ? {} : { clusterSize }),
-          }),
-        );
-      }),
-    );
+          confine: confinementFromFlags(flags),
+        }),
+      );
+    }),
+  );
 }

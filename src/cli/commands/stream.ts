@@ -9,6 +9,7 @@ import {
   wireOptions,
 } from "../job-cli";
 import { action } from "../run-cli";
+import { confinementFromFlags } from "../confine-options";
 
 export function register(program: Command): void {
   addCopyOptions(
@@ -23,7 +24,9 @@ export function register(program: Command): void {
       const opts = parseCopyFlags(flags);
       const live = await runLiveIfMounted("stream", file, flags, wireOptions(opts));
       if (live !== null) return live;
-      return runOffline("stream", file, flags, (job) => streamOffline(file, job, opts));
+      return runOffline("stream", file, flags, (job) =>
+        streamOffline(file, job, opts, { confine: confinementFromFlags(flags) }),
+      );
     }),
   );
 }
