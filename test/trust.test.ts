@@ -531,7 +531,9 @@ describe("confinement (--confine, -o confine) on root's own disks", () => {
     // Allowed by the rules; what happens next is the remote backing's business.
     const r = await addcow(["info", "--allow-url", url.addcow]);
     expect(r.stderr).not.toMatch(/is refused/);
-    expect(r.stderr).toMatch(/^addcow: remote backing http:\/\/127\.0\.0\.1:9\/base\.raw: connection refused/);
+    expect(r.stderr).toMatch(
+      /^addcow: remote backing http:\/\/127\.0\.0\.1:9\/base\.raw: connection refused/,
+    );
   });
 
   it("names inside the directory, links that stay inside: info shows the confinement", async () => {
