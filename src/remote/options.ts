@@ -10,6 +10,7 @@ import { DEFAULT_REMOTE_OPTIONS, type RemoteDeviceOptions } from "./remote-devic
  *   ADDCOW_REMOTE_RETRIES     attempts after the first (default 4)
  *   ADDCOW_REMOTE_IN_FLIGHT   range requests at once (default 4)
  *   ADDCOW_REMOTE_READAHEAD   bytes fetched ahead of sequential readers (default 8M)
+ *   ADDCOW_REMOTE_MAX_REQUEST bytes of adjacent blocks one request may ask for (default 8M)
  *   ADDCOW_CACHE_DIR          block cache root, or "none" (default /var/cache/addcow
  *                             for root, else $XDG_CACHE_HOME/addcow or ~/.cache/addcow)
  *   ADDCOW_CACHE_SIZE         cache size limit (default 8G)
@@ -60,6 +61,10 @@ export function remoteSettingsFromEnv(env: NodeJS.ProcessEnv = process.env): Rem
   const inFlight = number(env, "ADDCOW_REMOTE_IN_FLIGHT", 1, 64);
   if (inFlight !== undefined) device.maxInFlight = Math.floor(inFlight);
   if (readahead !== undefined) device.readaheadBlocks = Math.ceil(readahead / blockSize);
+  const maxRequest = size(env, "ADDCOW_REMOTE_MAX_REQUEST");
+  if (maxRequest !== undefined) {
+    device.maxRequestBlocks = Math.max(1, Math.floor(maxRequest / blockSize));
+  }
   const dir = env.ADDCOW_CACHE_DIR || defaultCacheRoot(env);
   const cache =
     dir === "none"
