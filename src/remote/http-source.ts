@@ -43,7 +43,7 @@ export class HttpSource implements RangeSource {
 
   /** A one-byte range request: proves range support and gives size and identity in one round trip. */
   async probe(signal: AbortSignal): Promise<ObjectIdentity> {
-    const { status, headers, body } = await this.get("bytes=0-0", signal);
+    const { status, headers } = await this.get("bytes=0-0", signal);
     if (status === 416) {
       const cr = parseContentRange(one(headers, "content-range"));
       if (cr?.total === 0) return { ...identityOf(headers), size: 0 };
@@ -56,10 +56,9 @@ export class HttpSource implements RangeSource {
     }
     if (status !== 206) throw statusFailure(status, this.name, HTTP_AUTH_HELP);
     const cr = parseContentRange(one(headers, "content-range"));
-    if (cr?.total === null || cr === null) {
+    if (cr === null || cr.total === null) {
       throw new RemoteFailure(`${this.name}: the server sent no usable Content-Range`, false);
     }
-    void body;
     return { ...identityOf(headers), size: cr.total };
   }
 
@@ -121,7 +120,8 @@ export class HttpSource implements RangeSource {
   }
 
   async close(): Promise<void> {
-    await this.agent.close();
+    // Requests still running are abandoned (close() would wait for them, up to the timeout).
+    await this.agent.destroy();
   }
 }
 
