@@ -106,12 +106,18 @@ function cacheEntries(cacheDir: string): { good: number; bad: string[]; tmp: num
       if (e.isDirectory()) walk(p);
       else if (e.name.endsWith(".tmp")) out.tmp++;
       else if (e.name.endsWith(".blk")) {
+        // Header: magic, key, index, length at 28, then a CRC-32 per 64 KiB chunk.
         const raw = fs.readFileSync(p);
-        const ok =
-          raw.length >= 40 &&
-          raw.subarray(0, 8).toString() === "ACOWBLK1" &&
-          raw.readUInt32LE(32) === raw.length - 40 &&
-          raw.readUInt32LE(36) === zlib.crc32(raw.subarray(40));
+        const length = raw.length >= 32 ? raw.readUInt32LE(28) : -1;
+        const hsize = 32 + 4 * Math.ceil(length / 65536);
+        let ok = raw.subarray(0, 8).toString() === "ACOWBLK2" && raw.length === hsize + length;
+        for (let c = 0; ok && c * 65536 < length; c++) {
+          const chunk = raw.subarray(
+            hsize + c * 65536,
+            Math.min(raw.length, hsize + (c + 1) * 65536),
+          );
+          ok = zlib.crc32(chunk) === raw.readUInt32LE(32 + 4 * c);
+        }
         if (ok) out.good++;
         else out.bad.push(p);
       }

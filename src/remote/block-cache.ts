@@ -10,27 +10,35 @@ import type { ObjectIdentity } from "./source";
  * The persistent block cache shared by every overlay (and every daemon) on the
  * host. Layout, under the cache root:
  *
- *   v1/<k[0..2]>/<k>/object.json      what the entry is (URL, identity, block size), for people
- *   v1/<k[0..2]>/<k>/<index>.blk      one block: 40-byte header + the block's bytes
+ *   v2/<k[0..2]>/<k>/object.json      what the entry is (URL, identity, block size), for people
+ *   v2/<k[0..2]>/<k>/<index>.blk      one block: header + the block's bytes
  *
  * k = sha256(URL without credentials, size, ETag, Last-Modified, block size):
  * a changed object gets a new key, so its old blocks are never read again (they
- * age out). A block is written to a unique temp name and renamed into place, so
- * readers see a whole file or none; its header carries the key, the index, the
- * length and a CRC-32 of the bytes, checked on every read, so a file torn by a
- * crash or power loss (the rename may reach disk before the data) or damaged
- * later is detected, deleted and fetched again. Several processes may fill and
+ * age out). The header holds a magic, the key, the index, the length and a
+ * CRC-32 per 64 KiB chunk of the bytes. A block is written to a unique temp
+ * name and renamed into place, so readers see a whole file or none; every read
+ * checks the header and the CRCs of the chunks it touches, so a file torn by a
+ * crash or power loss (the rename may reach disk before the data: files are not
+ * fsynced) or damaged later is detected, deleted and fetched again, and a read
+ * of 4 KiB checks 64 KiB, not the whole block. Several processes may fill and
  * read the same entry at once: the last rename wins with identical bytes.
  * Eviction keeps the total under a limit, oldest blocks (by mtime, refreshed on
  * use) first; any process may evict, a block vanishing under a reader is a miss.
  */
-const MAGIC = Buffer.from("ACOWBLK1");
-const HEADER = 40;
+const MAGIC = Buffer.from("ACOWBLK2");
+const FIXED = 32;
+const CHUNK = 64 * 1024;
 /** Hits refresh a block's mtime (its age for eviction) at most this often. */
 const TOUCH_AFTER_MS = 60_000;
 /** Temp files older than this are leftovers of a killed writer. */
 const STALE_TMP_MS = 10 * 60_000;
 export const DEFAULT_CACHE_BYTES = 8 * 2 ** 30;
+const LAYOUT = "v2";
+
+function headerSize(length: number): number {
+  return FIXED + 4 * Math.ceil(length / CHUNK);
+}
 
 export function defaultCacheRoot(env: NodeJS.ProcessEnv = process.env): string {
   if (process.getuid?.() === 0) return "/var/cache/addcow";
@@ -45,12 +53,20 @@ export interface CacheStats {
   evicted: number;
 }
 
+function preadFull(fd: number, buf: Buffer, pos: number): number {
+  let done = 0;
+  while (done < buf.length) {
+    const n = fs.readSync(fd, buf, done, buf.length - done, pos + done);
+    if (n === 0) break;
+    done += n;
+  }
+  return done;
+}
+
 /** One object's blocks in a {@link CacheRoot}. */
 export class BlockCache {
   readonly stats: CacheStats = { hits: 0, misses: 0, stored: 0, corrupt: 0, evicted: 0 };
   private readonly keyBytes: Buffer;
-  /** Blocks this process has read whole and checked; later reads take only the bytes asked for. */
-  private readonly verified = new Set<number>();
 
   constructor(
     private readonly root: CacheRoot,
@@ -64,83 +80,80 @@ export class BlockCache {
     return path.join(this.dir, `${index}.blk`);
   }
 
-  /** The block's bytes when a whole, verified copy is cached; null otherwise. */
+  /** The whole block when a good copy is cached; null otherwise. */
   get(index: number, length: number): Buffer | null {
-    const file = this.file(index);
-    let raw: Buffer;
-    try {
-      raw = fs.readFileSync(file);
-    } catch {
-      this.stats.misses++;
-      return null;
-    }
-    const data = raw.subarray(HEADER);
-    const ok =
-      raw.length === HEADER + length &&
-      raw.subarray(0, 8).equals(MAGIC) &&
-      raw.subarray(8, 24).equals(this.keyBytes) &&
-      raw.readUIntLE(24, 6) === index &&
-      raw.readUInt32LE(32) === length &&
-      raw.readUInt32LE(36) === zlib.crc32(data);
-    if (!ok) {
-      this.stats.corrupt++;
-      this.stats.misses++;
-      log.remote("cache: %s is damaged or partial; fetching the block again", file);
-      fs.rmSync(file, { force: true });
-      return null;
-    }
-    this.stats.hits++;
-    this.verified.add(index);
-    this.touch(file);
-    return data;
+    const data = Buffer.allocUnsafe(length);
+    return this.read(index, length, 0, data) ? data : null;
   }
 
   /**
-   * Reads target.length bytes from offset `at` of a block this process has
-   * checked before; false when it was not checked or is gone (evicted). A
-   * block file is only ever replaced whole (rename) by one with the same key,
-   * so a checked file stays good for as long as this process runs.
+   * Fills target with the bytes of block `index` (of `length` bytes) from
+   * offset `at`, checking the header and the CRC of every chunk it reads.
+   * False on a miss; a damaged or partial file is deleted (a miss too).
    */
-  readVerified(index: number, at: number, target: Buffer): boolean {
-    if (!this.verified.has(index)) return false;
+  read(index: number, length: number, at: number, target: Buffer): boolean {
+    const file = this.file(index);
     let fd: number;
     try {
-      fd = fs.openSync(this.file(index), "r");
+      fd = fs.openSync(file, "r");
     } catch {
-      this.verified.delete(index);
+      this.stats.misses++;
       return false;
     }
+    let ok = false;
     try {
-      let done = 0;
-      while (done < target.length) {
-        const n = fs.readSync(fd, target, done, target.length - done, HEADER + at + done);
-        if (n === 0) break;
-        done += n;
-      }
-      if (done === target.length) {
-        this.stats.hits++;
-        return true;
-      }
-      this.verified.delete(index);
-      return false;
+      ok = this.readOpen(fd, index, length, at, target);
+      if (ok) this.touch(fd);
     } finally {
       fs.closeSync(fd);
     }
+    if (ok) {
+      this.stats.hits++;
+      return true;
+    }
+    this.stats.corrupt++;
+    this.stats.misses++;
+    log.remote("cache: %s is damaged or partial; fetching the block again", file);
+    fs.rmSync(file, { force: true });
+    return false;
   }
 
-  /** A block file exists (not checked: for readahead decisions only). */
-  has(index: number): boolean {
-    return fs.existsSync(this.file(index));
+  private readOpen(fd: number, index: number, length: number, at: number, target: Buffer) {
+    const hsize = headerSize(length);
+    if (fs.fstatSync(fd).size !== hsize + length) return false;
+    const header = Buffer.allocUnsafe(hsize);
+    if (preadFull(fd, header, 0) !== hsize) return false;
+    if (
+      !header.subarray(0, 8).equals(MAGIC) ||
+      !header.subarray(8, 24).equals(this.keyBytes) ||
+      header.readUInt32LE(24) !== index ||
+      header.readUInt32LE(28) !== length
+    ) {
+      return false;
+    }
+    const c0 = Math.floor(at / CHUNK);
+    const c1 = Math.ceil((at + target.length) / CHUNK);
+    const start = c0 * CHUNK;
+    const span = Buffer.allocUnsafe(Math.min(c1 * CHUNK, length) - start);
+    if (preadFull(fd, span, hsize + start) !== span.length) return false;
+    for (let c = c0; c < c1; c++) {
+      const chunk = span.subarray((c - c0) * CHUNK, (c - c0 + 1) * CHUNK);
+      if (zlib.crc32(chunk) !== header.readUInt32LE(FIXED + 4 * c)) return false;
+    }
+    span.copy(target, 0, at - start, at - start + target.length);
+    return true;
   }
 
   /** Stores a block (best effort: a full or read-only cache disk only costs refetches). */
   put(index: number, data: Buffer): void {
-    const header = Buffer.alloc(HEADER);
+    const header = Buffer.alloc(headerSize(data.length));
     MAGIC.copy(header, 0);
     this.keyBytes.copy(header, 8);
-    header.writeUIntLE(index, 24, 6);
-    header.writeUInt32LE(data.length, 32);
-    header.writeUInt32LE(zlib.crc32(data), 36);
+    header.writeUInt32LE(index, 24);
+    header.writeUInt32LE(data.length, 28);
+    for (let c = 0; c * CHUNK < data.length; c++) {
+      header.writeUInt32LE(zlib.crc32(data.subarray(c * CHUNK, (c + 1) * CHUNK)), FIXED + 4 * c);
+    }
     const final = this.file(index);
     const tmp = `${final}.${process.pid}.${crypto.randomBytes(4).toString("hex")}.tmp`;
     try {
@@ -152,7 +165,7 @@ export class BlockCache {
       }
       fs.renameSync(tmp, final);
       this.stats.stored++;
-      this.root.added(HEADER + data.length, this.stats);
+      this.root.added(header.length + data.length, this.stats);
     } catch (err) {
       fs.rmSync(tmp, { force: true });
       log.remote("cache: cannot store %s: %s", final, (err as Error).message);
@@ -164,15 +177,19 @@ export class BlockCache {
     return readdir(this.dir).filter((n) => n.endsWith(".blk")).length;
   }
 
-  private touch(file: string): void {
+  /** A block file exists (not checked: for readahead decisions only). */
+  has(index: number): boolean {
+    return fs.existsSync(this.file(index));
+  }
+
+  private touch(fd: number): void {
     try {
-      const st = fs.statSync(file);
-      if (Date.now() - st.mtimeMs > TOUCH_AFTER_MS) {
+      if (Date.now() - fs.fstatSync(fd).mtimeMs > TOUCH_AFTER_MS) {
         const now = new Date();
-        fs.utimesSync(file, now, now);
+        fs.futimesSync(fd, now, now);
       }
     } catch {
-      // Evicted meanwhile: nothing to refresh.
+      // Read-only cache: ages stay as they are.
     }
   }
 }
@@ -195,7 +212,7 @@ export class CacheRoot {
         JSON.stringify([name, identity.size, identity.etag, identity.lastModified, blockSize]),
       )
       .digest("hex");
-    const dir = path.join(this.dir, "v1", key.slice(0, 2), key);
+    const dir = path.join(this.dir, LAYOUT, key.slice(0, 2), key);
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
     const about = path.join(dir, "object.json");
     if (!fs.existsSync(about)) {
@@ -240,7 +257,7 @@ export class CacheRoot {
   /** Every block file (and stale temp file, deleted on the way). */
   private scan(): Array<{ path: string; size: number; mtimeMs: number }> {
     const out: Array<{ path: string; size: number; mtimeMs: number }> = [];
-    const base = path.join(this.dir, "v1");
+    const base = path.join(this.dir, LAYOUT);
     const now = Date.now();
     for (const shard of readdir(base)) {
       for (const entry of readdir(path.join(base, shard))) {

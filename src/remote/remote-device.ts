@@ -175,9 +175,8 @@ export class RemoteDevice implements BlockDevice {
   }
 
   /**
-   * Fills target with block b's bytes from offset `at` when they are here:
-   * in memory, or in the disk cache (checked whole once per process, then read
-   * in place: a cache file is only ever replaced whole, by rename).
+   * Fills target with block b's bytes from offset `at` when they are here: in
+   * memory, or in the disk cache (only the chunks asked for are read and checked).
    */
   private readLocal(b: number, target: Buffer, at: number): boolean {
     const mem = this.memory.get(b);
@@ -189,16 +188,7 @@ export class RemoteDevice implements BlockDevice {
       this.stats.memoryHits++;
       return true;
     }
-    const cache = this.opts.cache;
-    if (!cache) return false;
-    if (cache.readVerified(b, at, target)) {
-      this.stats.cacheHits++;
-      return true;
-    }
-    const data = cache.get(b, this.blockLength(b));
-    if (!data) return false;
-    this.remember(b, data);
-    data.copy(target, 0, at, at + target.length);
+    if (!this.opts.cache?.read(b, this.blockLength(b), at, target)) return false;
     this.stats.cacheHits++;
     return true;
   }
