@@ -106,15 +106,15 @@ function cacheEntries(cacheDir: string): { good: number; bad: string[]; tmp: num
       if (e.isDirectory()) walk(p);
       else if (e.name.endsWith(".tmp")) out.tmp++;
       else if (e.name.endsWith(".blk")) {
-        // Header: magic, key, index, length at 28, then a CRC-32 per 64 KiB chunk.
+        // Header: magic, key, index, length at 28, then a CRC-32 per 4 KiB chunk.
         const raw = fs.readFileSync(p);
         const length = raw.length >= 32 ? raw.readUInt32LE(28) : -1;
-        const hsize = 32 + 4 * Math.ceil(length / 65536);
+        const hsize = 32 + 4 * Math.ceil(length / 4096);
         let ok = raw.subarray(0, 8).toString() === "ACOWBLK2" && raw.length === hsize + length;
-        for (let c = 0; ok && c * 65536 < length; c++) {
+        for (let c = 0; ok && c * 4096 < length; c++) {
           const chunk = raw.subarray(
-            hsize + c * 65536,
-            Math.min(raw.length, hsize + (c + 1) * 65536),
+            hsize + c * 4096,
+            Math.min(raw.length, hsize + (c + 1) * 4096),
           );
           ok = zlib.crc32(chunk) === raw.readUInt32LE(32 + 4 * c);
         }

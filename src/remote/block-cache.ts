@@ -16,19 +16,22 @@ import type { ObjectIdentity } from "./source";
  * k = sha256(URL without credentials, size, ETag, Last-Modified, block size):
  * a changed object gets a new key, so its old blocks are never read again (they
  * age out). The header holds a magic, the key, the index, the length and a
- * CRC-32 per 64 KiB chunk of the bytes. A block is written to a unique temp
+ * CRC-32 per 4 KiB chunk of the bytes. A block is written to a unique temp
  * name and renamed into place, so readers see a whole file or none; every read
  * checks the header and the CRCs of the chunks it touches, so a file torn by a
  * crash or power loss (the rename may reach disk before the data: files are not
  * fsynced) or damaged later is detected, deleted and fetched again, and a read
- * of 4 KiB checks 64 KiB, not the whole block. Several processes may fill and
+ * of 4 KiB checks 4 KiB, not the whole block. Several processes may fill and
  * read the same entry at once: the last rename wins with identical bytes.
  * Eviction keeps the total under a limit, oldest blocks (by mtime, refreshed on
  * use) first; any process may evict, a block vanishing under a reader is a miss.
  */
 const MAGIC = Buffer.from("ACOWBLK2");
 const FIXED = 32;
-const CHUNK = 64 * 1024;
+/** Checksum granularity: a 4 KiB read checks 4 KiB (the header grows by 1 KiB per MiB). */
+const CHUNK = 4096;
+/** Block files kept open per object (reads skip open/close). */
+const OPEN_FILES = 64;
 /** Hits refresh a block's mtime (its age for eviction) at most this often. */
 const TOUCH_AFTER_MS = 60_000;
 /** Temp files older than this are leftovers of a killed writer. */
@@ -67,6 +70,8 @@ function preadFull(fd: number, buf: Buffer, pos: number): number {
 export class BlockCache {
   readonly stats: CacheStats = { hits: 0, misses: 0, stored: 0, corrupt: 0, evicted: 0 };
   private readonly keyBytes: Buffer;
+  /** Open block files, least recently used first. */
+  private readonly fds = new Map<number, number>();
 
   constructor(
     private readonly root: CacheRoot,
@@ -93,24 +98,17 @@ export class BlockCache {
    */
   read(index: number, length: number, at: number, target: Buffer): boolean {
     const file = this.file(index);
-    let fd: number;
-    try {
-      fd = fs.openSync(file, "r");
-    } catch {
+    const fd = this.openBlock(index);
+    if (fd === null) {
       this.stats.misses++;
       return false;
     }
-    let ok = false;
-    try {
-      ok = this.readOpen(fd, index, length, at, target);
-      if (ok) this.touch(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-    if (ok) {
+    if (this.readOpen(fd, index, length, at, target)) {
       this.stats.hits++;
+      this.touch(fd);
       return true;
     }
+    this.forget(index);
     this.stats.corrupt++;
     this.stats.misses++;
     log.remote("cache: %s is damaged or partial; fetching the block again", file);
@@ -118,11 +116,48 @@ export class BlockCache {
     return false;
   }
 
+  /**
+   * An open descriptor of a block file. A file once written is never changed
+   * in place (only replaced whole by rename, or deleted), so a kept descriptor
+   * stays good even when the name goes away.
+   */
+  private openBlock(index: number): number | null {
+    const kept = this.fds.get(index);
+    if (kept !== undefined) {
+      this.fds.delete(index);
+      this.fds.set(index, kept);
+      return kept;
+    }
+    let fd: number;
+    try {
+      fd = fs.openSync(this.file(index), "r");
+    } catch {
+      return null;
+    }
+    this.fds.set(index, fd);
+    if (this.fds.size > OPEN_FILES) this.forget(this.fds.keys().next().value as number);
+    return fd;
+  }
+
+  private forget(index: number): void {
+    const fd = this.fds.get(index);
+    if (fd === undefined) return;
+    this.fds.delete(index);
+    fs.closeSync(fd);
+  }
+
+  /** Closes the block files kept open. */
+  close(): void {
+    for (const index of [...this.fds.keys()]) this.forget(index);
+  }
+
   private readOpen(fd: number, index: number, length: number, at: number, target: Buffer) {
     const hsize = headerSize(length);
-    if (fs.fstatSync(fd).size !== hsize + length) return false;
-    const header = Buffer.allocUnsafe(hsize);
-    if (preadFull(fd, header, 0) !== hsize) return false;
+    const c0 = Math.floor(at / CHUNK);
+    const c1 = Math.ceil((at + target.length) / CHUNK);
+    // The fixed part and the CRCs of the chunks asked for.
+    const header = Buffer.allocUnsafe(FIXED + 4 * c1);
+    if (preadFull(fd, header, 0) !== header.length) return false;
     if (
       !header.subarray(0, 8).equals(MAGIC) ||
       !header.subarray(8, 24).equals(this.keyBytes) ||
@@ -131,8 +166,6 @@ export class BlockCache {
     ) {
       return false;
     }
-    const c0 = Math.floor(at / CHUNK);
-    const c1 = Math.ceil((at + target.length) / CHUNK);
     const start = c0 * CHUNK;
     const span = Buffer.allocUnsafe(Math.min(c1 * CHUNK, length) - start);
     if (preadFull(fd, span, hsize + start) !== span.length) return false;

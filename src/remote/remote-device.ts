@@ -381,6 +381,7 @@ export class RemoteDevice implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.opts.cache?.close();
     await this.source.close();
   }
 }
