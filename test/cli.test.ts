@@ -71,7 +71,11 @@ describe("addcow create", () => {
 
   it("refuses a backing file without -F and names the flag", () => {
     rawFile("base.raw", 1 << 20);
-    expectFailure(1, ["create", "-b", "base.raw", "disk.add-cow"], /-F raw or -F add-cow/);
+    expectFailure(
+      1,
+      ["create", "-b", "base.raw", "disk.add-cow"],
+      /-F raw, -F qcow2 or -F add-cow/,
+    );
   });
 
   it("refuses an image file that is the backing file", () => {

@@ -164,31 +164,43 @@ describe.each(["EIO", "ENOSPC"] as const)("%s from the image file", (code) => {
 });
 
 describe("failing syncs", () => {
-  it("an image sync error goes to flush; no bit reaches the disk without its data", async () => {
-    const dev = await openFaulty();
-    const expected = Buffer.from(backingData);
-    await dev.write(Buffer.alloc(300, 0x41), 4 * CS + 100);
-    await dev.write(Buffer.alloc(CS, 0x42), 5 * CS);
-    faults.arm({ file: "disk.raw", op: "sync", code: "EIO", times: 1 });
-    await expect(dev.flush()).rejects.toMatchObject({ code: "EIO" });
-    expect(bitOnDisk(4)).toBe(0);
-    expect(bitOnDisk(5)).toBe(0);
-    // The bits whose data may be lost were dropped: those clusters read as before.
-    expect((await readAll(dev)).equals(expected)).toBe(true);
-    expect(faults.injected).toHaveLength(1);
+  it.each(["EIO", "ENOSPC"] as const)(
+    "an image sync error (%s) goes to flush; every later flush fails until the disk is reopened",
+    async (code) => {
+      const dev = await openFaulty();
+      const expected = Buffer.from(backingData);
+      const flushed = Buffer.alloc(CS, 0x40);
+      await dev.write(flushed, 1 * CS);
+      flushed.copy(expected, 1 * CS);
+      await dev.flush();
+      const metaBefore = fs.readFileSync(files.addcow);
+      await dev.write(Buffer.alloc(300, 0x41), 4 * CS + 100);
+      await dev.write(Buffer.alloc(CS, 0x42), 5 * CS);
+      faults.arm({ file: "disk.raw", op: "sync", code, times: 1 });
+      await expect(dev.flush()).rejects.toMatchObject({ code, reason: "sync-failed" });
+      expect(faults.injected).toHaveLength(1);
+      // The kernel may have dropped those pages: a retried fdatasync would succeed without
+      // them. So no later flush succeeds, and no bit is written any more (QEMU does the same).
+      await expect(dev.flush()).rejects.toMatchObject({ code: "EIO", reason: "sync-failed" });
+      await dev.write(Buffer.alloc(CS, 0x43), 6 * CS);
+      await expect(dev.flush()).rejects.toMatchObject({ code: "EIO", reason: "sync-failed" });
+      await expect(dev.close()).rejects.toMatchObject({ code: "EIO", reason: "sync-failed" });
+      expect(faults.injected).toHaveLength(1);
+      expect(fs.readFileSync(files.addcow).equals(metaBefore)).toBe(true);
+      // Reopened, the disk holds what the last good flush made durable, and works again.
+      const again = await openFaulty();
+      expect((await readAll(again)).equals(expected)).toBe(true);
+      const data = Buffer.alloc(CS, 0x44);
+      await again.write(data, 5 * CS);
+      data.copy(expected, 5 * CS);
+      await again.flush();
+      expect(bitOnDisk(5)).toBe(1);
+      expect(bitOnDisk(4)).toBe(0);
+      await reopenAndExpect(again, expected);
+    },
+  );
 
-    // The next flush works; writing again makes the data durable for good.
-    await dev.flush();
-    const again = Buffer.alloc(CS, 0x43);
-    await dev.write(again, 5 * CS);
-    again.copy(expected, 5 * CS);
-    await dev.flush();
-    expect(bitOnDisk(5)).toBe(1);
-    expect(bitOnDisk(4)).toBe(0);
-    await reopenAndExpect(dev, expected);
-  });
-
-  it("with cache=writethrough the failing sync goes to the writer", async () => {
+  it("with cache=writethrough the failing sync goes to the writer, and so do later writes", async () => {
     const dev = await openFaulty("writethrough");
     const expected = Buffer.from(backingData);
     faults.arm({ file: "disk.raw", op: "sync", code: "ENOSPC", times: 1 });
@@ -196,25 +208,34 @@ describe("failing syncs", () => {
       code: "ENOSPC",
     });
     expect(bitOnDisk(6)).toBe(0);
-    const data = Buffer.alloc(CS, 0x52);
-    await dev.write(data, 6 * CS);
+    await expect(dev.write(Buffer.alloc(CS, 0x52), 6 * CS)).rejects.toMatchObject({
+      code: "EIO",
+    });
+    expect(bitOnDisk(6)).toBe(0);
+    await expect(dev.close()).rejects.toMatchObject({ code: "EIO" });
+    const again = await openFaulty("writethrough");
+    const data = Buffer.alloc(CS, 0x53);
+    await again.write(data, 6 * CS);
     data.copy(expected, 6 * CS);
     expect(bitOnDisk(6)).toBe(1);
-    await reopenAndExpect(dev, expected);
+    await reopenAndExpect(again, expected);
   });
 
   it.each([
     ["sync", "EIO"],
+    ["sync", "ENOSPC"],
+    ["write", "EIO"],
     ["write", "ENOSPC"],
   ] as const)(
-    "a failing %s of the .add-cow file (%s) goes to flush; the next flush persists the bits",
+    "a failing %s of the .add-cow file (%s) goes to flush; the bits stay and a later flush persists them",
     async (op, code) => {
       const dev = await openFaulty();
       const expected = Buffer.from(backingData);
       const data = Buffer.alloc(200, 0x61);
       await dev.write(data, 7 * CS + 40);
       data.copy(expected, 7 * CS + 40);
-      faults.arm({ file: "disk.add-cow", op, code, times: 1 });
+      faults.arm({ file: "disk.add-cow", op, code, times: 2, partial: true });
+      await expect(dev.flush()).rejects.toMatchObject({ code });
       await expect(dev.flush()).rejects.toMatchObject({ code });
       // The data was synced first, so the cluster keeps reading the new data.
       expect((await readAll(dev)).equals(expected)).toBe(true);
@@ -223,6 +244,31 @@ describe("failing syncs", () => {
       await reopenAndExpect(dev, expected);
     },
   );
+
+  it("a full bitmap cache whose write-back fails keeps serving; the bits are written later", async () => {
+    // Three bitmap clusters (4 KiB clusters: one maps 128 MiB) and a cache of two.
+    const region = CS * 8 * CS;
+    const mfs = new MemoryFs();
+    const paths = createMemoryDisk(mfs, { clusterBits: 12, size: 3 * region });
+    const inject = new FaultInjector();
+    const dev = await openDiskVia(inject.opener(mfs.opener), paths.addcow, {
+      writable: true,
+      bitmapCacheBytes: 2 * CS,
+    });
+    inject.arm({ file: "disk.add-cow", op: "write", code: "ENOSPC" });
+    for (const r of [0, 1, 2, 0, 2]) await dev.write(Buffer.alloc(CS, 0x80 + r), r * region);
+    const got = Buffer.alloc(CS);
+    await dev.read(got, region);
+    expect(got[0]).toBe(0x81);
+    await expect(dev.flush()).rejects.toMatchObject({ code: "ENOSPC" });
+    inject.clear();
+    await dev.close();
+    const again = await openDiskVia(mfs.opener, paths.addcow, { writable: false });
+    for (const r of [0, 1, 2]) {
+      await again.read(got, r * region);
+      expect(got[0]).toBe(0x80 + r);
+    }
+  });
 
   it("a failing sync during close is reported and leaves no bit without its data", async () => {
     const dev = await openFaulty();
@@ -240,97 +286,152 @@ describe("failing syncs", () => {
   });
 });
 
-describe("random faults during random workloads (in memory, with crash states)", () => {
-  it("never breaks the order or promise 2, and works again once the faults stop", async () => {
+interface FaultRun {
+  injected: number;
+  /** The disk went through a failed data sync (its close failed too). */
+  failed: boolean;
+}
+
+/**
+ * A random workload over an in-memory disk with faults armed by `arm` before
+ * each step, then the power-loss simulator at every crash point: the order
+ * rule holds, every write acknowledged before a flush that succeeded survives
+ * (a failed flush takes nothing back), and the backing file is never written.
+ */
+async function faultSimulation(
+  seed: number,
+  arm: (inject: FaultInjector, rng: Rng, step: number) => void,
+): Promise<FaultRun> {
+  const rng = new Rng(seed * 31 + 3);
+  const size = 10 * CS;
+  const backing = SparseBytes.from(rng.bytes(size));
+  const mfs = new MemoryFs();
+  const paths = createMemoryDisk(mfs, { clusterBits: 12, size, backing });
+  const initial = new Map([...mfs.files].map(([p, b]) => [p, b.clone()] as const));
+  const recorder = new Recorder();
+  const inject = new FaultInjector();
+  const writethrough = seed % 4 === 0;
+  const dev = await openDiskVia(inject.opener(recorder.opener(mfs.opener)), paths.addcow, {
+    writable: true,
+    cacheMode: writethrough ? "writethrough" : "writeback",
+  });
+  const original = (s: number) => {
+    const b = Buffer.alloc(SECTOR);
+    backing.read(b, s * SECTOR);
+    return b;
+  };
+  const model = new DiskModel(size, original, writethrough);
+  await runWorkload(dev, recorder, model, {
+    rng,
+    clusterSize: CS,
+    zones: [[0, size]],
+    steps: 16,
+    sectorAligned: true,
+    tolerateErrors: true,
+    beforeStep: (step) => arm(inject, rng, step),
+  });
+  if (process.env.DUMP_LOG === String(seed)) {
+    for (const e of recorder.log) {
+      const what =
+        e.kind === "write"
+          ? `${e.file} @${e.pos}+${e.data.length}`
+          : e.kind === "sync"
+            ? `${e.file} covers ${e.covers}`
+            : `${e.label} ${JSON.stringify(e.info)}`;
+      console.log(e.seq, e.kind, what);
+    }
+    console.log(inject.injected);
+  }
+  const injected = inject.injected.length;
+  inject.clear();
+  const start = recorder.mark("flush-start");
+  // After a failed data sync the close fails too: that disk is done until reopened.
+  const closed = await dev.close().then(
+    () => true,
+    (err: unknown) => {
+      expect(err).toMatchObject({ reason: "sync-failed" });
+      return false;
+    },
+  );
+  if (closed) model.flushed(start, recorder.mark("flush-done", { start }));
+
+  expect(
+    orderViolations(recorder.log, {
+      image: paths.image,
+      meta: paths.addcow,
+      headerSize: 4096,
+      clusterSize: CS,
+      numClusters: 10,
+      size,
+    }),
+  ).toEqual([]);
+  expect(recorder.illegalWrites).toEqual([]);
+  for (const state of crashStates(recorder.log, initial, {
+    seed,
+    samplesPerPoint: 6,
+    tornPerPoint: 1,
+    exhaustiveUpTo: 3,
+  })) {
+    const after = new MemoryFs();
+    for (const [p, b] of state.files) after.set(p, b);
+    const reopened = await openDiskVia(after.opener, paths.addcow, { writable: false });
+    const found = await model.check(reopened, state.point, [[0, size]]);
+    expect(
+      found.map((v) => v.message),
+      `seed ${seed}: ${describeCrash(state)}`,
+    ).toEqual([]);
+    expect(state.files.get(paths.backing!)!.equals(backing)).toBe(true);
+  }
+  return { injected, failed: !closed };
+}
+
+describe("faults during workloads (in memory, with crash states)", () => {
+  it("random faults never break the order, and no flushed write is lost", async () => {
     const seeds = Number(process.env.FAULT_SIM_SEEDS ?? 8);
     let injected = 0;
+    let failedDisks = 0;
     for (let seed = 1; seed <= seeds; seed++) {
-      const rng = new Rng(seed * 31 + 3);
-      const size = 10 * CS;
-      const backing = SparseBytes.from(rng.bytes(size));
-      const mfs = new MemoryFs();
-      const paths = createMemoryDisk(mfs, { clusterBits: 12, size, backing });
-      const initial = new Map([...mfs.files].map(([p, b]) => [p, b.clone()] as const));
-      const recorder = new Recorder();
-      const inject = new FaultInjector();
-      const dev = await openDiskVia(inject.opener(recorder.opener(mfs.opener)), paths.addcow, {
-        writable: true,
-        cacheMode: seed % 4 === 0 ? "writethrough" : "writeback",
+      const run = await faultSimulation(seed, (inject, rng) => {
+        if (!rng.chance(0.3)) return;
+        inject.clear();
+        inject.arm({
+          file: rng.pick(["disk.raw", "disk.add-cow", "base.raw"]),
+          op: rng.pick(["read", "write", "sync"] as const),
+          code: rng.pick(["EIO", "ENOSPC"] as const),
+          nth: rng.int(1, 3),
+          times: rng.int(1, 2),
+          partial: rng.chance(0.5),
+        });
       });
-      const original = (s: number) => {
-        const b = Buffer.alloc(SECTOR);
-        backing.read(b, s * SECTOR);
-        return b;
-      };
-      const model = new DiskModel(size, original, seed % 4 === 0);
-      await runWorkload(dev, recorder, model, {
-        rng,
-        clusterSize: CS,
-        zones: [[0, size]],
-        steps: 16,
-        sectorAligned: true,
-        tolerateErrors: true,
-        beforeStep: () => {
-          if (!rng.chance(0.3)) return;
-          inject.clear();
-          inject.arm({
-            file: rng.pick(["disk.raw", "disk.add-cow", "base.raw"]),
-            op: rng.pick(["read", "write", "sync"] as const),
-            code: rng.pick(["EIO", "ENOSPC"] as const),
-            nth: rng.int(1, 3),
-            times: rng.int(1, 2),
-            partial: rng.chance(0.5),
-          });
-        },
-      });
-      injected += inject.injected.length;
-      if (process.env.DUMP_LOG === String(seed)) {
-        for (const e of recorder.log) {
-          const what =
-            e.kind === "write"
-              ? `${e.file} @${e.pos}+${e.data.length}`
-              : e.kind === "sync"
-                ? `${e.file} covers ${e.covers}`
-                : `${e.label} ${JSON.stringify(e.info)}`;
-          console.log(e.seq, e.kind, what);
-        }
-        console.log(inject.injected);
-      }
-      inject.clear();
-      const start = recorder.mark("flush-start");
-      await dev.close();
-      model.flushed(start, recorder.mark("flush-done", { start }));
-
-      expect(
-        orderViolations(recorder.log, {
-          image: paths.image,
-          meta: paths.addcow,
-          headerSize: 4096,
-          clusterSize: CS,
-          numClusters: 10,
-          size,
-        }),
-      ).toEqual([]);
-      expect(recorder.illegalWrites).toEqual([]);
-      for (const state of crashStates(recorder.log, initial, {
-        seed,
-        samplesPerPoint: 6,
-        tornPerPoint: 1,
-        exhaustiveUpTo: 3,
-      })) {
-        const after = new MemoryFs();
-        for (const [p, b] of state.files) after.set(p, b);
-        const reopened = await openDiskVia(after.opener, paths.addcow, { writable: false });
-        const found = await model.check(reopened, state.point, [[0, size]]);
-        expect(
-          found.map((v) => v.message),
-          `seed ${seed}: ${describeCrash(state)}`,
-        ).toEqual([]);
-        expect(state.files.get(paths.backing!)!.equals(backing)).toBe(true);
-      }
+      injected += run.injected;
+      if (run.failed) failedDisks++;
     }
-    // The faults really fired.
+    // The faults really fired, and some disks went through a failed data sync.
     expect(injected).toBeGreaterThan(seeds);
+    expect(failedDisks).toBeGreaterThan(0);
+  });
+
+  // Every kind of write and sync of both files fails, once or for good, with either code.
+  const matrix = (["disk.raw", "disk.add-cow"] as const).flatMap((file) =>
+    (["write", "sync"] as const).flatMap((op) =>
+      (["EIO", "ENOSPC"] as const).map((code) => [file, op, code] as const),
+    ),
+  );
+  it.each(matrix)("%s %s failing with %s keeps every flushed write", async (file, op, code) => {
+    let injected = 0;
+    let failed = 0;
+    for (const seed of [11, 12, 13, 16]) {
+      const run = await faultSimulation(seed, (inject, _rng, step) => {
+        if (step === 3) inject.arm({ file, op, code, nth: 1, times: seed % 2 ? 2 : 6 });
+        if (step === 10) inject.clear();
+      });
+      injected += run.injected;
+      if (run.failed) failed++;
+    }
+    expect(injected).toBeGreaterThan(0);
+    // Only a failed image sync ends the disk; a failed bitmap write or sync is retried.
+    if (file === "disk.raw" && op === "sync") expect(failed).toBeGreaterThan(0);
+    else expect(failed).toBe(0);
   });
 });
 

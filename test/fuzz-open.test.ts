@@ -7,8 +7,6 @@
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
-import * as v8 from "node:v8";
-import * as vm from "node:vm";
 import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AddCowError } from "../src/util/errors";
@@ -17,14 +15,10 @@ import { type FileIO, type FileOpener, openPosixFile } from "../src/block/file-i
 import { openDisk } from "../src/open/open-disk";
 import { F, header, tempDir } from "./helpers/bad-files";
 import { FileIOWrapper } from "./helpers/file-io-wrapper";
+import { heapGrowth, withTimeout } from "./helpers/fuzz";
 import { bitmapBytes, encodeHeader } from "../src/addcow/header";
 
-/** A case that takes longer than this is a hang. */
-const CASE_TIMEOUT_MS = 5_000;
 const RUNS = Number(process.env.ADDCOW_FUZZ_RUNS ?? 1);
-
-v8.setFlagsFromString("--expose-gc");
-const gc = vm.runInNewContext("gc") as () => void;
 
 let root: string;
 beforeAll(() => {
@@ -410,17 +404,6 @@ function recordingOpener(log: IoRecord[]): FileOpener {
   return async (p, mode) => new RecordingFile(await openPosixFile(p, mode), log, mode);
 }
 
-function withTimeout<T>(p: Promise<T>, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(
-      () => reject(new Error(`hang: ${what} took over ${CASE_TIMEOUT_MS} ms`)),
-      CASE_TIMEOUT_MS,
-    );
-  });
-  return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
-}
-
 let caseNo = 0;
 const outcomes = { refused: 0, opened: 0 };
 
@@ -520,19 +503,17 @@ describe("fuzzing openDisk with mutated files", () => {
   it(
     "refuses cleanly or reads as the model says (read-only)",
     async () => {
-      gc();
-      const heapBefore = process.memoryUsage().heapUsed;
-      await fc.assert(
-        fc.asyncProperty(
-          baseArb,
-          fc.array(mutationArb, { minLength: 0, maxLength: 4 }),
-          opsArb,
-          (b, ms, ops) => runCase(b, ms, false, ops),
-        ),
-        { numRuns: 2500 * RUNS, endOnFailure: true, interruptAfterTimeLimit: 35_000 * RUNS },
-      );
-      gc();
-      const grown = process.memoryUsage().heapUsed - heapBefore;
+      const grown = await heapGrowth(async () => {
+        await fc.assert(
+          fc.asyncProperty(
+            baseArb,
+            fc.array(mutationArb, { minLength: 0, maxLength: 4 }),
+            opsArb,
+            (b, ms, ops) => runCase(b, ms, false, ops),
+          ),
+          { numRuns: 2500 * RUNS, endOnFailure: true, interruptAfterTimeLimit: 35_000 * RUNS },
+        );
+      });
       console.log(
         `read-only fuzz: ${outcomes.refused} refused, ${outcomes.opened} opened, heap +${(grown / 2 ** 20).toFixed(1)} MiB`,
       );

@@ -312,8 +312,10 @@ describe("header validation: one rule each", () => {
     setFormat(empty, F.backingFormat, "");
     expectRefused(empty, [/backing format is empty but a backing file is named/]);
     const qcow = withBacking();
-    setFormat(qcow, F.backingFormat, "qcow2");
-    expectRefused(qcow, [/backing format is "qcow2", not supported \(supported: raw, add-cow\)/]);
+    setFormat(qcow, F.backingFormat, "vmdk");
+    expectRefused(qcow, [
+      /backing format is "vmdk", not supported \(supported: raw, add-cow, qcow2\)/,
+    ]);
     const nonul = withBacking();
     setFormat(nonul, F.backingFormat, "rawrawrawrawrawr");
     expectRefused(nonul, [/backing format is "rawrawrawrawrawr", not supported/]);

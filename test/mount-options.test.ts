@@ -16,6 +16,7 @@ describe("addcow-mount -o parsing", () => {
       umask: 0o027,
       cacheMode: "writethrough",
       copyOnRead: false,
+      log: undefined,
       confine: null,
     });
     expect(parseMountOptions(["ro", "rw"]).readOnly).toBe(false);
@@ -23,6 +24,21 @@ describe("addcow-mount -o parsing", () => {
     expect(() => parseMountOptions(["ro,copy-on-read"])).toThrow(/cannot be combined with -o ro/);
     expect(parseMountOptions([]).cacheMode).toBe("writeback");
     expect(parseMountOptions(["sync"]).cacheMode).toBe("writethrough");
+  });
+
+  it("log= chooses where warnings and errors go besides stderr", () => {
+    expect(parseMountOptions(["log=syslog"]).log).toEqual({ kind: "syslog" });
+    expect(parseMountOptions(["log=syslog:/run/x.sock"]).log).toEqual({
+      kind: "syslog",
+      socket: "/run/x.sock",
+    });
+    expect(parseMountOptions(["log=stderr"]).log).toEqual({ kind: "stderr" });
+    expect(parseMountOptions(["log=/var/log/a.log"]).log).toEqual({
+      kind: "file",
+      path: "/var/log/a.log",
+    });
+    expect(() => parseMountOptions(["log="])).toThrow(/needs a value/);
+    expect(() => parseMountOptions(["log=syslog:"])).toThrow(/give the socket/);
   });
 
   it("reads confine, allow_dir=DIR (repeatable, absolute, implies confine) and allow_url", () => {

@@ -3,7 +3,7 @@ import type { BlockDevice, Extent, LayerDescription } from "../block/block-devic
 import { forEachExtent, pushExtent } from "../block/extents";
 import { type AddCowInfo, describeAddCow } from "./addcow-info";
 import { checkRange } from "../block/range";
-import { AddCowError } from "../util/errors";
+import { AddCowError, errnoCode } from "../util/errors";
 import {
   type AddCowHeader,
   COMPATIBLE_FEATURES_OFFSET,
@@ -76,6 +76,8 @@ export class AddCowDevice implements BlockDevice {
   /** Counts completed image writes; compared with syncedWrites to skip needless syncs. */
   private completedWrites = 0;
   private syncedWrites = 0;
+  /** Set by the first failed data sync; every later flush fails (see flushOrdered). */
+  private syncFailure: AddCowError | null = null;
   private closed = false;
   private readonly onClose: (() => Promise<void> | void) | undefined;
   /** Copy-on-write buffers not in use (as many as ever ran concurrently). */
@@ -102,7 +104,12 @@ export class AddCowDevice implements BlockDevice {
       clusterBits: this.clusterBits,
       numClusters: this.numClusters,
       capacityBytes: parts.bitmapCacheBytes ?? DEFAULT_BITMAP_CACHE_BYTES,
-      onPressure: () => this.flush(),
+      // A write-back that fails keeps its bits, and the cache then holds more than its
+      // soft capacity until one succeeds: reads and writes go on meanwhile.
+      onPressure: () =>
+        this.flush().catch((err: unknown) => {
+          log.bitmap("write-back for room in the bitmap cache failed: %s", String(err));
+        }),
     });
   }
 
@@ -474,14 +481,45 @@ export class AddCowDevice implements BlockDevice {
    * The ordered flush: image data durable, then bitmap clusters, then the .add-cow file.
    * Protected only so the crash tests can build a deliberately broken subclass and
    * prove their checker catches a wrong order; nothing else overrides it.
+   *
+   * A failed image sync is final, as in QEMU: the kernel may have dropped the
+   * dirty pages of any write since the last good sync (and a retried fdatasync
+   * would succeed without them), so no bit may be written any more and every
+   * later flush fails with EIO until the disk is opened again. Bits that could
+   * not be written (the .add-cow write or sync failed) stay dirty and are
+   * written by the next flush.
    */
   protected async flushOrdered(): Promise<void> {
+    if (this.syncFailure) throw this.failedAgain();
     const writes = this.completedWrites;
     if (writes === this.syncedWrites && !this.bitmap.hasDirty()) return;
     await this.bitmap.writeBack(async () => {
-      if (writes !== this.syncedWrites) await this.image.sync();
+      if (writes === this.syncedWrites) return;
+      try {
+        await this.image.sync();
+      } catch (err) {
+        this.syncFailure = this.syncFailed(err);
+        throw this.syncFailure;
+      }
+      this.syncedWrites = writes;
     });
-    this.syncedWrites = writes;
+  }
+
+  /** The error of the first failed data sync (its own code: EIO, ENOSPC, ...). */
+  private syncFailed(err: unknown): AddCowError {
+    const code = errnoCode(err) ?? "EIO";
+    log.engine("%s: data sync failed (%s): the disk refuses flushes from now on", this.path, code);
+    return new AddCowError(
+      `syncing image file ${this.imagePath} failed (${code}): writes since the last successful flush may be lost; every later flush fails until ${this.path} is opened again`,
+      { code, reason: "sync-failed", file: this.imagePath, cause: err },
+    );
+  }
+
+  private failedAgain(): AddCowError {
+    return new AddCowError(
+      `${this.path}: an earlier sync of image file ${this.imagePath} failed (${this.syncFailure!.code}); flushes fail until the disk is opened again`,
+      { code: "EIO", reason: "sync-failed", file: this.imagePath, cause: this.syncFailure },
+    );
   }
 
   /** Sets the "all allocated" feature once every cluster is in the image file. */

@@ -14,16 +14,13 @@ import { log } from "../util/log";
 interface Entry {
   readonly index: number;
   readonly bits: Buffer;
-  /** Bumped on every change; equal to savedVersion when the entry matches the disk. */
-  version: number;
-  savedVersion: number;
   /**
-   * While dirty: the durable contents of each page changed since, keyed by page
-   * index, so a failed data sync can roll back. Pages, not the whole cluster:
-   * one write changes one byte, and a 64 KiB copy per dirty cluster would
-   * dominate the memory of a writer spread over a large disk.
+   * The pages (by index) whose bits the .add-cow file does not have yet, each
+   * with the change counter of its last change; empty when the entry matches
+   * the disk. Pages, not the whole cluster: one write changes one byte, and a
+   * write-back of 64 KiB per flush would dominate a small writer.
    */
-  durable: Map<number, Buffer> | null;
+  dirtyPages: Map<number, number>;
   pins: number;
   lastUse: number;
 }
@@ -45,8 +42,7 @@ export interface BitmapCacheOptions {
   onPressure: () => Promise<void>;
 }
 
-/** Bitmap write-back and rollback granularity: a page. */
-const WRITE_ALIGN = 4096;
+/** Bitmap write-back granularity: a page. */
 const PAGE_SHIFT = 12;
 
 export const DEFAULT_BITMAP_CACHE_BYTES = 32 * 1024 * 1024;
@@ -63,7 +59,8 @@ export class BitmapCache {
   private readonly entries = new Map<number, Entry>();
   private readonly loading = new Map<number, LoadSlot>();
   private clock = 0;
-  private versionCounter = 0;
+  /** Counts changes; a page written back is clean only if it did not change since its snapshot. */
+  private changeCounter = 0;
   private dirtyCount = 0;
 
   constructor(
@@ -151,13 +148,10 @@ export class BitmapCache {
     const bits = Buffer.alloc(this.entryBytes);
     // A bitmap without its trailing padding reads short: the missing bytes are 0.
     await this.meta.read(bits, this.opts.offset + index * this.entryBytes);
-    const v = ++this.versionCounter;
     const e: Entry = {
       index,
       bits,
-      version: v,
-      savedVersion: v,
-      durable: null,
+      dirtyPages: new Map(),
       pins: slot.waiters,
       lastUse: ++this.clock,
     };
@@ -170,7 +164,7 @@ export class BitmapCache {
     for (let attempt = 0; this.entries.size + this.loading.size >= this.capacity; attempt++) {
       let victim: Entry | undefined;
       for (const e of this.entries.values()) {
-        if (e.pins > 0 || e.version !== e.savedVersion) continue;
+        if (e.pins > 0 || e.dirtyPages.size > 0) continue;
         if (!victim || e.lastUse < victim.lastUse) victim = e;
       }
       if (victim) {
@@ -231,32 +225,26 @@ export class BitmapCache {
   /** Marks clusters [c0, c1) allocated in memory (they become dirty). */
   set(c0: number, c1: number): void {
     let c = c0;
+    const change = ++this.changeCounter;
     while (c < c1) {
       const e = this.entry(c);
       const base = e.index * this.clustersPerEntry;
       const stop = Math.min(c1, base + this.clustersPerEntry);
-      let changed = false;
-      let savedPage = -1;
+      let markedPage = -1;
       for (; c < stop; c++) {
         const bit = c - base;
         const byte = bit >> 3;
         const mask = 1 << (bit & 7);
         const old = e.bits[byte]!;
         if (old & mask) continue;
-        if (!changed && e.version === e.savedVersion) {
-          e.durable = new Map();
-          this.dirtyCount++;
-        }
-        changed = true;
         const page = byte >> PAGE_SHIFT;
-        if (page !== savedPage) {
-          savedPage = page;
-          const durable = e.durable!;
-          if (!durable.has(page)) durable.set(page, Buffer.from(pageOf(e.bits, page)));
+        if (page !== markedPage) {
+          markedPage = page;
+          if (e.dirtyPages.size === 0) this.dirtyCount++;
+          e.dirtyPages.set(page, change);
         }
         e.bits[byte] = old | mask;
       }
-      if (changed) e.version = ++this.versionCounter;
     }
   }
 
@@ -265,25 +253,24 @@ export class BitmapCache {
   }
 
   /**
-   * Persists every dirty bitmap cluster. syncData must make the image data of
+   * Persists every dirty bitmap page. syncData must make the image data of
    * every bit set so far durable; it runs after the snapshot and before any
-   * bitmap byte is written. If it fails, the unflushed bits are rolled back in
-   * memory (those clusters read as before their writes) because the data they
-   * describe may never reach the disk.
+   * bitmap byte is written. Nothing is ever dropped: when syncData, a write or
+   * the sync of the .add-cow file fails, every bit stays dirty in memory and the
+   * error goes to the caller. (After a failed data sync the device refuses to
+   * write bits at all, see AddCowDevice; a failed bitmap write is retried by
+   * the next write-back, which rewrites the whole pages.)
    */
   async writeBack(syncData: () => Promise<void>): Promise<void> {
-    // Only the pages holding changed bits (the keys of `durable`) are written:
-    // a 4 KiB write per flush instead of a whole bitmap cluster (64 KiB, or
-    // 1 MiB with 1M clusters). Consecutive pages go in one write.
-    const snapshot: Array<{
-      e: Entry;
-      version: number;
-      runs: Array<{ lo: number; bits: Buffer }>;
-    }> = [];
+    // Only the pages holding changed bits are written: a 4 KiB write per flush
+    // instead of a whole bitmap cluster (64 KiB, or 1 MiB with 1M clusters).
+    // Consecutive pages go in one write.
+    const snapshotAt = this.changeCounter;
+    const snapshot: Array<{ e: Entry; runs: Array<{ lo: number; bits: Buffer }> }> = [];
     for (const e of this.entries.values()) {
-      if (e.version === e.savedVersion) continue;
+      if (e.dirtyPages.size === 0) continue;
       const valid = Math.min(this.entryBytes, this.bitmapBytes - e.index * this.entryBytes);
-      const pages = [...e.durable!.keys()].sort((x, y) => x - y);
+      const pages = [...e.dirtyPages.keys()].sort((x, y) => x - y);
       const runs: Array<{ lo: number; bits: Buffer }> = [];
       for (let i = 0; i < pages.length;) {
         let j = i + 1;
@@ -293,14 +280,9 @@ export class BitmapCache {
         runs.push({ lo, bits: Buffer.from(e.bits.subarray(lo, hi)) });
         i = j;
       }
-      snapshot.push({ e, version: e.version, runs });
+      snapshot.push({ e, runs });
     }
-    try {
-      await syncData();
-    } catch (err) {
-      this.rollBack();
-      throw err;
-    }
+    await syncData();
     if (snapshot.length === 0) return;
     for (const { e, runs } of snapshot) {
       for (const r of runs) {
@@ -308,20 +290,12 @@ export class BitmapCache {
       }
     }
     await this.meta.sync();
-    for (const { e, version, runs } of snapshot) {
-      if (e.version === version) {
-        e.savedVersion = e.version;
-        e.durable = null;
-        this.dirtyCount--;
-      } else if (e.durable) {
-        // Bits set since the snapshot stay dirty for the next write-back; the
-        // pages just written are durable as in the snapshot now.
-        for (const r of runs) {
-          for (let at = 0; at < r.bits.length; at += WRITE_ALIGN) {
-            e.durable.set((r.lo + at) >> PAGE_SHIFT, pageOf(r.bits, at >> PAGE_SHIFT));
-          }
-        }
+    for (const { e } of snapshot) {
+      // Pages changed since the snapshot stay dirty for the next write-back.
+      for (const [page, change] of e.dirtyPages) {
+        if (change <= snapshotAt) e.dirtyPages.delete(page);
       }
+      if (e.dirtyPages.size === 0) this.dirtyCount--;
     }
     log.bitmap("wrote back %d bitmap cluster(s)", snapshot.length);
   }
@@ -340,21 +314,4 @@ export class BitmapCache {
     }
     this.entries.clear();
   }
-
-  private rollBack(): void {
-    for (const e of this.entries.values()) {
-      if (e.version === e.savedVersion || !e.durable) continue;
-      for (const [page, saved] of e.durable) saved.copy(e.bits, page << PAGE_SHIFT);
-      e.durable = null;
-      e.version = e.savedVersion = ++this.versionCounter;
-      this.dirtyCount--;
-    }
-    log.bitmap("data sync failed: rolled back unflushed bits");
-  }
-}
-
-/** Page `page` of a bitmap buffer (shorter at its end); a view, not a copy. */
-function pageOf(bits: Buffer, page: number): Buffer {
-  const at = page << PAGE_SHIFT;
-  return bits.subarray(at, Math.min(bits.length, at + WRITE_ALIGN));
 }

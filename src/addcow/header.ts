@@ -19,8 +19,8 @@ export const FEATURE_ALL_ALLOCATED = 1n;
 export const KNOWN_COMPATIBLE = FEATURE_ALL_ALLOCATED;
 export const KNOWN_INCOMPATIBLE = 0n;
 
-export type BackingFormat = "raw" | "add-cow";
-export const BACKING_FORMATS: readonly BackingFormat[] = ["raw", "add-cow"];
+export type BackingFormat = "raw" | "add-cow" | "qcow2";
+export const BACKING_FORMATS: readonly BackingFormat[] = ["raw", "add-cow", "qcow2"];
 export const IMAGE_FORMATS = ["raw"] as const;
 
 const OFF = {
@@ -268,14 +268,14 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
       throw bad(
         file,
         at("backing format", OFF.backingFormat),
-        `backing format is empty but a backing file is named (must be raw or add-cow)`,
+        `backing format is empty but a backing file is named (must be ${BACKING_FORMATS.join(", ")})`,
       );
     }
     if (!(BACKING_FORMATS as readonly string[]).includes(backingFormat)) {
       throw bad(
         file,
         at("backing format", OFF.backingFormat),
-        `backing format is ${quote(backingFormat)}, not supported (supported: raw, add-cow)`,
+        `backing format is ${quote(backingFormat)}, not supported (supported: ${BACKING_FORMATS.join(", ")})`,
       );
     }
     h.backingFormat = backingFormat as BackingFormat;

@@ -71,13 +71,21 @@ export class PosixFile implements FileIO {
   }
 
   write(buf: Buffer, pos: number): Promise<void> {
-    if (this.style === "async") return this.writeAsync(buf, pos);
+    if (this.style === "async") return this.writeAsync(buf, pos).catch((err) => this.named(err));
     try {
       this.writeSync(buf, pos);
       return RESOLVED;
     } catch (err) {
-      return Promise.reject(err);
+      return this.named(err);
     }
+  }
+
+  /** Errors of fd-based calls name no file; name ours, so messages can say which is full. */
+  private named(err: unknown): Promise<never> {
+    if (err && typeof err === "object" && !("path" in err)) {
+      Object.assign(err, { path: this.path });
+    }
+    return Promise.reject(err);
   }
 
   private readSync(buf: Buffer, pos: number): number {
@@ -116,7 +124,7 @@ export class PosixFile implements FileIO {
   }
 
   sync(): Promise<void> {
-    return fdatasyncAsync(this.fd);
+    return fdatasyncAsync(this.fd).catch((err) => this.named(err));
   }
 
   async size(): Promise<number> {

@@ -5,6 +5,7 @@ import type { FileOpener } from "../block/file-io";
 import { startControlService } from "../control/server";
 import { CHILD_FLAG, startInBackground, tellParent } from "../daemon/background";
 import { type DiskSpec, MountDaemon } from "../daemon/daemon";
+import { DaemonLog } from "../daemon/daemon-log";
 import { diskFileName } from "../os/mount-table";
 import { AddCowError } from "../util/errors";
 import { KNOWN_OPTIONS, parseMountOptions } from "../daemon/mount-options";
@@ -83,13 +84,18 @@ async function mountAction(
   }
 
   const foreground = !opts.daemonChild;
+  // A background daemon has no terminal: its problems go to syslog unless -o log= says otherwise.
+  const reporter = new DaemonLog(
+    PROGRAM,
+    options.log ?? (foreground ? { kind: "stderr" } : { kind: "syslog" }),
+  );
   let daemon: MountDaemon;
   try {
     daemon = await MountDaemon.start({
       disks,
       mountDir,
       options,
-      onWarning: (m) => process.stderr.write(`${PROGRAM}: ${m}\n`),
+      reporter,
       services: [startControlService],
       ...(deps.opener ? { opener: deps.opener } : {}),
     });
@@ -107,9 +113,12 @@ async function mountAction(
   else process.on("SIGHUP", () => undefined);
   // A bug must not leave a dead mount behind: flush what can be flushed, unmount, exit 1.
   const crash = (what: string, err: unknown) => {
-    process.stderr.write(`${PROGRAM}: internal error (${what}): ${errorLine(err)}\n`);
+    reporter.error(`internal error (${what}): ${errorLine(err)}`);
     if (err instanceof Error && err.stack) log.daemon("%s", err.stack);
-    void daemon.stop(`internal error: ${errorLine(err)}`).finally(() => process.exit(1));
+    void daemon
+      .stop(`internal error: ${errorLine(err)}`)
+      .then(() => reporter.drain())
+      .finally(() => process.exit(1));
   };
   process.on("uncaughtException", (err) => crash("exception", err));
   process.on("unhandledRejection", (err) => crash("rejection", err));
@@ -119,6 +128,7 @@ async function mountAction(
     process.chdir("/");
   }
   const code = await daemon.stopped;
+  await reporter.drain();
   process.exit(code);
 }
 

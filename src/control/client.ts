@@ -9,7 +9,7 @@ import {
   LineParser,
   type WatchEvent,
 } from "./protocol";
-import { allSockets, socketPathFor } from "./paths";
+import { allSockets, checkRuntimeDir, socketPathFor } from "./paths";
 
 /** Talks to one daemon's control socket; one connection per request. */
 export class ControlClient {
@@ -94,6 +94,7 @@ export class ControlClient {
 export async function findDaemon(
   file: string,
 ): Promise<{ client: ControlClient; hello: HelloResponse } | null> {
+  checkRuntimeDir();
   const socketPath = socketPathFor(file);
   if (!fs.existsSync(socketPath)) return null;
   const client = new ControlClient(socketPath);

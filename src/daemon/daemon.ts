@@ -6,11 +6,17 @@ import type { AddCowDevice } from "../addcow/addcow-device";
 import { openDisk } from "../open/open-disk";
 import { AddCowError, describeError, errnoCode } from "../util/errors";
 import { DiskEntry } from "./disk-entry";
-import { createFuseFrontEnd } from "./fuse-fs";
+import { type FuseFrontEnd, createFuseFrontEnd } from "./fuse-fs";
 import type { MountOptions } from "./mount-options";
 import type { Confinement } from "../open/access-policy";
 import { log } from "../util/log";
-import { deviceId, prepareMountDir, readMountTable, readMountTableAsync } from "../os/mount-table";
+import {
+  deviceId,
+  holdsFuseDevice,
+  prepareMountDir,
+  readMountTable,
+  readMountTableAsync,
+} from "../os/mount-table";
 import { waitingForExitingDaemon } from "../open/exiting-daemon";
 import type { FileOpener } from "../block/file-io";
 
@@ -31,8 +37,13 @@ export interface DaemonConfig {
   writebackIntervalMs?: number;
   /** How often the mount table is checked for an external unmount (default 200 ms). */
   pollIntervalMs?: number;
-  /** Called for problems after start (failed periodic write-back, ...). */
-  onWarning?: (message: string) => void;
+  /** Where problems after start go (failed flushes, a failed disk, ...); default: nowhere. */
+  reporter?: DaemonReporter;
+  /**
+   * How long the final flush at unmount is retried when it fails (a full file
+   * system may get room again) before the daemon gives up and exits 1. Default 10 s.
+   */
+  finalFlushRetryMs?: number;
   /** How the disks' files are opened (default: plain POSIX files; fault tests wrap it). */
   opener?: FileOpener;
   /** Extra parts to run while mounted (the control socket for live jobs). */
@@ -51,7 +62,15 @@ export interface DaemonService {
 
 export type DaemonServiceFactory = (daemon: MountDaemon) => Promise<DaemonService>;
 
+/** A daemon's messages for people (see DaemonLog). */
+export interface DaemonReporter {
+  warn(message: string): void;
+  error(message: string): void;
+}
+
 const MOUNT_TIMEOUT_MS = 20_000;
+const FINAL_FLUSH_RETRY_MS = 10_000;
+const FINAL_FLUSH_RETRY_INTERVAL_MS = 500;
 
 /**
  * One mounted directory and its disks: opens the disks, mounts, keeps
@@ -73,6 +92,11 @@ export class MountDaemon {
   /** Resolves with the exit code once the daemon has stopped. */
   readonly stopped: Promise<number>;
   private exitCode = 0;
+  private frontEnd: FuseFrontEnd | null = null;
+  /** The last failure of each disk's periodic write-back that was said, until it works again. */
+  private readonly writeBackProblems = new Map<DiskEntry, string>();
+  /** Set once the mount left the mount table while files were still open (a lazy unmount). */
+  private detached = false;
 
   private constructor(
     readonly config: DaemonConfig,
@@ -81,6 +105,7 @@ export class MountDaemon {
     this.entries = entries;
     this.mountDir = config.mountDir;
     this.stopped = new Promise((resolve) => (this.stoppedResolve = resolve));
+    for (const e of entries) e.onFailure = (err) => this.diskFailed(e, err);
   }
 
   /** Opens every disk and mounts; on failure nothing stays open or mounted. */
@@ -109,6 +134,7 @@ export class MountDaemon {
       }
       const daemon = new MountDaemon(config, entries);
       const frontEnd = createFuseFrontEnd(mountDir, entries, config.options);
+      daemon.frontEnd = frontEnd;
       await withTimeout(
         frontEnd.mount().catch((err: unknown) => {
           throw mountError(err, mountDir);
@@ -133,7 +159,8 @@ export class MountDaemon {
     } catch (err) {
       if (mounted || isMountedAt(mountDir)) await unmountDir(mountDir, true).catch(() => undefined);
       for (const e of entries) await e.close().catch(() => undefined);
-      if (createdDir) fs.promises.rmdir(mountDir).catch(() => undefined);
+      // Awaited: a background child exits right after reporting the failure.
+      if (createdDir) await fs.promises.rmdir(mountDir).catch(() => undefined);
       throw err;
     }
   }
@@ -154,7 +181,7 @@ export class MountDaemon {
         .catch((err: unknown) => this.warn(`stopping a service: ${describeError(err)}`));
     }
     // Flush before unmounting so the data is durable even if the unmount fails.
-    await this.flushAll("before unmount");
+    await this.finalFlush();
     if (this.mountDevice !== null && (await this.stillMounted())) {
       await unmountDir(this.mountDir, false).catch((err: unknown) => {
         this.warn(`unmounting ${this.mountDir}: ${describeError(err)}`);
@@ -163,8 +190,13 @@ export class MountDaemon {
     for (const e of this.entries) {
       await e.close().catch((err: unknown) => {
         this.exitCode = 1;
-        this.warn(`closing ${e.file}: ${describeError(err)}`);
+        if (!e.failure) this.error(`closing ${e.file}: ${describeError(err)}`);
       });
+    }
+    if (this.exitCode !== 0) {
+      this.error(
+        `stopped (${reason}) with errors: see the messages above; exit status ${this.exitCode}`,
+      );
     }
     log.daemon("stopped");
     this.stoppedResolve(this.exitCode);
@@ -172,17 +204,100 @@ export class MountDaemon {
 
   private warn(message: string): void {
     log.daemon("warning: %s", message);
-    this.config.onWarning?.(message);
+    this.config.reporter?.warn(message);
   }
 
-  private async flushAll(why: string, onlyUnsavedMetadata = false): Promise<void> {
+  private error(message: string): void {
+    log.daemon("error: %s", message);
+    this.config.reporter?.error(message);
+  }
+
+  /** Said once per disk, loudly: its flushes fail from now on. */
+  private diskFailed(e: DiskEntry, err: AddCowError): void {
+    this.exitCode = 1;
+    this.error(
+      `DISK FAILED: ${e.file} (${this.mountDir}/${e.name}): ${describeError(err)}. Writes acknowledged since the last successful fsync may be lost, and every fsync now fails with EIO. Stop the programs using it, unmount, check the file system holding the image file, and mount again`,
+    );
+  }
+
+  /**
+   * The flush before unmount. A failure that may pass (a full file system, an
+   * I/O error on the .add-cow file) is retried for finalFlushRetryMs; a failed
+   * data sync is final at once. Either way a failure makes the exit status 1.
+   */
+  private async finalFlush(): Promise<void> {
+    const limit = this.config.finalFlushRetryMs ?? FINAL_FLUSH_RETRY_MS;
     for (const e of this.entries) {
       if (e.device.readOnly) continue;
-      const done = onlyUnsavedMetadata ? e.writeBackIfNeeded() : e.flushIfDirty();
-      await done.catch((err: unknown) => {
-        this.exitCode = 1;
-        this.warn(`flushing ${e.file} (${why}): ${describeError(err)}`);
-      });
+      const end = Date.now() + limit;
+      for (let attempt = 1; ; attempt++) {
+        try {
+          await e.flushIfDirty();
+          if (attempt > 1) this.warn(`flushing ${e.file} worked on attempt ${attempt}`);
+          break;
+        } catch (err) {
+          if (e.failure) break;
+          if (Date.now() >= end) {
+            this.exitCode = 1;
+            this.error(
+              `flushing ${e.file} before unmount failed for ${Math.round(limit / 1000)} s, giving up: ${describeError(err)}; writes since the last successful fsync may be lost`,
+            );
+            break;
+          }
+          if (attempt === 1) {
+            this.warn(
+              `flushing ${e.file} before unmount failed: ${describeError(err)}; retrying for up to ${Math.round(limit / 1000)} s`,
+            );
+          }
+          await new Promise((resolve) => setTimeout(resolve, FINAL_FLUSH_RETRY_INTERVAL_MS));
+        }
+      }
+    }
+  }
+
+  /**
+   * The periodic write-back of bits; a failure is retried by the next round.
+   * It is said when it starts or changes, and when it is over, not every round.
+   */
+  private async writeBackAll(): Promise<void> {
+    for (const e of this.entries) {
+      if (e.device.readOnly) continue;
+      const said = this.writeBackProblems.get(e);
+      try {
+        await e.writeBackIfNeeded();
+        if (said !== undefined) {
+          this.writeBackProblems.delete(e);
+          this.warn(`periodic write-back of ${e.file} works again`);
+        }
+      } catch (err) {
+        const text = describeError(err);
+        if (e.failure || text === said) continue;
+        this.writeBackProblems.set(e, text);
+        this.warn(`periodic write-back of ${e.file} failed: ${text}; retrying every few seconds`);
+      }
+    }
+  }
+
+  /**
+   * The mount left the mount table: stop, unless files are still open
+   * through it (a lazy unmount while a program or VM uses the disk): those
+   * keep being served, and the daemon stops once the last one is released,
+   * as libfuse file systems do. The kernel may end the connection without
+   * sending that last release; libfuse then closes /dev/fuse, which says the same.
+   */
+  private unmountedExternally(): void {
+    const open = this.frontEnd?.openFiles() ?? 0;
+    if (open === 0 || !holdsFuseDevice()) {
+      void this.stop(`${this.mountDir} was unmounted`);
+      return;
+    }
+    if (!this.detached) {
+      this.detached = true;
+      log.daemon(
+        "%s was unmounted lazily; serving %d open file(s) until closed",
+        this.mountDir,
+        open,
+      );
     }
   }
 
@@ -190,7 +305,7 @@ export class MountDaemon {
     const poll = setInterval(() => {
       this.stillMounted().then(
         (yes) => {
-          if (!yes) void this.stop(`${this.mountDir} was unmounted`);
+          if (!yes) this.unmountedExternally();
         },
         (err: unknown) => log.daemon("reading the mount table: %s", describeError(err)),
       );
@@ -201,7 +316,7 @@ export class MountDaemon {
       const writeback = setInterval(() => {
         if (flushing) return;
         flushing = true;
-        void this.flushAll("periodic write-back", true).finally(() => (flushing = false));
+        void this.writeBackAll().finally(() => (flushing = false));
       }, this.config.writebackIntervalMs ?? 5000);
       // The mount-table poll keeps the process alive; this one need not.
       writeback.unref();

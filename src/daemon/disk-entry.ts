@@ -1,5 +1,6 @@
 import type * as fs from "node:fs";
 import type { BlockDevice } from "../block/block-device";
+import { AddCowError } from "../util/errors";
 
 /**
  * One disk presented as a file in the mount directory. Requests enter and
@@ -11,6 +12,13 @@ export class DiskEntry<D extends BlockDevice = BlockDevice> {
   dirty = false;
   /** Set once the device is closed; later requests get EIO. */
   closed = false;
+  /**
+   * The error of a failed data sync, once the device reported one: it then
+   * refuses every flush until reopened, and the periodic write-back stops trying.
+   */
+  failure: AddCowError | null = null;
+  /** Called once, when the device first reports a failed data sync. */
+  onFailure: ((err: AddCowError) => void) | null = null;
   private inflight = 0;
   private gate: Promise<void> | null = null;
   private drained: (() => void) | null = null;
@@ -94,6 +102,7 @@ export class DiskEntry<D extends BlockDevice = BlockDevice> {
    * seconds would only stall a streaming writer.
    */
   async writeBackIfNeeded(): Promise<void> {
+    if (this.failure) return;
     if (!this.dev.hasUnsavedMetadata) return this.flushIfDirty();
     // Bits can be set by reads too (copy-on-read): they are written back without a write.
     if (this.dev.hasUnsavedMetadata()) await this.flush();
@@ -108,10 +117,18 @@ export class DiskEntry<D extends BlockDevice = BlockDevice> {
       await this.dev.flush();
     } catch (err) {
       this.dirty = true;
+      this.noteError(err);
       throw err;
     } finally {
       this.leave();
     }
+  }
+
+  /** Looks at a failed request's error: the first failed data sync is reported once. */
+  noteError(err: unknown): void {
+    if (this.failure || !(err instanceof AddCowError) || err.reason !== "sync-failed") return;
+    this.failure = err;
+    this.onFailure?.(err);
   }
 
   /** Closes the device once the running requests are done (the close flushes). */

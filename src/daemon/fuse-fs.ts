@@ -71,6 +71,12 @@ class AddCowFuse extends Fuse {
 export interface FuseFrontEnd {
   /** Mounts; resolves once the kernel has sent INIT (the file can be used). */
   mount(): Promise<void>;
+  /**
+   * Files open through the mount (open minus release). After a lazy unmount
+   * (`fusermount -uz`, `umount -l`) the kernel keeps sending their requests;
+   * the daemon serves them until the last one is released.
+   */
+  openFiles(): number;
 }
 
 /**
@@ -94,6 +100,7 @@ export function createFuseFrontEnd(
     S_IFREG | ((opts.umask === undefined ? 0o600 : 0o666 & ~opts.umask) & ~writeBits);
   const dirMode = S_IFDIR | (opts.umask === undefined ? 0o700 : 0o777 & ~opts.umask);
   const mountTime = new Date();
+  let openFiles = 0;
 
   const dirStat = {
     mode: dirMode,
@@ -160,6 +167,7 @@ export function createFuseFrontEnd(
       },
       (err: unknown) => {
         e.leave();
+        e.noteError(err);
         cb(errnoOf(err, `write ${e.name} [${pos}, +${n})`));
       },
     );
@@ -218,10 +226,13 @@ export function createFuseFrontEnd(
       log.fuse("open %s flags 0x%s", e.name, flags.toString(16));
       if (wantsWrite && e.device.readOnly) return cb(EROFS);
       // O_TRUNC is ignored, as on a block device (atomic_o_trunc delivers it here).
+      openFiles++;
       cb(0, 0);
     },
 
-    release(_p: string, _fd: number, cb: ResultCb) {
+    release(p: string, _fd: number, cb: ResultCb) {
+      if (byPath.has(p)) openFiles--;
+      log.fuse("release %s (%d open)", p, openFiles);
       cb(0);
     },
 
@@ -344,5 +355,6 @@ export function createFuseFrontEnd(
       new Promise<void>((resolve, reject) => {
         fuse.mount((err) => (err ? reject(err) : resolve()));
       }),
+    openFiles: () => openFiles,
   };
 }

@@ -2,6 +2,7 @@ import * as path from "node:path";
 import { AddCowError } from "../util/errors";
 import type { Confinement } from "../open/access-policy";
 import type { CacheMode } from "../addcow/addcow-device";
+import type { LogDestination } from "./daemon-log";
 
 /** What `-o` can say; everything else is refused so typos do not pass silently. */
 export interface MountOptions {
@@ -18,12 +19,14 @@ export interface MountOptions {
   cacheMode: CacheMode;
   /** Reads from the backing chain also fill the image file. */
   copyOnRead: boolean;
+  /** Where warnings and errors go besides stderr; undefined: syslog in the background, else none. */
+  log: LogDestination | undefined;
   /** confine, allow_dir=DIR, allow_url: where names in headers may lead (docs/security.md). */
   confine: Confinement | null;
 }
 
 export const KNOWN_OPTIONS =
-  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, copy-on-read, confine, allow_dir=DIR, allow_url";
+  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, copy-on-read, log=syslog|stderr|FILE, confine, allow_dir=DIR, allow_url";
 
 /**
  * Generic options mount(8) and mount.fuse hand every filesystem (from fstab or
@@ -69,6 +72,7 @@ export function defaultMountOptions(): MountOptions {
     umask: undefined,
     cacheMode: "writeback",
     copyOnRead: false,
+    log: undefined,
     confine: null,
   };
 }
@@ -78,6 +82,20 @@ function idValue(name: string, value: string): number {
     throw new AddCowError(`invalid -o ${name}=${value}: give a numeric id such as ${name}=1000`);
   }
   return Number(value);
+}
+
+/** `log=syslog`, `log=syslog:SOCKET`, `log=stderr`, or `log=FILE` (relative to the working directory). */
+function logDestination(value: string): LogDestination {
+  if (value === "syslog") return { kind: "syslog" };
+  if (value.startsWith("syslog:")) {
+    const socket = value.slice("syslog:".length);
+    if (socket === "") {
+      throw new AddCowError(`invalid -o log=${value}: give the socket, e.g. log=syslog:/dev/log`);
+    }
+    return { kind: "syslog", socket: path.resolve(socket) };
+  }
+  if (value === "stderr") return { kind: "stderr" };
+  return { kind: "file", path: path.resolve(value) };
 }
 
 /** Parses one or more `-o` arguments (comma-separated, mount style), later ones winning. */
@@ -143,6 +161,9 @@ export function parseMountOptions(args: string[]): MountOptions {
         case "copy_on_read":
           flag();
           opts.copyOnRead = true;
+          break;
+        case "log":
+          opts.log = logDestination(needValue());
           break;
         case "confine":
           flag();

@@ -16,6 +16,7 @@ import { type FileIO, type FileOpener, openPosixFile } from "../block/file-io";
 import { log } from "../util/log";
 import { AddCowDevice, type CacheMode } from "../addcow/addcow-device";
 import { type LockKind, lockFile } from "../os/file-lock";
+import { reserveBitmap } from "../addcow/bitmap-space";
 import {
   AccessPolicy,
   type Confinement,
@@ -26,6 +27,7 @@ import {
 } from "./access-policy";
 import type { RemoteSettings } from "../remote/options";
 import { openRemoteBacking } from "./open-remote";
+import { type ChainOpener, openQcow2 } from "./open-qcow2";
 
 /** Longest backing chain we follow; deeper chains are refused as hostile. */
 export const MAX_CHAIN_DEPTH = 64;
@@ -271,7 +273,8 @@ function remember(
   if (earlier !== undefined) {
     const where = namedIn ? ` (named in ${namedIn})` : "";
     const fix = namedIn ? `; fix the name stored in ${namedIn}` : "";
-    const loops = role === "backing file" && earlier.role !== "image file";
+    const loops =
+      role === "backing file" && earlier.role !== "image file" && earlier.role !== "data file";
     const before = `${earlier.role} ${earlier.file}`;
     const what = loops
       ? `the backing chain loops: ${role} ${file}${where} is ${before}, opened earlier in the chain`
@@ -352,6 +355,15 @@ async function openLayer(
     return dev;
   }
   if (format === "add-cow") return openAddCow(file, writable, state, namer);
+  if (format === "qcow2") {
+    if (writable) {
+      throw new AddCowError(
+        `backing file ${file} is a qcow2 image, which addcow opens read-only: it cannot be written (commit into it is not supported)`,
+        { file, code: "EROFS", reason: "invalid" },
+      );
+    }
+    return openQcow2(file, chainOpener(state), namer);
+  }
   const mode = writable ? "write" : "read";
   if (!namer) return RawDevice.open((await openGiven(file, mode, role, state)).io);
   const n: NamedFile = { file, role, access: mode, namer };
@@ -383,6 +395,44 @@ export function resolveBackingName(addcowFile: string, stored: string): string {
   return isUrlName(stored) ? stored : resolveStoredName(addcowFile, stored);
 }
 
+/** Counts one more layer of the chain; a chain deeper than MAX_CHAIN_DEPTH is refused. */
+function enterLayer(state: ChainState, file: string, namedIn?: string): void {
+  state.depth++;
+  if (state.depth > MAX_CHAIN_DEPTH) {
+    throw new AddCowError(
+      `${file}${namedIn ? ` (named in ${namedIn})` : ""}: the backing chain is deeper than MAX_CHAIN_DEPTH = ${MAX_CHAIN_DEPTH} layers; shorten the chain (stream or commit layers) or check that it does not loop`,
+      { file, code: "ELOOP", reason: "chain" },
+    );
+  }
+}
+
+/** The chain rules (depth, loops, names judged, locks, cleanup) lent to the qcow2 opener. */
+function chainOpener(state: ChainState): ChainOpener {
+  return {
+    enterLayer: (file, namedIn) => enterLayer(state, file, namedIn),
+    openLayerFile: async (file, namer) => {
+      const role = namer ? "backing file" : "qcow2 file";
+      let io: FileIO;
+      let st: Judged;
+      if (namer) {
+        const n: NamedFile = { file, role, access: "read", namer };
+        st = await judgeNamed(n, state);
+        io = await openJudged(n, st, state);
+      } else {
+        ({ io, st } = await openGiven(file, "read", role, state));
+        state.policy.setDiskOwner(st);
+      }
+      return { io, owner: { file, uid: Number(st.uid), gid: Number(st.gid) } };
+    },
+    openNamedFile: async (file, role, namer) => {
+      const n: NamedFile = { file, role, access: "read", namer };
+      return openJudged(n, await judgeNamed(n, state), state);
+    },
+    openBacking: (file, format, namer) => openLayer(file, format, state, "backing file", namer),
+    resolve: resolveStoredName,
+  };
+}
+
 /**
  * Opens one add-cow layer and everything below it. Files named in headers are
  * judged (access-policy.ts) before they are opened, and nothing is opened for
@@ -396,14 +446,7 @@ async function openAddCow(
   state: ChainState,
   namer?: Namer,
 ): Promise<AddCowDevice> {
-  const namedIn = namer?.file;
-  state.depth++;
-  if (state.depth > MAX_CHAIN_DEPTH) {
-    throw new AddCowError(
-      `${file}${namedIn ? ` (named in ${namedIn})` : ""}: the backing chain is deeper than MAX_CHAIN_DEPTH = ${MAX_CHAIN_DEPTH} layers; shorten the chain (stream or commit layers) or check that it does not loop`,
-      { file, code: "ELOOP", reason: "chain" },
-    );
-  }
+  enterLayer(state, file, namer?.file);
   const role = namer ? "backing file" : "add-cow file";
   const isTop = state.depth === 1 && !namer;
   const mode = writable ? "write" : "read";
@@ -467,7 +510,12 @@ async function openAddCow(
     );
   }
   const imageSize = await image.size();
-  if (!allAllocated) checkBitmapLength(file, header, await meta.size(), imagePath, imageSize);
+  if (!allAllocated) {
+    const metaSize = await meta.size();
+    checkBitmapLength(file, header, metaSize, imagePath, imageSize);
+    // Setting bits must never need new blocks: fill holes in the bitmap before any use.
+    if (writable) await reserveBitmap(meta, file, header.headerSize, metaSize);
+  }
 
   return new AddCowDevice({
     path: file,

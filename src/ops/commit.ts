@@ -4,7 +4,7 @@ import type { AddCowDevice } from "../addcow/addcow-device";
 import type { RangeLock } from "../block/range-lock";
 import { formatSize } from "../util/size";
 import { CopyEngine, type CopyOptions } from "./copy-engine";
-import type { Job } from "./job";
+import { type Job, runUntilFull } from "./job";
 import { findRun } from "./scan";
 import { bytesOfKind } from "../block/extents";
 
@@ -115,7 +115,11 @@ export async function commitDisk(
     },
     { ...opts, total },
   );
-  const outcome = await job.runEngine(engine);
+  const outcome = await runUntilFull(job, engine, `commit of ${dev.path}`, {
+    file: dev.backingPath ?? dev.path,
+    keep: () => backing.flush(),
+    advice: async () => "the overlay is unchanged: free some space and run commit again",
+  });
   if (outcome === "cancelled") {
     await backing.flush();
     return `commit of ${dev.path} stopped; the overlay is unchanged and the backing file holds part of its data: run commit again`;

@@ -1,6 +1,6 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { AddCowError, errnoCode } from "../util/errors";
+import { AddCowError, errnoCode, isNoSpace } from "../util/errors";
 import {
   type BackingFormat,
   BACKING_FORMATS,
@@ -17,6 +17,13 @@ import { chainOf } from "../block/extents";
 import { openBacking } from "../open/open-disk";
 import { isRemoteName, parseRemoteName } from "../remote/url";
 import type { Confinement } from "../open/access-policy";
+import { writeZeros } from "../addcow/bitmap-space";
+import { PosixFile } from "../block/file-io";
+
+/** A new file (O_EXCL) as FileIO. */
+function openNewFile(file: string): PosixFile {
+  return new PosixFile(file, fs.openSync(file, "wx"), true);
+}
 
 export interface CreateOptions {
   /** Path of the new .add-cow file. */
@@ -92,7 +99,7 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     opts.clusterSize === undefined ? DEFAULT_CLUSTER_BITS : clusterBitsOf(opts.clusterSize);
   if (opts.backing !== undefined && opts.backingFormat === undefined) {
     throw new AddCowError(
-      `backing file ${opts.backing} needs its format: add -F raw or -F add-cow (formats are never guessed)`,
+      `backing file ${opts.backing} needs its format: add -F raw, -F qcow2 or -F add-cow (formats are never guessed)`,
     );
   }
   if (opts.backing === undefined && opts.backingFormat !== undefined) {
@@ -103,7 +110,7 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     !BACKING_FORMATS.includes(opts.backingFormat as BackingFormat)
   ) {
     throw new AddCowError(
-      `unsupported backing format ${JSON.stringify(opts.backingFormat)}: use -F raw or -F add-cow`,
+      `unsupported backing format ${JSON.stringify(opts.backingFormat)}: use -F raw, -F qcow2 or -F add-cow`,
     );
   }
   if (opts.size !== undefined && opts.size <= 0) {
@@ -246,21 +253,29 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
   }
 
   // 2. The .add-cow file: written aside, synced, then linked into place without replacing anything.
+  // The bitmap is written as zeros, not left a hole, so that setting bits later never needs
+  // new blocks (a full file system must not turn acknowledged writes into lost ones).
   const tmp = path.join(dir, `.${path.basename(file)}.${process.pid}.tmp`);
   try {
-    const fd = fs.openSync(tmp, "wx");
+    const io = openNewFile(tmp);
     try {
-      fs.writeSync(fd, header, 0, header.length, 0);
-      fs.ftruncateSync(fd, metaSize);
-      fs.fsyncSync(fd);
+      await io.write(header, 0);
+      await writeZeros(io, header.length, metaSize);
+      await io.sync();
     } finally {
-      fs.closeSync(fd);
+      await io.close();
     }
     fs.linkSync(tmp, file);
   } catch (err) {
     if (imageCreated) fs.rmSync(imageGiven, { force: true });
     if (errnoCode(err) === "EEXIST") {
       throw new AddCowError(`${file} already exists; remove it first or choose another name`);
+    }
+    if (isNoSpace(err)) {
+      throw new AddCowError(
+        `cannot create ${file}: it needs ${formatSize(metaSize)} (${metaSize} bytes) for its header and bitmap, more than the file system holding it has free; free some space and try again`,
+        { file, code: errnoCode(err), reason: "no-space", cause: err },
+      );
     }
     throw err;
   } finally {

@@ -1,5 +1,5 @@
 import { EventEmitter } from "node:events";
-import { describeError } from "../util/errors";
+import { AddCowError, describeError, errnoCode, errorPath, isNoSpace } from "../util/errors";
 import { log } from "../util/log";
 import type { CopyEngine, CopyOutcome, CopyProgress } from "./copy-engine";
 
@@ -142,5 +142,40 @@ export class Job extends EventEmitter {
   wait(): Promise<JobStatus> {
     if (!this.result) throw new Error(`job ${this.id} was never started`);
     return this.result;
+  }
+}
+
+/** What a job does when the file system it writes to is full. */
+export interface WhenFull {
+  /** The file written to, when the error does not name one. */
+  file: string;
+  /** Makes durable what the job keeps (a stream's copied clusters). */
+  keep(): Promise<void>;
+  /** The rest of the line after "...is full (ENOSPC); ": what is kept, what to do. */
+  advice(): Promise<string>;
+}
+
+/**
+ * Runs a job's copies. A full file system (ENOSPC, EDQUOT) ends the job with
+ * one line naming the full file and saying what to do, after keeping what can
+ * be kept; any other error passes unchanged.
+ */
+export async function runUntilFull(
+  job: Job,
+  engine: CopyEngine,
+  what: string,
+  full: WhenFull,
+): Promise<CopyOutcome> {
+  try {
+    return await job.runEngine(engine);
+  } catch (err) {
+    if (!isNoSpace(err)) throw err;
+    await full.keep().catch(() => undefined);
+    const file = errorPath(err) ?? full.file;
+    const code = errnoCode(err);
+    throw new AddCowError(
+      `${what} stopped: the file system holding ${file} is full (${code}); ${await full.advice()}`,
+      { file, code, reason: "no-space", cause: err },
+    );
   }
 }

@@ -2,7 +2,7 @@ import { AddCowError } from "../util/errors";
 import type { AddCowDevice } from "../addcow/addcow-device";
 import { formatSize } from "../util/size";
 import { CopyEngine, type CopyOptions } from "./copy-engine";
-import type { Job } from "./job";
+import { type Job, runUntilFull } from "./job";
 import { findRun } from "./scan";
 import { bytesOfKind } from "../block/extents";
 
@@ -57,7 +57,13 @@ export async function streamDisk(
     },
     { ...opts, total },
   );
-  const outcome = await job.runEngine(engine);
+  const outcome = await runUntilFull(job, engine, `stream of ${dev.path}`, {
+    file: dev.imagePath,
+    // Bits are the progress: the clusters copied so far are kept.
+    keep: () => dev.flush(),
+    advice: async () =>
+      `${formatSize(await bytesToStream(dev))} left to copy, the progress is kept: free some space and run it again`,
+  });
   if (outcome === "cancelled") {
     const left = await bytesToStream(dev);
     return `stream of ${dev.path} stopped with ${formatSize(left)} left to copy; progress is kept: run it again to finish`;

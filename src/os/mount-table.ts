@@ -60,14 +60,7 @@ export function prepareMountDir(dir: string): boolean {
   } catch (err) {
     const code = errnoCode(err);
     if (code === "ENOENT") {
-      try {
-        fs.mkdirSync(dir, { recursive: true });
-      } catch (mkErr) {
-        throw new AddCowError(`cannot create mount directory ${dir}: ${(mkErr as Error).message}`, {
-          file: dir,
-          code: errnoCode(mkErr),
-        });
-      }
+      makeDirs(dir);
       return true;
     }
     if (code === "ENOTCONN") {
@@ -113,9 +106,63 @@ export function prepareMountDir(dir: string): boolean {
   return false;
 }
 
+/**
+ * mkdir -p, one level at a time. Node's recursive mkdir spins forever where a
+ * directory can never be made but its parent exists (under /proc: ENOENT again
+ * and again); here the first level that cannot be made ends it with one line.
+ */
+function makeDirs(dir: string): void {
+  const missing: string[] = [];
+  for (let d = dir; !fs.existsSync(d); d = path.dirname(d)) {
+    missing.unshift(d);
+    if (path.dirname(d) === d) break;
+  }
+  for (const d of missing) {
+    try {
+      fs.mkdirSync(d);
+    } catch (err) {
+      const code = errnoCode(err);
+      if (code === "EEXIST") continue;
+      const where = d === dir ? "" : ` (${d} cannot be made)`;
+      const why =
+        code === "EACCES" || code === "EPERM"
+          ? "permission denied"
+          : code === "ENOENT"
+            ? `${path.dirname(d)} does not take new directories`
+            : (err as Error).message;
+      throw new AddCowError(
+        `cannot create mount directory ${dir}${where}: ${why}; choose a directory you may create or an existing empty one`,
+        { file: d, code },
+      );
+    }
+  }
+}
+
 /** The file name a disk gets in the mount directory: its own name without ".add-cow". */
 export function diskFileName(file: string): string {
   const base = path.basename(file);
   const name = base.endsWith(".add-cow") ? base.slice(0, -".add-cow".length) : base;
   return name === "" ? base : name;
+}
+
+/**
+ * Whether this process still holds /dev/fuse open. libfuse closes it once the
+ * kernel ends the connection: after a lazy unmount, when the last file open
+ * through the mount is closed (the kernel does not always deliver that file's
+ * release first).
+ */
+export function holdsFuseDevice(): boolean {
+  let fds: string[];
+  try {
+    fds = fs.readdirSync("/proc/self/fd");
+  } catch {
+    return true;
+  }
+  return fds.some((fd) => {
+    try {
+      return fs.readlinkSync(`/proc/self/fd/${fd}`) === "/dev/fuse";
+    } catch {
+      return false;
+    }
+  });
 }

@@ -16,7 +16,14 @@ export type ErrorReason =
   /** A remote backing answered with an error, or not at all. */
   | "remote"
   /** The request does not fit the disk (outside its size, wrong state for the job). */
-  | "invalid";
+  | "invalid"
+  /**
+   * A data sync of the disk failed: writes since the last good flush may be
+   * lost, and every later flush fails until the disk is opened again.
+   */
+  | "sync-failed"
+  /** The file system holding `file` is full (ENOSPC, EDQUOT). */
+  | "no-space";
 
 export interface ErrorFields {
   /** errno-style code for the FUSE layer and exit decisions (EIO, EROFS, EBUSY, ...). */
@@ -71,6 +78,20 @@ export class AddCowError extends Error {
 export function errnoCode(err: unknown): string | undefined {
   if (err && typeof err === "object" && "code" in err && typeof err.code === "string") {
     return err.code;
+  }
+  return undefined;
+}
+
+/** ENOSPC, or the user's quota (EDQUOT): either way the file system has no room. */
+export function isNoSpace(err: unknown): boolean {
+  const code = errnoCode(err);
+  return code === "ENOSPC" || code === "EDQUOT";
+}
+
+/** The file a system error names (`path`), if it names one. */
+export function errorPath(err: unknown): string | undefined {
+  if (err && typeof err === "object" && "path" in err && typeof err.path === "string") {
+    return err.path;
   }
   return undefined;
 }

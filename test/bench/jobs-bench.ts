@@ -2,7 +2,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import type { BenchContext, BenchSuite } from "./suite";
 import { repoRoot } from "./systems";
-import { GiB, MiB, median, run, which, writeRandomFile } from "./util";
+import { GiB, MiB, median, run, timed, which, writeRandomFile } from "./util";
 
 /**
  * Streaming a half-allocated overlay into a standalone raw disk: `addcow
@@ -29,15 +29,6 @@ interface Row {
   description: string;
   secs: number[];
   secsSynced: number[];
-}
-
-async function timed(fn: () => Promise<void>): Promise<[number, number]> {
-  const t0 = process.hrtime.bigint();
-  await fn();
-  const t1 = process.hrtime.bigint();
-  await run("sync", []);
-  const t2 = process.hrtime.bigint();
-  return [Number(t1 - t0) / 1e9, Number(t2 - t0) / 1e9];
 }
 
 export const jobsSuite: BenchSuite = {

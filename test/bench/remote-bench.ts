@@ -1,7 +1,14 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import type { BenchContext, BenchSuite } from "./suite";
-import { addcowMountJs, fileIn, repoRoot, startDaemon, startQsd, type Mounted } from "./systems";
+import {
+  addcowMountJs,
+  fileIn,
+  repoRoot,
+  startDaemon,
+  startQsdOverlay,
+  type Mounted,
+} from "./systems";
 import { MiB, median, run, which, writeRandomFile } from "./util";
 import { type FaultProxy, startNginx, startProxy } from "../helpers/remote-servers";
 
@@ -85,12 +92,8 @@ function addcowStarter(size: number, env: NodeJS.ProcessEnv, localBase?: string)
   };
 }
 
-function qsdStarter(size: number): Starter {
-  return async (ctx, dir, url) => {
-    const overlay = path.join(dir, "overlay.qcow2");
-    await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", url, "-F", "raw", overlay]);
-    return startQsd(ctx, overlay, path.join(dir, "disk"), size);
-  };
+function qsdStarter(): Starter {
+  return (ctx, dir, url) => startQsdOverlay(ctx, "qemu-storage-daemon", url, "raw", dir);
 }
 
 function nbdkitStarter(size: number): Starter {
@@ -190,7 +193,7 @@ export const remoteSuite: BenchSuite = {
         name: "qsd-curl",
         label: "qemu-storage-daemon curl + qcow2",
         missing: curlDriverMissing(),
-        start: () => qsdStarter(size),
+        start: () => qsdStarter(),
       },
       {
         name: "nbdkit-curl",

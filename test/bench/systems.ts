@@ -149,33 +149,27 @@ function addcow(
   };
 }
 
-const qsd: System = {
-  name: "qsd",
-  label: "qemu-storage-daemon qcow2",
-  kind: "peer",
-  durable: true,
-  missing: () =>
-    which("qemu-storage-daemon") && which("qemu-img")
-      ? null
-      : "qemu-storage-daemon/qemu-img not installed (apt install qemu-system-common qemu-utils)",
-  async start(ctx, base, dir) {
-    const overlay = path.join(dir, "overlay.qcow2");
-    await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay]);
-    return startQsd(ctx, overlay, path.join(dir, "disk"), fs.statSync(base).size);
-  },
-};
-
-/** qemu-storage-daemon exporting a qcow2 overlay (and its backing) as the FUSE file `mnt`. */
-export function startQsd(
+/**
+ * qemu-storage-daemon serving a fresh qcow2 overlay over `base` (of `baseFormat`)
+ * through a FUSE export on `dir/disk`.
+ */
+export async function startQsdOverlay(
   ctx: BenchContext,
-  overlay: string,
-  mnt: string,
-  size: number,
+  what: string,
+  base: string,
+  baseFormat: "raw" | "qcow2",
+  dir: string,
 ): Promise<Mounted> {
+  const overlay = path.join(dir, "overlay.qcow2");
+  await run("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", baseFormat, overlay]);
+  const size = Number(
+    JSON.parse((await run("qemu-img", ["info", "--output=json", overlay])).stdout)["virtual-size"],
+  );
+  const mnt = path.join(dir, "disk");
   fs.writeFileSync(mnt, "");
   return startDaemon(
     ctx,
-    "qemu-storage-daemon",
+    what,
     "qemu-storage-daemon",
     [
       "--blockdev",
@@ -189,6 +183,18 @@ export function startQsd(
     () => (fs.statSync(mnt).size === size ? mnt : undefined),
   );
 }
+
+const qsd: System = {
+  name: "qsd",
+  label: "qemu-storage-daemon qcow2",
+  kind: "peer",
+  durable: true,
+  missing: () =>
+    which("qemu-storage-daemon") && which("qemu-img")
+      ? null
+      : "qemu-storage-daemon/qemu-img not installed (apt install qemu-system-common qemu-utils)",
+  start: (ctx, base, dir) => startQsdOverlay(ctx, "qemu-storage-daemon", base, "raw", dir),
+};
 
 const xmount: System = {
   name: "xmount",

@@ -166,3 +166,13 @@ export function cpuSeconds(pid: number | undefined): number {
     return NaN;
   }
 }
+
+/** Runs fn; returns seconds to its end and to the end of a following `sync` (data on disk). */
+export async function timed(fn: () => Promise<unknown>): Promise<[number, number]> {
+  const t0 = process.hrtime.bigint();
+  await fn();
+  const t1 = process.hrtime.bigint();
+  await run("sync", []);
+  const t2 = process.hrtime.bigint();
+  return [Number(t1 - t0) / 1e9, Number(t2 - t0) / 1e9];
+}

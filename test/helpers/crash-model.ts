@@ -30,15 +30,16 @@ export interface Violation {
  * sequence. At a crash point, a sector may hold the version of the newest write
  * made durable by a completed flush (or the original), or any newer version
  * whose write was issued before the crash (promises 1 and 2 of the crash-safety
- * promise).
+ * promise). A flush that fails promises nothing and takes nothing back: a later
+ * flush that succeeds still covers every write acknowledged before it started
+ * (the engine keeps the bits it could not write, and after a failed data sync
+ * it lets no flush succeed again).
  */
 export class DiskModel {
   private readonly versions = new Map<number, Version[]>();
   private readonly writes: WriteInfo[] = [];
   /** [start, done] log positions of flushes that completed. */
   private readonly flushes: Array<[number, number]> = [];
-  /** Log positions where a flush reported an error. */
-  private readonly failures: number[] = [];
 
   constructor(
     readonly size: number,
@@ -85,22 +86,10 @@ export class DiskModel {
     this.flushes.push([start, done]);
   }
 
-  /**
-   * A flush that fails voids promise 1 for the writes not yet flushed: their
-   * clusters may read as before them again (the engine drops bits whose data
-   * may not be durable). A later successful flush covers only what it can.
-   */
-  flushFailed(at: number): void {
-    this.failures.push(at);
-  }
-
   private isDurable(w: WriteInfo, point: number): boolean {
     if (w.acked >= point) return false;
     if (this.writethrough) return true;
-    return this.flushes.some(
-      ([start, done]) =>
-        done < point && w.acked < start && !this.failures.some((f) => f > w.issued && f < done),
-    );
+    return this.flushes.some(([start, done]) => done < point && w.acked < start);
   }
 
   /** The versions a sector may hold after a crash at this point. */

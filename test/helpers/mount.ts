@@ -200,6 +200,10 @@ export interface MountHandle {
   unmount(): Promise<void>;
   /** Sends a signal to the daemon and waits until it is gone. */
   kill(signal?: NodeJS.Signals): Promise<void>;
+  /** With `foreground`: the daemon's exit code once it exits (null: killed by a signal). */
+  exited?: Promise<number | null>;
+  /** With `foreground`: what the daemon wrote to stderr so far. */
+  stderr?: () => string;
 }
 
 export interface MountOpts {
@@ -237,13 +241,15 @@ export async function mountDisks(
   fuseMounts.add(dir);
   const args = [opts.bin ?? MOUNT_BIN, ...mountArgs(files, dir, opts)];
   let pid: number;
+  let exited: Promise<number | null> | undefined;
+  let stderr = "";
   if (opts.foreground) {
     const child = spawn(process.execPath, args, {
       env: opts.env ?? process.env,
       stdio: ["ignore", "ignore", "pipe"],
     });
     children.add(child);
-    let stderr = "";
+    exited = new Promise((resolve) => child.on("exit", (code) => resolve(code)));
     child.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
     await waitFor(`${dir} to be mounted (stderr: ${stderr})`, () => {
       if (child.exitCode !== null) {
@@ -265,6 +271,7 @@ export async function mountDisks(
     dir,
     file,
     pid,
+    ...(exited ? { exited, stderr: () => stderr } : {}),
     async unmount() {
       await sh("fusermount", ["-u", dir]);
       await waitFor(`daemon ${pid} to exit`, () => !processAlive(pid));
@@ -317,9 +324,39 @@ export async function mountBlock(dev: string, dir: string, options?: string): Pr
   await sh("mount", [...(options ? ["-o", options] : []), dev, dir]);
 }
 
+/**
+ * A small file system of its own for a test (a full disk is easy to reach):
+ * tmpfs of `megabytes`, or ext4 in a file on a loop device. Unmounted and
+ * detached by cleanupAll(), even when the test fails.
+ */
+export async function smallFileSystem(
+  kind: "tmpfs" | "ext4",
+  dir: string,
+  megabytes: number,
+): Promise<void> {
+  fs.mkdirSync(dir, { recursive: true });
+  if (kind === "tmpfs") {
+    partitionMounts.add(dir);
+    await sh("mount", ["-t", "tmpfs", "-o", `size=${megabytes}m,mode=0755`, "tmpfs", dir]);
+    return;
+  }
+  const backing = `${dir}.img`;
+  fs.writeFileSync(backing, "");
+  fs.truncateSync(backing, megabytes << 20);
+  await sh("mkfs.ext4", ["-q", "-F", "-m", "0", backing]);
+  await mountBlock(await attachLoop(backing), dir);
+}
+
 export async function umountBlock(dir: string): Promise<void> {
   await sh("umount", [dir]);
   partitionMounts.delete(dir);
+}
+
+/** Starts a helper process (a syslog receiver, ...) that cleanupAll() kills. */
+export function spawnTracked(cmd: string, args: string[]): ChildProcess {
+  const child = spawn(cmd, args, { stdio: ["ignore", "ignore", "pipe"] });
+  children.add(child);
+  return child;
 }
 
 /** Undoes everything the helpers created, newest first; never throws. */

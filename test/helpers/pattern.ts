@@ -1,3 +1,5 @@
+import * as fs from "node:fs";
+
 /** Deterministic pseudo-random bytes (xorshift32, seeded). */
 export function pattern(len: number, seed: number): Buffer {
   const out = Buffer.alloc(Math.ceil(len / 4) * 4);
@@ -11,4 +13,23 @@ export function pattern(len: number, seed: number): Buffer {
     out.writeUInt32LE(x, off);
   }
   return out.subarray(0, len);
+}
+
+/** Indexes of the blocks of `file` (blockSize each) that do not hold expected(i). */
+export function blocksDiffering(
+  file: string,
+  indexes: readonly number[],
+  blockSize: number,
+  expected: (i: number) => Buffer,
+): number[] {
+  const fd = fs.openSync(file, "r");
+  try {
+    const got = Buffer.alloc(blockSize);
+    return indexes.filter((i) => {
+      fs.readSync(fd, got, 0, blockSize, i * blockSize);
+      return !got.equals(expected(i));
+    });
+  } finally {
+    fs.closeSync(fd);
+  }
 }

@@ -24,7 +24,7 @@ export function register(program: Command): void {
       "virtual size (512M, 8G, 1T or bytes); default: the existing image file's size, else the backing file's",
     )
     .option("-b, --backing <file>", "backing file (read-only base); needs -F")
-    .option("-F, --backing-format <format>", "format of the backing file: raw or add-cow")
+    .option("-F, --backing-format <format>", "format of the backing file: raw, qcow2 or add-cow")
     .option("-i, --image <file>", "image file (default: FILE with .add-cow replaced by .raw)")
     .option("-c, --cluster-size <size>", "cluster size, a power of two from 4K to 2M", "64K")
     .option("-q, --quiet", "print nothing on success");
