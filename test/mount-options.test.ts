@@ -15,10 +15,13 @@ describe("addcow-mount -o parsing", () => {
       gid: 100,
       umask: 0o027,
       cacheMode: "writethrough",
+      copyOnRead: false,
       log: undefined,
       confine: null,
     });
     expect(parseMountOptions(["ro", "rw"]).readOnly).toBe(false);
+    expect(parseMountOptions(["copy-on-read"]).copyOnRead).toBe(true);
+    expect(() => parseMountOptions(["ro,copy-on-read"])).toThrow(/cannot be combined with -o ro/);
     expect(parseMountOptions([]).cacheMode).toBe("writeback");
     expect(parseMountOptions(["sync"]).cacheMode).toBe("writethrough");
   });

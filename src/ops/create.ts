@@ -15,6 +15,7 @@ import { formatSize } from "../util/size";
 import type { BlockDevice } from "../block/block-device";
 import { chainOf } from "../block/extents";
 import { openBacking } from "../open/open-disk";
+import { isRemoteName, parseRemoteName } from "../remote/url";
 import type { Confinement } from "../open/access-policy";
 import { writeZeros } from "../addcow/bitmap-space";
 import { PosixFile } from "../block/file-io";
@@ -58,9 +59,13 @@ export function defaultImageName(file: string): string {
   return file.endsWith(".add-cow") ? file.slice(0, -".add-cow".length) + ".raw" : file + ".raw";
 }
 
-/** The name to store: relative to the .add-cow file's directory when the user gave it relative. */
+/**
+ * The name to store: relative to the .add-cow file's directory when the user
+ * gave it relative; a URL as it is (checked to carry no credentials).
+ */
 function storedName(addcowFile: string, given: string): string {
   if (path.isAbsolute(given)) return given;
+  if (isRemoteName(given)) return parseRemoteName(given).name;
   return path.relative(path.dirname(path.resolve(addcowFile)), path.resolve(given)) || ".";
 }
 
@@ -137,7 +142,13 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
   }
 
   let backingSize: number | null = null;
-  if (opts.backing !== undefined) {
+  if (opts.backing !== undefined && isRemoteName(opts.backing)) {
+    // A URL is never a path: nothing local to compare; opening it checks it answers.
+    parseRemoteName(opts.backing);
+    const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat);
+    backingSize = backing.size;
+    await backing.close();
+  } else if (opts.backing !== undefined) {
     const bst = statOrNull(opts.backing);
     if (!bst)
       throw new AddCowError(`backing file ${opts.backing} does not exist`, { file: opts.backing });

@@ -10,4 +10,5 @@ export const log = {
   daemon: createDebug("addcow:daemon"),
   job: createDebug("addcow:job"),
   cli: createDebug("addcow:cli"),
+  remote: createDebug("addcow:remote"),
 };

@@ -190,6 +190,7 @@ export async function openDiskVia(
     Device?: DeviceClass;
     /** Open the raw backing file for writing too (commit writes into it). */
     writableBacking?: boolean;
+    copyOnRead?: boolean;
   },
 ): Promise<AddCowDevice> {
   const mode = opts.writable ? "write" : "read";
@@ -217,5 +218,6 @@ export async function openDiskVia(
     backingPath,
     cacheMode: opts.cacheMode,
     bitmapCacheBytes: opts.bitmapCacheBytes,
+    copyOnRead: opts.copyOnRead,
   });
 }
