@@ -36,6 +36,7 @@ interface Scenario {
   cacheMode?: CacheMode;
   bitmapCacheBytes?: number;
   Device?: DeviceClass;
+  copyOnRead?: boolean;
   crash?: CrashOptions;
   /** Stop checking after this many violations (the broken-engine tests need only one). */
   stopAfter?: number;
@@ -85,6 +86,7 @@ async function simulate(s: Scenario): Promise<Outcome> {
     cacheMode: s.cacheMode,
     bitmapCacheBytes: s.bitmapCacheBytes,
     Device: s.Device,
+    copyOnRead: s.copyOnRead,
   });
   const original = (sector: number) => {
     const b = Buffer.alloc(SECTOR);
@@ -180,6 +182,18 @@ describe("power-loss simulation of the real engine", () => {
       states += o.states;
     }
     expect(states).toBeGreaterThan(SEEDS * 100);
+  });
+
+  it("keeps promises 1 and 2 with copy-on-read: reads allocate clusters, racing writes win", async () => {
+    let allocatedByReads = 0;
+    for (let seed = 201; seed < 201 + Math.ceil(SEEDS / 2); seed++) {
+      const o = await simulate(smallScenario(seed, { copyOnRead: true, steps: 16 }));
+      expect(o.backingProblems).toEqual([]);
+      expect(o.orderProblems).toEqual([]);
+      expect(report(o), `seed ${seed}`).toBe("");
+      allocatedByReads += o.writes;
+    }
+    expect(allocatedByReads).toBeGreaterThan(0);
   });
 
   it("keeps promise 3 with cache=writethrough: every acknowledged write survives", async () => {

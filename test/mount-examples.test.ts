@@ -35,6 +35,21 @@ describe("mount-examples", () => {
     }, 150_000);
   }
 
+  it("fleet.sh: three overlays on one base over HTTP, the second boots from the shared cache, one streamed to standalone", async () => {
+    const tmp = tempDir();
+    const r = await run("bash", [path.join(dir, "fleet.sh")], {
+      timeoutMs: 240_000,
+      env: { ...process.env, TMPDIR: tmp },
+    });
+    expect(r.code, r.stdout.slice(-3000) + r.stderr).toBe(0);
+    expect(mountsUnder(tmp)).toEqual([]);
+    expect(r.stdout).toMatch(/vm2 boot: 0 requests to the server/);
+    expect(r.stdout).toMatch(/^vm1: vm1$/m);
+    expect(r.stdout).toMatch(/^vm2: vm2$/m);
+    expect(r.stdout).toMatch(/^base: golden$/m);
+    expect(r.stdout).toMatch(/vm3\.raw: vm3 \(standalone\)/);
+  }, 300_000);
+
   it("demo.sh (npm run demo) shows the base unchanged and the overlay's writes persisting", async () => {
     const tmp = tempDir();
     const r = await run("bash", [path.join(dir, "demo.sh")], {

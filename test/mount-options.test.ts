@@ -17,6 +17,7 @@ describe("addcow-mount -o parsing", () => {
       gid: 100,
       umask: 0o027,
       cacheMode: "writethrough",
+      copyOnRead: false,
       log: undefined,
       confine: null,
       fsname: undefined,
@@ -24,6 +25,8 @@ describe("addcow-mount -o parsing", () => {
       autoUnmount: false,
     });
     expect(parseMountOptions(["ro", "rw"]).readOnly).toBe(false);
+    expect(parseMountOptions(["copy-on-read"]).copyOnRead).toBe(true);
+    expect(() => parseMountOptions(["ro,copy-on-read"])).toThrow(/cannot be combined with -o ro/);
     expect(parseMountOptions([]).cacheMode).toBe("writeback");
     expect(parseMountOptions(["sync"]).cacheMode).toBe("writethrough");
   });

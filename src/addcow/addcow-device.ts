@@ -40,6 +40,8 @@ export interface AddCowDeviceParts {
   backingPath: string | null;
   cacheMode?: CacheMode;
   bitmapCacheBytes?: number;
+  /** Reads from the backing disk also land in the image file (mount -o copy-on-read). */
+  copyOnRead?: boolean;
   /** Called once when the device is closed (releases locks). */
   onClose?: () => Promise<void> | void;
 }
@@ -65,6 +67,8 @@ export class AddCowDevice implements BlockDevice {
   readonly meta: FileIO;
   readonly bitmap: BitmapCache;
   cacheMode: CacheMode;
+  /** Reads from the backing disk are also copied into the image file (writable disks only). */
+  readonly copyOnRead: boolean;
 
   /** Held while clusters are being allocated (copy-on-write, block-job copies). */
   readonly allocating = new RangeLock();
@@ -90,6 +94,7 @@ export class AddCowDevice implements BlockDevice {
     this.imagePath = parts.imagePath;
     this.backingPath = parts.backingPath;
     this.cacheMode = parts.cacheMode ?? "writeback";
+    this.copyOnRead = parts.copyOnRead === true && !this.readOnly;
     this.onClose = parts.onClose;
     this.clusterBits = parts.header.clusterBits;
     this.clusterSize = 2 ** this.clusterBits;
@@ -155,7 +160,7 @@ export class AddCowDevice implements BlockDevice {
     }
     if (runs) return settleAll(runs);
     // One source for the whole request (the common case): no run list, no sub-buffers.
-    return allocated ? this.readImage(buf, offset) : this.readBacking(buf, offset);
+    return allocated ? this.readImage(buf, offset) : this.readUnallocated(buf, offset);
   }
 
   /** One read per run; the first run (allocated, n clusters) is already known. */
@@ -175,7 +180,7 @@ export class AddCowDevice implements BlockDevice {
       const runEnd = Math.min(end, (c + n) * this.clusterSize);
       const part = buf.subarray(pos - offset, runEnd - offset);
       log.engine("read run [%d, %d) from %s", pos, runEnd, allocated ? "image" : "backing");
-      reads.push(allocated ? this.readImage(part, pos) : this.readBacking(part, pos));
+      reads.push(allocated ? this.readImage(part, pos) : this.readUnallocated(part, pos));
       pos = runEnd;
       c += n;
       if (pos >= end) return reads;
@@ -188,6 +193,31 @@ export class AddCowDevice implements BlockDevice {
     return this.image.read(buf, pos).then((n) => {
       if (n < buf.length) buf.fill(0, n);
     });
+  }
+
+  /** A read of clusters whose bit is 0; with copy-on-read they are then kept in the image file. */
+  private readUnallocated(buf: Buffer, pos: number): Promise<void> {
+    const read = this.readBacking(buf, pos);
+    return this.copyOnRead ? read.then(() => this.keepRead(buf, pos)) : read;
+  }
+
+  /**
+   * Copy-on-read: the clusters a backing read touched go through the same
+   * path as a stream job's copy (allocation lock, clusters allocated meanwhile
+   * skipped, data written, then bits set), using the bytes just read where
+   * they cover a whole run. Clusters past the backing disk's end read as zeros
+   * anyway and are left alone. A failed copy costs only the copy, never the read.
+   */
+  private async keepRead(buf: Buffer, pos: number): Promise<void> {
+    const backingEnd = this.backing ? this.backing.size : 0;
+    const c0 = this.clusterOf(pos);
+    const c1 = Math.min(this.clusterEnd(pos + buf.length), this.clusterEnd(backingEnd));
+    if (c0 >= c1) return;
+    try {
+      await this.copyFromBacking(c0, c1, undefined, { buf, pos });
+    } catch (err) {
+      log.engine("copy-on-read of [%d, %d) failed: %s", pos, pos + buf.length, err);
+    }
   }
 
   /** Backing data for [pos, pos + buf.length): zeros past the backing disk's end or without one. */
@@ -296,10 +326,10 @@ export class AddCowDevice implements BlockDevice {
    * Copies clusters [c0, c1) that are still unallocated from the backing disk
    * into the image file and sets their bits (block jobs: stream). Takes the same
    * allocation lock as writes, so a user's write is never overwritten by a copy.
-   * `known` holds the backing's bytes of a range already read (they never
-   * change: the backing is read-only); runs it covers are not read again.
-   * Clusters that read as zeros are not written where the image file already
-   * reads as zeros (storeCopy), so the image stays sparse.
+   * `known` holds the backing's bytes of a range already read (copy-on-read,
+   * rebase; they never change: the backing is read-only); runs it covers are
+   * not read again. Clusters that read as zeros are not written where the
+   * image file already reads as zeros (storeCopy), so the image stays sparse.
    * Returns the number of clusters copied.
    */
   async copyFromBacking(
@@ -325,6 +355,7 @@ export class AddCowDevice implements BlockDevice {
             const len = stop - start;
             let data: Buffer;
             if (known && start >= known.pos && stop <= known.pos + known.buf.length) {
+              // Read already (copy-on-read, rebase): not read again.
               data = known.buf.subarray(start - known.pos, stop - known.pos);
             } else {
               data =
@@ -477,6 +508,7 @@ export class AddCowDevice implements BlockDevice {
       imagePath: this.imagePath,
       backingPath: this.backingPath,
       backingInUse: this.backing !== null,
+      backingDetails: this.backing?.describe().details,
       chainDepth,
     });
   }

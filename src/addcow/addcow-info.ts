@@ -29,7 +29,14 @@ export interface AddCowInfo {
   /** allocatedClusters * 100 / clusters, rounded down to two decimals; 0 for an empty disk. */
   allocatedPercent: number;
   image: FileRef & { format: "raw"; size: number };
-  backing: (FileRef & { format: string; inUse: boolean }) | null;
+  backing:
+    | (FileRef & {
+        format: string;
+        inUse: boolean;
+        /** The backing layer's own facts (its describe().details): a remote base's identity and cache. */
+        details?: Record<string, unknown>;
+      })
+    | null;
   /** Backing layers in use below this disk: 0 without a backing file or when all allocated. */
   chainDepth: number;
   features: {
@@ -52,6 +59,7 @@ export interface AddCowFacts {
   imagePath: string;
   backingPath: string | null;
   backingInUse: boolean;
+  backingDetails?: Record<string, unknown>;
   chainDepth: number;
 }
 
@@ -87,6 +95,7 @@ export function describeAddCow(f: AddCowFacts): AddCowInfo {
             path: f.backingPath!,
             format: h.backingFormat!,
             inUse: f.backingInUse,
+            ...(f.backingDetails ? { details: f.backingDetails } : {}),
           },
     chainDepth: f.chainDepth,
     features: {

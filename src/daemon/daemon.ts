@@ -125,6 +125,7 @@ export class MountDaemon {
           openDisk(disk.file, {
             writable: !config.options.readOnly,
             cacheMode: config.options.cacheMode,
+            copyOnRead: config.options.copyOnRead,
             confine: config.options.confine,
             ...(config.opener ? { opener: config.opener } : {}),
           }),

@@ -103,8 +103,9 @@ export class DiskEntry<D extends BlockDevice = BlockDevice> {
    */
   async writeBackIfNeeded(): Promise<void> {
     if (this.failure) return;
-    if (this.dev.hasUnsavedMetadata && !this.dev.hasUnsavedMetadata()) return;
-    await this.flushIfDirty();
+    if (!this.dev.hasUnsavedMetadata) return this.flushIfDirty();
+    // Bits can be set by reads too (copy-on-read): they are written back without a write.
+    if (this.dev.hasUnsavedMetadata()) await this.flush();
   }
 
   async flush(): Promise<void> {

@@ -17,6 +17,8 @@ export interface MountOptions {
    */
   umask: number | undefined;
   cacheMode: CacheMode;
+  /** Reads from the backing chain also fill the image file. */
+  copyOnRead: boolean;
   /** Where warnings and errors go besides stderr; undefined: syslog in the background, else none. */
   log: LogDestination | undefined;
   /** confine, allow_dir=DIR, allow_url: where names in headers may lead (docs/security.md). */
@@ -30,7 +32,7 @@ export interface MountOptions {
 }
 
 export const KNOWN_OPTIONS =
-  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, log=syslog|stderr|FILE, confine, allow_dir=DIR, allow_url, fsname=NAME, debug, auto_unmount";
+  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, copy-on-read, log=syslog|stderr|FILE, confine, allow_dir=DIR, allow_url, fsname=NAME, debug, auto_unmount";
 
 /**
  * Generic options mount(8) and mount.fuse hand every filesystem (from fstab or
@@ -86,6 +88,7 @@ export function defaultMountOptions(): MountOptions {
     gid: undefined,
     umask: undefined,
     cacheMode: "writeback",
+    copyOnRead: false,
     log: undefined,
     confine: null,
     fsname: undefined,
@@ -174,6 +177,11 @@ export function parseMountOptions(args: string[]): MountOptions {
           opts.cacheMode = v;
           break;
         }
+        case "copy-on-read":
+        case "copy_on_read":
+          flag();
+          opts.copyOnRead = true;
+          break;
         case "log":
           opts.log = logDestination(needValue());
           break;
@@ -215,6 +223,11 @@ export function parseMountOptions(args: string[]): MountOptions {
           );
       }
     }
+  }
+  if (opts.copyOnRead && opts.readOnly) {
+    throw new AddCowError(
+      "-o copy-on-read writes what is read into the image file: it cannot be combined with -o ro",
+    );
   }
   return opts;
 }

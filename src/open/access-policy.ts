@@ -4,6 +4,7 @@ import type { FileIO } from "../block/file-io";
 import { AddCowError, errnoCode } from "../util/errors";
 import { log } from "../util/log";
 import { AccessProbe } from "./access-probe";
+import { isRemoteName } from "../remote/url";
 
 /**
  * The rules for names found in headers (docs/security.md). A header is data
@@ -60,7 +61,7 @@ export type Judged = fs.BigIntStats;
 
 /** A backing name that is a URL (docs/specs/add-cow.md): never resolved as a path. */
 export function isUrlName(name: string): boolean {
-  return /^(https?|s3):\/\//i.test(name);
+  return isRemoteName(name);
 }
 
 function inside(dirs: string[], real: string): boolean {

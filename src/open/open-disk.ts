@@ -25,6 +25,8 @@ import {
   type Namer,
   isUrlName,
 } from "./access-policy";
+import type { RemoteSettings } from "../remote/options";
+import { openRemoteBacking } from "./open-remote";
 import { type ChainOpener, openQcow2 } from "./open-qcow2";
 
 /** Longest backing chain we follow; deeper chains are refused as hostile. */
@@ -68,6 +70,10 @@ export interface OpenOptions {
    * and its owner (`addcow check` opens a disk's backing chain this way).
    */
   namedBy?: Namer;
+  /** Remote backings: block size, timeouts, cache (default: from the environment). */
+  remote?: RemoteSettings;
+  /** Reads from the backing chain also fill the top disk's image file (copy-on-read). */
+  copyOnRead?: boolean;
 }
 
 /** Identity of a file across paths, symlinks and hard links. */
@@ -352,6 +358,11 @@ async function openLayer(
   namer?: Namer,
   writable = false,
 ): Promise<BlockDevice> {
+  if (isUrlName(file)) {
+    const dev = await openRemoteBacking(file, format, writable, namer?.file, state.opts.remote);
+    state.cleanup.push(() => dev.close());
+    return dev;
+  }
   if (format === "add-cow") return openAddCow(file, writable, state, namer);
   if (format === "qcow2") {
     if (writable) {
@@ -386,6 +397,11 @@ export async function readHeader(meta: FileIO, file: string): Promise<AddCowHead
 /** Resolves a name stored in an .add-cow file: relative names are relative to its directory. */
 export function resolveStoredName(addcowFile: string, stored: string): string {
   return path.resolve(path.dirname(path.resolve(addcowFile)), stored);
+}
+
+/** A stored backing name: an absolute URL stays a URL, anything else is a path. */
+export function resolveBackingName(addcowFile: string, stored: string): string {
+  return isUrlName(stored) ? stored : resolveStoredName(addcowFile, stored);
 }
 
 /** Counts one more layer of the chain; a chain deeper than MAX_CHAIN_DEPTH is refused. */
@@ -441,6 +457,7 @@ async function openAddCow(
 ): Promise<AddCowDevice> {
   enterLayer(state, file, namer?.file);
   const role = namer ? "backing file" : "add-cow file";
+  const isTop = state.depth === 1 && !namer;
   const mode = writable ? "write" : "read";
   let meta: FileIO;
   let metaStat: Judged;
@@ -476,7 +493,7 @@ async function openAddCow(
     if (isUrlName(header.backingName)) {
       state.policy.checkUrl(header.backingName, "backing file", file);
     }
-    backingPath = resolveStoredName(file, header.backingName);
+    backingPath = resolveBackingName(file, header.backingName);
     const top = state.depth === 1;
     if (top && state.opts.backingDevice) {
       backing = state.opts.backingDevice;
@@ -522,6 +539,7 @@ async function openAddCow(
     backingPath,
     cacheMode: state.opts.cacheMode,
     bitmapCacheBytes: state.opts.bitmapCacheBytes,
+    copyOnRead: isTop && writable && state.opts.copyOnRead === true,
   });
 }
 

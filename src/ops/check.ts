@@ -2,7 +2,12 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { chainFiles } from "./create";
 import { lockFile } from "../os/file-lock";
-import { judgeNamedFile, openBacking, resolveStoredName } from "../open/open-disk";
+import {
+  judgeNamedFile,
+  openBacking,
+  resolveBackingName,
+  resolveStoredName,
+} from "../open/open-disk";
 import { type Confinement, checkUrlName, isUrlName } from "../open/access-policy";
 import { AddCowError, errnoCode } from "../util/errors";
 import {
@@ -262,8 +267,11 @@ export const checkBacking: CheckStep = {
     if (isUrlName(h.backingName)) {
       checkUrlName(ctx.confine, h.backingName, "backing file", ctx.path);
     }
-    const backingPath = resolveStoredName(ctx.path, h.backingName);
+    const backingPath = resolveBackingName(ctx.path, h.backingName);
     const named = `backing file ${backingPath} (stored as ${JSON.stringify(h.backingName)})`;
+    if (isUrlName(h.backingName)) {
+      return checkRemoteBacking(ctx, backingPath, named);
+    }
     let st: fs.Stats;
     try {
       st = fs.statSync(backingPath);
@@ -329,6 +337,31 @@ export const checkBacking: CheckStep = {
     }
   },
 };
+
+/**
+ * A remote backing (URL) must answer with a usable object: a missing object or
+ * a refused format is corruption of the disk's naming; a server that cannot be
+ * reached now (network, timeouts, 5xx, access) means the check cannot finish.
+ */
+async function checkRemoteBacking(ctx: CheckContext, url: string, named: string): Promise<void> {
+  if (ctx.allAllocated) return;
+  let backing;
+  try {
+    backing = await openBacking(url, ctx.header!.backingFormat!, { layersAbove: 1 });
+  } catch (err) {
+    if (!(err instanceof AddCowError) || (err.code !== "ENOENT" && err.code !== "EINVAL")) {
+      throw err;
+    }
+    ctx.report({
+      severity: "corruption",
+      offset: null,
+      field: "backing file",
+      message: `${named} cannot be used: ${err.message}`,
+    });
+    return;
+  }
+  await backing.close();
+}
 
 /** The checks, in order. Later helpers append steps here (e.g. crash leftovers). */
 export const CHECKS: CheckStep[] = [

@@ -15,6 +15,7 @@ import { formatSize } from "../util/size";
 import type { BlockDevice } from "../block/block-device";
 import { chainOf } from "../block/extents";
 import { openBacking } from "../open/open-disk";
+import { isRemoteName, parseRemoteName } from "../remote/url";
 import type { Confinement } from "../open/access-policy";
 import { writeZeros } from "../addcow/bitmap-space";
 import { PosixFile } from "../block/file-io";
@@ -63,9 +64,11 @@ export function defaultImageName(file: string): string {
 /**
  * The name to store: relative to the .add-cow file's directory when the user
  * gave it relative (or `relative` says the user did: a live snapshot gets
- * absolute paths over the control socket), else as given.
+ * absolute paths over the control socket), else as given; a URL as it is
+ * (checked to carry no credentials).
  */
 export function storedName(addcowFile: string, given: string, relative = false): string {
+  if (isRemoteName(given)) return parseRemoteName(given).name;
   if (path.isAbsolute(given) && !relative) return given;
   return path.relative(path.dirname(path.resolve(addcowFile)), path.resolve(given)) || ".";
 }
@@ -143,7 +146,13 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
   }
 
   let backingSize: number | null = null;
-  if (opts.backing !== undefined) {
+  if (opts.backing !== undefined && isRemoteName(opts.backing)) {
+    // A URL is never a path: nothing local to compare; opening it checks it answers.
+    parseRemoteName(opts.backing);
+    const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat);
+    backingSize = backing.size;
+    await backing.close();
+  } else if (opts.backing !== undefined) {
     const bst = statOrNull(opts.backing);
     if (!bst)
       throw new AddCowError(`backing file ${opts.backing} does not exist`, { file: opts.backing });

@@ -10,6 +10,7 @@ export const log = {
   daemon: createDebug("addcow:daemon"),
   job: createDebug("addcow:job"),
   cli: createDebug("addcow:cli"),
+  remote: createDebug("addcow:remote"),
 };
 
 /** Turns on every addcow namespace (addcow-mount -d), keeping what DEBUG enabled already. */

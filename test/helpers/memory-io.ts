@@ -244,6 +244,7 @@ export async function openDiskVia(
     Device?: DeviceClass;
     /** Open the raw backing file for writing too (commit writes into it). */
     writableBacking?: boolean;
+    copyOnRead?: boolean;
   },
 ): Promise<AddCowDevice> {
   const mode = opts.writable ? "write" : "read";
@@ -271,6 +272,7 @@ export async function openDiskVia(
     backingPath,
     cacheMode: opts.cacheMode,
     bitmapCacheBytes: opts.bitmapCacheBytes,
+    copyOnRead: opts.copyOnRead,
   });
 }
 

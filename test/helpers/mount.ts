@@ -80,6 +80,17 @@ const fuseMounts = new Set<string>();
 const partitionMounts = new Set<string>();
 const loopDevices = new Set<string>();
 const children = new Set<ChildProcess>();
+const deferred: Array<() => Promise<void> | void> = [];
+
+/** Runs fn in cleanupAll() after the mounts are gone (servers, proxies a test started). */
+export function deferCleanup(fn: () => Promise<void> | void): void {
+  deferred.push(fn);
+}
+
+/** A child process that cleanupAll() kills when it is still running. */
+export function trackChild(child: ChildProcess): void {
+  children.add(child);
+}
 
 /** A fresh directory under os.tmpdir(), removed by cleanupAll(). */
 export function tempDir(prefix = "addcow-test-"): string {
@@ -382,6 +393,13 @@ export async function cleanupAll(): Promise<void> {
     }
   }
   fuseMounts.clear();
+  for (const fn of deferred.splice(0).reverse()) {
+    try {
+      await fn();
+    } catch {
+      // Keep cleaning up.
+    }
+  }
   for (const child of children) {
     if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
   }

@@ -54,7 +54,8 @@ function sectorSpan(w: { offset: number; length: number }): [number, number] {
 
 /**
  * Runs random writes (partial first writes that need copy-on-write, overwrites,
- * writes across clusters), flushes, block-job copies from the backing disk, and batches of concurrent writes (never
+ * writes across clusters), flushes, block-job copies from the backing disk, copy-on-read
+ * reads racing writes (when the device copies on read), and batches of concurrent writes (never
  * sharing a sector, often sharing a cluster) with a flush racing them. Every
  * write issue, acknowledgement and completed flush is marked in the recorder's
  * log and told to the model, so crash states can be judged later.
@@ -110,6 +111,13 @@ export async function runWorkload(
           if (!opts.tolerateErrors) throw err;
         }
       }
+    } else if (r < 0.28 && copier?.copyOnRead) {
+      // Copy-on-read: reads that allocate clusters, racing writes into the same clusters.
+      const reads = [0, 1].map(() => {
+        const w = pickWrite();
+        return dev.read(Buffer.alloc(w.length), w.offset);
+      });
+      await Promise.all([...reads, doWrite(pickWrite())]);
     } else if (r < 0.4) {
       const batch: Array<{ offset: number; length: number }> = [];
       const want = rng.int(2, 4);

@@ -31,6 +31,8 @@ export function formatAddCowInfo(info: AddCowInfo): string {
     const unused = info.backing.inUse ? "" : " (not used: all clusters allocated)";
     lines.push(`backing file: ${info.backing.stored} (actual path: ${info.backing.path})${unused}`);
     lines.push(`backing file format: ${info.backing.format}`);
+    const details = info.backing.details;
+    if (details?.remote === true) lines.push(...formatRemote(details));
   } else {
     lines.push(`backing file: none`);
   }
@@ -46,6 +48,32 @@ export function formatAddCowInfo(info: AddCowInfo): string {
       (f.incompatibleBits.length ? `, incompatible bits ${f.incompatibleBits.join(" ")}` : ""),
   );
   return lines.join("\n");
+}
+
+/** Lines about a remote backing: identity, block size, the shared cache. */
+function formatRemote(r: Record<string, unknown>): string[] {
+  const identity = [
+    r.etag ? `ETag ${String(r.etag)}` : null,
+    r.lastModified ? `Last-Modified ${String(r.lastModified)}` : null,
+  ].filter((x) => x !== null);
+  const lines = [
+    `remote size: ${sized(Number(r.size))}`,
+    `remote identity: ${identity.length ? identity.join(", ") : "size only (the server sends no ETag or Last-Modified)"}`,
+    `remote block size: ${formatSize(Number(r.blockSize))}`,
+  ];
+  if (r.cacheDir) {
+    lines.push(
+      `remote cache: ${String(r.cacheDir)}: ${Number(r.cachedBlocks)} of ${Number(r.blocks)} blocks cached`,
+    );
+  } else {
+    lines.push(`remote cache: none`);
+  }
+  if (Number(r.blockReads) > 0) {
+    lines.push(
+      `remote reads: ${Number(r.blockReads)} blocks, hit rate ${Number(r.hitRate).toFixed(2)}%, ${Number(r.requests)} requests, ${formatSize(Number(r.bytesFetched))} fetched`,
+    );
+  }
+  return lines;
 }
 
 /** How a confined disk was opened: where its names had to stay. */

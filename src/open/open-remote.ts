@@ -1,0 +1,35 @@
+import type { BlockDevice } from "../block/block-device";
+import type { BackingFormat } from "../addcow/header";
+import { AddCowError } from "../util/errors";
+import { openRemoteDevice } from "../remote/open-remote-device";
+import type { RemoteSettings } from "../remote/options";
+import { displayName } from "../remote/url";
+
+/**
+ * A backing name that is a URL: a read-only remote device. Only raw remote
+ * bases are supported (a remote add-cow would need its image file named
+ * relative to a URL); commit can never write into a remote base.
+ */
+export async function openRemoteBacking(
+  url: string,
+  format: BackingFormat,
+  writable: boolean,
+  namedIn: string | undefined,
+  settings?: RemoteSettings,
+): Promise<BlockDevice> {
+  const where = namedIn ? ` (named in ${namedIn})` : "";
+  const name = displayName(url);
+  if (format !== "raw") {
+    throw new AddCowError(
+      `backing file ${name}${where} is remote with format ${format}: only raw remote bases are supported; stream or convert it to a raw image first`,
+      { code: "EINVAL", reason: "remote", file: name },
+    );
+  }
+  if (writable) {
+    throw new AddCowError(
+      `backing file ${name}${where} is remote and read-only: it cannot be written (commit needs a local backing file)`,
+      { code: "EROFS", reason: "remote", file: name },
+    );
+  }
+  return settings ? openRemoteDevice(url, settings) : openRemoteDevice(url);
+}
