@@ -1,13 +1,13 @@
 # Shared by the example scripts: find the addcow programs and clean up on exit.
-# Installed (npm install -g / npm link) they are on PATH; in a checkout after
-# `bash .ci/setup` they run from dist/.
+# The examples run the addcow they came with: dist/ beside them (a checkout
+# after `bash .ci/setup`, or the installed package); else the one on PATH.
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 addcow() {
-  if type -P addcow >/dev/null; then command addcow "$@"; else node "$REPO/dist/src/cli/addcow.js" "$@"; fi
+  if [ -f "$REPO/dist/src/cli/addcow.js" ]; then node "$REPO/dist/src/cli/addcow.js" "$@"; else command addcow "$@"; fi
 }
 addcow-mount() {
-  if type -P addcow-mount >/dev/null; then command addcow-mount "$@"; else node "$REPO/dist/src/cli/addcow-mount.js" "$@"; fi
+  if [ -f "$REPO/dist/src/cli/addcow-mount.js" ]; then node "$REPO/dist/src/cli/addcow-mount.js" "$@"; else command addcow-mount "$@"; fi
 }
 
 # Print each command before running it, like `set -x` but readable.

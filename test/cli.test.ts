@@ -94,7 +94,7 @@ describe("addcow create", () => {
   });
 
   it("never truncates an existing image file: a larger image makes the disk larger", () => {
-    rawFile("base.raw", 1 << 20);
+    rawFile("base.raw", 1 << 20, Buffer.alloc(1 << 20, 0xb5));
     rawFile("disk.raw", 3 << 20, Buffer.from("keep me"));
     const r = addcow(dir, "create", "-b", "base.raw", "-F", "raw", "disk.add-cow");
     expect(r.code, r.stderr).toBe(0);
@@ -188,6 +188,37 @@ function json<T>(args: string[]): T {
   return JSON.parse(r.stdout) as T;
 }
 
+describe("qemu-img spellings", () => {
+  it("--output=json|human is --json or the text; -f add-cow is accepted, any other format refused", () => {
+    rawFile("base.raw", 1 << 20, Buffer.alloc(1 << 20, 3));
+    expect(addcow(dir, "create", "-q", "-b", "base.raw", "-F", "raw", "d.add-cow").code).toBe(0);
+    for (const cmd of ["info", "map", "check"]) {
+      const json = addcow(dir, cmd, "--output=json", "-f", "add-cow", "d.add-cow");
+      expect(json.code, json.stderr).toBe(0);
+      expect(json.stdout).toBe(addcow(dir, cmd, "--json", "d.add-cow").stdout);
+      const human = addcow(dir, cmd, "--output", "human", "d.add-cow");
+      expect(human.stdout).toBe(addcow(dir, cmd, "d.add-cow").stdout);
+    }
+    for (const args of [
+      ["info", "-f", "qcow2", "d.add-cow"],
+      ["map", "-f", "raw", "d.add-cow"],
+      ["check", "-f", "vmdk", "d.add-cow"],
+      ["stream", "-f", "qcow2", "d.add-cow"],
+      ["commit", "-f", "qcow2", "d.add-cow"],
+      ["snapshot", "-f", "qcow2", "d.add-cow", "s.add-cow"],
+      ["rebase", "-f", "qcow2", "-b", "", "d.add-cow"],
+      ["resize", "-f", "qcow2", "d.add-cow", "+1M"],
+    ]) {
+      expectFailure(1, args, /addcow works on add-cow disks only \(-f add-cow\)/);
+    }
+    expectFailure(1, ["info", "--output=xml", "d.add-cow"], /Allowed choices are json, human/);
+    expectFailure(1, ["map", "--json", "--output=human", "d.add-cow"], /contradict/);
+    const jobs = addcow(dir, "jobs", "--output=json");
+    expect(jobs.code, jobs.stderr).toBe(0);
+    expect(JSON.parse(jobs.stdout)).toBeInstanceOf(Array);
+  });
+});
+
 describe("addcow info and map", () => {
   it("describes a fresh overlay over a 2 GiB sparse raw backing file", () => {
     rawFile("base.raw", 2 * 2 ** 30);
@@ -209,20 +240,35 @@ describe("addcow info and map", () => {
       features: { allAllocated: false, compatibleBits: [], incompatibleBits: [] },
     });
     expect(info.backingChain).toBeUndefined();
-    const map = json<Extent[]>(["map", "--json", "disk.add-cow"]);
-    expect(map).toEqual([
+    // The backing file is one hole: block status knows it reads as zeros (SEEK_HOLE).
+    expect(json<Extent[]>(["map", "--json", "disk.add-cow"])).toEqual([
+      { start: 0, length: 2 * 2 ** 30, source: "zero", depth: null, file: null },
+    ]);
+    // Data in it shows where it is.
+    const fd = fs.openSync(path.join(dir, "base.raw"), "r+");
+    fs.writeSync(fd, Buffer.alloc(8192, 1), 0, 8192, 1 << 20);
+    fs.closeSync(fd);
+    expect(json<Extent[]>(["map", "--json", "disk.add-cow"])).toEqual([
+      { start: 0, length: 1 << 20, source: "zero", depth: null, file: null },
       {
-        start: 0,
-        length: 2 * 2 ** 30,
+        start: 1 << 20,
+        length: 8192,
         source: "backing",
         depth: 1,
         file: path.join(dir, "base.raw"),
+      },
+      {
+        start: (1 << 20) + 8192,
+        length: 2 * 2 ** 30 - (1 << 20) - 8192,
+        source: "zero",
+        depth: null,
+        file: null,
       },
     ]);
   });
 
   it("reports allocation and extents after writes through the engine", async () => {
-    rawFile("base.raw", 1 << 20);
+    rawFile("base.raw", 1 << 20, Buffer.alloc(1 << 20, 0x5a));
     expect(
       addcow(dir, "create", "-c", "4K", "-b", "base.raw", "-F", "raw", "d.add-cow", "2M").code,
     ).toBe(0);
@@ -257,7 +303,7 @@ describe("addcow info and map", () => {
   });
 
   it("walks an add-cow backing chain (--backing-chain, map depths)", async () => {
-    rawFile("base.raw", 1 << 20);
+    rawFile("base.raw", 1 << 20, Buffer.alloc(1 << 20, 0x5a));
     expect(
       addcow(dir, "create", "-c", "4K", "-b", "base.raw", "-F", "raw", "mid.add-cow").code,
     ).toBe(0);

@@ -337,7 +337,11 @@ async function faultSimulation(
           ? `${e.file} @${e.pos}+${e.data.length}`
           : e.kind === "sync"
             ? `${e.file} covers ${e.covers}`
-            : `${e.label} ${JSON.stringify(e.info)}`;
+            : e.kind === "truncate"
+              ? `${e.file} to ${e.length}`
+              : e.kind === "rename"
+                ? `${e.from} -> ${e.to}`
+                : `${e.label} ${JSON.stringify(e.info)}`;
       console.log(e.seq, e.kind, what);
     }
     console.log(inject.injected);

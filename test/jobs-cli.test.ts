@@ -115,6 +115,27 @@ describe("addcow stream/commit/snapshot", () => {
     expect(r.stdout).toMatch(/emptied the overlay/);
     expect(fs.readFileSync(base).equals(before)).toBe(true);
   });
+
+  it("runs the README's sequence (snapshot, commit, stream); commit after stream says what to do", async () => {
+    const d = dir("cliseq");
+    await makeChain(d, 4 * MiB, 1);
+    await scribble(path.join(d, "layer0.add-cow"), 6, 10);
+    const before = await readDisk(path.join(d, "layer0.add-cow"));
+    for (const args of [
+      ["snapshot", "layer0.add-cow", "snap.add-cow"],
+      ["commit", "snap.add-cow"],
+      ["stream", "layer0.add-cow"],
+    ]) {
+      const r = addcow(d, ...args);
+      expect(r.code, `${args.join(" ")}: ${r.stderr}`).toBe(0);
+    }
+    expect(fs.readFileSync(path.join(d, "layer0.raw")).equals(before)).toBe(true);
+    const late = addcow(d, "commit", "layer0.add-cow");
+    expect(late.code).toBe(1);
+    expect(late.stderr).toMatch(
+      /^addcow: layer0\.add-cow was streamed: .* so there is nothing to commit; use \S*layer0\.raw as the disk[^\n]*\n$/,
+    );
+  });
 });
 
 describe("interrupted stream", () => {

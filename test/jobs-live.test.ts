@@ -137,6 +137,45 @@ describe("live jobs on a mounted disk", () => {
     });
   });
 
+  it("a live snapshot stores the names as given, relative like create: the directory can move", async () => {
+    const dir = tempDir("addcow-jobs-rel-");
+    fs.writeFileSync(path.join(dir, "base.raw"), Buffer.alloc(4 * MiB, 0x3c));
+    const made = await run(
+      process.execPath,
+      [ADDCOW, "create", "-q", "-b", "base.raw", "-F", "raw", "disk.add-cow"],
+      { cwd: dir },
+    );
+    expect(made.code, made.stderr).toBe(0);
+    const m = await mountDisk(path.join(dir, "disk.add-cow"), path.join(dir, "mnt"));
+    fs.mkdirSync(path.join(dir, "snaps"));
+    const s = await run(
+      process.execPath,
+      [ADDCOW, "snapshot", "disk.add-cow", "snaps/s1.add-cow"],
+      {
+        cwd: dir,
+      },
+    );
+    expect(s.code, s.stderr).toBe(0);
+    expect(s.stdout).toMatch(/mounted file switched to it/);
+    const seen = fs.readFileSync(m.file);
+    await m.unmount();
+    const info = JSON.parse(
+      (await run(process.execPath, [ADDCOW, "info", "--json", "snaps/s1.add-cow"], { cwd: dir }))
+        .stdout,
+    ) as { backing: { stored: string }; image: { stored: string } };
+    // They were stored absolute before (the daemon got absolute paths).
+    expect(info.backing.stored).toBe("../disk.add-cow");
+    expect(info.image.stored).toBe("s1.raw");
+    const moved = `${dir}-moved`;
+    fs.renameSync(dir, moved);
+    try {
+      const again = await readDisk(path.join(moved, "snaps/s1.add-cow"));
+      expect(again.equals(seen)).toBe(true);
+    } finally {
+      fs.renameSync(moved, dir);
+    }
+  });
+
   it("commits while fio writes; jobs can be listed, paused, resumed and cancelled", async () => {
     const dir = tempDir("addcow-jobs-commit-");
     const size = 32 * MiB;
@@ -159,15 +198,17 @@ describe("live jobs on a mounted disk", () => {
     expect(jobs.find((j) => j.id === id)?.state).toBe("running");
     expect((await addcow("job", "pause", id)).stdout).toMatch(/paused/);
     expect((await addcow("job", "resume", id)).stdout).toMatch(/running/);
-    expect((await addcow("job", "cancel", id)).code).toBe(0);
-    for (let i = 0; i < 100; i++) {
-      const l = JSON.parse((await addcow("jobs", "--json")).stdout) as Array<{
-        id: string;
-        state: string;
-      }>;
-      if (l.find((j) => j.id === id)?.state === "cancelled") break;
-      await new Promise((r) => setTimeout(r, 50));
-    }
+    // cancel waits for the job to stop and says how it ended (it answered "running" before).
+    const cancelled = await addcow("job", "cancel", id);
+    expect(cancelled.code).toBe(0);
+    expect(cancelled.stdout).toMatch(
+      new RegExp(`^job ${id}: cancelled \\(stream of .* stopped with .* left to copy.*\\)\\n$`),
+    );
+    const after = JSON.parse((await addcow("jobs", "--json")).stdout) as Array<{
+      id: string;
+      state: string;
+    }>;
+    expect(after.find((j) => j.id === id)?.state).toBe("cancelled");
     const busy = await addcow("job", "pause", "no-such-job");
     expect(busy.code).toBe(1);
     expect(busy.stderr).toMatch(/no running job no-such-job/);

@@ -138,14 +138,19 @@ describe("exclusive access with the mount daemon", () => {
     expect(writer.ok).toBe(false);
     expect(writer.message).toContain(`process ${m.pid}`);
 
+    // Said in the terms a user acts on: where it is mounted, how to unmount, and -U.
     const info = addcow(dir, "info", disk);
     expect(info.code).toBe(1);
-    expect(info.stderr).toContain(`process ${m.pid}`);
+    expect(info.stderr).toContain(
+      `${disk} is mounted at ${m.dir} (addcow-mount, pid ${m.pid}): unmount it first (fusermount -u ${m.dir}); or add -U to read it without locks`,
+    );
     expect(info.stderr.trim().split("\n")).toHaveLength(1);
+    expect(addcow(dir, "info", "-U", disk).code).toBe(0);
 
     const again = await run(process.execPath, [MOUNT_BIN, disk, path.join(dir, "mnt2")]);
     expect(again.code).not.toBe(0);
-    expect(again.stderr).toContain(`process ${m.pid}`);
+    expect(again.stderr).toContain(`is mounted at ${m.dir} (addcow-mount, pid ${m.pid})`);
+    expect(again.stderr).not.toContain("-U");
 
     await m.kill("SIGKILL");
     await run("fusermount", ["-uz", m.dir]);

@@ -698,3 +698,32 @@ describe("the opener", () => {
     fs.closeSync(fd);
   });
 });
+
+describe("rebase judges the new backing name as the disk's header will hold it", () => {
+  it("root rebasing a user's disk onto a file the user may not read is refused; the owner is kept", async () => {
+    const l = layout();
+    chownNobody(writeRaw(path.join(l.disk, "base.raw"), 128 * KiB, 0x11));
+    const d = userDisk(l, "vm", { size: 128 * KiB, backingName: "base.raw", backingFormat: "raw" });
+    const secret = rootFile(path.join(l.outside, "secret.raw"), 128 * KiB, 0o600);
+    const before = fingerprintAll(l, [secret]);
+    for (const args of [
+      ["rebase", "-b", secret, "-F", "raw", d.addcow],
+      ["rebase", "-u", "-b", secret, "-F", "raw", d.addcow],
+    ]) {
+      const msg = oneLine(await addcow(args), "addcow");
+      expect(msg).toMatch(
+        /secret\.raw \(named in .*vm\.add-cow\) is refused: uid 65534, who owns .*vm\.add-cow, may not read it/,
+      );
+      expect(fingerprintAll(l, [secret])).toBe(before);
+    }
+    // A shared base the user may read: the rebase works, and the new .add-cow file is still the user's.
+    const shared = rootFile(path.join(l.golden, "base.raw"), 128 * KiB, 0o644, 0x11);
+    const r = await addcow(["rebase", "-b", shared, "-F", "raw", d.addcow]);
+    expect(r.code, r.stderr).toBe(0);
+    const st = fs.statSync(d.addcow);
+    expect([st.uid, st.gid]).toEqual([NOBODY, NOBODY]);
+    // And the user can still open it as theirs.
+    const info = await asNobody(process.execPath, [ADDCOW, "info", d.addcow]);
+    expect(info.code, info.stderr).toBe(0);
+  });
+});

@@ -1,6 +1,6 @@
 import * as fs from "node:fs";
 import type { BlockDevice, Extent, LayerDescription } from "../block/block-device";
-import { forEachExtent, pushExtent } from "../block/extents";
+import { forEachExtent, pushExtent, readSkippingZeros } from "../block/extents";
 import { type AddCowInfo, describeAddCow } from "./addcow-info";
 import { checkRange } from "../block/range";
 import { AddCowError, errnoCode } from "../util/errors";
@@ -326,7 +326,10 @@ export class AddCowDevice implements BlockDevice {
    * Copies clusters [c0, c1) that are still unallocated from the backing disk
    * into the image file and sets their bits (block jobs: stream). Takes the same
    * allocation lock as writes, so a user's write is never overwritten by a copy.
-   * `known` holds backing bytes already read (copy-on-read) for runs it covers.
+   * `known` holds the backing's bytes of a range already read (copy-on-read,
+   * rebase; they never change: the backing is read-only); runs it covers are
+   * not read again. Clusters that read as zeros are not written where the
+   * image file already reads as zeros (storeCopy), so the image stays sparse.
    * Returns the number of clusters copied.
    */
   async copyFromBacking(
@@ -352,17 +355,16 @@ export class AddCowDevice implements BlockDevice {
             const len = stop - start;
             let data: Buffer;
             if (known && start >= known.pos && stop <= known.pos + known.buf.length) {
-              // Copy-on-read: the backing bytes were just read; write them as they are.
+              // Read already (copy-on-read, rebase): not read again.
               data = known.buf.subarray(start - known.pos, stop - known.pos);
             } else {
               data =
                 scratch && scratch.length >= len
                   ? scratch.subarray(0, len)
                   : Buffer.allocUnsafe(len);
-              await this.readBacking(data, start);
+              await this.readBackingSkippingZeros(data, start);
             }
-            await this.image.write(data, start);
-            this.completedWrites++;
+            await this.storeCopy(data, start);
             this.bitmap.set(c, c + n);
             copied += n;
           }
@@ -375,6 +377,50 @@ export class AddCowDevice implements BlockDevice {
     } finally {
       this.bitmap.unpin(c0, c1);
     }
+  }
+
+  /**
+   * readBacking for block jobs: ranges the backing chain's block status says
+   * read as zeros (holes of a raw file, zero clusters, past a layer's end) are
+   * filled with zeros instead of being read.
+   */
+  private async readBackingSkippingZeros(buf: Buffer, pos: number): Promise<void> {
+    const backing = this.backing;
+    const avail = backing ? Math.max(0, Math.min(buf.length, backing.size - pos)) : 0;
+    buf.fill(0, avail);
+    if (avail > 0) await readSkippingZeros(backing!, buf.subarray(0, avail), pos);
+  }
+
+  /**
+   * Writes copied data into the image file at `start` (a cluster boundary),
+   * except whole clusters that are all zeros where the image file already
+   * reads as zeros (a hole): their bit alone says it. The image file may hold
+   * old bytes elsewhere (from before create, from a commit), so anywhere else
+   * the zeros are written. A hole needs no sync to be durable, so the
+   * crash-order rule (data durable before its bit) holds either way.
+   */
+  private async storeCopy(data: Buffer, start: number): Promise<void> {
+    const cs = this.clusterSize;
+    const end = start + data.length;
+    let holes: Array<[number, number]> | undefined;
+    let pending = start;
+    let wrote = false;
+    const writeUpTo = async (at: number) => {
+      if (at > pending) {
+        await this.image.write(data.subarray(pending - start, at - start), pending);
+        wrote = true;
+      }
+    };
+    for (let at = start; at < end; at += cs) {
+      const next = Math.min(end, at + cs);
+      if (!isZero(data.subarray(at - start, next - start))) continue;
+      holes ??= this.image.holes?.(start, end) ?? [];
+      if (!holes.some(([a, b]) => a <= at && next <= b)) continue;
+      await writeUpTo(at);
+      pending = next;
+    }
+    await writeUpTo(end);
+    if (wrote) this.completedWrites++;
   }
 
   /**
@@ -583,6 +629,17 @@ export class AddCowDevice implements BlockDevice {
     await attempt(() => this.onClose?.());
     if (errors.length > 0) throw errors[0];
   }
+}
+
+/** Zeros to compare with; as long as the largest cluster. */
+const ZEROS = Buffer.alloc(2 * 1024 * 1024);
+
+function isZero(buf: Buffer): boolean {
+  for (let at = 0; at < buf.length; at += ZEROS.length) {
+    const part = buf.subarray(at, Math.min(buf.length, at + ZEROS.length));
+    if (!part.equals(ZEROS.subarray(0, part.length))) return false;
+  }
+  return true;
 }
 
 /**

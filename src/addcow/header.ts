@@ -105,6 +105,20 @@ function quote(text: string): string {
   );
 }
 
+/**
+ * Bytes from the file for a message: quoted text when every byte is printable
+ * ASCII, else hex (`0xc08af826`), so a binary value never turns into mojibake.
+ */
+export function showBytes(bytes: Buffer): string {
+  if (bytes.every((b) => b >= 0x20 && b <= 0x7e)) return JSON.stringify(bytes.toString("latin1"));
+  return `0x${bytes.toString("hex")}`;
+}
+
+/** What a file with this magic is, when it is a well-known image format. */
+function knownMagic(magic: Buffer): string {
+  return magic.equals(Buffer.from("QFI\xfb", "latin1")) ? " (a qcow2 image)" : "";
+}
+
 /** "bits 0 and 5 (0x21)": the unknown feature bits, by number. */
 export function describeBits(bits: bigint): string {
   const set: number[] = [];
@@ -133,7 +147,7 @@ function decodeFormatField(buf: Buffer, offset: number, file: string, field: str
   }
   const text = raw.subarray(0, end).toString("latin1");
   if (!/^[\x20-\x7e]*$/.test(text)) {
-    throw bad(file, here, `${field} is ${quote(text)}, not printable text`);
+    throw bad(file, here, `${field} is ${showBytes(raw.subarray(0, end))}, not printable text`);
   }
   return text;
 }
@@ -161,7 +175,7 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
     throw bad(
       file,
       at("magic", OFF.magic),
-      `magic is ${quote(magic.toString("latin1"))}, expected "ACOW": not an add-cow file (revision 19/20)`,
+      `magic is ${showBytes(magic)}${knownMagic(magic)}, expected "ACOW" (0x41434f57): not an add-cow file (revision 19/20)`,
       "check the file name",
     );
   }

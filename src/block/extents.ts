@@ -61,3 +61,82 @@ export function chainOf(dev: BlockDevice): BlockDevice[] {
   for (let d: BlockDevice | null = dev; d; d = d.backing) layers.push(d);
   return layers;
 }
+
+/** A range resolved down a chain: the layer that holds its bytes, or zeros. */
+export interface ResolvedExtent {
+  start: number;
+  length: number;
+  /** data: `layer` holds the bytes; zero: they read as zeros (known without reading). */
+  kind: "data" | "zero";
+  /** 0 = dev itself, 1 = its backing, ...; for zero extents, the layer that knew. */
+  depth: number;
+  layer: BlockDevice;
+}
+
+/**
+ * Walks [start, end) of `dev` by block status, handing each `backing` range
+ * down the chain until a layer holds it or it reads as zeros (a zero extent,
+ * past the end of the layer below, or no layer below).
+ */
+export async function resolveExtents(
+  dev: BlockDevice,
+  start: number,
+  end: number,
+  fn: (e: ResolvedExtent) => void | Promise<void>,
+  depth = 0,
+): Promise<void> {
+  await forEachExtent(dev, start, end, async (e) => {
+    const { start: s, length } = e;
+    const below = dev.backing;
+    if (e.kind !== "backing" || !below) {
+      await fn({ start: s, length, kind: e.kind === "data" ? "data" : "zero", depth, layer: dev });
+      return;
+    }
+    const split = Math.min(s + length, Math.max(s, below.size));
+    if (split > s) await resolveExtents(below, s, split, fn, depth + 1);
+    if (split < s + length) {
+      await fn({ start: split, length: s + length - split, kind: "zero", depth, layer: dev });
+    }
+  });
+}
+
+/** The ranges of [start, end) that `dev` reads as zeros, known from block status alone. */
+export async function zeroRanges(
+  dev: BlockDevice,
+  start: number,
+  end: number,
+): Promise<Array<[number, number]>> {
+  const out: Array<[number, number]> = [];
+  await resolveExtents(dev, start, end, (e) => {
+    if (e.kind !== "zero") return;
+    const last = out[out.length - 1];
+    if (last && last[1] === e.start) last[1] = e.start + e.length;
+    else out.push([e.start, e.start + e.length]);
+  });
+  return out;
+}
+
+/**
+ * Reads [pos, pos + buf.length) of `dev` into buf, filling the ranges block
+ * status says read as zeros instead of reading them (a sparse base is never
+ * read where it is a hole). Returns those ranges.
+ */
+export async function readSkippingZeros(
+  dev: BlockDevice,
+  buf: Buffer,
+  pos: number,
+): Promise<Array<[number, number]>> {
+  const end = pos + buf.length;
+  const zeros = await zeroRanges(dev, pos, end);
+  const reads: Array<Promise<void>> = [];
+  let at = pos;
+  for (const [a, b] of [...zeros, [end, end] as [number, number]]) {
+    if (a > at) reads.push(dev.read(buf.subarray(at - pos, a - pos), at));
+    buf.fill(0, a - pos, b - pos);
+    at = b;
+  }
+  // Every read settles before a failure is reported: buf is the caller's.
+  const results = await Promise.allSettled(reads);
+  for (const r of results) if (r.status === "rejected") throw r.reason;
+  return zeros;
+}

@@ -1,11 +1,13 @@
 import * as fs from "node:fs";
 import { promisify } from "node:util";
+import { findHoles } from "../os/holes";
 
 const fdatasyncAsync = promisify(fs.fdatasync);
 const preadAsync = promisify(fs.read);
 const pwriteAsync = promisify(fs.write);
 const closeAsync = promisify(fs.close);
 const fstatAsync = promisify(fs.fstat);
+const ftruncateAsync = promisify(fs.ftruncate);
 
 const RESOLVED = Promise.resolve();
 
@@ -25,6 +27,16 @@ export interface FileIO {
   sync(): Promise<void>;
   /** Current length of the file in bytes. */
   size(): Promise<number>;
+  /**
+   * Sets the file's length (ftruncate): bytes past the old end read as zeros
+   * (a hole). Durable with the next sync(). Absent: the file cannot change size.
+   */
+  truncate?(length: number): Promise<void>;
+  /**
+   * The holes (ranges that read as zeros without blocks on disk) inside
+   * [start, end), in order. Absent or empty: none known, every byte may be data.
+   */
+  holes?(start: number, end: number): Array<[number, number]>;
   close(): Promise<void>;
   /** The open file descriptor, for locks; undefined for purely in-memory files. */
   readonly fd?: number;
@@ -129,6 +141,14 @@ export class PosixFile implements FileIO {
 
   async size(): Promise<number> {
     return (await fstatAsync(this.fd)).size;
+  }
+
+  truncate(length: number): Promise<void> {
+    return ftruncateAsync(this.fd, length).catch((err) => this.named(err));
+  }
+
+  holes(start: number, end: number): Array<[number, number]> {
+    return findHoles(this.fd, start, end);
   }
 
   async close(): Promise<void> {

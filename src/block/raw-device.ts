@@ -3,6 +3,7 @@ import type { FileIO } from "./file-io";
 import * as fs from "node:fs";
 import type { BlockDevice, Extent, LayerDescription } from "./block-device";
 import { checkRange } from "./range";
+import { pushExtent } from "./extents";
 
 /** A raw disk image: the virtual disk is the file's bytes. */
 export class RawDevice implements BlockDevice {
@@ -21,14 +22,27 @@ export class RawDevice implements BlockDevice {
 
   readonly backing = null;
 
-  /** Every byte is this file's own. */
+  /**
+   * Every byte is this file's own: data, except the file's holes (found with
+   * SEEK_HOLE/SEEK_DATA), which read as zeros without being read, and a tail
+   * past a file that shrank since it was opened.
+   */
   blockStatus(offset: number, length: number): Promise<Extent[]> {
     try {
       checkRange(this, length, offset);
+      const end = offset + length;
+      const out: Extent[] = [];
+      let pos = offset;
+      for (const [a, b] of this.file.holes?.(offset, end) ?? []) {
+        pushExtent(out, pos, a - pos, "data");
+        pushExtent(out, a, b - a, "zero");
+        pos = b;
+      }
+      pushExtent(out, pos, end - pos, "data");
+      return Promise.resolve(out);
     } catch (err) {
       return Promise.reject(err);
     }
-    return Promise.resolve([{ start: offset, length, kind: "data" }]);
   }
 
   describe(): LayerDescription {

@@ -9,7 +9,7 @@ import { DaemonLog } from "../daemon/daemon-log";
 import { diskFileName } from "../os/mount-table";
 import { AddCowError } from "../util/errors";
 import { KNOWN_OPTIONS, parseMountOptions } from "../daemon/mount-options";
-import { log } from "../util/log";
+import { enableTracing, log } from "../util/log";
 import { errorLine, packageVersion, runCli } from "./run-cli";
 
 const PROGRAM = "addcow-mount";
@@ -17,6 +17,7 @@ const PROGRAM = "addcow-mount";
 interface CliOptions {
   options: string[];
   foreground?: boolean;
+  debug?: boolean;
   name?: string;
   daemonChild?: boolean;
 }
@@ -42,6 +43,7 @@ export function buildProgram(deps: MountProgramDeps = {}): Command {
     .argument("<paths...>", "one or more .add-cow files, then the mount directory")
     .option("-o, --options <list>", `comma-separated mount options: ${KNOWN_OPTIONS}`, collect, [])
     .option("-f, --foreground", "stay in the foreground (stop with Ctrl-C or SIGTERM)")
+    .option("-d, --debug", "foreground, tracing every request on stderr (same as -o debug)")
     .option(
       "--name <name>",
       "file name inside MOUNTDIR (one disk only; default FILE without .add-cow)",
@@ -66,6 +68,11 @@ async function mountAction(
     throw new AddCowError(`--name applies to a single disk; ${files.length} disks were given`);
   }
   const options = parseMountOptions(opts.options);
+  if (opts.debug || options.debug) {
+    // Like sshfs -d: stay in the foreground and say what happens.
+    opts.foreground = true;
+    enableTracing();
+  }
   const disks: DiskSpec[] = files.map((f) => ({
     file: path.resolve(f),
     name: opts.name ?? diskFileName(f),

@@ -1,6 +1,8 @@
 #!/usr/bin/env node
 import { Command } from "commander";
 import { packageVersion, runCli } from "./run-cli";
+import { helperMain, isHelperCall } from "./mount-helper";
+import { applyOutputOption } from "./qemu-options";
 import * as check from "./commands/check";
 import * as create from "./commands/create";
 import * as info from "./commands/info";
@@ -10,6 +12,8 @@ import * as commit from "./commands/commit";
 import * as snapshot from "./commands/snapshot";
 import * as jobs from "./commands/jobs";
 import * as job from "./commands/job";
+import * as resize from "./commands/resize";
+import * as rebase from "./commands/rebase";
 
 /** Every subcommand is a module exporting register(program); add new ones here. */
 const COMMANDS: Array<{ register(program: Command): void }> = [
@@ -22,6 +26,8 @@ const COMMANDS: Array<{ register(program: Command): void }> = [
   snapshot,
   jobs,
   job,
+  rebase,
+  resize,
 ];
 
 export function buildProgram(): Command {
@@ -31,9 +37,18 @@ export function buildProgram(): Command {
     .helpOption("-h, --help", "show help")
     .addHelpText("after", "\nSee docs/cli.md for the full reference. Tracing: DEBUG=addcow:*");
   for (const command of COMMANDS) command.register(program);
+  applyOutputOption(program);
   return program;
 }
 
 if (require.main === module) {
-  void runCli(buildProgram());
+  const program = buildProgram();
+  const args = process.argv.slice(2);
+  const commands = program.commands.flatMap((c) => [c.name(), ...c.aliases()]);
+  if (isHelperCall(args, [...commands, "help"])) {
+    // mount.fuse runs `addcow SOURCE DIR -o OPTIONS` for mount -t fuse.addcow (and fstab).
+    helperMain("addcow", args);
+  } else {
+    void runCli(program, [...process.argv.slice(0, 2), ...resize.protectNegativeSize(args)]);
+  }
 }

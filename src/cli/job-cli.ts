@@ -10,6 +10,7 @@ import { Job, type JobKind, type JobStatus } from "../ops/job";
 import { ProgressOutput, chooseMode } from "./progress-output";
 import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "./confine-options";
 import { confinementCovers } from "../open/access-policy";
+import { addFormatOption, addJsonOption } from "./qemu-options";
 
 /** Shared by `addcow stream|commit|snapshot`: options, live or offline, progress, Ctrl-C. */
 
@@ -26,8 +27,11 @@ export interface CopyFlags extends ConfineFlags {
 /** Exit code of a job stopped by Ctrl-C or cancel (128 + SIGINT). */
 export const EXIT_CANCELLED = 130;
 
-export function addCopyOptions(cmd: Command): Command {
-  return addConfineOptions(cmd)
+/** The options of every copying job; `live: false` for one that runs on disks at rest only. */
+export function addCopyOptions(cmd: Command, opts: { live?: boolean } = {}): Command {
+  const withCopy = addFormatOption(
+    addJsonOption(addConfineOptions(cmd), "print progress as JSON events, one per line, on stdout"),
+  )
     .option("-n, --in-flight <n>", `copies running at once (default ${DEFAULT_IN_FLIGHT})`)
     .option("--buf-size <size>", "buffer memory shared by the copies (default 16M)")
     .option(
@@ -35,9 +39,9 @@ export function addCopyOptions(cmd: Command): Command {
       "chunk alignment, a multiple of the cluster size (default: the cluster size)",
     )
     .option("--speed <rate>", "limit in bytes per second (e.g. 100M); default: no limit")
-    .option("--json", "print progress as JSON events, one per line, on stdout")
-    .option("-q, --quiet", "print nothing but errors")
-    .option("-d, --detach", "on a mounted disk: start the job and return at once");
+    .option("-q, --quiet", "print nothing but errors");
+  if (opts.live === false) return withCopy;
+  return withCopy.option("-d, --detach", "on a mounted disk: start the job and return at once");
 }
 
 export function parseCopyFlags(flags: CopyFlags): CopyOptions {

@@ -1,7 +1,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { Command, CommanderError } from "commander";
-import { AddCowError, errnoCode } from "../util/errors";
+import { AddCowError, describeError, errnoCode } from "../util/errors";
 import { log } from "../util/log";
 
 /**
@@ -71,7 +71,7 @@ export function errorLine(err: unknown): string {
   }
   if (err instanceof AddCowError) return oneLine(err.message);
   const code = errnoCode(err);
-  if (err instanceof Error && code !== undefined) return oneLine(err.message);
+  if (err instanceof Error && code !== undefined) return oneLine(describeError(err));
   const text = err instanceof Error ? err.message : String(err);
   return `internal error: ${oneLine(text)} (run with DEBUG=addcow:* for a stack trace)`;
 }

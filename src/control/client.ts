@@ -10,6 +10,7 @@ import {
   type WatchEvent,
 } from "./protocol";
 import { allSockets, checkRuntimeDir, socketPathFor } from "./paths";
+import { readMountTable } from "../os/mount-table";
 
 /** Talks to one daemon's control socket; one connection per request. */
 export class ControlClient {
@@ -90,7 +91,12 @@ export class ControlClient {
   }
 }
 
-/** The daemon serving this disk, or null when it is not mounted (no socket, or a stale one). */
+/**
+ * The daemon serving this disk, or null when it is not mounted: no socket, a
+ * stale one, or a daemon whose mount is gone already (right after umount it
+ * answers for a moment while it flushes and exits; the disk is then opened
+ * as a disk at rest, which waits for that daemon to let go of it).
+ */
 export async function findDaemon(
   file: string,
 ): Promise<{ client: ControlClient; hello: HelloResponse } | null> {
@@ -100,7 +106,10 @@ export async function findDaemon(
   const client = new ControlClient(socketPath);
   try {
     const hello = await client.call<HelloResponse>({ op: "hello" });
-    return { client, hello };
+    const mounted = readMountTable().some(
+      (m) => m.mountPoint === hello.mountDir && m.fsType === "fuse.addcow",
+    );
+    return mounted ? { client, hello } : null;
   } catch (err) {
     const code = errnoCode(err);
     if (code === "ECONNREFUSED" || code === "ENOENT") return null;

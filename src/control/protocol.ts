@@ -16,6 +16,8 @@ export interface JobOptionsWire {
   newFile?: string;
   image?: string;
   clusterSize?: number;
+  /** snapshot: which names the user gave relative, to store them relative (like create). */
+  relative?: { backing: boolean; image: boolean };
 }
 
 export type ControlRequest =

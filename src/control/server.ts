@@ -148,6 +148,7 @@ function decodeOptions(wire: JobOptionsWire) {
     ...pick("newFile"),
     ...pick("image"),
     ...pick("clusterSize"),
+    ...pick("relative"),
   };
 }
 

@@ -37,9 +37,9 @@ const BLOCK_SIZE = 4096;
  * becoming a truncate to 0; default_permissions so the kernel enforces the
  * file modes (uid=, gid=, umask=) for other users.
  */
-export function libfuseOptions(opts: MountOptions): string[] {
+export function libfuseOptions(opts: MountOptions, fsname = "addcow"): string[] {
   const list = [
-    "fsname=addcow",
+    `fsname=${escapeOptionValue(opts.fsname ?? fsname)}`,
     "subtype=addcow",
     "default_permissions",
     "big_writes",
@@ -50,7 +50,13 @@ export function libfuseOptions(opts: MountOptions): string[] {
   ];
   if (opts.readOnly) list.push("ro");
   if (opts.allowOther) list.push("allow_other");
+  if (opts.autoUnmount) list.push("auto_unmount");
   return list;
+}
+
+/** libfuse splits -o at commas; a backslash makes the next character literal. */
+export function escapeOptionValue(value: string): string {
+  return value.replace(/[\\,]/g, (ch) => `\\${ch}`);
 }
 
 class AddCowFuse extends Fuse {
@@ -292,14 +298,20 @@ export function createFuseFrontEnd(
 
     statfs(_p: string, cb: ResultCb) {
       let total = 0;
-      for (const e of entries) total += Math.ceil(e.device.size / BLOCK_SIZE);
+      // Used: what the image files hold (their allocation); never more than the disks.
+      let used = 0;
+      for (const e of entries) {
+        total += Math.ceil(e.device.size / BLOCK_SIZE);
+        used += Math.ceil(((e.imageStat()?.blocks ?? 0) * 512) / BLOCK_SIZE);
+      }
+      used = Math.min(used, total);
       let free = 0;
       let avail = 0;
       const first = entries[0];
       const imagePath = first?.device.describe().dataFile;
       if (imagePath && path.isAbsolute(imagePath)) {
         try {
-          // Free space where the image file grows: what writes can still use.
+          // Free space where the image file grows.
           const st = fs.statfsSync(path.dirname(imagePath));
           free = Math.floor((st.bfree * st.bsize) / BLOCK_SIZE);
           avail = Math.floor((st.bavail * st.bsize) / BLOCK_SIZE);
@@ -311,8 +323,9 @@ export function createFuseFrontEnd(
         bsize: BLOCK_SIZE,
         frsize: BLOCK_SIZE,
         blocks: total,
-        bfree: Math.min(free, 0xffffffff),
-        bavail: Math.min(avail, 0xffffffff),
+        // Free: what writes can still use, bounded by the room left on the host and in the disks.
+        bfree: Math.min(free, total - used, 0xffffffff),
+        bavail: Math.min(avail, total - used, 0xffffffff),
         files: entries.length + 1,
         ffree: 0,
         favail: 0,
@@ -349,7 +362,8 @@ export function createFuseFrontEnd(
     },
   };
 
-  const fuse = new AddCowFuse(mountDir, ops, libfuseOptions(opts));
+  // The source /proc/mounts, findmnt and df show: the .add-cow file (the first one).
+  const fuse = new AddCowFuse(mountDir, ops, libfuseOptions(opts, entries[0]?.file));
   return {
     mount: () =>
       new Promise<void>((resolve, reject) => {

@@ -23,10 +23,16 @@ export interface MountOptions {
   log: LogDestination | undefined;
   /** confine, allow_dir=DIR, allow_url: where names in headers may lead (docs/security.md). */
   confine: Confinement | null;
+  /** What /proc/mounts, findmnt and df show as the source; default the (first) .add-cow file. */
+  fsname: string | undefined;
+  /** -o debug (or -d): stay in the foreground and trace every request (DEBUG=addcow:*). */
+  debug: boolean;
+  /** -o auto_unmount: fusermount unmounts the directory if the daemon dies (even by SIGKILL). */
+  autoUnmount: boolean;
 }
 
 export const KNOWN_OPTIONS =
-  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, copy-on-read, log=syslog|stderr|FILE, confine, allow_dir=DIR, allow_url";
+  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, copy-on-read, log=syslog|stderr|FILE, confine, allow_dir=DIR, allow_url, fsname=NAME, debug, auto_unmount";
 
 /**
  * Generic options mount(8) and mount.fuse hand every filesystem (from fstab or
@@ -61,7 +67,18 @@ const IGNORED_OPTIONS = new Set([
   "group",
   "nofail",
   "_netdev",
+  "dirsync",
+  "mand",
+  "nomand",
+  "iversion",
+  "noiversion",
+  "silent",
+  "loud",
+  "nosymfollow",
 ]);
+
+/** Generic options that carry a value, ignored too (`user=NAME` from user mounts, `comment=...`). */
+const IGNORED_WITH_VALUE = new Set(["comment", "user", "context", "fscontext", "defcontext"]);
 
 export function defaultMountOptions(): MountOptions {
   return {
@@ -74,6 +91,9 @@ export function defaultMountOptions(): MountOptions {
     copyOnRead: false,
     log: undefined,
     confine: null,
+    fsname: undefined,
+    debug: false,
+    autoUnmount: false,
   };
 }
 
@@ -184,8 +204,20 @@ export function parseMountOptions(args: string[]): MountOptions {
           flag();
           opts.cacheMode = "writethrough";
           break;
+        case "fsname":
+          opts.fsname = needValue();
+          break;
+        case "debug":
+          flag();
+          opts.debug = true;
+          break;
+        case "auto_unmount":
+          flag();
+          opts.autoUnmount = true;
+          break;
         default:
-          if (IGNORED_OPTIONS.has(name) || name.startsWith("x-") || name === "comment") break;
+          if (IGNORED_OPTIONS.has(name) && value === undefined) break;
+          if (IGNORED_WITH_VALUE.has(name) || name.startsWith("x-")) break;
           throw new AddCowError(
             `unknown mount option -o ${item}: the options are ${KNOWN_OPTIONS}`,
           );

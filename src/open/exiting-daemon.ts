@@ -1,8 +1,6 @@
-import * as fs from "node:fs";
-import * as path from "node:path";
-import { AddCowError } from "../util/errors";
 import { log } from "../util/log";
-import { readMountTable } from "../os/mount-table";
+import { AddCowError } from "../util/errors";
+import { type LockAdvice, describeHolder, explainLock } from "./lock-holder";
 
 /** How long an open waits for an unmounted daemon to flush and let go of its disk. */
 const EXIT_WAIT_MS = 10_000;
@@ -12,9 +10,14 @@ const EXIT_WAIT_MS = 10_000;
  * mount is already gone still holds the disk's lock: after `fusermount -u`
  * the daemon flushes, closes and exits a moment later, and `addcow info` or a
  * remount right then should wait for it rather than report the disk in use.
- * A daemon that is still mounted (or any other holder) fails at once.
+ * A daemon that is still mounted (or any other holder) fails at once, with a
+ * message saying where the disk is mounted and what to do (explainLock).
  */
-export async function waitingForExitingDaemon<T>(file: string, open: () => Promise<T>): Promise<T> {
+export async function waitingForExitingDaemon<T>(
+  file: string,
+  open: () => Promise<T>,
+  advice: LockAdvice = {},
+): Promise<T> {
   const deadline = Date.now() + EXIT_WAIT_MS;
   let unknownHolder = 0;
   for (;;) {
@@ -25,7 +28,7 @@ export async function waitingForExitingDaemon<T>(file: string, open: () => Promi
       if (holder === "unknown") unknownHolder++;
       const retry =
         holder === "exiting" || (holder === "unknown" && unknownHolder <= UNKNOWN_HOLDER_RETRIES);
-      if (Date.now() > deadline || !retry) throw err;
+      if (Date.now() > deadline || !retry) throw explainLock(err, advice);
       log.daemon("%s is held by an addcow-mount daemon that is stopping; waiting", file);
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
@@ -41,25 +44,7 @@ const UNKNOWN_HOLDER_RETRIES = 5;
 function lockHolderState(err: unknown): "exiting" | "unknown" | "other" {
   if (!(err instanceof AddCowError) || err.reason !== "locked") return "other";
   if (err.pid === undefined) return "unknown";
-  return heldByExitingDaemon(err.pid) ? "exiting" : "other";
-}
-
-function heldByExitingDaemon(pid: number): boolean {
-  let args: string[];
-  try {
-    args = fs.readFileSync(`/proc/${pid}/cmdline`, "utf8").split("\0");
-  } catch {
-    return true; // Gone already: the lock is free on the next try.
-  }
-  if (!args.some((a) => /addcow-mount(\.js)?$/.test(a))) return false;
-  // Daemons are started with absolute paths, the mount directory last.
-  const dir = args.filter((a) => a !== "" && !a.startsWith("-")).pop();
-  if (dir === undefined || !path.isAbsolute(dir)) return false;
-  let real = dir;
-  try {
-    real = fs.realpathSync(dir);
-  } catch {
-    // Keep the name as given.
-  }
-  return !readMountTable().some((e) => e.mountPoint === real && e.fsType === "fuse.addcow");
+  const holder = describeHolder(err.pid);
+  // Gone already: the lock is free on the next try. Unmounted: it is about to be.
+  return holder.gone || (holder.mountDir !== undefined && !holder.mounted) ? "exiting" : "other";
 }

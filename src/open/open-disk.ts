@@ -55,6 +55,12 @@ export interface OpenOptions {
    */
   backingDevice?: BlockDevice;
   /**
+   * Open the disk without its backing file (`addcow rebase -u`, which only
+   * rewrites the header: the named backing may be gone). Unallocated clusters
+   * then read as zeros; nothing may rely on their content.
+   */
+  withoutBacking?: boolean;
+  /**
    * Confinement for the names in headers (docs/security.md): they must resolve
    * inside the disk's directory or an allowed one. The owner rule always applies.
    */
@@ -171,7 +177,10 @@ function reason(err: unknown, file: string): string {
 /** What to do about a file of the disk that cannot be used. */
 function fixAdvice(role: string, file: string, namedIn?: string): string {
   if (!namedIn) return "check the path";
-  return `restore ${role === "image file" ? "the image file" : "the backing file"} at ${file}, or fix the name stored in ${namedIn}`;
+  if (role === "image file") {
+    return `restore the image file at ${file}, or fix the name stored in ${namedIn}`;
+  }
+  return `restore the backing file at ${file}, or point ${namedIn} at where it is now (addcow rebase -u -b NEW -F FORMAT ${namedIn})`;
 }
 
 async function statExisting(file: string, role: string, namedIn?: string): Promise<Judged> {
@@ -488,6 +497,8 @@ async function openAddCow(
     const top = state.depth === 1;
     if (top && state.opts.backingDevice) {
       backing = state.opts.backingDevice;
+    } else if (top && state.opts.withoutBacking) {
+      backing = null;
     } else if (!allAllocated) {
       // With every cluster allocated the backing file is never read: it may be gone.
       const writableBacking = top && writable && state.opts.writableBacking === true;

@@ -14,8 +14,8 @@ function processRuns(pid: number): boolean {
 
 /**
  * What a crash can leave beside a disk. `addcow create` writes the .add-cow
- * file as `.NAME.PID.tmp` and links it into place; a crash before the cleanup
- * leaves that file behind. It never affects the disk: a warning says so and
+ * file as `.NAME.PID.tmp` and links it into place (`addcow rebase` renames it
+ * into place); a crash before the cleanup leaves that file behind. It never affects the disk: a warning says so and
  * that it may be removed.
  */
 export const checkCreateLeftovers: CheckStep = {
@@ -41,7 +41,7 @@ export const checkCreateLeftovers: CheckStep = {
         severity: "warning",
         offset: null,
         field: "leftover file",
-        message: `${path.join(dir, name)} was left by an interrupted 'addcow create' (process ${pid} is gone); the disk does not use it and it can be removed`,
+        message: `${path.join(dir, name)} was left by an interrupted 'addcow create' or 'addcow rebase' (process ${pid} is gone); the disk does not use it and it can be removed`,
       });
     }
   },

@@ -209,7 +209,7 @@ export const checkPaddingBits: CheckStep = {
         severity: "corruption",
         offset: first,
         field: "bitmap",
-        message: `bits set past the end of the disk (${n} clusters): ${count} non-zero padding byte(s), the first at byte ${first}; was the image file shrunk?`,
+        message: `bits set past the end of the disk (${n} clusters): ${count} non-zero padding byte(s), the first at byte ${first}; was the image file shrunk? (an interrupted 'addcow resize' leaves this too: run it again)`,
       });
     }
   },

@@ -33,8 +33,8 @@ export function checkCommittable(dev: AddCowDevice): void {
   }
   if (dev.allAllocated || !dev.backing) {
     throw new AddCowError(
-      `${dev.path} has every cluster in its image file ("all allocated") and no longer reads its backing file; commit is not possible`,
-      { file: dev.path, code: "EINVAL" },
+      `${dev.path} was streamed: every cluster is in its image file ${dev.imagePath} ("all allocated"), which is now a standalone raw disk, and its backing file is no longer read, so there is nothing to commit; use ${dev.imagePath} as the disk (commit folds an overlay into its backing only before it is streamed)`,
+      { file: dev.path, code: "EINVAL", reason: "invalid" },
     );
   }
 }

@@ -44,6 +44,8 @@ export interface CreateOptions {
   backingSize?: number;
   /** Confinement for the names in the backing disk's headers (docs/security.md). */
   confine?: Confinement | null;
+  /** Store these names relative to FILE's directory even though they are given absolute. */
+  relative?: { backing: boolean; image: boolean };
 }
 
 export interface CreateResult {
@@ -61,11 +63,13 @@ export function defaultImageName(file: string): string {
 
 /**
  * The name to store: relative to the .add-cow file's directory when the user
- * gave it relative; a URL as it is (checked to carry no credentials).
+ * gave it relative (or `relative` says the user did: a live snapshot gets
+ * absolute paths over the control socket), else as given; a URL as it is
+ * (checked to carry no credentials).
  */
-function storedName(addcowFile: string, given: string): string {
-  if (path.isAbsolute(given)) return given;
+export function storedName(addcowFile: string, given: string, relative = false): string {
   if (isRemoteName(given)) return parseRemoteName(given).name;
+  if (path.isAbsolute(given) && !relative) return given;
   return path.relative(path.dirname(path.resolve(addcowFile)), path.resolve(given)) || ".";
 }
 
@@ -215,9 +219,10 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     headerSize,
     incompatibleFeatures: 0n,
     compatibleFeatures: 0n,
-    backingName: opts.backing === undefined ? null : storedName(file, opts.backing),
+    backingName:
+      opts.backing === undefined ? null : storedName(file, opts.backing, opts.relative?.backing),
     backingFormat: (opts.backingFormat as BackingFormat | undefined) ?? null,
-    imageName: storedName(file, imageGiven),
+    imageName: storedName(file, imageGiven, opts.relative?.image),
     imageFormat: "raw",
   });
   const numClusters = Math.ceil(size / 2 ** clusterBits);

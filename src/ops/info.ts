@@ -48,7 +48,7 @@ export interface InfoOptions {
 /** Opens the disk read-only and describes it (and, when asked, every layer below it). */
 export async function diskInfo(file: string, opts: InfoOptions = {}): Promise<DiskInfo> {
   const open: OpenOptions = { writable: false, lock: !opts.forceShare, confine: opts.confine };
-  const dev = await waitingForExitingDaemon(file, () => openDisk(file, open));
+  const dev = await waitingForExitingDaemon(file, () => openDisk(file, open), { forceShare: true });
   try {
     const info: DiskInfo = {
       ...(await dev.info()),

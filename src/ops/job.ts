@@ -3,7 +3,7 @@ import { AddCowError, describeError, errnoCode, errorPath, isNoSpace } from "../
 import { log } from "../util/log";
 import type { CopyEngine, CopyOutcome, CopyProgress } from "./copy-engine";
 
-export type JobKind = "stream" | "commit" | "snapshot";
+export type JobKind = "stream" | "commit" | "snapshot" | "rebase";
 export type JobState = "running" | "paused" | "completed" | "cancelled" | "failed";
 
 /** What `addcow jobs` lists and what --json progress events carry. */

@@ -11,6 +11,8 @@ export interface LiveJobRequest extends CopyOptions {
   newFile?: string;
   image?: string;
   clusterSize?: number;
+  /** snapshot: store these names relative to NEW's directory (the user gave them relative). */
+  relative?: { backing: boolean; image: boolean };
 }
 
 interface Served {
@@ -106,7 +108,7 @@ export class LiveJobs {
   }
 
   private async run(kind: JobKind, served: Served, job: Job, req: LiveJobRequest) {
-    const { keep, newFile, image, clusterSize, ...copy } = req;
+    const { keep, newFile, image, clusterSize, relative, ...copy } = req;
     switch (kind) {
       case "stream":
         return liveStream(served.live, job, copy);
@@ -121,6 +123,7 @@ export class LiveJobs {
         const msg = await liveSnapshot(served.live, served.top, newFile, {
           ...(image === undefined ? {} : { image }),
           ...(clusterSize === undefined ? {} : { clusterSize }),
+          ...(relative === undefined ? {} : { relative }),
           confine: this.confine,
         });
         this.retired.set(this.keyOf(served.top), newFile);
@@ -129,6 +132,8 @@ export class LiveJobs {
         await this.onNewTop(newFile);
         return msg;
       }
+      case "rebase":
+        throw new AddCowError(`rebase works on a disk at rest; unmount ${served.top} first`);
     }
   }
 

@@ -45,6 +45,11 @@ export function checkLiveJob(kind: JobKind, live: LiveDisk, top: string): void {
       reason: "invalid",
     });
   }
+  if (kind === "rebase") {
+    throw new AddCowError(`rebase works on a disk at rest; unmount ${top} first`, {
+      reason: "invalid",
+    });
+  }
   if (kind === "stream") checkStreamable(live.disk);
   if (kind === "commit") {
     checkCommittable(live.disk);

@@ -1,5 +1,5 @@
 import type { BlockDevice } from "../block/block-device";
-import { forEachExtent } from "../block/extents";
+import { resolveExtents } from "../block/extents";
 import { waitingForExitingDaemon } from "../open/exiting-daemon";
 import { openDisk } from "../open/open-disk";
 import type { Confinement } from "../open/access-policy";
@@ -22,36 +22,6 @@ export interface Extent {
   file: string | null;
 }
 
-/**
- * Walks [start, end) of `dev` (found at `depth`) by block status, handing
- * each range down the chain until a layer holds it or it reads as zeros.
- */
-async function resolve(
-  dev: BlockDevice,
-  depth: number,
-  start: number,
-  end: number,
-  out: (e: Extent) => void,
-): Promise<void> {
-  const file = dev.describe().dataFile;
-  await forEachExtent(dev, start, end, async (e) => {
-    const { start: s, length } = e;
-    if (e.kind === "data") {
-      out({ start: s, length, source: depth === 0 ? "image" : "backing", depth, file });
-    } else if (e.kind === "zero" || !dev.backing) {
-      out({ start: s, length, source: "zero", depth: null, file: null });
-    } else {
-      // Past the end of the layer below, the bytes read as zeros (the layer said "backing").
-      const below = dev.backing;
-      const split = Math.min(s + length, Math.max(s, below.size));
-      if (split > s) await resolve(below, depth + 1, s, split, out);
-      if (split < s + length) {
-        out({ start: split, length: s + length - split, source: "zero", depth: null, file: null });
-      }
-    }
-  });
-}
-
 /** The extents of an open disk, merged so neighbours always differ. */
 export async function mapDevice(dev: BlockDevice): Promise<Extent[]> {
   const extents: Extent[] = [];
@@ -70,7 +40,14 @@ export async function mapDevice(dev: BlockDevice): Promise<Extent[]> {
       extents.push({ ...e });
     }
   };
-  await resolve(dev, 0, 0, dev.size, push);
+  await resolveExtents(dev, 0, dev.size, (e) => {
+    const { start, length } = e;
+    if (e.kind === "zero") push({ start, length, source: "zero", depth: null, file: null });
+    else {
+      const file = e.layer.describe().dataFile;
+      push({ start, length, source: e.depth === 0 ? "image" : "backing", depth: e.depth, file });
+    }
+  });
   return extents;
 }
 
@@ -78,8 +55,10 @@ export async function mapDisk(
   file: string,
   opts: { forceShare?: boolean; confine?: Confinement | null } = {},
 ) {
-  const dev = await waitingForExitingDaemon(file, () =>
-    openDisk(file, { writable: false, lock: !opts.forceShare, confine: opts.confine }),
+  const dev = await waitingForExitingDaemon(
+    file,
+    () => openDisk(file, { writable: false, lock: !opts.forceShare, confine: opts.confine }),
+    { forceShare: true },
   );
   try {
     return await mapDevice(dev);

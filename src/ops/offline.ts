@@ -8,6 +8,7 @@ import { type CommitOptions, commitDisk, readOnlyBackingError } from "./commit";
 import { type CopyOptions, DEFAULT_IN_FLIGHT } from "./copy-engine";
 import type { Job } from "./job";
 import { streamDisk } from "./stream";
+import { type ResizeOptions, parseResize, resizeDisk } from "./resize";
 
 /** Jobs on a disk at rest: the job opens the disk, runs, flushes and closes it. */
 
@@ -16,7 +17,7 @@ import { streamDisk } from "./stream";
  * of different chunks overlap instead of queueing on the JS thread (which the
  * page-cache-friendly sync style would do). ADDCOW_IO, when set, still decides.
  */
-function jobOpener(opts: CopyOptions, open: OpenOptions): FileOpener | undefined {
+export function jobOpener(opts: CopyOptions, open: OpenOptions): FileOpener | undefined {
   if (open.opener || process.env.ADDCOW_IO || (opts.inFlight ?? DEFAULT_IN_FLIGHT) <= 1) {
     return open.opener;
   }
@@ -24,7 +25,8 @@ function jobOpener(opts: CopyOptions, open: OpenOptions): FileOpener | undefined
     new PosixFile(file, await openRegularFile(file, mode), mode === "write", "async");
 }
 
-async function withDisk<T>(
+/** Opens a disk at rest (waiting for a daemon that is letting go of it), runs fn, closes it. */
+export async function withDisk<T>(
   file: string,
   open: OpenOptions,
   fn: (dev: AddCowDevice) => Promise<T>,
@@ -104,4 +106,16 @@ export async function explainReadOnlyBacking(file: string, err: unknown): Promis
   }
   if (own.includes(path.resolve(err.file))) return err;
   return readOnlyBackingError(file, err.file, code);
+}
+
+/** Resizes a disk at rest to SIZE, +SIZE or -SIZE (see resizeDisk). */
+export function resizeOffline(
+  file: string,
+  spec: string,
+  opts: ResizeOptions = {},
+  open: OpenOptions = {},
+): Promise<string> {
+  return withDisk(file, { ...open, writable: true }, (dev) =>
+    resizeDisk(dev, parseResize(spec, dev.size), opts),
+  );
 }

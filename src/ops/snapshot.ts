@@ -11,6 +11,8 @@ export interface SnapshotOptions {
   backingSize?: number;
   /** Confinement for the names in FILE's chain (docs/security.md). */
   confine?: Confinement | null;
+  /** Which names the user gave relative (live: the paths arrive absolute); stored relative. */
+  relative?: { backing: boolean; image: boolean };
 }
 
 /**
@@ -43,6 +45,7 @@ export async function snapshotDisk(
     ...(opts.clusterSize === undefined ? {} : { clusterSize: opts.clusterSize }),
     ...(opts.backingSize === undefined ? {} : { backingSize: opts.backingSize }),
     confine: opts.confine,
+    ...(opts.relative ? { relative: opts.relative } : {}),
   });
   return `created ${newFile} (image file ${image}) over ${file}; from now on use ${newFile}: ${file} and its chain are only read`;
 }

@@ -7,6 +7,8 @@ export interface MountEntry {
   device: string;
   mountPoint: string;
   fsType: string;
+  /** What was mounted, as the file system names it (an addcow mount: the .add-cow file). */
+  source: string;
 }
 
 /** mountinfo escapes space, tab, newline and backslash as \ooo. */
@@ -25,6 +27,7 @@ export function parseMountInfo(text: string): MountEntry[] {
       device: fields[2]!,
       mountPoint: unescapeMountField(fields[4]!),
       fsType: fields[dash + 1] ?? "",
+      source: unescapeMountField(fields[dash + 2] ?? ""),
     });
   }
   return out;

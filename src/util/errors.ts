@@ -96,8 +96,30 @@ export function errorPath(err: unknown): string | undefined {
   return undefined;
 }
 
-/** One line for a user, whatever was thrown. */
+const DOING: Record<string, string> = {
+  read: "reading",
+  write: "writing",
+  fdatasync: "syncing",
+  fsync: "syncing",
+  ftruncate: "resizing",
+  open: "opening",
+  close: "closing",
+};
+
+/**
+ * One line for a user, whatever was thrown. A system error of a call on a
+ * descriptor ("ENOSPC: no space left on device, write") does not say which
+ * file; when the error carries it (PosixFile adds `path`), the line does:
+ * "writing /vm/disk.raw failed: no space left on device (ENOSPC)".
+ */
 export function describeError(err: unknown): string {
   const text = err instanceof Error ? err.message : String(err);
-  return text.split("\n")[0] ?? text;
+  const line = text.split("\n")[0] ?? text;
+  const file = errorPath(err);
+  const code = errnoCode(err);
+  if (file === undefined || code === undefined || line.includes(file)) return line;
+  const m = /^([A-Z0-9_]+): (.*?)(?:, (\w+))?$/.exec(line);
+  if (!m || m[1] !== code) return `${line} (${file})`;
+  const doing = m[3] ? (DOING[m[3]] ?? `${m[3]} of`) : "using";
+  return `${doing} ${file} failed: ${m[2]} (${code})`;
 }

@@ -12,3 +12,9 @@ export const log = {
   cli: createDebug("addcow:cli"),
   remote: createDebug("addcow:remote"),
 };
+
+/** Turns on every addcow namespace (addcow-mount -d), keeping what DEBUG enabled already. */
+export function enableTracing(): void {
+  const current = process.env.DEBUG;
+  createDebug.enable(current ? `${current},addcow:*` : "addcow:*");
+}

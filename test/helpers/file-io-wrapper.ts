@@ -29,6 +29,13 @@ export class FileIOWrapper implements FileIO {
   size(): Promise<number> {
     return this.inner.size();
   }
+  truncate(length: number): Promise<void> {
+    if (!this.inner.truncate) throw new Error(`${this.path} cannot change size`);
+    return this.inner.truncate(length);
+  }
+  holes(start: number, end: number): Array<[number, number]> {
+    return this.inner.holes ? this.inner.holes(start, end) : [];
+  }
   close(): Promise<void> {
     return this.inner.close();
   }

@@ -7,6 +7,7 @@ import {
 import { readHeader, resolveStoredName } from "../../src/open/open-disk";
 import { bitmapBytes, encodeHeader, headerSizeFor } from "../../src/addcow/header";
 import type { FileIO, FileOpener, OpenMode } from "../../src/block/file-io";
+import type { FileReplacer } from "../../src/block/replace-file";
 
 const PAGE = 4096;
 
@@ -65,6 +66,33 @@ export class SparseBytes {
     this.length = Math.max(this.length, pos + data.length);
   }
 
+  /** ftruncate: shorter drops the bytes past the end (they read as zeros if it grows again). */
+  truncate(length: number): void {
+    if (length < this.length) {
+      for (const page of [...this.pages.keys()]) {
+        if (page * PAGE >= length) this.pages.delete(page);
+      }
+      const last = this.pages.get(Math.floor(length / PAGE));
+      if (last) last.fill(0, length % PAGE);
+    }
+    this.length = length;
+  }
+
+  /** Ranges of [start, end) inside the file that no write ever touched (whole pages): holes. */
+  holes(start: number, end: number): Array<[number, number]> {
+    const out: Array<[number, number]> = [];
+    const stop = Math.min(end, this.length);
+    for (let page = Math.floor(start / PAGE); page * PAGE < stop; page++) {
+      if (this.pages.has(page)) continue;
+      const a = Math.max(start, page * PAGE);
+      const b = Math.min(stop, (page + 1) * PAGE);
+      const last = out[out.length - 1];
+      if (last && last[1] === a) last[1] = b;
+      else out.push([a, b]);
+    }
+    return out;
+  }
+
   toBuffer(): Buffer {
     const b = Buffer.alloc(this.length);
     this.read(b, 0);
@@ -109,6 +137,16 @@ export class MemoryFile implements FileIO {
     return this.bytes.length;
   }
 
+  async truncate(length: number): Promise<void> {
+    if (!this.writable)
+      throw Object.assign(new Error(`EBADF: ${this.path} is read-only`), { code: "EBADF" });
+    this.bytes.truncate(length);
+  }
+
+  holes(start: number, end: number): Array<[number, number]> {
+    return this.bytes.holes(start, end);
+  }
+
   async close(): Promise<void> {}
 }
 
@@ -128,6 +166,22 @@ export class MemoryFs {
 
   readonly opener: FileOpener = async (path: string, mode: OpenMode) =>
     new MemoryFile(path, this.get(path), mode === "write");
+
+  /** Files written beside others and renamed over them (the .add-cow file of a rebase). */
+  readonly replacer: FileReplacer = {
+    createBeside: async (target) => {
+      const aside = `${target}.aside`;
+      this.set(aside, new SparseBytes());
+      return new MemoryFile(aside, this.get(aside), true);
+    },
+    replace: async (aside, target) => {
+      this.files.set(target, this.get(aside.path));
+      this.files.delete(aside.path);
+    },
+    discard: async (aside) => {
+      this.files.delete(aside.path);
+    },
+  };
 }
 
 export interface MemoryDiskSpec {
@@ -220,4 +274,37 @@ export async function openDiskVia(
     bitmapCacheBytes: opts.bitmapCacheBytes,
     copyOnRead: opts.copyOnRead,
   });
+}
+
+/** What a power-loss test starts from: what the disk reads, and a copy of every file. */
+export interface CrashTestStart {
+  before: Buffer;
+  initial: Map<string, SparseBytes>;
+}
+
+/**
+ * Writes `count` random pieces (1..maxLen bytes, ending before `end`) into the
+ * disk through the engine, then keeps what it reads and a copy of every file:
+ * the state a job then starts from.
+ */
+export async function scribbleAndKeep(
+  mfs: MemoryFs,
+  addcow: string,
+  rng: { int(lo: number, hi: number): number; bytes(n: number): Buffer },
+  count: number,
+  maxLen: number,
+  end?: number,
+): Promise<CrashTestStart> {
+  const dev = await openDiskVia(mfs.opener, addcow, { writable: true });
+  const limit = end ?? dev.size;
+  for (let i = 0; i < count; i++) {
+    const len = rng.int(1, maxLen);
+    await dev.write(rng.bytes(len), rng.int(0, limit - len));
+  }
+  const before = Buffer.alloc(dev.size);
+  await dev.read(before, 0);
+  await dev.close();
+  const initial = new Map<string, SparseBytes>();
+  for (const [p, b] of mfs.files) initial.set(p, b.clone());
+  return { before, initial };
 }

@@ -18,6 +18,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { createDisk } from "../../src/ops/create";
+import { mountDirOfCommandLine } from "../../src/open/lock-holder";
 import { pattern } from "./pattern";
 
 function repoRoot(): string {
@@ -152,7 +153,7 @@ export function daemonPid(mountDir: string): number | null {
     } catch {
       continue;
     }
-    if (!args.some((a) => a.endsWith("addcow-mount.js"))) continue;
+    if (!args.some((a) => /addcow-mount(\.js)?$/.test(a))) continue;
     if (!args.includes("--daemon-child") && !args.includes("-f")) continue;
     let cwd = "/";
     try {
@@ -160,10 +161,7 @@ export function daemonPid(mountDir: string): number | null {
     } catch {
       // Gone already.
     }
-    // The last non-flag argument is the mount directory (relative to where it started).
-    const positional = args.filter((a) => a !== "" && !a.startsWith("-"));
-    const last = positional[positional.length - 1];
-    if (last && (path.resolve(cwd, last) === want || last === want)) return Number(entry);
+    if (mountDirOfCommandLine(args, cwd) === want) return Number(entry);
   }
   return null;
 }

@@ -1,4 +1,4 @@
-import type { LogEntry, WriteEntry } from "./recording-io";
+import type { ChangeEntry, LogEntry } from "./recording-io";
 import { SparseBytes } from "./memory-io";
 
 export const SECTOR = 512;
@@ -44,8 +44,8 @@ export interface CrashState {
   /** Log entries [0, point) happened before the power went. */
   point: number;
   files: Map<string, SparseBytes>;
-  /** The unsynced writes and what happened to each: for messages. */
-  pending: Array<{ write: WriteEntry; fate: Fate }>;
+  /** The unsynced writes (and size changes) and what happened to each: for messages. */
+  pending: Array<{ write: ChangeEntry; fate: Fate }>;
 }
 
 export interface CrashOptions {
@@ -60,11 +60,14 @@ export interface CrashOptions {
   seed?: number;
 }
 
-/** The writes to each file that are durable (synced) and pending (may be lost) at a crash point. */
+/**
+ * The writes (and size changes) to each file that are durable (synced) and
+ * pending (may be lost) at a crash point.
+ */
 export function splitAt(
   log: readonly LogEntry[],
   point: number,
-): { durable: WriteEntry[]; pending: WriteEntry[] } {
+): { durable: ChangeEntry[]; pending: ChangeEntry[] } {
   const coveredUpTo = new Map<string, number>();
   for (let i = 0; i < point; i++) {
     const e = log[i]!;
@@ -72,20 +75,33 @@ export function splitAt(
       coveredUpTo.set(e.file, Math.max(coveredUpTo.get(e.file) ?? 0, e.covers));
     }
   }
-  const durable: WriteEntry[] = [];
-  const pending: WriteEntry[] = [];
+  const durable: ChangeEntry[] = [];
+  const pending: ChangeEntry[] = [];
   for (let i = 0; i < point; i++) {
     const e = log[i]!;
-    if (e.kind !== "write") continue;
+    if (e.kind !== "write" && e.kind !== "truncate") continue;
     if (e.seq < (coveredUpTo.get(e.file) ?? 0)) durable.push(e);
     else pending.push(e);
   }
   return { durable, pending };
 }
 
-/** Applies the sectors of a write that survived; a sector is all new or all old, never mixed. */
-function applyFate(bytes: SparseBytes, w: WriteEntry, fate: Fate): void {
+/** Applies a durable write or size change. */
+function apply(bytes: SparseBytes, e: ChangeEntry): void {
+  if (e.kind === "truncate") bytes.truncate(e.length);
+  else bytes.write(e.data, e.pos);
+}
+
+/**
+ * Applies the sectors of a write that survived; a sector is all new or all
+ * old, never mixed. A size change happens whole or not at all.
+ */
+function applyFate(bytes: SparseBytes, w: ChangeEntry, fate: Fate): void {
   if (fate.kind === "dropped") return;
+  if (w.kind === "truncate") {
+    bytes.truncate(w.length);
+    return;
+  }
   if (fate.kind === "kept") {
     bytes.write(w.data, w.pos);
     return;
@@ -98,12 +114,13 @@ function applyFate(bytes: SparseBytes, w: WriteEntry, fate: Fate): void {
   }
 }
 
-function sectorCount(w: WriteEntry): number {
+function sectorCount(w: ChangeEntry): number {
+  if (w.kind === "truncate") return 1;
   const first = Math.floor(w.pos / SECTOR);
   return Math.ceil((w.pos + w.data.length) / SECTOR) - first;
 }
 
-function tornFate(rng: Rng, w: WriteEntry): Fate {
+function tornFate(rng: Rng, w: ChangeEntry): Fate {
   const n = sectorCount(w);
   const sectors: number[] = [];
   for (let i = 0; i < n; i++) if (rng.chance(0.5)) sectors.push(i);
@@ -132,7 +149,7 @@ export function* crashStates(
     const { durable, pending } = splitAt(log, point);
     const base = new Map<string, SparseBytes>();
     for (const [path, bytes] of initial) base.set(path, bytes.clone());
-    for (const w of durable) fileOf(base, w.file).write(w.data, w.pos);
+    for (const w of durable) apply(fileOf(base, w.file), w);
 
     const variants: Fate[][] = [];
     const kept: Fate = { kind: "kept" };
@@ -171,8 +188,19 @@ export function* crashStates(
       const files = new Map<string, SparseBytes>();
       for (const [path, bytes] of base) files.set(path, fates.length ? bytes.clone() : bytes);
       pending.forEach((w, i) => applyFate(fileOf(files, w.file), w, fates[i]!));
+      applyRenames(log, point, files);
       yield { point, files, pending: pending.map((write, i) => ({ write, fate: fates[i]! })) };
     }
+  }
+}
+
+/** Renames before the crash point happened (each is logged once durable), in order. */
+function applyRenames(log: readonly LogEntry[], point: number, files: Map<string, SparseBytes>) {
+  for (let i = 0; i < point; i++) {
+    const e = log[i]!;
+    if (e.kind !== "rename") continue;
+    files.set(e.to, files.get(e.from) ?? new SparseBytes());
+    files.delete(e.from);
   }
 }
 
@@ -188,7 +216,11 @@ function fileOf(files: Map<string, SparseBytes>, path: string): SparseBytes {
 /** A short description of the lost and torn writes of a crash state, for failure messages. */
 export function describeCrash(state: CrashState): string {
   const parts = state.pending.map(({ write, fate }) => {
-    const what = `${write.file.split("/").pop()}@${write.pos}+${write.data.length}`;
+    const name = write.file.split("/").pop();
+    const what =
+      write.kind === "truncate"
+        ? `${name} truncate to ${write.length}`
+        : `${name}@${write.pos}+${write.data.length}`;
     if (fate.kind === "torn")
       return `${what} torn(kept sectors ${fate.sectors.join(",") || "none"})`;
     return `${what} ${fate.kind}`;

@@ -1,4 +1,5 @@
 import type { FileIO, FileOpener, OpenMode } from "../../src/block/file-io";
+import type { FileReplacer } from "../../src/block/replace-file";
 import { FileIOWrapper } from "./file-io-wrapper";
 
 const SECTOR = 512;
@@ -24,6 +25,25 @@ export interface SyncEntry {
   covers: number;
 }
 
+/** A completed change of a file's length (ftruncate); durable like a write, with the next sync. */
+export interface TruncateEntry {
+  kind: "truncate";
+  seq: number;
+  file: string;
+  length: number;
+}
+
+/**
+ * A file renamed over another (FileReplacer.replace), logged once the rename
+ * is durable (the directory synced): from then on `to` holds what `from` held.
+ */
+export interface RenameEntry {
+  kind: "rename";
+  seq: number;
+  from: string;
+  to: string;
+}
+
 /** Something the workload wants placed in the same order (write issued, acknowledged, flush...). */
 export interface MarkEntry {
   kind: "mark";
@@ -32,7 +52,10 @@ export interface MarkEntry {
   info: Record<string, number>;
 }
 
-export type LogEntry = WriteEntry | SyncEntry | MarkEntry;
+export type LogEntry = WriteEntry | TruncateEntry | SyncEntry | RenameEntry | MarkEntry;
+
+/** What a crash may keep or lose: writes and size changes not yet synced. */
+export type ChangeEntry = WriteEntry | TruncateEntry;
 
 /**
  * Records every write and sync that reaches the wrapped files, across all of
@@ -53,6 +76,18 @@ export class Recorder {
     return new RecordingFile(inner, this);
   }
 
+  /** A replacer whose new files are recorded and whose renames are logged. */
+  replacer(inner: FileReplacer): FileReplacer {
+    return {
+      createBeside: async (target) => this.wrap(await inner.createBeside(target)),
+      replace: async (aside, target) => {
+        await inner.replace(aside, target);
+        this.log.push({ kind: "rename", seq: this.log.length, from: aside.path, to: target });
+      },
+      discard: (aside) => inner.discard(aside),
+    };
+  }
+
   /** An opener whose files are recorded. */
   opener(inner: FileOpener): FileOpener {
     return async (path: string, mode: OpenMode) => this.wrap(await inner(path, mode));
@@ -65,6 +100,11 @@ export class Recorder {
   /** @internal */
   pushWrite(file: string, pos: number, data: Buffer): void {
     this.log.push({ kind: "write", seq: this.log.length, file, pos, data: Buffer.from(data) });
+  }
+
+  /** @internal */
+  pushTruncate(file: string, length: number): void {
+    this.log.push({ kind: "truncate", seq: this.log.length, file, length });
   }
 
   /** @internal */
@@ -101,6 +141,12 @@ class RecordingFile extends FileIOWrapper {
         whole.subarray(0, Math.max(n, pos + buf.length - start)),
       );
     }
+  }
+
+  override async truncate(length: number): Promise<void> {
+    if (!this.inner.writable) this.recorder.illegalWrites.push(this.inner.path);
+    await super.truncate(length);
+    this.recorder.pushTruncate(this.inner.path, length);
   }
 
   override async sync(): Promise<void> {

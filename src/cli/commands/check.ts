@@ -2,6 +2,7 @@ import { waitingForExitingDaemon } from "../../open/exiting-daemon";
 import type { Command } from "commander";
 import { type CheckReport, type Finding, checkDisk } from "../../ops/check";
 import { action } from "../run-cli";
+import { addFormatOption, addJsonOption } from "../qemu-options";
 import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
 
 interface CheckFlags extends ConfineFlags {
@@ -39,12 +40,16 @@ export function register(program: Command): void {
       "verify an add-cow disk (header, sizes, bitmap, names, chain); exit 0 clean, 2 corrupt, 1 cannot check",
     )
     .argument("<file>", "the .add-cow file")
-    .option("--json", "print JSON (stable; see docs/cli.md)")
     .option("-U, --force-share", "do not take locks (results may be stale while a writer runs)");
-  addConfineOptions(cmd).action(
+  addFormatOption(
+    addJsonOption(addConfineOptions(cmd), "print JSON (stable; see docs/cli.md)"),
+  ).action(
     action(async (file: string, flags: CheckFlags) => {
-      const report = await waitingForExitingDaemon(file, () =>
-        checkDisk(file, { forceShare: flags.forceShare, confine: confinementFromFlags(flags) }),
+      const report = await waitingForExitingDaemon(
+        file,
+        () =>
+          checkDisk(file, { forceShare: flags.forceShare, confine: confinementFromFlags(flags) }),
+        { forceShare: true },
       );
       if (flags.json) process.stdout.write(JSON.stringify(report, null, 2) + "\n");
       else process.stdout.write(formatReport(report) + "\n");

@@ -3,6 +3,7 @@ import { type AddCowInfo, type LayerInfo, diskInfo } from "../../ops/info";
 import type { ConfinementInfo } from "../../open/access-policy";
 import { formatSize } from "../../util/size";
 import { action } from "../run-cli";
+import { addFormatOption, addJsonOption } from "../qemu-options";
 import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
 
 interface InfoFlags extends ConfineFlags {
@@ -105,10 +106,11 @@ export function register(program: Command): void {
     .command("info")
     .description("show what an add-cow disk is made of: sizes, files, backing chain, allocation")
     .argument("<file>", "the .add-cow file")
-    .option("--json", "print JSON (stable; see docs/cli.md)")
     .option("--backing-chain", "also describe every layer of the backing chain")
     .option("-U, --force-share", "do not take locks (answers may be stale while a writer runs)");
-  addConfineOptions(cmd).action(
+  addFormatOption(
+    addJsonOption(addConfineOptions(cmd), "print JSON (stable; see docs/cli.md)"),
+  ).action(
     action(async (file: string, flags: InfoFlags) => {
       const info = await diskInfo(file, {
         backingChain: flags.backingChain,

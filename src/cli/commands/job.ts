@@ -23,12 +23,15 @@ export function register(program: Command): void {
         for (const { client } of await allDaemons()) {
           const res = await client.call<{ ok: true; jobs: JobStatus[] }>({ op: "list" });
           if (!res.jobs.some((j) => j.id === id)) continue;
-          const done = await client.call<{ ok: true; job: JobStatus }>({
+          const answer = await client.call<{ ok: true; job: JobStatus }>({
             op: what as JobAction,
             id,
           });
-          process.stdout.write(`job ${id}: ${done.job.state}\n`);
-          return;
+          // A cancelled job stops its copies and flushes first: report how it ended.
+          const job = what === "cancel" ? await client.watch(id, () => undefined) : answer.job;
+          const why = job.error ?? job.message;
+          process.stdout.write(`job ${id}: ${job.state}${why ? ` (${why})` : ""}\n`);
+          return job.state === "failed" ? 1 : 0;
         }
         throw new AddCowError(`no running job ${id}: 'addcow jobs' lists the running ones`);
       }),

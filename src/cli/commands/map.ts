@@ -1,6 +1,7 @@
 import type { Command } from "commander";
 import { type Extent, mapDisk } from "../../ops/map";
 import { action } from "../run-cli";
+import { addFormatOption, addJsonOption } from "../qemu-options";
 import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
 
 interface MapFlags extends ConfineFlags {
@@ -38,9 +39,10 @@ export function register(program: Command): void {
     .command("map")
     .description("show where each byte range of the disk comes from: image, backing or zero")
     .argument("<file>", "the .add-cow file")
-    .option("--json", "print JSON (stable; see docs/cli.md)")
     .option("-U, --force-share", "do not take locks (answers may be stale while a writer runs)");
-  addConfineOptions(cmd).action(
+  addFormatOption(
+    addJsonOption(addConfineOptions(cmd), "print JSON (stable; see docs/cli.md)"),
+  ).action(
     action(async (file: string, flags: MapFlags) => {
       const extents = await mapDisk(file, {
         forceShare: flags.forceShare,

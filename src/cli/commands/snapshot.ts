@@ -4,6 +4,7 @@ import { runLiveIfMounted, runOffline } from "../job-cli";
 import { snapshotDisk } from "../../ops/snapshot";
 import { parseSize } from "../../util/size";
 import { action } from "../run-cli";
+import { addFormatOption, addJsonOption } from "../qemu-options";
 import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
 
 interface SnapshotFlags extends ConfineFlags {
@@ -29,9 +30,8 @@ export function register(program: Command): void {
       "image file of the new overlay (default: NEW with .add-cow replaced by .raw)",
     )
     .option("-c, --cluster-size <size>", "cluster size of the new overlay (default 64K)")
-    .option("--json", "print the result as a JSON event")
     .option("-q, --quiet", "print nothing but errors");
-  addConfineOptions(cmd).action(
+  addFormatOption(addJsonOption(addConfineOptions(cmd), "print the result as a JSON event")).action(
     action(async (file: string, newFile: string, flags: SnapshotFlags) => {
       const clusterSize =
         flags.clusterSize === undefined ? undefined : parseSize(flags.clusterSize, "cluster size");
@@ -39,6 +39,11 @@ export function register(program: Command): void {
         newFile: path.resolve(newFile),
         ...(flags.image === undefined ? {} : { image: path.resolve(flags.image) }),
         ...(clusterSize === undefined ? {} : { clusterSize }),
+        // The daemon gets absolute paths; names given relative are stored relative, as offline.
+        relative: {
+          backing: !path.isAbsolute(file),
+          image: !path.isAbsolute(flags.image ?? newFile),
+        },
       });
       if (live !== null) return live;
       return runOffline("snapshot", file, flags, () =>

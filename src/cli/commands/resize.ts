@@ -1,0 +1,44 @@
+import type { Command } from "commander";
+import { resizeOffline } from "../../ops/offline";
+import { action } from "../run-cli";
+import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
+import { addFormatOption } from "../qemu-options";
+
+interface ResizeFlags extends ConfineFlags {
+  shrink?: boolean;
+  quiet?: boolean;
+}
+
+export function register(program: Command): void {
+  const cmd = program
+    .command("resize")
+    .description(
+      "grow (or with --shrink, shrink) a disk at rest: SIZE, +SIZE or -SIZE; new clusters read as zeros",
+    )
+    .argument("<file>", "the .add-cow file (not mounted)")
+    .argument("<size>", "new size (8G), or a change (+1G, -512M)")
+    .option("--shrink", "allow a smaller size (only clusters the overlay does not hold are cut)")
+    .option("-q, --quiet", "print nothing on success");
+  addFormatOption(addConfineOptions(cmd)).action(
+    action(async (file: string, size: string, flags: ResizeFlags) => {
+      const message = await resizeOffline(
+        file,
+        size,
+        { shrink: flags.shrink === true },
+        { confine: confinementFromFlags(flags) },
+      );
+      if (!flags.quiet) process.stdout.write(message + "\n");
+    }),
+  );
+}
+
+/**
+ * `addcow resize FILE -512M`: a negative size looks like an option, as in
+ * qemu-img, which takes it out before parsing. Here a `--` goes in front of it.
+ */
+export function protectNegativeSize(args: string[]): string[] {
+  if (args[0] !== "resize" || args.includes("--")) return args;
+  const last = args[args.length - 1];
+  if (last === undefined || !/^-\d/.test(last)) return args;
+  return [...args.slice(0, -1), "--", last];
+}

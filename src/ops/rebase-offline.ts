@@ -1,0 +1,200 @@
+import * as fs from "node:fs";
+import * as path from "node:path";
+import type { AddCowDevice } from "../addcow/addcow-device";
+import type { BlockDevice } from "../block/block-device";
+import { BACKING_FORMATS, type BackingFormat } from "../addcow/header";
+import { AddCowError, describeError } from "../util/errors";
+import { type OpenOptions, openBacking } from "../open/open-disk";
+import { isUrlName } from "../open/access-policy";
+import { chainFiles, storedName } from "./create";
+import type { Job } from "./job";
+import { jobOpener, withDisk } from "./offline";
+import {
+  type OldBacking,
+  type RebaseOptions,
+  type RebaseTarget,
+  rebaseDisk,
+  rebaseUnsafe,
+} from "./rebase";
+
+/** What `addcow rebase` was asked: a backing file ("" for none), its format, -u. */
+export interface RebaseRequest {
+  backing: string;
+  format?: string;
+  unsafe?: boolean;
+}
+
+/** The first bytes of the image formats addcow knows, to refuse `-F raw` on one of them. */
+const MAGICS: Array<[string, Buffer]> = [
+  ["add-cow", Buffer.from("ACOW", "latin1")],
+  ["qcow2", Buffer.from("QFI\xfb", "latin1")],
+];
+
+/**
+ * A raw backing that starts like an add-cow or qcow2 image is a mistake:
+ * its header would be read as disk data. Formats are never guessed; a clear
+ * mismatch is refused.
+ */
+function checkNotAnImage(file: string, format: BackingFormat): void {
+  if (format !== "raw" || isUrlName(file)) return;
+  const head = Buffer.alloc(4);
+  try {
+    const fd = fs.openSync(file, "r");
+    try {
+      fs.readSync(fd, head, 0, 4, 0);
+    } finally {
+      fs.closeSync(fd);
+    }
+  } catch {
+    return; // Opening it says what is wrong.
+  }
+  for (const [name, magic] of MAGICS) {
+    if (head.equals(magic)) {
+      throw new AddCowError(
+        `${file} is ${name === "add-cow" ? "an" : "a"} ${name} image, not raw: use -F ${name} (a raw backing would show its header as disk data)`,
+        { file, reason: "invalid" },
+      );
+    }
+  }
+}
+
+function checkFormat(req: RebaseRequest): BackingFormat | null {
+  if (req.backing === "") {
+    if (req.format !== undefined) {
+      throw new AddCowError(`-F ${req.format} given with -b '': there is no backing file`);
+    }
+    return null;
+  }
+  if (req.format === undefined) {
+    throw new AddCowError(
+      `backing file ${req.backing} needs its format: add -F ${BACKING_FORMATS.join(" or -F ")} (formats are never guessed)`,
+    );
+  }
+  if (!(BACKING_FORMATS as readonly string[]).includes(req.format)) {
+    throw new AddCowError(
+      `unsupported backing format ${JSON.stringify(req.format)}: use -F ${BACKING_FORMATS.join(" or -F ")}`,
+    );
+  }
+  return req.format as BackingFormat;
+}
+
+/** The files of the disk itself: its .add-cow file and its image file. */
+function ownFiles(dev: AddCowDevice): Array<{ file: string; st: fs.Stats }> {
+  return dev.describe().files.map((file) => ({ file, st: fs.statSync(file) }));
+}
+
+/**
+ * Opens the new backing chain as the disk's header will name it (judged for
+ * the disk's owner, confined like the disk) and refuses a chain that leads
+ * back to the disk.
+ */
+async function openTarget(
+  dev: AddCowDevice,
+  given: string,
+  format: BackingFormat,
+  open: OpenOptions,
+): Promise<RebaseTarget> {
+  const file = isUrlName(given) ? given : path.resolve(given);
+  checkNotAnImage(file, format);
+  const st = fs.statSync(dev.path);
+  const how = {
+    confine: open.confine,
+    namedBy: { file: dev.path, uid: st.uid, gid: st.gid },
+    ...(open.opener ? { opener: open.opener } : {}),
+  };
+  // First without locks: a chain leading back to this disk would meet its own lock.
+  const probe = await openBacking(file, format, { ...how, lock: false });
+  try {
+    checkNoLoop(dev, probe, file);
+  } finally {
+    await probe.close();
+  }
+  const device = await openBacking(file, format, how);
+  return {
+    name: storedName(dev.path, given),
+    format,
+    device,
+    path: file,
+    sameAsCurrent: format === dev.header.backingFormat && sameFile(file, dev.backingPath),
+  };
+}
+
+/** Refuses a new backing chain that uses a file of the disk itself. */
+function checkNoLoop(dev: AddCowDevice, chain: BlockDevice, file: string): void {
+  const own = ownFiles(dev);
+  for (const used of chainFiles(chain)) {
+    if (isUrlName(used)) continue;
+    const ust = fs.statSync(used);
+    const same = own.find((o) => o.st.dev === ust.dev && o.st.ino === ust.ino);
+    if (same) {
+      throw new AddCowError(
+        `the backing chain would loop: ${used} (in the chain of ${file}) is ${same.file}, a file of ${dev.path} itself`,
+        { file: used, code: "ELOOP", reason: "chain" },
+      );
+    }
+  }
+}
+
+function sameFile(a: string, b: string | null): boolean {
+  if (b === null || isUrlName(a) || isUrlName(b)) return a === b;
+  try {
+    const x = fs.statSync(a);
+    const y = fs.statSync(b);
+    return x.dev === y.dev && x.ino === y.ino;
+  } catch {
+    return false;
+  }
+}
+
+/** The current backing's size, when it can still be opened (-u compares it). */
+async function oldBacking(dev: AddCowDevice, open: OpenOptions): Promise<OldBacking> {
+  if (dev.backingPath === null || dev.header.backingFormat === null) return null;
+  const st = fs.statSync(dev.path);
+  try {
+    const old = await openBacking(dev.backingPath, dev.header.backingFormat, {
+      confine: open.confine,
+      namedBy: { file: dev.path, uid: st.uid, gid: st.gid },
+    });
+    const size = old.size;
+    await old.close();
+    return { size };
+  } catch (err) {
+    const code = err instanceof AddCowError ? err.code : undefined;
+    return {
+      unreadable: code === "ENOENT" ? "does not exist" : `cannot be opened (${describeError(err)})`,
+    };
+  }
+}
+
+/**
+ * `addcow rebase` on a disk at rest: opens it for writing (its locks say
+ * whether it is mounted), opens the new backing chain, and runs the safe
+ * rebase (or, with -u, rewrites the name only; the old backing then need
+ * not exist).
+ */
+export async function rebaseOffline(
+  file: string,
+  req: RebaseRequest,
+  job: Job,
+  opts: RebaseOptions = {},
+  open: OpenOptions = {},
+): Promise<string> {
+  const format = checkFormat(req);
+  const opener = jobOpener(opts, open);
+  const openOpts: OpenOptions = {
+    ...open,
+    writable: true,
+    ...(req.unsafe ? { withoutBacking: true } : {}),
+    ...(opener ? { opener } : {}),
+  };
+  return withDisk(file, openOpts, async (dev) => {
+    const target = format === null ? null : await openTarget(dev, req.backing, format, open);
+    try {
+      if (req.unsafe)
+        return await rebaseUnsafe(dev, target, await oldBacking(dev, open), opts.replacer);
+      return await rebaseDisk(dev, target, job, opts);
+    } finally {
+      await target?.device.close();
+    }
+  });
+}
