@@ -18,6 +18,8 @@ afterAll(cleanupAll);
 function cruiseIn(cwd: string) {
   return run(DEPCRUISE, ["src", "--config", CONFIG, "--output-type", "err"], {
     cwd,
+    // Plain text: the rule names are matched below.
+    env: { ...process.env, FORCE_COLOR: "0", NO_COLOR: "1" },
     timeoutMs: 120_000,
   });
 }
