@@ -21,6 +21,8 @@ beforeAll(() => {
   process.env.ADDCOW_RUNTIME_DIR = runtime;
 });
 afterAll(() => {
+  // cleanupAll removes it after each test; the next test's daemon makes it again.
+  fs.rmSync(runtime, { recursive: true, force: true });
   if (savedRuntime === undefined) delete process.env.ADDCOW_RUNTIME_DIR;
   else process.env.ADDCOW_RUNTIME_DIR = savedRuntime;
 });
