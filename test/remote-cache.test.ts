@@ -36,6 +36,51 @@ describe("the block cache on disk", () => {
     expect(a.get(0, 32 * KiB)).toBeNull();
   });
 
+  it("checks every chunk a read covers, aligned or not; a damaged chunk or header is a miss and goes", () => {
+    const root = new CacheRoot(tempDir());
+    const data = pattern(64 * KiB, 5);
+    const fresh = () => {
+      const c = root.open("http://h/base.raw", identity, 64 * KiB);
+      c.put(0, data);
+      return c;
+    };
+    const read = (c: ReturnType<typeof fresh>, at: number, len: number) => {
+      const buf = Buffer.alloc(len);
+      return c.read(0, 64 * KiB, at, buf) ? buf : null;
+    };
+    const damage = (c: ReturnType<typeof fresh>, pos: number) => {
+      const fd = fs.openSync(path.join(c.dir, "0.blk"), "r+");
+      fs.writeSync(fd, Buffer.from([0x5a]), 0, 1, pos);
+      fs.closeSync(fd);
+    };
+    const header = 32 + 4 * 16;
+    let c = fresh();
+    // Whole chunks (read straight into the caller's buffer) and a read across chunk edges.
+    expect(read(c, 8 * KiB, 4 * KiB)!.equals(data.subarray(8 * KiB, 12 * KiB))).toBe(true);
+    expect(read(c, 8 * KiB - 100, 300)!.equals(data.subarray(8 * KiB - 100, 8 * KiB + 200))).toBe(
+      true,
+    );
+    for (const [at, len] of [
+      [8 * KiB, 4 * KiB],
+      [8 * KiB + 10, 100],
+    ] as const) {
+      c.close();
+      c = fresh();
+      damage(c, header + 9 * KiB);
+      expect(read(c, 4 * KiB, 4 * KiB)).not.toBeNull(); // another chunk: still good
+      expect(read(c, at, len)).toBeNull();
+      expect(fs.existsSync(path.join(c.dir, "0.blk"))).toBe(false);
+      expect(c.stats.corrupt).toBe(1);
+    }
+    // A header naming another block (a key byte changed) is never read.
+    c.close();
+    c = fresh();
+    damage(c, 9);
+    expect(read(c, 0, 4 * KiB)).toBeNull();
+    expect(fs.existsSync(path.join(c.dir, "0.blk"))).toBe(false);
+    c.close();
+  });
+
   it("stays under its size limit by evicting the least recently used blocks", () => {
     const dir = tempDir();
     const root = new CacheRoot(dir, 640 * KiB);

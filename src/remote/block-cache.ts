@@ -30,8 +30,8 @@ const MAGIC = Buffer.from("ACOWBLK2");
 const FIXED = 32;
 /** Checksum granularity: a 4 KiB read checks 4 KiB (the header grows by 1 KiB per MiB). */
 const CHUNK = 4096;
-/** Block files kept open per object (reads skip open/close). */
-const OPEN_FILES = 64;
+/** Block files kept open per object, with their checked headers (reads skip open/close). */
+const OPEN_FILES = 256;
 /** Hits refresh a block's mtime (its age for eviction) at most this often. */
 const TOUCH_AFTER_MS = 60_000;
 /** Temp files older than this are leftovers of a killed writer. */
@@ -66,12 +66,21 @@ function preadFull(fd: number, buf: Buffer, pos: number): number {
   return done;
 }
 
+/** A block file kept open: its descriptor and its header, checked once when opened. */
+interface OpenBlock {
+  fd: number;
+  /** The fixed part and every chunk's CRC. */
+  header: Buffer;
+  /** When its mtime (its age for eviction) was last known fresh. */
+  touchedAt: number;
+}
+
 /** One object's blocks in a {@link CacheRoot}. */
 export class BlockCache {
   readonly stats: CacheStats = { hits: 0, misses: 0, stored: 0, corrupt: 0, evicted: 0 };
   private readonly keyBytes: Buffer;
   /** Open block files, least recently used first. */
-  private readonly fds = new Map<number, number>();
+  private readonly open = new Map<number, OpenBlock>();
 
   constructor(
     private readonly root: CacheRoot,
@@ -97,35 +106,36 @@ export class BlockCache {
    * False on a miss; a damaged or partial file is deleted (a miss too).
    */
   read(index: number, length: number, at: number, target: Buffer): boolean {
-    const file = this.file(index);
-    const fd = this.openBlock(index);
-    if (fd === null) {
+    const block = this.openBlock(index, length);
+    if (block === null) {
       this.stats.misses++;
       return false;
     }
-    if (this.readOpen(fd, index, length, at, target)) {
+    if (block !== "damaged" && this.readOpen(block, length, at, target)) {
       this.stats.hits++;
-      this.touch(fd);
+      this.touch(block);
       return true;
     }
     this.forget(index);
     this.stats.corrupt++;
     this.stats.misses++;
+    const file = this.file(index);
     log.remote("cache: %s is damaged or partial; fetching the block again", file);
     fs.rmSync(file, { force: true });
     return false;
   }
 
   /**
-   * An open descriptor of a block file. A file once written is never changed
-   * in place (only replaced whole by rename, or deleted), so a kept descriptor
-   * stays good even when the name goes away.
+   * The open block file, its header read and checked once: a file once written
+   * is never changed in place (only replaced whole by rename, or deleted), so a
+   * kept descriptor and header stay good even when the name goes away.
+   * null: not cached; "damaged": a header that is not this block's.
    */
-  private openBlock(index: number): number | null {
-    const kept = this.fds.get(index);
+  private openBlock(index: number, length: number): OpenBlock | "damaged" | null {
+    const kept = this.open.get(index);
     if (kept !== undefined) {
-      this.fds.delete(index);
-      this.fds.set(index, kept);
+      this.open.delete(index);
+      this.open.set(index, kept);
       return kept;
     }
     let fd: number;
@@ -134,46 +144,50 @@ export class BlockCache {
     } catch {
       return null;
     }
-    this.fds.set(index, fd);
-    if (this.fds.size > OPEN_FILES) this.forget(this.fds.keys().next().value as number);
-    return fd;
+    const block: OpenBlock = { fd, header: Buffer.allocUnsafe(headerSize(length)), touchedAt: 0 };
+    this.open.set(index, block);
+    if (this.open.size > OPEN_FILES) this.forget(this.open.keys().next().value as number);
+    const h = block.header;
+    const good =
+      preadFull(fd, h, 0) === h.length &&
+      h.subarray(0, 8).equals(MAGIC) &&
+      h.subarray(8, 24).equals(this.keyBytes) &&
+      h.readUInt32LE(24) === index &&
+      h.readUInt32LE(28) === length;
+    return good ? block : "damaged";
   }
 
   private forget(index: number): void {
-    const fd = this.fds.get(index);
-    if (fd === undefined) return;
-    this.fds.delete(index);
-    fs.closeSync(fd);
+    const block = this.open.get(index);
+    if (block === undefined) return;
+    this.open.delete(index);
+    fs.closeSync(block.fd);
   }
 
   /** Closes the block files kept open. */
   close(): void {
-    for (const index of [...this.fds.keys()]) this.forget(index);
+    for (const index of [...this.open.keys()]) this.forget(index);
   }
 
-  private readOpen(fd: number, index: number, length: number, at: number, target: Buffer) {
+  /**
+   * Reads [at, at + target.length) of the block and checks the CRC of every
+   * chunk it covers. A read of whole chunks (the usual 4 KiB-aligned one) goes
+   * straight into target; others read the covering chunks aside first.
+   */
+  private readOpen(block: OpenBlock, length: number, at: number, target: Buffer): boolean {
     const hsize = headerSize(length);
+    const end = at + target.length;
     const c0 = Math.floor(at / CHUNK);
-    const c1 = Math.ceil((at + target.length) / CHUNK);
-    // The fixed part and the CRCs of the chunks asked for.
-    const header = Buffer.allocUnsafe(FIXED + 4 * c1);
-    if (preadFull(fd, header, 0) !== header.length) return false;
-    if (
-      !header.subarray(0, 8).equals(MAGIC) ||
-      !header.subarray(8, 24).equals(this.keyBytes) ||
-      header.readUInt32LE(24) !== index ||
-      header.readUInt32LE(28) !== length
-    ) {
-      return false;
-    }
+    const c1 = Math.ceil(end / CHUNK);
+    const whole = at % CHUNK === 0 && (end % CHUNK === 0 || end === length);
     const start = c0 * CHUNK;
-    const span = Buffer.allocUnsafe(Math.min(c1 * CHUNK, length) - start);
-    if (preadFull(fd, span, hsize + start) !== span.length) return false;
+    const span = whole ? target : Buffer.allocUnsafe(Math.min(c1 * CHUNK, length) - start);
+    if (preadFull(block.fd, span, hsize + start) !== span.length) return false;
     for (let c = c0; c < c1; c++) {
       const chunk = span.subarray((c - c0) * CHUNK, (c - c0 + 1) * CHUNK);
-      if (zlib.crc32(chunk) !== header.readUInt32LE(FIXED + 4 * c)) return false;
+      if (zlib.crc32(chunk) !== block.header.readUInt32LE(FIXED + 4 * c)) return false;
     }
-    span.copy(target, 0, at - start, at - start + target.length);
+    if (!whole) span.copy(target, 0, at - start, at - start + target.length);
     return true;
   }
 
@@ -215,11 +229,15 @@ export class BlockCache {
     return fs.existsSync(this.file(index));
   }
 
-  private touch(fd: number): void {
+  /** Refreshes the block's mtime (its age for eviction) at most once a minute per open file. */
+  private touch(block: OpenBlock): void {
+    const now = Date.now();
+    if (now - block.touchedAt < TOUCH_AFTER_MS) return;
+    block.touchedAt = now;
     try {
-      if (Date.now() - fs.fstatSync(fd).mtimeMs > TOUCH_AFTER_MS) {
-        const now = new Date();
-        fs.futimesSync(fd, now, now);
+      if (now - fs.fstatSync(block.fd).mtimeMs > TOUCH_AFTER_MS) {
+        const date = new Date(now);
+        fs.futimesSync(block.fd, date, date);
       }
     } catch {
       // Read-only cache: ages stay as they are.
