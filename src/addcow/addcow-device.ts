@@ -11,6 +11,7 @@ import {
   bitmapBytes,
 } from "./header";
 import { BitmapCache, DEFAULT_BITMAP_CACHE_BYTES } from "./bitmap-cache";
+import { writeZeros } from "./bitmap-space";
 import type { FileIO } from "../block/file-io";
 import { log } from "../util/log";
 import { FlushCoalescer } from "../block/flush-coalescer";
@@ -601,11 +602,7 @@ export class AddCowDevice implements BlockDevice {
     await this.flush();
     if (this.allocating.size > 0) throw new Error("clearAllocation while clusters are allocated");
     const total = bitmapBytes(this.numClusters, this.clusterBits).padded;
-    const zeros = Buffer.alloc(Math.min(total, 1 << 20));
-    for (let done = 0; done < total; done += zeros.length) {
-      const n = Math.min(zeros.length, total - done);
-      await this.meta.write(zeros.subarray(0, n), this.header.headerSize + done);
-    }
+    await writeZeros(this.meta, this.header.headerSize, this.header.headerSize + total);
     await this.meta.sync();
     this.bitmap.reset();
     log.engine("%s: bitmap emptied", this.path);
