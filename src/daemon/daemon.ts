@@ -330,13 +330,7 @@ export class MountDaemon {
   }
 }
 
-/**
- * `fusermount -u DIR && addcow-mount DISK DIR` must work: right after an
- * unmount the old daemon may still hold the disk's lock while it notices the
- * unmount, flushes and closes. When the lock holder is an addcow-mount daemon
- * whose directory is no longer mounted, wait for it (up to 10 s) instead of
- * failing; any other holder is refused at once.
- */
+/** The names the disks get in the mount directory: plain, and one per disk. */
 function checkNames(disks: DiskSpec[]): void {
   if (disks.length === 0) throw new AddCowError("no disk given: name at least one FILE.add-cow");
   const seen = new Map<string, string>();

@@ -1,5 +1,6 @@
 import * as fs from "node:fs";
 import { AddCowError } from "../util/errors";
+import { majorMinor } from "./mount-table";
 
 /** An open file: its descriptor (none for in-memory test files) and its name for messages. */
 export interface LockableFile {
@@ -44,9 +45,8 @@ export function lockFile(file: LockableFile, kind: LockKind, role: string): void
 function lockHolder(fd: number): number | undefined {
   try {
     const st = fs.fstatSync(fd);
-    const dev = st.dev;
-    const major = Math.floor(dev / 256) & 0xfff;
-    const minor = (dev & 0xff) | (Math.floor(dev / 4096) & ~0xff);
+    // /proc/locks writes the device in hex: "fd:01:5678".
+    const [major, minor] = majorMinor(st.dev);
     const id = `${major.toString(16).padStart(2, "0")}:${minor.toString(16).padStart(2, "0")}:${st.ino}`;
     for (const line of fs.readFileSync("/proc/locks", "utf8").split("\n")) {
       const f = line.trim().split(/\s+/);

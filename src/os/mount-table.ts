@@ -45,11 +45,16 @@ export function isMountPoint(dir: string, table: MountEntry[] = readMountTable()
   return table.some((m) => m.mountPoint === dir);
 }
 
-/** "major:minor" as mountinfo writes it, from a stat's st_dev. */
-export function deviceId(dev: number): string {
+/** The major and minor numbers of a stat's st_dev (Linux's encoding). */
+export function majorMinor(dev: number): [number, number] {
   const major = Math.floor(dev / 256) & 0xfff;
   const minor = (dev & 0xff) | (Math.floor(dev / 4096) & ~0xff);
-  return `${major}:${minor}`;
+  return [major, minor];
+}
+
+/** "major:minor" as mountinfo writes it, from a stat's st_dev. */
+export function deviceId(dev: number): string {
+  return majorMinor(dev).join(":");
 }
 
 /**
