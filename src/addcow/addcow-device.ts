@@ -1,6 +1,6 @@
 import * as fs from "node:fs";
 import type { BlockDevice, Extent, LayerDescription } from "../block/block-device";
-import { forEachExtent, pushExtent, readSkippingZeros } from "../block/extents";
+import { forEachExtent, pushExtent, readSparse } from "../block/extents";
 import { type AddCowInfo, describeAddCow } from "./addcow-info";
 import { checkRange } from "../block/range";
 import { AddCowError, errnoCode } from "../util/errors";
@@ -363,7 +363,8 @@ export class AddCowDevice implements BlockDevice {
                 scratch && scratch.length >= len
                   ? scratch.subarray(0, len)
                   : Buffer.allocUnsafe(len);
-              await this.readBackingSkippingZeros(data, start);
+              // Block jobs do not read what the chain knows to be zeros (holes, zero clusters).
+              await readSparse(this.backing, data, start);
             }
             await this.storeCopy(data, start);
             this.bitmap.set(c, c + n);
@@ -378,18 +379,6 @@ export class AddCowDevice implements BlockDevice {
     } finally {
       this.bitmap.unpin(c0, c1);
     }
-  }
-
-  /**
-   * readBacking for block jobs: ranges the backing chain's block status says
-   * read as zeros (holes of a raw file, zero clusters, past a layer's end) are
-   * filled with zeros instead of being read.
-   */
-  private async readBackingSkippingZeros(buf: Buffer, pos: number): Promise<void> {
-    const backing = this.backing;
-    const avail = backing ? Math.max(0, Math.min(buf.length, backing.size - pos)) : 0;
-    buf.fill(0, avail);
-    if (avail > 0) await readSkippingZeros(backing!, buf.subarray(0, avail), pos);
   }
 
   /**

@@ -140,3 +140,14 @@ export async function readSkippingZeros(
   for (const r of results) if (r.status === "rejected") throw r.reason;
   return zeros;
 }
+
+/**
+ * The bytes of `dev` at [pos, pos + buf.length) for a copy: zeros past its end
+ * (or with no device at all), and what block status says reads as zeros is
+ * filled, not read (a sparse base is never read where it is a hole).
+ */
+export async function readSparse(dev: BlockDevice | null, buf: Buffer, pos: number): Promise<void> {
+  const avail = dev ? Math.max(0, Math.min(buf.length, dev.size - pos)) : 0;
+  buf.fill(0, avail);
+  if (avail > 0) await readSkippingZeros(dev!, buf.subarray(0, avail), pos);
+}

@@ -1,7 +1,7 @@
 import type { AddCowDevice } from "../addcow/addcow-device";
 import { type BackingFormat, encodeHeader } from "../addcow/header";
 import type { BlockDevice } from "../block/block-device";
-import { bytesOfKind, readSkippingZeros } from "../block/extents";
+import { bytesOfKind, readSkippingZeros, readSparse } from "../block/extents";
 import { type FileReplacer, posixReplacer } from "../block/replace-file";
 import { AddCowError } from "../util/errors";
 import { formatSize } from "../util/size";
@@ -110,7 +110,7 @@ async function copyDifferences(
         let twin = twins.get(buf);
         if (!twin) twins.set(buf, (twin = Buffer.allocUnsafe(buf.length)));
         const now = twin.subarray(0, stop - start);
-        await Promise.all([readSkippingZeros(dev, old, start), readBelow(next, now, start)]);
+        await Promise.all([readSkippingZeros(dev, old, start), readSparse(next, now, start)]);
         // Runs of clusters whose bytes differ get the old bytes (already read).
         let runStart = -1;
         for (let c = c0; c <= c1; c++) {
@@ -131,13 +131,6 @@ async function copyDifferences(
     { ...opts, total },
   );
   return job.runEngine(engine);
-}
-
-/** The bytes of `dev` at pos, zeros past its end. */
-async function readBelow(dev: BlockDevice, buf: Buffer, pos: number): Promise<void> {
-  const avail = Math.max(0, Math.min(buf.length, dev.size - pos));
-  buf.fill(0, avail);
-  if (avail > 0) await readSkippingZeros(dev, buf.subarray(0, avail), pos);
 }
 
 /**
