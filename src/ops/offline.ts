@@ -25,13 +25,22 @@ export function jobOpener(opts: CopyOptions, open: OpenOptions): FileOpener | un
     new PosixFile(file, await openRegularFile(file, mode), mode === "write", "async");
 }
 
-/** Opens a disk at rest (waiting for a daemon that is letting go of it), runs fn, closes it. */
+/**
+ * Opens a disk at rest (waiting for a daemon that is letting go of it), runs
+ * fn, closes it. `explain` may turn an error of the open into a better one.
+ */
 export async function withDisk<T>(
   file: string,
   open: OpenOptions,
   fn: (dev: AddCowDevice) => Promise<T>,
+  explain?: (err: unknown) => Promise<unknown>,
 ): Promise<T> {
-  const dev = await waitingForExitingDaemon(file, () => openDisk(file, open));
+  let dev: AddCowDevice;
+  try {
+    dev = await waitingForExitingDaemon(file, () => openDisk(file, open));
+  } catch (err) {
+    throw explain ? await explain(err) : err;
+  }
   let result: T;
   try {
     result = await fn(dev);
@@ -55,35 +64,19 @@ export function streamOffline(
   );
 }
 
-export async function commitOffline(
+export function commitOffline(
   file: string,
   job: Job,
   opts: CommitOptions = {},
   open: OpenOptions = {},
 ): Promise<string> {
-  let dev: AddCowDevice;
-  try {
-    const opener = jobOpener(opts, open);
-    dev = await waitingForExitingDaemon(file, () =>
-      openDisk(file, {
-        ...open,
-        writable: true,
-        writableBacking: true,
-        ...(opener ? { opener } : {}),
-      }),
-    );
-  } catch (err) {
-    throw await explainReadOnlyBacking(file, err);
-  }
-  let message: string;
-  try {
-    message = await commitDisk(dev, job, opts);
-  } catch (err) {
-    await dev.close().catch(() => undefined);
-    throw err;
-  }
-  await dev.close();
-  return message;
+  const opener = jobOpener(opts, open);
+  return withDisk(
+    file,
+    { ...open, writable: true, writableBacking: true, ...(opener ? { opener } : {}) },
+    (dev) => commitDisk(dev, job, opts),
+    (err) => explainReadOnlyBacking(file, err),
+  );
 }
 
 /** A backing file that cannot be opened for writing gets a message about commit. */
