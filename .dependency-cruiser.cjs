@@ -6,8 +6,9 @@
 const LAYERS = [
   ["cli"],
   ["control", "daemon"],
+  ["jobs"],
   ["ops"],
-  ["open"],
+  ["chain"],
   ["addcow", "qcow2", "remote"],
   ["block"],
   ["os"],

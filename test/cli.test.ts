@@ -4,7 +4,7 @@ import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import type { CheckReport } from "../src/ops/check";
 import type { DiskInfo } from "../src/ops/info";
 import type { Extent } from "../src/ops/map";
-import { openDisk } from "../src/open/open-disk";
+import { openDisk } from "../src/chain/open-chain";
 import { encodeHeader } from "../src/addcow/header";
 import { addcow, addcowEnv, snapshotDir, stderrLines, tempDir } from "./cli-helpers";
 

@@ -13,7 +13,7 @@ import fc from "fast-check";
 import { afterAll, describe, expect, it } from "vitest";
 import type { AddCowDevice } from "../src/addcow/addcow-device";
 import { createDisk } from "../src/ops/create";
-import { openDisk } from "../src/open/open-disk";
+import { openDisk } from "../src/chain/open-chain";
 import type { ExtentKind } from "../src/block/block-device";
 import { forEachExtent } from "../src/block/extents";
 import { jitterOpener, prng } from "./helpers/jitter-io";

@@ -4,7 +4,7 @@ import * as path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import type { AddCowDevice, CacheMode } from "../src/addcow/addcow-device";
 import { createDisk } from "../src/ops/create";
-import { openDisk } from "../src/open/open-disk";
+import { openDisk } from "../src/chain/open-chain";
 import { openPosixFile } from "../src/block/file-io";
 import { DiskModel, orderViolations } from "./helpers/crash-model";
 import { FaultInjector } from "./helpers/fault-io";

@@ -10,7 +10,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { createDisk } from "../src/ops/create";
-import { openDisk } from "../src/open/open-disk";
+import { openDisk } from "../src/chain/open-chain";
 import { findHoles } from "../src/os/holes";
 import { addcow, stderrLines } from "./cli-helpers";
 import {

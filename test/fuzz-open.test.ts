@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AddCowError } from "../src/util/errors";
 import { decodeHeader } from "../src/addcow/header";
 import { type FileIO, type FileOpener, openPosixFile } from "../src/block/file-io";
-import { openDisk } from "../src/open/open-disk";
+import { openDisk } from "../src/chain/open-chain";
 import { F, header, tempDir } from "./helpers/bad-files";
 import { FileIOWrapper } from "./helpers/file-io-wrapper";
 import { heapGrowth, withTimeout } from "./helpers/fuzz";

@@ -14,7 +14,7 @@ import fc from "fast-check";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AddCowError } from "../src/util/errors";
 import { type FileIO, type FileOpener, openPosixFile } from "../src/block/file-io";
-import { openBacking } from "../src/open/open-disk";
+import { openBacking } from "../src/chain/open-chain";
 import { FileIOWrapper } from "./helpers/file-io-wrapper";
 import { heapGrowth, withTimeout } from "./helpers/fuzz";
 import { run } from "./helpers/mount";

@@ -11,7 +11,7 @@ import * as vm from "node:vm";
 import { afterAll, describe, expect, it } from "vitest";
 import { createDisk } from "../src/ops/create";
 import { headerSizeFor } from "../src/addcow/header";
-import { openDisk } from "../src/open/open-disk";
+import { openDisk } from "../src/chain/open-chain";
 import { AddCowError } from "../src/util/errors";
 import { type FileOpener, openPosixFile } from "../src/block/file-io";
 import { writeRaw } from "./helpers/bad-files";

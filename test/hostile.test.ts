@@ -7,7 +7,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { AddCowError } from "../src/util/errors";
-import { MAX_CHAIN_DEPTH, openDisk } from "../src/open/open-disk";
+import { MAX_CHAIN_DEPTH, openDisk } from "../src/chain/open-chain";
 import { diffTrees, snapshotTree, tempDir, writeDisk, writeRaw } from "./helpers/bad-files";
 import {
   SIZE,

@@ -2,7 +2,7 @@ import { type ChildProcess, execFileSync, spawn, spawnSync } from "node:child_pr
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
-import { openDisk } from "../src/open/open-disk";
+import { openDisk } from "../src/chain/open-chain";
 import { makeChain, MiB, KiB, qemuCompareRaw, readDisk, scribble, tempDir } from "./jobs-helpers";
 
 const ADDCOW = path.resolve(__dirname, "../dist/src/cli/addcow.js");

@@ -5,7 +5,7 @@ import * as path from "node:path";
 import type { BlockDevice } from "../src/block/block-device";
 import { createDisk } from "../src/ops/create";
 import type { AddCowDevice } from "../src/addcow/addcow-device";
-import { type OpenOptions, openDisk } from "../src/open/open-disk";
+import { type OpenOptions, openDisk } from "../src/chain/open-chain";
 import type { FileIO, FileOpener } from "../src/block/file-io";
 import { openPosixFile } from "../src/block/file-io";
 import { pattern } from "./helpers/pattern";

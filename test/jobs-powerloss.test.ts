@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
-import { commitDisk } from "../src/ops/commit";
-import { Job } from "../src/ops/job";
-import { streamDisk } from "../src/ops/stream";
+import { commitDisk } from "../src/jobs/commit";
+import { Job } from "../src/jobs/job";
+import { streamDisk } from "../src/jobs/stream";
 import {
   MemoryFs,
   type SparseBytes,

@@ -2,11 +2,11 @@ import { execFileSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
-import { openDisk } from "../src/open/open-disk";
-import { Job } from "../src/ops/job";
-import { commitOffline, streamOffline } from "../src/ops/offline";
-import { snapshotDisk } from "../src/ops/snapshot";
-import { streamDisk } from "../src/ops/stream";
+import { openDisk } from "../src/chain/open-chain";
+import { Job } from "../src/jobs/job";
+import { commitOffline, streamOffline } from "../src/jobs/at-rest";
+import { snapshotDisk } from "../src/jobs/snapshot";
+import { streamDisk } from "../src/jobs/stream";
 import {
   KiB,
   MiB,
@@ -350,7 +350,7 @@ describe("commit crash order", () => {
 
 describe("copy engine", () => {
   it("stops copying while paused and finishes after resume", async () => {
-    const { CopyEngine } = await import("../src/ops/copy-engine");
+    const { CopyEngine } = await import("../src/jobs/copy-engine");
     const copied: number[] = [];
     const engine = new CopyEngine(
       {

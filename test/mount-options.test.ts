@@ -4,7 +4,7 @@ import { diskFileName, parseMountInfo } from "../src/os/mount-table";
 import { libfuseOptions } from "../src/daemon/fuse-fs";
 import { parseMountOptions } from "../src/daemon/mount-options";
 import { parseHelperArgs } from "../src/cli/mount-helper";
-import { mountDirOfCommandLine } from "../src/open/lock-holder";
+import { mountDirOfCommandLine } from "../src/chain/lock-holder";
 
 describe("addcow-mount -o parsing", () => {
   it("reads the documented options, later ones winning", () => {

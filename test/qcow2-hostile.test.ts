@@ -8,7 +8,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { AddCowError } from "../src/util/errors";
-import { MAX_CHAIN_DEPTH, openBacking, openDisk } from "../src/open/open-disk";
+import { MAX_CHAIN_DEPTH, openBacking, openDisk } from "../src/chain/open-chain";
 import { createDisk } from "../src/ops/create";
 import type { BlockDevice } from "../src/block/block-device";
 import { HDR, compressedAt, l2EntryPos, layoutOf, patch } from "./helpers/qcow2-layout";

@@ -10,7 +10,7 @@ import * as path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { BlockDevice, ExtentKind } from "../src/block/block-device";
 import { forEachExtent } from "../src/block/extents";
-import { openBacking, openDisk } from "../src/open/open-disk";
+import { openBacking, openDisk } from "../src/chain/open-chain";
 import { createDisk } from "../src/ops/create";
 import { mapDevice } from "../src/ops/map";
 import { diskInfo } from "../src/ops/info";

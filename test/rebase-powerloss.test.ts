@@ -1,8 +1,8 @@
+import { readHeader } from "../src/addcow/open-addcow";
 import { describe, expect, it } from "vitest";
 import { RawDevice } from "../src/block/raw-device";
-import { readHeader } from "../src/open/open-disk";
-import { Job } from "../src/ops/job";
-import { type RebaseTarget, rebaseDisk } from "../src/ops/rebase";
+import { Job } from "../src/jobs/job";
+import { type RebaseTarget, rebaseDisk } from "../src/jobs/rebase";
 import { MemoryFs, createMemoryDisk, openDiskVia, scribbleAndKeep } from "./helpers/memory-io";
 import { Rng, crashStates, describeCrash } from "./helpers/power-loss";
 import { Recorder } from "./helpers/recording-io";

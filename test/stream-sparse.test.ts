@@ -3,8 +3,8 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { createDisk } from "../src/ops/create";
-import { Job } from "../src/ops/job";
-import { streamOffline } from "../src/ops/offline";
+import { Job } from "../src/jobs/job";
+import { streamOffline } from "../src/jobs/at-rest";
 import { MiB, pattern, readDisk, scribble, tempDir } from "./jobs-helpers";
 
 const dirs: string[] = [];

@@ -16,7 +16,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { openRegularFile } from "../src/block/file-io";
 import type { FileIO, FileOpener } from "../src/block/file-io";
 import { openPosixFile } from "../src/block/file-io";
-import { openDisk } from "../src/open/open-disk";
+import { openDisk } from "../src/chain/open-chain";
 import { AddCowError } from "../src/util/errors";
 import { fingerprint } from "./cli-helpers";
 import {

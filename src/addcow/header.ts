@@ -1,3 +1,4 @@
+import { BACKING_FORMATS, type BackingFormat, isBackingFormat } from "../block/chain-opener";
 import { AddCowError } from "../util/errors";
 
 /**
@@ -18,10 +19,6 @@ export const FORMAT_FIELD_SIZE = 16;
 export const FEATURE_ALL_ALLOCATED = 1n;
 export const KNOWN_COMPATIBLE = FEATURE_ALL_ALLOCATED;
 export const KNOWN_INCOMPATIBLE = 0n;
-
-export type BackingFormat = "raw" | "add-cow" | "qcow2";
-export const BACKING_FORMATS: readonly BackingFormat[] = ["raw", "add-cow", "qcow2"];
-export const IMAGE_FORMATS = ["raw"] as const;
 
 const OFF = {
   magic: 0,
@@ -285,14 +282,14 @@ export function decodeFixedHeader(buf: Buffer, file: string, fileSize: number): 
         `backing format is empty but a backing file is named (must be ${BACKING_FORMATS.join(", ")})`,
       );
     }
-    if (!(BACKING_FORMATS as readonly string[]).includes(backingFormat)) {
+    if (!isBackingFormat(backingFormat)) {
       throw bad(
         file,
         at("backing format", OFF.backingFormat),
         `backing format is ${quote(backingFormat)}, not supported (supported: ${BACKING_FORMATS.join(", ")})`,
       );
     }
-    h.backingFormat = backingFormat as BackingFormat;
+    h.backingFormat = backingFormat;
   } else if (backingFormat !== "") {
     throw bad(
       file,

@@ -1,6 +1,6 @@
 import * as path from "node:path";
 import type { Command } from "commander";
-import type { Confinement } from "../open/access-policy";
+import type { Confinement } from "../chain/access-policy";
 
 /** --confine, --allow-dir, --allow-url: shared by every addcow command that opens a disk. */
 

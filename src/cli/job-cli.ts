@@ -4,12 +4,12 @@ import { findDaemon } from "../control/client";
 import type { JobOptionsWire } from "../control/protocol";
 import { AddCowError } from "../util/errors";
 import { parseSize } from "../util/size";
-import type { CopyOptions } from "../ops/copy-engine";
-import { DEFAULT_BUF_SIZE, DEFAULT_IN_FLIGHT } from "../ops/copy-engine";
-import { Job, type JobKind, type JobStatus } from "../ops/job";
+import type { CopyOptions } from "../jobs/copy-engine";
+import { DEFAULT_BUF_SIZE, DEFAULT_IN_FLIGHT } from "../jobs/copy-engine";
+import { Job, type JobKind, type JobStatus } from "../jobs/job";
 import { ProgressOutput, chooseMode } from "./progress-output";
 import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "./confine-options";
-import { confinementCovers } from "../open/access-policy";
+import { confinementCovers } from "../chain/access-policy";
 import { addFormatOption, addJsonOption } from "./qemu-options";
 
 /** Shared by `addcow stream|commit|snapshot`: options, live or offline, progress, Ctrl-C. */

@@ -1,6 +1,6 @@
 import { Presets, SingleBar } from "cli-progress";
 import { formatSize } from "../util/size";
-import type { JobStatus } from "../ops/job";
+import type { JobStatus } from "../jobs/job";
 
 /**
  * How a job's progress reaches a person or a script:

@@ -1,7 +1,7 @@
 import * as fs from "node:fs";
 import * as net from "node:net";
 import { AddCowError, errnoCode } from "../util/errors";
-import type { JobStatus } from "../ops/job";
+import type { JobStatus } from "../jobs/job";
 import {
   type ControlRequest,
   type ControlResponse,

@@ -1,5 +1,5 @@
-import type { JobKind, JobStatus } from "../ops/job";
-import type { Confinement } from "../open/access-policy";
+import type { JobKind, JobStatus } from "../jobs/job";
+import type { Confinement } from "../chain/access-policy";
 
 /**
  * The control protocol: one JSON object per line over a unix socket. A client

@@ -1,10 +1,10 @@
 import * as fs from "node:fs";
 import * as net from "node:net";
-import type { LiveDisk } from "../ops/live";
-import { LiveJobs } from "../ops/live-jobs";
-import type { Job, JobStatus } from "../ops/job";
+import type { LiveDisk } from "../jobs/live";
+import { LiveJobs } from "../jobs/live-jobs";
+import type { Job, JobStatus } from "../jobs/job";
 import { AddCowError, describeError } from "../util/errors";
-import type { Confinement } from "../open/access-policy";
+import type { Confinement } from "../chain/access-policy";
 import { log } from "../util/log";
 import { diskKey, ensureRuntimeDir, socketPathFor } from "./paths";
 import {

@@ -3,12 +3,12 @@ import * as path from "node:path";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
 import type { AddCowDevice } from "../addcow/addcow-device";
-import { openDisk } from "../open/open-disk";
+import { openDisk } from "../chain/open-chain";
 import { AddCowError, describeError, errnoCode } from "../util/errors";
 import { DiskEntry } from "./disk-entry";
 import { type FuseFrontEnd, createFuseFrontEnd } from "./fuse-fs";
 import type { MountOptions } from "./mount-options";
-import type { Confinement } from "../open/access-policy";
+import type { Confinement } from "../chain/access-policy";
 import { log } from "../util/log";
 import {
   deviceId,
@@ -17,7 +17,7 @@ import {
   readMountTable,
   readMountTableAsync,
 } from "../os/mount-table";
-import { waitingForExitingDaemon } from "../open/exiting-daemon";
+import { waitingForExitingDaemon } from "../chain/exiting-daemon";
 import type { FileOpener } from "../block/file-io";
 
 const execFileAsync = promisify(execFile);

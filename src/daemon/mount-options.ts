@@ -1,6 +1,6 @@
 import * as path from "node:path";
 import { AddCowError } from "../util/errors";
-import type { Confinement } from "../open/access-policy";
+import type { Confinement } from "../chain/access-policy";
 import type { CacheMode } from "../addcow/addcow-device";
 import type { LogDestination } from "./daemon-log";
 

@@ -1,5 +1,5 @@
 import type { AddCowHeader } from "../addcow/header";
-import type { Confinement, Namer } from "../open/access-policy";
+import type { Confinement, Namer } from "../chain/access-policy";
 
 /**
  * The shared parts of `addcow check` (ops/check.ts): verifies an add-cow disk without modifying anything. The

@@ -7,8 +7,8 @@ import {
   openBacking,
   resolveBackingName,
   resolveStoredName,
-} from "../open/open-disk";
-import { type Confinement, checkUrlName, isUrlName } from "../open/access-policy";
+} from "../chain/open-chain";
+import { type Confinement, checkUrlName, isUrlName } from "../chain/access-policy";
 import { AddCowError, errnoCode } from "../util/errors";
 import {
   FEATURE_ALL_ALLOCATED,

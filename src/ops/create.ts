@@ -1,9 +1,8 @@
+import { type BackingFormat, BACKING_FORMATS } from "../block/chain-opener";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { AddCowError, errnoCode, isNoSpace } from "../util/errors";
 import {
-  type BackingFormat,
-  BACKING_FORMATS,
   DEFAULT_CLUSTER_BITS,
   MAX_CLUSTER_BITS,
   MIN_CLUSTER_BITS,
@@ -14,9 +13,9 @@ import {
 import { formatSize } from "../util/size";
 import type { BlockDevice } from "../block/block-device";
 import { chainOf } from "../block/extents";
-import { openBacking } from "../open/open-disk";
+import { openBacking } from "../chain/open-chain";
 import { isRemoteName, parseRemoteName } from "../remote/url";
-import type { Confinement } from "../open/access-policy";
+import type { Confinement } from "../chain/access-policy";
 import { writeZeros } from "../addcow/bitmap-space";
 import { PosixFile } from "../block/file-io";
 

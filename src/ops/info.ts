@@ -1,8 +1,8 @@
 import type { BlockDevice } from "../block/block-device";
 import type { AddCowInfo } from "../addcow/addcow-info";
-import { waitingForExitingDaemon } from "../open/exiting-daemon";
-import { type OpenOptions, openDisk } from "../open/open-disk";
-import { type Confinement, type ConfinementInfo, confinementOf } from "../open/access-policy";
+import { waitingForExitingDaemon } from "../chain/exiting-daemon";
+import { type OpenOptions, openDisk } from "../chain/open-chain";
+import { type Confinement, type ConfinementInfo, confinementOf } from "../chain/access-policy";
 
 export type { AddCowInfo, FileRef } from "../addcow/addcow-info";
 

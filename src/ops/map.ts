@@ -1,8 +1,8 @@
 import type { BlockDevice } from "../block/block-device";
 import { resolveExtents } from "../block/extents";
-import { waitingForExitingDaemon } from "../open/exiting-daemon";
-import { openDisk } from "../open/open-disk";
-import type { Confinement } from "../open/access-policy";
+import { waitingForExitingDaemon } from "../chain/exiting-daemon";
+import { openDisk } from "../chain/open-chain";
+import type { Confinement } from "../chain/access-policy";
 
 /** Where the bytes of an extent come from, seen from the top disk. */
 export type ExtentSource = "image" | "backing" | "zero";

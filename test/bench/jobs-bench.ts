@@ -50,7 +50,7 @@ export const jobsSuite: BenchSuite = {
     // Templates: the add-cow overlay (metadata + sparse image) and the equivalent qcow2 overlay.
     const { createDisk } = require("../../src/ops/create") as typeof import("../../src/ops/create");
     const { openDisk } =
-      require("../../src/open/open-disk") as typeof import("../../src/open/open-disk");
+      require("../../src/chain/open-chain") as typeof import("../../src/chain/open-chain");
     await createDisk({
       file: f("ov.add-cow"),
       image: f("ov.raw"),

@@ -3,13 +3,13 @@
  * that opening them changed nothing on disk. Field offsets are written out here
  * from the format description, independently of src/addcow/header.ts.
  */
+import type { BackingFormat } from "../../src/block/chain-opener";
 import { createHash } from "node:crypto";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 import {
   type AddCowHeader,
-  type BackingFormat,
   bitmapBytes,
   encodeHeader,
   headerSizeFor,

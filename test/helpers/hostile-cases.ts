@@ -10,7 +10,7 @@ import * as path from "node:path";
 import { encodeHeader } from "../../src/addcow/header";
 import type { FileOpener } from "../../src/block/file-io";
 import { openPosixFile } from "../../src/block/file-io";
-import { MAX_CHAIN_DEPTH } from "../../src/open/open-disk";
+import { MAX_CHAIN_DEPTH } from "../../src/chain/open-chain";
 import { F, header, patchFile, setFormat, writeDisk, writeRaw } from "./bad-files";
 
 export const KiB = 1024;

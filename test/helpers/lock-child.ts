@@ -4,7 +4,7 @@
  * JSON line ({"ok":true} or {"ok":false,"message":...}) and, when open, stays
  * alive until killed or until its stdin closes.
  */
-import { openDisk } from "../../src/open/open-disk";
+import { openDisk } from "../../src/chain/open-chain";
 import { describeError } from "../../src/util/errors";
 
 async function main(): Promise<void> {

@@ -1,10 +1,11 @@
+import { readHeader } from "../../src/addcow/open-addcow";
 import { RawDevice } from "../../src/block/raw-device";
 import {
   AddCowDevice,
   type AddCowDeviceParts,
   type CacheMode,
 } from "../../src/addcow/addcow-device";
-import { readHeader, resolveStoredName } from "../../src/open/open-disk";
+import { resolveStoredName } from "../../src/chain/open-chain";
 import { bitmapBytes, encodeHeader, headerSizeFor } from "../../src/addcow/header";
 import type { FileIO, FileOpener, OpenMode } from "../../src/block/file-io";
 import type { FileReplacer } from "../../src/block/replace-file";

@@ -18,7 +18,7 @@ import * as os from "node:os";
 import * as path from "node:path";
 import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { createDisk } from "../../src/ops/create";
-import { mountDirOfCommandLine } from "../../src/open/lock-holder";
+import { mountDirOfCommandLine } from "../../src/chain/lock-holder";
 import { pattern } from "./pattern";
 
 function repoRoot(): string {

@@ -1,4 +1,4 @@
-import { waitingForExitingDaemon } from "../../open/exiting-daemon";
+import { waitingForExitingDaemon } from "../../chain/exiting-daemon";
 import type { Command } from "commander";
 import { type CheckReport, type Finding, checkDisk } from "../../ops/check";
 import { action } from "../run-cli";

@@ -1,5 +1,5 @@
 import type { Command } from "commander";
-import { commitOffline } from "../../ops/offline";
+import { commitOffline } from "../../jobs/at-rest";
 import {
   type CopyFlags,
   addCopyOptions,

@@ -1,6 +1,6 @@
 import type { Command } from "commander";
 import { type AddCowInfo, type LayerInfo, diskInfo } from "../../ops/info";
-import type { ConfinementInfo } from "../../open/access-policy";
+import type { ConfinementInfo } from "../../chain/access-policy";
 import { formatSize } from "../../util/size";
 import { action } from "../run-cli";
 import { addFormatOption, addJsonOption } from "../qemu-options";

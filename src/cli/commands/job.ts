@@ -1,6 +1,6 @@
 import type { Command } from "commander";
 import { allDaemons } from "../../control/client";
-import type { JobStatus } from "../../ops/job";
+import type { JobStatus } from "../../jobs/job";
 import { AddCowError } from "../../util/errors";
 import { action } from "../run-cli";
 

@@ -1,5 +1,5 @@
 import type { Command } from "commander";
-import { rebaseOffline } from "../../ops/rebase-offline";
+import { rebaseOffline } from "../../jobs/rebase-target";
 import { type CopyFlags, addCopyOptions, parseCopyFlags, runOffline } from "../job-cli";
 import { action } from "../run-cli";
 import { confinementFromFlags } from "../confine-options";

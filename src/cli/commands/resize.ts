@@ -1,5 +1,5 @@
 import type { Command } from "commander";
-import { resizeOffline } from "../../ops/offline";
+import { resizeOffline } from "../../jobs/at-rest";
 import { action } from "../run-cli";
 import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
 import { addFormatOption } from "../qemu-options";

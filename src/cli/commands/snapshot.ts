@@ -1,7 +1,7 @@
 import * as path from "node:path";
 import type { Command } from "commander";
 import { runLiveIfMounted, runOffline } from "../job-cli";
-import { snapshotDisk } from "../../ops/snapshot";
+import { snapshotDisk } from "../../jobs/snapshot";
 import { parseSize } from "../../util/size";
 import { action } from "../run-cli";
 import { addFormatOption, addJsonOption } from "../qemu-options";

@@ -1,5 +1,5 @@
 import type { Command } from "commander";
-import { streamOffline } from "../../ops/offline";
+import { streamOffline } from "../../jobs/at-rest";
 import {
   type CopyFlags,
   addCopyOptions,

@@ -3,31 +3,21 @@ import * as path from "node:path";
 import type { BlockDevice } from "../block/block-device";
 import { RawDevice } from "../block/raw-device";
 import { AddCowError, describeError, errnoCode } from "../util/errors";
-import {
-  type AddCowHeader,
-  type BackingFormat,
-  FEATURE_ALL_ALLOCATED,
-  FIXED_HEADER_SIZE,
-  bitmapBytes,
-  decodeFixedHeader,
-  decodeHeader,
-} from "../addcow/header";
+import type { Access, BackingFormat, ChainOpener, LayerFile, Namer } from "../block/chain-opener";
 import { type FileIO, type FileOpener, openPosixFile } from "../block/file-io";
-import { log } from "../util/log";
-import { AddCowDevice, type CacheMode } from "../addcow/addcow-device";
+import type { AddCowDevice, CacheMode } from "../addcow/addcow-device";
+import { type AddCowOpenRequest, openAddCow } from "../addcow/open-addcow";
 import { type LockKind, lockFile } from "../os/file-lock";
-import { reserveBitmap } from "../addcow/bitmap-space";
 import {
   AccessPolicy,
   type Confinement,
   type Judged,
   type NamedFile,
-  type Namer,
   isUrlName,
 } from "./access-policy";
 import type { RemoteSettings } from "../remote/options";
 import { openRemoteBacking } from "./open-remote";
-import { type ChainOpener, openQcow2 } from "./open-qcow2";
+import { openQcow2 } from "../qcow2/open-qcow2";
 
 /** Longest backing chain we follow; deeper chains are refused as hostile. */
 export const MAX_CHAIN_DEPTH = 64;
@@ -110,7 +100,7 @@ async function openChain<T>(
 
 /** Opens an add-cow disk and its backing chain. */
 export function openDisk(file: string, opts: OpenOptions = {}): Promise<AddCowDevice> {
-  return openChain(file, opts, 0, (state) => openAddCow(file, opts.writable ?? false, state));
+  return openChain(file, opts, 0, (state) => openAddCowLayer(file, opts.writable ?? false, state));
 }
 
 /** Opens a disk of a known format read-only (raw file or add-cow chain), for backing use. */
@@ -363,7 +353,7 @@ async function openLayer(
     state.cleanup.push(() => dev.close());
     return dev;
   }
-  if (format === "add-cow") return openAddCow(file, writable, state, namer);
+  if (format === "add-cow") return openAddCowLayer(file, writable, state, namer);
   if (format === "qcow2") {
     if (writable) {
       throw new AddCowError(
@@ -371,7 +361,7 @@ async function openLayer(
         { file, code: "EROFS", reason: "invalid" },
       );
     }
-    return openQcow2(file, chainOpener(state), namer);
+    return openQcow2(chainOpener(state), file, namer);
   }
   const mode = writable ? "write" : "read";
   if (!namer) return RawDevice.open((await openGiven(file, mode, role, state)).io);
@@ -381,17 +371,6 @@ async function openLayer(
 
 function lockFor(mode: "read" | "write"): LockKind {
   return mode === "write" ? "exclusive" : "shared";
-}
-
-/** Reads and validates the header of an open .add-cow file. */
-export async function readHeader(meta: FileIO, file: string): Promise<AddCowHeader> {
-  const fileSize = await meta.size();
-  const fixed = Buffer.alloc(FIXED_HEADER_SIZE);
-  const n = await meta.read(fixed, 0);
-  const f = decodeFixedHeader(fixed.subarray(0, n), file, fileSize);
-  const full = Buffer.alloc(f.headerSize);
-  await meta.read(full, 0);
-  return decodeHeader(full, file, fileSize);
 }
 
 /** Resolves a name stored in an .add-cow file: relative names are relative to its directory. */
@@ -415,156 +394,94 @@ function enterLayer(state: ChainState, file: string, namedIn?: string): void {
   }
 }
 
-/** The chain rules (depth, loops, names judged, locks, cleanup) lent to the qcow2 opener. */
-function chainOpener(state: ChainState): ChainOpener {
+/**
+ * A layer's own file: named by the user (the disk) or by a header (judged
+ * first). Read-only and locked for `access` until reopenForWriting.
+ */
+async function openLayerFile(
+  file: string,
+  kind: string,
+  access: Access,
+  state: ChainState,
+  namer?: Namer,
+): Promise<LayerFile> {
+  const lockAs = lockFor(access);
+  if (namer) {
+    const role = "backing file";
+    const self: NamedFile = { file, role, access, namer };
+    const st = await judgeNamed(self, state);
+    let io = await openJudged({ ...self, access: "read" }, st, state, lockAs);
+    return {
+      io,
+      owner: ownerOf(file, st),
+      reopenForWriting: async () =>
+        (io = await reopenForWriting(io, role, state, () => openJudged(self, st, state, false))),
+    };
+  }
+  const role = kind;
+  const given = await openGiven(file, "read", role, state, lockAs);
+  state.policy.setDiskOwner(given.st);
+  let io = given.io;
   return {
-    enterLayer: (file, namedIn) => enterLayer(state, file, namedIn),
-    openLayerFile: async (file, namer) => {
-      const role = namer ? "backing file" : "qcow2 file";
-      let io: FileIO;
-      let st: Judged;
-      if (namer) {
-        const n: NamedFile = { file, role, access: "read", namer };
-        st = await judgeNamed(n, state);
-        io = await openJudged(n, st, state);
-      } else {
-        ({ io, st } = await openGiven(file, "read", role, state));
-        state.policy.setDiskOwner(st);
-      }
-      return { io, owner: { file, uid: Number(st.uid), gid: Number(st.gid) } };
-    },
-    openNamedFile: async (file, role, namer) => {
-      const n: NamedFile = { file, role, access: "read", namer };
-      return openJudged(n, await judgeNamed(n, state), state);
-    },
-    openBacking: (file, format, namer) => openLayer(file, format, state, "backing file", namer),
-    resolve: resolveStoredName,
+    io,
+    owner: ownerOf(file, given.st),
+    reopenForWriting: async () =>
+      (io = await reopenForWriting(io, role, state, () =>
+        reopenGiven(file, given.st, role, state),
+      )),
   };
 }
 
+function ownerOf(file: string, st: Judged): Namer {
+  return { file, uid: Number(st.uid), gid: Number(st.gid) };
+}
+
 /**
- * Opens one add-cow layer and everything below it. Files named in headers are
- * judged (access-policy.ts) before they are opened, and nothing is opened for
- * writing before every file below it has passed: the .add-cow file is read
- * first and reopened for writing last, the image file is opened after the
- * backing chain.
+ * One add-cow layer, with what the open options say about the top one: its
+ * backing given, left out or writable, copy-on-read. Layers below always
+ * open read-only with their backing opened by the chain.
  */
-async function openAddCow(
+function openAddCowLayer(
   file: string,
   writable: boolean,
   state: ChainState,
   namer?: Namer,
 ): Promise<AddCowDevice> {
-  enterLayer(state, file, namer?.file);
-  const role = namer ? "backing file" : "add-cow file";
-  const isTop = state.depth === 1 && !namer;
-  const mode = writable ? "write" : "read";
-  let meta: FileIO;
-  let metaStat: Judged;
-  let self: NamedFile | null = null;
-  if (namer) {
-    self = { file, role, access: mode, namer };
-    metaStat = await judgeNamed(self, state);
-    // Read first; reopened for writing at the end, once the layers below have passed.
-    meta = await openJudged({ ...self, access: "read" }, metaStat, state, lockFor(mode));
-  } else {
-    ({ io: meta, st: metaStat } = await openGiven(file, "read", role, state, lockFor(mode)));
-    state.policy.setDiskOwner(metaStat);
-  }
-  // Names in this header are this file's owner's words: judged for that user too.
-  const layer: Namer = { file, uid: Number(metaStat.uid), gid: Number(metaStat.gid) };
-  const header = await readHeader(meta, file);
-  log.open(
-    "%s: cluster_bits %d, image %s, backing %s",
+  const o = state.opts;
+  const top = state.depth === 0;
+  let backing: AddCowOpenRequest["backing"] = "open";
+  if (top && o.backingDevice) backing = { device: o.backingDevice };
+  else if (top && o.withoutBacking) backing = "none";
+  else if (top && o.writableBacking) backing = "open-writable";
+  return openAddCow(chainOpener(state), {
     file,
-    header.clusterBits,
-    header.imageName,
-    header.backingName,
-  );
-
-  const imagePath = resolveStoredName(file, header.imageName);
-  const imageFile: NamedFile = { file: imagePath, role: "image file", access: mode, namer: layer };
-  const imageStat = await judgeNamed(imageFile, state);
-
-  const allAllocated = (header.compatibleFeatures & FEATURE_ALL_ALLOCATED) !== 0n;
-  let backing: BlockDevice | null = null;
-  let backingPath: string | null = null;
-  if (header.backingName !== null) {
-    if (isUrlName(header.backingName)) {
-      state.policy.checkUrl(header.backingName, "backing file", file);
-    }
-    backingPath = resolveBackingName(file, header.backingName);
-    const top = state.depth === 1;
-    if (top && state.opts.backingDevice) {
-      backing = state.opts.backingDevice;
-    } else if (top && state.opts.withoutBacking) {
-      backing = null;
-    } else if (!allAllocated) {
-      // With every cluster allocated the backing file is never read: it may be gone.
-      const writableBacking = top && writable && state.opts.writableBacking === true;
-      backing = await openLayer(
-        backingPath,
-        header.backingFormat!,
-        state,
-        "backing file",
-        layer,
-        writableBacking,
-      );
-    }
-  }
-
-  const image = await openJudged(imageFile, imageStat, state);
-  if (writable) {
-    const n = self;
-    meta = await reopenForWriting(meta, role, state, () =>
-      n ? openJudged(n, metaStat, state, false) : reopenGiven(file, metaStat, role, state),
-    );
-  }
-  const imageSize = await image.size();
-  if (!allAllocated) {
-    const metaSize = await meta.size();
-    checkBitmapLength(file, header, metaSize, imagePath, imageSize);
-    // Setting bits must never need new blocks: fill holes in the bitmap before any use.
-    if (writable) await reserveBitmap(meta, file, header.headerSize, metaSize);
-  }
-
-  return new AddCowDevice({
-    path: file,
-    header,
-    meta,
-    image,
-    imageSize,
+    writable,
+    ...(namer ? { namer } : {}),
     backing,
-    imagePath,
-    backingPath,
-    cacheMode: state.opts.cacheMode,
-    bitmapCacheBytes: state.opts.bitmapCacheBytes,
-    copyOnRead: isTop && writable && state.opts.copyOnRead === true,
+    cacheMode: o.cacheMode,
+    bitmapCacheBytes: o.bitmapCacheBytes,
+    copyOnRead: top && !namer && o.copyOnRead === true,
   });
 }
 
-/**
- * The bitmap must cover every cluster of the disk (the image file's length). A
- * longer bitmap is accepted: the disk is as long as the image file, and bits
- * past its last cluster are ignored like padding (`addcow check` reports an
- * image file shorter than its bitmap, and set bits past the end).
- */
-function checkBitmapLength(
-  file: string,
-  header: AddCowHeader,
-  metaSize: number,
-  imagePath: string,
-  imageSize: number,
-): void {
-  const numClusters = Math.ceil(imageSize / 2 ** header.clusterBits);
-  const { needed } = bitmapBytes(numClusters, header.clusterBits);
-  const have = metaSize - header.headerSize;
-  if (have < needed) {
-    throw new AddCowError(
-      `${file}: bitmap is ${have} bytes, shorter than the ${needed} bytes the disk needs for image file ${imagePath} (${imageSize} bytes, ${numClusters} clusters); the .add-cow file is truncated or the image file was grown: restore the original files`,
-      { file, code: "EINVAL" },
-    );
-  }
+/** The chain rules lent to each format's opener (block/chain-opener.ts). */
+function chainOpener(state: ChainState): ChainOpener {
+  return {
+    enterLayer: (file, namedIn) => enterLayer(state, file, namedIn),
+    openLayerFile: (file, kind, access, namer) => openLayerFile(file, kind, access, state, namer),
+    judgeNamedFile: async (file, role, access, namer) => {
+      const n: NamedFile = { file, role, access, namer };
+      const st = await judgeNamed(n, state);
+      return { file, open: (lockAs) => openJudged(n, st, state, lockAs) };
+    },
+    resolve: resolveStoredName,
+    backingName: (file, stored) => {
+      if (isUrlName(stored)) state.policy.checkUrl(stored, "backing file", file);
+      return resolveBackingName(file, stored);
+    },
+    openBacking: (name, format, namer, writable) =>
+      openLayer(name, format, state, "backing file", namer, writable),
+  };
 }
 
 /**

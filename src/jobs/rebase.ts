@@ -1,5 +1,6 @@
+import type { BackingFormat } from "../block/chain-opener";
 import type { AddCowDevice } from "../addcow/addcow-device";
-import { type BackingFormat, encodeHeader } from "../addcow/header";
+import { encodeHeader } from "../addcow/header";
 import type { BlockDevice } from "../block/block-device";
 import { bytesOfKind, readSkippingZeros, readSparse } from "../block/extents";
 import { type FileReplacer, posixReplacer } from "../block/replace-file";

@@ -1,15 +1,15 @@
 import * as fs from "node:fs";
 import type { BlockDevice } from "../block/block-device";
 import type { AddCowDevice } from "../addcow/addcow-device";
-import { openDisk } from "../open/open-disk";
-import type { Confinement } from "../open/access-policy";
+import { openDisk } from "../chain/open-chain";
+import type { Confinement } from "../chain/access-policy";
 import { AddCowError } from "../util/errors";
 import { CommitMirror } from "./commit-mirror";
 import { type CommitOptions, checkBackingWritable, checkCommittable, commitDisk } from "./commit";
 import type { CopyOptions } from "./copy-engine";
-import { defaultImageName } from "./create";
+import { defaultImageName } from "../ops/create";
 import type { Job, JobKind } from "./job";
-import { explainReadOnlyBacking } from "./offline";
+import { explainReadOnlyBacking } from "./at-rest";
 import { type SnapshotOptions, snapshotDisk } from "./snapshot";
 import { checkStreamable, streamDisk } from "./stream";
 

@@ -1,6 +1,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import type { FileIO } from "../block/file-io";
+import type { Access, Namer } from "../block/chain-opener";
 import { AddCowError, errnoCode } from "../util/errors";
 import { log } from "../util/log";
 import { AccessProbe } from "./access-probe";
@@ -39,14 +40,7 @@ export interface ConfinementInfo {
   urls: boolean;
 }
 
-export type Access = "read" | "write";
-
-/** The .add-cow file whose header holds a name, and its owner. */
-export interface Namer {
-  file: string;
-  uid: number;
-  gid: number;
-}
+export type { Access, Namer };
 
 /** A file about to be opened because a header names it. */
 export interface NamedFile {

@@ -1,14 +1,14 @@
+import { type BackingFormat, BACKING_FORMATS } from "../block/chain-opener";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import type { AddCowDevice } from "../addcow/addcow-device";
 import type { BlockDevice } from "../block/block-device";
-import { BACKING_FORMATS, type BackingFormat } from "../addcow/header";
 import { AddCowError, describeError } from "../util/errors";
-import { type OpenOptions, openBacking } from "../open/open-disk";
-import { isUrlName } from "../open/access-policy";
-import { chainFiles, storedName } from "./create";
+import { type OpenOptions, openBacking } from "../chain/open-chain";
+import { isUrlName } from "../chain/access-policy";
+import { chainFiles, storedName } from "../ops/create";
 import type { Job } from "./job";
-import { jobOpener, withDisk } from "./offline";
+import { jobOpener, withDisk } from "./at-rest";
 import {
   type OldBacking,
   type RebaseOptions,

@@ -1,7 +1,7 @@
 import * as fs from "node:fs";
 import { AddCowError } from "../util/errors";
-import { createDisk, defaultImageName } from "./create";
-import type { Confinement } from "../open/access-policy";
+import { createDisk, defaultImageName } from "../ops/create";
+import type { Confinement } from "../chain/access-policy";
 
 export interface SnapshotOptions {
   /** Image file of the new overlay (default NEW with .add-cow replaced by .raw). */

@@ -1,5 +1,5 @@
+import type { BackingFormat } from "../block/chain-opener";
 import type { BlockDevice } from "../block/block-device";
-import type { BackingFormat } from "../addcow/header";
 import { AddCowError } from "../util/errors";
 import { openRemoteDevice } from "../remote/open-remote-device";
 import type { RemoteSettings } from "../remote/options";

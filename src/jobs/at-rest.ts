@@ -1,14 +1,15 @@
-import { waitingForExitingDaemon } from "../open/exiting-daemon";
+import { readHeader } from "../addcow/open-addcow";
+import { waitingForExitingDaemon } from "../chain/exiting-daemon";
 import * as path from "node:path";
 import { AddCowError } from "../util/errors";
 import type { AddCowDevice } from "../addcow/addcow-device";
-import { type OpenOptions, openDisk, readHeader, resolveStoredName } from "../open/open-disk";
+import { type OpenOptions, openDisk, resolveStoredName } from "../chain/open-chain";
 import { type FileOpener, PosixFile, openPosixFile, openRegularFile } from "../block/file-io";
 import { type CommitOptions, commitDisk, readOnlyBackingError } from "./commit";
 import { type CopyOptions, DEFAULT_IN_FLIGHT } from "./copy-engine";
 import type { Job } from "./job";
 import { streamDisk } from "./stream";
-import { type ResizeOptions, parseResize, resizeDisk } from "./resize";
+import { type ResizeOptions, parseResize, resizeDisk } from "../ops/resize";
 
 /** Jobs on a disk at rest: the job opens the disk, runs, flushes and closes it. */
 

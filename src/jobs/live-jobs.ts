@@ -1,5 +1,5 @@
 import { AddCowError } from "../util/errors";
-import type { Confinement } from "../open/access-policy";
+import type { Confinement } from "../chain/access-policy";
 import type { CopyOptions } from "./copy-engine";
 import { Job, type JobKind, type JobStatus } from "./job";
 import { type LiveDisk, checkLiveJob, liveCommit, liveSnapshot, liveStream } from "./live";

@@ -1,33 +1,12 @@
 import type { BlockDevice } from "../block/block-device";
+import { type ChainOpener, type Namer, isBackingFormat } from "../block/chain-opener";
 import type { FileIO } from "../block/file-io";
-import type { BackingFormat } from "../addcow/header";
-import { BACKING_FORMATS } from "../addcow/header";
+import { BACKING_FORMATS } from "../block/chain-opener";
 import { AddCowError } from "../util/errors";
 import { log } from "../util/log";
-import { loadQcow2 } from "../qcow2/load";
-import { Qcow2Device } from "../qcow2/qcow2-device";
-import { FIELD } from "../qcow2/header";
-import type { Namer } from "./access-policy";
-
-/**
- * What open-disk lends the qcow2 opener: its chain rules (depth, loops, names
- * judged for their owners and confinement, locks, cleanup on failure).
- */
-export interface ChainOpener {
-  /** Counts one more layer against the depth limit; throws past it. */
-  enterLayer(file: string, namedIn?: string): void;
-  /**
-   * Opens the qcow2 file itself read-only (judged when a header names it);
-   * returns it with its owner, who is the namer of the names in its header.
-   */
-  openLayerFile(file: string, namer?: Namer): Promise<{ io: FileIO; owner: Namer }>;
-  /** Opens a file named in a qcow2 header (its data file) read-only, judged first. */
-  openNamedFile(file: string, role: string, namer: Namer): Promise<FileIO>;
-  /** Opens a read-only backing layer of a known format (and its own chain). */
-  openBacking(file: string, format: BackingFormat, namer: Namer): Promise<BlockDevice>;
-  /** A name stored in `file`, resolved against its directory. */
-  resolve(file: string, stored: string): string;
-}
+import { loadQcow2 } from "./load";
+import { Qcow2Device } from "./qcow2-device";
+import { FIELD } from "./header";
 
 /** A backing name that is not a local path: QEMU's json: pseudo-protocol or a URL. */
 function isProtocolName(name: string): boolean {
@@ -39,13 +18,13 @@ function isProtocolName(name: string): boolean {
  * (whose format comes from the backing format header extension: never probed).
  */
 export async function openQcow2(
-  file: string,
   chain: ChainOpener,
+  file: string,
   namer?: Namer,
 ): Promise<Qcow2Device> {
   chain.enterLayer(file, namer?.file);
   // Names in this header are this file's owner's words: judged for that user.
-  const { io, owner } = await chain.openLayerFile(file, namer);
+  const { io, owner } = await chain.openLayerFile(file, "qcow2 file", "read", namer);
   const { header, l1, fileSize } = await loadQcow2(io, file);
   log.open(
     "%s: qcow2 v%d, cluster %d, size %d, compression %s, backing %s (%s), data file %s",
@@ -69,7 +48,7 @@ export async function openQcow2(
       );
     }
     dataFilePath = chain.resolve(file, header.dataFileName);
-    dataFile = await chain.openNamedFile(dataFilePath, "data file", owner);
+    dataFile = await (await chain.judgeNamedFile(dataFilePath, "data file", "read", owner)).open();
   }
 
   let backing: BlockDevice | null = null;
@@ -95,14 +74,14 @@ export async function openQcow2(
         { file, field: "backing format extension", reason: "bad-field", code: "EINVAL" },
       );
     }
-    if (!(BACKING_FORMATS as readonly string[]).includes(format)) {
+    if (!isBackingFormat(format)) {
       throw new AddCowError(
         `${file}: qcow2 backing format is ${JSON.stringify(format)}, not supported for a backing file (supported: ${BACKING_FORMATS.join(", ")})`,
         { file, field: "backing format extension", reason: "bad-field", code: "EINVAL" },
       );
     }
     backingPath = chain.resolve(file, name);
-    backing = await chain.openBacking(backingPath, format as BackingFormat, owner);
+    backing = await chain.openBacking(backingPath, format, owner);
   }
   return new Qcow2Device({
     path: file,
