@@ -4,7 +4,7 @@ import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { openDisk } from "../src/chain/open-chain";
 import { Job } from "../src/jobs/job";
-import { commitOffline, streamOffline } from "../src/jobs/at-rest";
+import { commitAtRest, streamAtRest } from "../src/jobs/at-rest";
 import { snapshotDisk } from "../src/jobs/snapshot";
 import { streamDisk } from "../src/jobs/stream";
 import {
@@ -32,14 +32,14 @@ afterEach(() => {
 
 async function stream(file: string, opts = {}) {
   const job = new Job("stream", file);
-  const status = await job.start((j) => streamOffline(file, j, opts));
+  const status = await job.start((j) => streamAtRest(file, j, opts));
   if (status.error) throw new Error(status.error);
   return status;
 }
 
 async function commit(file: string, opts = {}) {
   const job = new Job("commit", file);
-  const status = await job.start((j) => commitOffline(file, j, opts));
+  const status = await job.start((j) => commitAtRest(file, j, opts));
   if (status.error) throw new Error(status.error);
   return status;
 }
@@ -109,7 +109,7 @@ describe("stream", () => {
       if (s.done > 0) job.cancel();
     });
     const first = await job.start((j) =>
-      streamOffline(top, j, { inFlight: 2, bufSize: 64 * KiB, speed: 2 * MiB }),
+      streamAtRest(top, j, { inFlight: 2, bufSize: 64 * KiB, speed: 2 * MiB }),
     );
     expect(first.state).toBe("cancelled");
     expect(first.message).toMatch(/progress is kept/);
@@ -248,7 +248,7 @@ describe("commit", () => {
       return openPosixFile(file, mode);
     };
     const job = new Job("commit", layers[0]!);
-    const status = await job.start((j) => commitOffline(layers[0]!, j, {}, { opener }));
+    const status = await job.start((j) => commitAtRest(layers[0]!, j, {}, { opener }));
     expect(status.state).toBe("failed");
     expect(status.error).toMatch(
       /cannot commit .*backing file .*base\.raw cannot be opened for writing \(permission denied\)/,
@@ -322,7 +322,7 @@ describe("commit crash order", () => {
       };
     };
     const job = new Job("commit", top);
-    const status = await job.start((j) => commitOffline(top, j, {}, { opener }));
+    const status = await job.start((j) => commitAtRest(top, j, {}, { opener }));
     expect(status.state).toBe("failed");
     const firstClear = ops.findIndex((o) => o.startsWith("layer0.add-cow write"));
     const lastBackingWrite = ops.map((o) => o.startsWith("base.raw write")).lastIndexOf(true);

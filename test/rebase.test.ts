@@ -4,7 +4,7 @@ import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { openDisk } from "../src/chain/open-chain";
 import { Job } from "../src/jobs/job";
-import { rebaseOffline } from "../src/jobs/rebase-target";
+import { rebaseAtRest } from "../src/jobs/at-rest";
 import type { Extent } from "../src/ops/map";
 import { addcow, fingerprint } from "./cli-helpers";
 import { cleanupAll, mountDisk, tempDir } from "./helpers/mount";
@@ -192,7 +192,7 @@ describe("addcow rebase (safe), with qemu-img rebase as the reference", () => {
     const before = await readDisk(t.file);
     const job = new Job("rebase", t.file);
     const first = job.start(async (j) => {
-      const run = rebaseOffline(t.file, { backing: t.base2, format: "raw" }, j, {
+      const run = rebaseAtRest(t.file, { backing: t.base2, format: "raw" }, j, {
         inFlight: 1,
         bufSize: CLUSTER,
         speed: 512 * 1024,

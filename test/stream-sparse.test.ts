@@ -4,7 +4,7 @@ import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { createDisk } from "../src/ops/create";
 import { Job } from "../src/jobs/job";
-import { streamOffline } from "../src/jobs/at-rest";
+import { streamAtRest } from "../src/jobs/at-rest";
 import { MiB, pattern, readDisk, scribble, tempDir } from "./jobs-helpers";
 
 const dirs: string[] = [];
@@ -59,7 +59,7 @@ describe("stream keeps the image file sparse", () => {
     // Some of the overlay's own writes, also in the zero areas.
     await scribble(file, 21, 12, 256 * 1024);
     const before = await readDisk(file);
-    const status = await new Job("stream", file).start((job) => streamOffline(file, job, {}));
+    const status = await new Job("stream", file).start((job) => streamAtRest(file, job, {}));
     expect(status.error).toBeUndefined();
     expect(status.state).toBe("completed");
     // The image file alone is the disk, byte for byte.
@@ -90,7 +90,7 @@ describe("stream keeps the image file sparse", () => {
     fs.writeFileSync(image, pattern(size, 5));
     const top = path.join(d, "top.add-cow");
     await createDisk({ file: top, image, backing: mid, backingFormat: "add-cow" });
-    const status = await new Job("stream", top).start((job) => streamOffline(top, job, {}));
+    const status = await new Job("stream", top).start((job) => streamAtRest(top, job, {}));
     expect(status.error).toBeUndefined();
     expect(fs.readFileSync(image).equals(Buffer.alloc(size))).toBe(true);
   });

@@ -12,7 +12,7 @@ import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "./co
 import { confinementCovers } from "../chain/access-policy";
 import { addFormatOption, addJsonOption } from "./qemu-options";
 
-/** Shared by `addcow stream|commit|snapshot`: options, live or offline, progress, Ctrl-C. */
+/** Shared by `addcow stream|commit|snapshot`: options, live or at rest, progress, Ctrl-C. */
 
 export interface CopyFlags extends ConfineFlags {
   inFlight?: string;
@@ -93,7 +93,7 @@ function onInterrupt(out: ProgressOutput, stop: () => void): () => void {
 }
 
 /** Runs a job here, on a disk at rest. */
-export async function runOffline(
+export async function runAtRest(
   kind: JobKind,
   disk: string,
   flags: CopyFlags,

@@ -1,17 +1,15 @@
 import { readHeader } from "../addcow/open-addcow";
-import { waitingForExitingDaemon } from "../chain/exiting-daemon";
 import * as path from "node:path";
 import { AddCowError } from "../util/errors";
-import type { AddCowDevice } from "../addcow/addcow-device";
-import { type OpenOptions, openDisk, resolveStoredName } from "../chain/open-chain";
+import { type OpenOptions, resolveStoredName } from "../chain/open-chain";
+import { withDiskAtRest } from "../chain/at-rest";
 import { type FileOpener, PosixFile, openPosixFile, openRegularFile } from "../block/file-io";
 import { type CommitOptions, commitDisk, readOnlyBackingError } from "./commit";
 import { type CopyOptions, DEFAULT_IN_FLIGHT } from "./copy-engine";
 import type { Job } from "./job";
 import { streamDisk } from "./stream";
-import { type ResizeOptions, parseResize, resizeDisk } from "../ops/resize";
-
-/** Jobs on a disk at rest: the job opens the disk, runs, flushes and closes it. */
+import { type RebaseOptions, rebaseDisk, rebaseUnsafe } from "./rebase";
+import { type RebaseRequest, checkFormat, oldBacking, openTarget } from "./rebase-target";
 
 /**
  * Bulk copies with several in flight use thread-pool I/O, so reads and writes
@@ -26,53 +24,26 @@ export function jobOpener(opts: CopyOptions, open: OpenOptions): FileOpener | un
     new PosixFile(file, await openRegularFile(file, mode), mode === "write", "async");
 }
 
-/**
- * Opens a disk at rest (waiting for a daemon that is letting go of it), runs
- * fn, closes it. `explain` may turn an error of the open into a better one.
- */
-export async function withDisk<T>(
-  file: string,
-  open: OpenOptions,
-  fn: (dev: AddCowDevice) => Promise<T>,
-  explain?: (err: unknown) => Promise<unknown>,
-): Promise<T> {
-  let dev: AddCowDevice;
-  try {
-    dev = await waitingForExitingDaemon(file, () => openDisk(file, open));
-  } catch (err) {
-    throw explain ? await explain(err) : err;
-  }
-  let result: T;
-  try {
-    result = await fn(dev);
-  } catch (err) {
-    await dev.close().catch(() => undefined);
-    throw err;
-  }
-  await dev.close();
-  return result;
-}
-
-export function streamOffline(
+export function streamAtRest(
   file: string,
   job: Job,
   opts: CopyOptions = {},
   open: OpenOptions = {},
 ): Promise<string> {
   const opener = jobOpener(opts, open);
-  return withDisk(file, { ...open, writable: true, ...(opener ? { opener } : {}) }, (dev) =>
+  return withDiskAtRest(file, { ...open, writable: true, ...(opener ? { opener } : {}) }, (dev) =>
     streamDisk(dev, job, opts),
   );
 }
 
-export function commitOffline(
+export function commitAtRest(
   file: string,
   job: Job,
   opts: CommitOptions = {},
   open: OpenOptions = {},
 ): Promise<string> {
   const opener = jobOpener(opts, open);
-  return withDisk(
+  return withDiskAtRest(
     file,
     { ...open, writable: true, writableBacking: true, ...(opener ? { opener } : {}) },
     (dev) => commitDisk(dev, job, opts),
@@ -102,14 +73,35 @@ export async function explainReadOnlyBacking(file: string, err: unknown): Promis
   return readOnlyBackingError(file, err.file, code);
 }
 
-/** Resizes a disk at rest to SIZE, +SIZE or -SIZE (see resizeDisk). */
-export function resizeOffline(
+/**
+ * `addcow rebase` on a disk at rest: opens it for writing (its locks say
+ * whether it is mounted), opens the new backing chain, and runs the safe
+ * rebase (or, with -u, rewrites the name only; the old backing then need
+ * not exist).
+ */
+export async function rebaseAtRest(
   file: string,
-  spec: string,
-  opts: ResizeOptions = {},
+  req: RebaseRequest,
+  job: Job,
+  opts: RebaseOptions = {},
   open: OpenOptions = {},
 ): Promise<string> {
-  return withDisk(file, { ...open, writable: true }, (dev) =>
-    resizeDisk(dev, parseResize(spec, dev.size), opts),
-  );
+  const format = checkFormat(req);
+  const opener = jobOpener(opts, open);
+  const openOpts: OpenOptions = {
+    ...open,
+    writable: true,
+    ...(req.unsafe ? { withoutBacking: true } : {}),
+    ...(opener ? { opener } : {}),
+  };
+  return withDiskAtRest(file, openOpts, async (dev) => {
+    const target = format === null ? null : await openTarget(dev, req.backing, format, open);
+    try {
+      if (req.unsafe)
+        return await rebaseUnsafe(dev, target, await oldBacking(dev, open), opts.replacer);
+      return await rebaseDisk(dev, target, job, opts);
+    } finally {
+      await target?.device.close();
+    }
+  });
 }

@@ -18,7 +18,7 @@ export interface CommitOptions extends CopyOptions {
   copyLock?: RangeLock;
   /**
    * Runs the last step (sync the backing, empty the overlay) with every user
-   * request held back (live commit); offline it runs directly.
+   * request held back (live commit); at rest it runs directly.
    */
   quiesce?: (finish: () => Promise<void>) => Promise<void>;
 }

@@ -7,15 +7,7 @@ import { AddCowError, describeError } from "../util/errors";
 import { type OpenOptions, openBacking } from "../chain/open-chain";
 import { isUrlName } from "../chain/access-policy";
 import { chainFiles, storedName } from "../ops/create";
-import type { Job } from "./job";
-import { jobOpener, withDisk } from "./at-rest";
-import {
-  type OldBacking,
-  type RebaseOptions,
-  type RebaseTarget,
-  rebaseDisk,
-  rebaseUnsafe,
-} from "./rebase";
+import type { OldBacking, RebaseTarget } from "./rebase";
 
 /** What `addcow rebase` was asked: a backing file ("" for none), its format, -u. */
 export interface RebaseRequest {
@@ -58,7 +50,7 @@ function checkNotAnImage(file: string, format: BackingFormat): void {
   }
 }
 
-function checkFormat(req: RebaseRequest): BackingFormat | null {
+export function checkFormat(req: RebaseRequest): BackingFormat | null {
   if (req.backing === "") {
     if (req.format !== undefined) {
       throw new AddCowError(`-F ${req.format} given with -b '': there is no backing file`);
@@ -88,7 +80,7 @@ function ownFiles(dev: AddCowDevice): Array<{ file: string; st: fs.Stats }> {
  * the disk's owner, confined like the disk) and refuses a chain that leads
  * back to the disk.
  */
-async function openTarget(
+export async function openTarget(
   dev: AddCowDevice,
   given: string,
   format: BackingFormat,
@@ -147,7 +139,7 @@ function sameFile(a: string, b: string | null): boolean {
 }
 
 /** The current backing's size, when it can still be opened (-u compares it). */
-async function oldBacking(dev: AddCowDevice, open: OpenOptions): Promise<OldBacking> {
+export async function oldBacking(dev: AddCowDevice, open: OpenOptions): Promise<OldBacking> {
   if (dev.backingPath === null || dev.header.backingFormat === null) return null;
   const st = fs.statSync(dev.path);
   try {
@@ -164,37 +156,4 @@ async function oldBacking(dev: AddCowDevice, open: OpenOptions): Promise<OldBack
       unreadable: code === "ENOENT" ? "does not exist" : `cannot be opened (${describeError(err)})`,
     };
   }
-}
-
-/**
- * `addcow rebase` on a disk at rest: opens it for writing (its locks say
- * whether it is mounted), opens the new backing chain, and runs the safe
- * rebase (or, with -u, rewrites the name only; the old backing then need
- * not exist).
- */
-export async function rebaseOffline(
-  file: string,
-  req: RebaseRequest,
-  job: Job,
-  opts: RebaseOptions = {},
-  open: OpenOptions = {},
-): Promise<string> {
-  const format = checkFormat(req);
-  const opener = jobOpener(opts, open);
-  const openOpts: OpenOptions = {
-    ...open,
-    writable: true,
-    ...(req.unsafe ? { withoutBacking: true } : {}),
-    ...(opener ? { opener } : {}),
-  };
-  return withDisk(file, openOpts, async (dev) => {
-    const target = format === null ? null : await openTarget(dev, req.backing, format, open);
-    try {
-      if (req.unsafe)
-        return await rebaseUnsafe(dev, target, await oldBacking(dev, open), opts.replacer);
-      return await rebaseDisk(dev, target, job, opts);
-    } finally {
-      await target?.device.close();
-    }
-  });
 }

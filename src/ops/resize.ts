@@ -1,4 +1,6 @@
 import type { AddCowDevice } from "../addcow/addcow-device";
+import { withDiskAtRest } from "../chain/at-rest";
+import type { OpenOptions } from "../chain/open-chain";
 import { bitmapBytes } from "../addcow/header";
 import { bytesOfKind } from "../block/extents";
 import { AddCowError } from "../util/errors";
@@ -149,4 +151,16 @@ async function setBitmapTail(dev: AddCowDevice, oldSize: number, newSize: number
     await dev.meta.write(part, at);
   }
   await dev.meta.sync();
+}
+
+/** Resizes a disk at rest to SIZE, +SIZE or -SIZE (see resizeDisk). */
+export function resizeAtRest(
+  file: string,
+  spec: string,
+  opts: ResizeOptions = {},
+  open: OpenOptions = {},
+): Promise<string> {
+  return withDiskAtRest(file, { ...open, writable: true }, (dev) =>
+    resizeDisk(dev, parseResize(spec, dev.size), opts),
+  );
 }

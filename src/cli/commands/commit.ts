@@ -1,11 +1,11 @@
 import type { Command } from "commander";
-import { commitOffline } from "../../jobs/at-rest";
+import { commitAtRest } from "../../jobs/at-rest";
 import {
   type CopyFlags,
   addCopyOptions,
   parseCopyFlags,
   runLiveIfMounted,
-  runOffline,
+  runAtRest,
   wireOptions,
 } from "../job-cli";
 import { action } from "../run-cli";
@@ -28,8 +28,8 @@ export function register(program: Command): void {
         keep: opts.keep,
       });
       if (live !== null) return live;
-      return runOffline("commit", file, flags, (job) =>
-        commitOffline(file, job, opts, { confine: confinementFromFlags(flags) }),
+      return runAtRest("commit", file, flags, (job) =>
+        commitAtRest(file, job, opts, { confine: confinementFromFlags(flags) }),
       );
     }),
   );

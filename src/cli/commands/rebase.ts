@@ -1,6 +1,6 @@
 import type { Command } from "commander";
-import { rebaseOffline } from "../../jobs/rebase-target";
-import { type CopyFlags, addCopyOptions, parseCopyFlags, runOffline } from "../job-cli";
+import { rebaseAtRest } from "../../jobs/at-rest";
+import { type CopyFlags, addCopyOptions, parseCopyFlags, runAtRest } from "../job-cli";
 import { action } from "../run-cli";
 import { confinementFromFlags } from "../confine-options";
 
@@ -17,7 +17,7 @@ export function register(program: Command): void {
       .description(
         "give a disk at rest another backing file: what reads differently from the new one is first copied into the overlay, so the disk reads the same (-u: only the name changes; -b '': no backing file, like stream)",
       )
-      .argument("<file>", "the .add-cow disk (not mounted)")
+      .argument("<file>", "the .add-cow disk (at rest: not mounted)")
       .requiredOption("-b, --backing <file>", "the new backing file; '' for none")
       .option("-F, --backing-format <format>", "its format: raw or add-cow (required with -b FILE)")
       .option(
@@ -28,8 +28,8 @@ export function register(program: Command): void {
   ).action(
     action(async (file: string, flags: RebaseFlags) => {
       const opts = parseCopyFlags(flags);
-      return runOffline("rebase", file, flags, (job) =>
-        rebaseOffline(
+      return runAtRest("rebase", file, flags, (job) =>
+        rebaseAtRest(
           file,
           {
             backing: flags.backing,

@@ -1,5 +1,5 @@
 import type { Command } from "commander";
-import { resizeOffline } from "../../jobs/at-rest";
+import { resizeAtRest } from "../../ops/resize";
 import { action } from "../run-cli";
 import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
 import { addFormatOption } from "../qemu-options";
@@ -15,13 +15,13 @@ export function register(program: Command): void {
     .description(
       "grow (or with --shrink, shrink) a disk at rest: SIZE, +SIZE or -SIZE; new clusters read as zeros",
     )
-    .argument("<file>", "the .add-cow file (not mounted)")
+    .argument("<file>", "the .add-cow disk (at rest: not mounted)")
     .argument("<size>", "new size (8G), or a change (+1G, -512M)")
     .option("--shrink", "allow a smaller size (only clusters the overlay does not hold are cut)")
     .option("-q, --quiet", "print nothing on success");
   addFormatOption(addConfineOptions(cmd)).action(
     action(async (file: string, size: string, flags: ResizeFlags) => {
-      const message = await resizeOffline(
+      const message = await resizeAtRest(
         file,
         size,
         { shrink: flags.shrink === true },

@@ -1,6 +1,6 @@
 import * as path from "node:path";
 import type { Command } from "commander";
-import { runLiveIfMounted, runOffline } from "../job-cli";
+import { runLiveIfMounted, runAtRest } from "../job-cli";
 import { snapshotDisk } from "../../jobs/snapshot";
 import { parseSize } from "../../util/size";
 import { action } from "../run-cli";
@@ -39,14 +39,14 @@ export function register(program: Command): void {
         newFile: path.resolve(newFile),
         ...(flags.image === undefined ? {} : { image: path.resolve(flags.image) }),
         ...(clusterSize === undefined ? {} : { clusterSize }),
-        // The daemon gets absolute paths; names given relative are stored relative, as offline.
+        // The daemon gets absolute paths; names given relative are stored relative, as at rest.
         relative: {
           backing: !path.isAbsolute(file),
           image: !path.isAbsolute(flags.image ?? newFile),
         },
       });
       if (live !== null) return live;
-      return runOffline("snapshot", file, flags, () =>
+      return runAtRest("snapshot", file, flags, () =>
         snapshotDisk(file, newFile, {
           ...(flags.image === undefined ? {} : { image: flags.image }),
           ...(clusterSize === undefined ? {} : { clusterSize }),

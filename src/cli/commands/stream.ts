@@ -1,11 +1,11 @@
 import type { Command } from "commander";
-import { streamOffline } from "../../jobs/at-rest";
+import { streamAtRest } from "../../jobs/at-rest";
 import {
   type CopyFlags,
   addCopyOptions,
   parseCopyFlags,
   runLiveIfMounted,
-  runOffline,
+  runAtRest,
   wireOptions,
 } from "../job-cli";
 import { action } from "../run-cli";
@@ -24,8 +24,8 @@ export function register(program: Command): void {
       const opts = parseCopyFlags(flags);
       const live = await runLiveIfMounted("stream", file, flags, wireOptions(opts));
       if (live !== null) return live;
-      return runOffline("stream", file, flags, (job) =>
-        streamOffline(file, job, opts, { confine: confinementFromFlags(flags) }),
+      return runAtRest("stream", file, flags, (job) =>
+        streamAtRest(file, job, opts, { confine: confinementFromFlags(flags) }),
       );
     }),
   );
