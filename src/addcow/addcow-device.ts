@@ -1,9 +1,14 @@
 import * as fs from "node:fs";
-import type { BlockDevice, Extent, LayerDescription } from "../block/block-device";
+import {
+  type BlockDevice,
+  DeviceBase,
+  type Extent,
+  type LayerDescription,
+} from "../block/block-device";
 import { forEachExtent, pushExtent, readSparse } from "../block/extents";
 import { type AddCowInfo, describeAddCow } from "./addcow-info";
 import { checkRange } from "../block/range";
-import { AddCowError, errnoCode } from "../util/errors";
+import { AddCowError, errnoCode, readOnlyError } from "../util/errors";
 import {
   type AddCowHeader,
   COMPATIBLE_FEATURES_OFFSET,
@@ -12,7 +17,12 @@ import {
 } from "./header";
 import { BitmapCache, DEFAULT_BITMAP_CACHE_BYTES } from "./bitmap-cache";
 import { writeZeros } from "./bitmap-space";
-import type { FileIO } from "../block/file-io";
+import { writeBitmapTail } from "./bitmap-tail";
+import { rewriteWithBacking } from "./switch-backing";
+import type { AddCowLayer } from "./addcow-layer";
+import type { BackingFormat } from "../block/chain-opener";
+import { type FileReplacer, posixReplacer } from "../block/replace-file";
+import { type FileIO, statOf } from "../block/file-io";
 import { log } from "../util/log";
 import { FlushCoalescer } from "../block/flush-coalescer";
 import { RangeLock } from "../block/range-lock";
@@ -53,10 +63,9 @@ export interface AddCowDeviceParts {
  * image file; a first write that covers only part of a cluster fills the rest
  * from the backing disk (copy-on-write) before the cluster's bit is set.
  */
-export class AddCowDevice implements BlockDevice {
+export class AddCowDevice extends DeviceBase implements AddCowLayer {
   readonly path: string;
   readonly size: number;
-  readonly readOnly: boolean;
   readonly clusterBits: number;
   readonly clusterSize: number;
   readonly numClusters: number;
@@ -67,9 +76,11 @@ export class AddCowDevice implements BlockDevice {
   readonly image: FileIO;
   readonly meta: FileIO;
   readonly bitmap: BitmapCache;
-  cacheMode: CacheMode;
+  readonly cacheMode: CacheMode;
   /** Reads from the backing disk are also copied into the image file (writable disks only). */
-  readonly copyOnRead: boolean;
+  private copyingOnRead: boolean;
+  /** Opened writable; false once retired (it became another layer's backing). */
+  private writable: boolean;
 
   /** Held while clusters are being allocated (copy-on-write, block-job copies). */
   readonly allocating = new RangeLock();
@@ -85,17 +96,18 @@ export class AddCowDevice implements BlockDevice {
   private readonly spareBuffers: Buffer[] = [];
 
   constructor(parts: AddCowDeviceParts) {
+    super();
     this.path = parts.path;
     this.header = parts.header;
     this.meta = parts.meta;
     this.image = parts.image;
     this.size = parts.imageSize;
-    this.readOnly = !parts.image.writable;
+    this.writable = parts.image.writable;
     this.backing = parts.backing;
     this.imagePath = parts.imagePath;
     this.backingPath = parts.backingPath;
     this.cacheMode = parts.cacheMode ?? "writeback";
-    this.copyOnRead = parts.copyOnRead === true && !this.readOnly;
+    this.copyingOnRead = parts.copyOnRead === true && !this.readOnly;
     this.onClose = parts.onClose;
     this.clusterBits = parts.header.clusterBits;
     this.clusterSize = 2 ** this.clusterBits;
@@ -112,6 +124,18 @@ export class AddCowDevice implements BlockDevice {
           log.bitmap("write-back for room in the bitmap cache failed: %s", String(err));
         }),
     });
+  }
+
+  get readOnly(): boolean {
+    return !this.writable;
+  }
+
+  get copyOnRead(): boolean {
+    return this.copyingOnRead;
+  }
+
+  get backingFormat(): BackingFormat | null {
+    return this.header.backingFormat;
   }
 
   /** Compatible bit 0: the image file holds every cluster; bitmap and backing are not used. */
@@ -237,7 +261,7 @@ export class AddCowDevice implements BlockDevice {
 
   async write(buf: Buffer, offset: number): Promise<void> {
     if (this.readOnly) {
-      throw new AddCowError(`${this.path} is open read-only`, { code: "EROFS" });
+      throw readOnlyError(this.path);
     }
     checkRange(this, buf.length, offset);
     if (buf.length === 0) return;
@@ -339,7 +363,7 @@ export class AddCowDevice implements BlockDevice {
     scratch?: Buffer,
     known?: { buf: Buffer; pos: number },
   ): Promise<number> {
-    if (this.readOnly) throw new AddCowError(`${this.path} is open read-only`, { code: "EROFS" });
+    if (this.readOnly) throw readOnlyError(this.path);
     if (this.allAllocated) return 0;
     const pinning = this.bitmap.pin(c0, c1);
     if (pinning) await pinning;
@@ -404,7 +428,7 @@ export class AddCowDevice implements BlockDevice {
     for (let at = start; at < end; at += cs) {
       const next = Math.min(end, at + cs);
       if (!isZero(data.subarray(at - start, next - start))) continue;
-      holes ??= this.image.holes?.(start, end) ?? [];
+      holes ??= this.image.holes(start, end);
       if (!holes.some(([a, b]) => a <= at && next <= b)) continue;
       await writeUpTo(at);
       pending = next;
@@ -460,19 +484,14 @@ export class AddCowDevice implements BlockDevice {
     return {
       format: "add-cow",
       name: this.path,
-      dataFile: this.imagePath,
+      storage: this.imagePath,
       files: [this.path, this.imagePath],
       details: { clusterSize: this.clusterSize, allAllocated: this.allAllocated },
     };
   }
 
-  dataFileStat(): fs.Stats | null {
-    if (this.image.fd === undefined) return null;
-    try {
-      return fs.fstatSync(this.image.fd);
-    } catch {
-      return null;
-    }
+  override storageStat(): fs.BigIntStats | null {
+    return statOf(this.image);
   }
 
   /** Number of allocated clusters (the data extents; a partial last cluster counts as one). */
@@ -485,7 +504,7 @@ export class AddCowDevice implements BlockDevice {
   }
 
   /** What `addcow info` shows for this layer (costs a scan of the bitmap). */
-  async info(): Promise<AddCowInfo> {
+  override async info(): Promise<AddCowInfo> {
     let chainDepth = 0;
     for (let layer = this.backing; layer; layer = layer.backing) chainDepth++;
     return describeAddCow({
@@ -504,7 +523,7 @@ export class AddCowDevice implements BlockDevice {
   }
 
   /** Bits set in memory that the .add-cow file does not have yet. */
-  hasUnsavedMetadata(): boolean {
+  override hasUnsavedMetadata(): boolean {
     return this.bitmap.hasDirty();
   }
 
@@ -582,7 +601,7 @@ export class AddCowDevice implements BlockDevice {
    * consistent disk. The caller must have stopped every request to this device.
    */
   async clearAllocation(): Promise<void> {
-    if (this.readOnly) throw new AddCowError(`${this.path} is open read-only`, { code: "EROFS" });
+    if (this.readOnly) throw readOnlyError(this.path);
     if (this.allAllocated) {
       throw new AddCowError(
         `${this.path} has the "all allocated" feature set; its bitmap cannot be emptied`,
@@ -595,6 +614,112 @@ export class AddCowDevice implements BlockDevice {
     await this.meta.sync();
     this.bitmap.reset();
     log.engine("%s: bitmap emptied", this.path);
+  }
+
+  /**
+   * Grows the disk to newSize as docs/specs/add-cow.md says ("Growing a
+   * disk"): the new clusters read as zeros, also where the backing is longer
+   * than the old disk. Each step is durable before the next:
+   *  1. a partial last cluster still read from a longer backing gets its
+   *     bytes copied, so its new tail reads the image file's zeros;
+   *  2. the bitmap grows, written for real, with the bits of the new clusters
+   *     over the backing set (all of them on an "all allocated" disk): still
+   *     past the end of the disk, so nothing reads them;
+   *  3. the image file grows: the new clusters exist, as zeros (a hole).
+   * A crash before 3 leaves the old disk (with bits past its end, which
+   * `addcow check` reports until resize runs again); after 3 the new one.
+   * The device keeps its old size: close it afterwards.
+   */
+  async grow(newSize: number): Promise<void> {
+    if (this.readOnly) throw readOnlyError(this.path);
+    const cs = this.clusterSize;
+    const backingEnd = this.allAllocated || !this.backing ? 0 : this.backing.size;
+    if (this.size % cs !== 0 && backingEnd > this.size) {
+      await this.copyFromBacking(this.numClusters - 1, this.numClusters);
+    }
+    await this.flush();
+    await this.writeTail(newSize);
+    await this.image.truncate(newSize);
+    await this.image.sync();
+    log.engine("%s: grown from %d to %d bytes", this.path, this.size, newSize);
+  }
+
+  /**
+   * Cuts the disk to newSize: the image file first, then the bitmap past the
+   * new end. The caller made sure the overlay holds no data there. The device
+   * keeps its old size: close it afterwards.
+   */
+  async shrink(newSize: number): Promise<void> {
+    if (this.readOnly) throw readOnlyError(this.path);
+    await this.flush();
+    await this.image.truncate(newSize);
+    await this.image.sync();
+    const padded = bitmapBytes(Math.ceil(newSize / this.clusterSize), this.clusterBits).padded;
+    await this.meta.truncate(this.header.headerSize + padded);
+    await this.meta.sync();
+    log.engine("%s: shrunk from %d to %d bytes", this.path, this.size, newSize);
+  }
+
+  /** Clears the bits past the disk's last cluster that a crashed grow may have left. */
+  async clearBitsPastEnd(): Promise<void> {
+    if (this.readOnly) throw readOnlyError(this.path);
+    await this.writeTail(this.size);
+  }
+
+  /**
+   * The bitmap from the first cluster past this disk to the end of a disk of
+   * `size` bytes: bits set where new clusters must hide a longer backing.
+   */
+  private async writeTail(size: number): Promise<void> {
+    const cs = this.clusterSize;
+    const clusters = Math.ceil(size / cs);
+    const backingEnd = this.allAllocated || !this.backing ? 0 : this.backing.size;
+    const setEnd = this.allAllocated ? clusters : Math.min(clusters, Math.ceil(backingEnd / cs));
+    const from = this.numClusters;
+    await writeBitmapTail(
+      this.meta,
+      this.header.headerSize,
+      this.clusterBits,
+      from,
+      setEnd,
+      clusters,
+    );
+  }
+
+  /**
+   * Makes the header name another backing file (or none) by one rename
+   * (switch-backing.ts). The disk must not be in use by anyone else (its
+   * locks are held). Reads keep going to the backing opened before.
+   */
+  async switchBacking(
+    name: string | null,
+    format: BackingFormat | null,
+    replacer: FileReplacer = posixReplacer,
+  ): Promise<void> {
+    if (this.readOnly) throw readOnlyError(this.path);
+    await this.flush();
+    const next = await rewriteWithBacking(
+      this.meta,
+      this.path,
+      this.header,
+      name,
+      format,
+      replacer,
+    );
+    Object.assign(this.header, next);
+    log.engine("%s: backing file is now %s (%s)", this.path, name, format);
+  }
+
+  /**
+   * The layer became another one's backing (live snapshot): everything it
+   * holds is made durable, and from now on it is only read: no writes, no
+   * copy-on-read, no bits. Its files stay open and locked for the new top.
+   */
+  async retire(): Promise<void> {
+    await this.flush();
+    this.copyingOnRead = false;
+    this.writable = false;
+    log.engine("%s: retired, read-only from now on", this.path);
   }
 
   async close(): Promise<void> {

@@ -1,5 +1,4 @@
 import type { FileIO } from "../block/file-io";
-import { findHoles } from "../os/holes";
 import { AddCowError, errnoCode, isNoSpace } from "../util/errors";
 import { formatSize } from "../util/size";
 import { log } from "../util/log";
@@ -33,8 +32,7 @@ export async function reserveBitmap(
   from: number,
   to: number,
 ): Promise<number> {
-  if (meta.fd === undefined) return 0;
-  const holes = findHoles(meta.fd, from, to);
+  const holes = meta.holes(from, to);
   if (holes.length === 0) return 0;
   const bytes = holes.reduce((n, [a, b]) => n + b - a, 0);
   log.open("%s: allocating %d bytes of bitmap in %d hole(s)", file, bytes, holes.length);

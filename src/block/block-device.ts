@@ -33,15 +33,44 @@ export interface BlockDevice {
   describe(): LayerDescription;
   /**
    * True while the device holds state of its own that only a flush persists
-   * (add-cow: bitmap bits set in memory). Absent: assume there is some.
+   * (add-cow: bitmap bits set in memory); the periodic write-back asks.
    */
-  hasUnsavedMetadata?(): boolean;
-  /** Facts for `info --backing-chain` that cost I/O to find (allocation counts), JSON-safe. */
-  info?(): Promise<object>;
-  /** fstat of the local file holding this layer's data (the mount's st_blocks and times). */
-  dataFileStat?(): fs.Stats | null;
+  hasUnsavedMetadata(): boolean;
+  /** Facts for `info --backing-chain`, some costing I/O (allocation counts); JSON-safe. */
+  info(): Promise<object>;
+  /** fstat of the local file holding this layer's own bytes (the mount's st_blocks and times). */
+  storageStat(): fs.BigIntStats | null;
   /** Flushes (when writable) and releases the underlying files. */
   close(): Promise<void>;
+}
+
+/**
+ * The defaults of the optional parts of a device, in one place: a device
+ * that keeps no metadata of its own, whose info is its description's details
+ * and that has no local storage file. Formats override what they have.
+ */
+export abstract class DeviceBase implements BlockDevice {
+  abstract readonly size: number;
+  abstract readonly readOnly: boolean;
+  abstract readonly backing: BlockDevice | null;
+  abstract read(buf: Buffer, offset: number): Promise<void>;
+  abstract write(buf: Buffer, offset: number): Promise<void>;
+  abstract flush(): Promise<void>;
+  abstract blockStatus(offset: number, length: number): Promise<Extent[]>;
+  abstract describe(): LayerDescription;
+  abstract close(): Promise<void>;
+
+  hasUnsavedMetadata(): boolean {
+    return false;
+  }
+
+  info(): Promise<object> {
+    return Promise.resolve(this.describe().details ?? {});
+  }
+
+  storageStat(): fs.BigIntStats | null {
+    return null;
+  }
 }
 
 /**
@@ -62,8 +91,12 @@ export interface LayerDescription {
   format: string;
   /** The name the layer was opened by: a path (the .add-cow file, the raw file) or a URL. */
   name: string;
-  /** Where this layer's `data` extents live (add-cow: its image file), for map. */
-  dataFile: string;
+  /**
+   * Where this layer's own bytes (its `data` extents) are stored, for map: an
+   * add-cow layer's image file, a raw file itself, a qcow2 file or its
+   * external data file, a remote object's URL.
+   */
+  storage: string;
   /** Every local file this layer opens itself (not its backing's), for overlap checks. */
   files: string[];
   /** Format-specific facts for `info --backing-chain` (JSON-safe). */

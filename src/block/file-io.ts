@@ -1,6 +1,7 @@
 import * as fs from "node:fs";
 import { promisify } from "node:util";
 import { findHoles } from "../os/holes";
+import { type LockKind, lockDescriptor } from "../os/file-lock";
 
 const fdatasyncAsync = promisify(fs.fdatasync);
 const preadAsync = promisify(fs.read);
@@ -29,21 +30,39 @@ export interface FileIO {
   size(): Promise<number>;
   /**
    * Sets the file's length (ftruncate): bytes past the old end read as zeros
-   * (a hole). Durable with the next sync(). Absent: the file cannot change size.
+   * (a hole). Durable with the next sync().
    */
-  truncate?(length: number): Promise<void>;
+  truncate(length: number): Promise<void>;
   /**
    * The holes (ranges that read as zeros without blocks on disk) inside
-   * [start, end), in order. Absent or empty: none known, every byte may be data.
+   * [start, end), in order. Empty: none known, every byte may be data.
    */
-  holes?(start: number, end: number): Array<[number, number]>;
+  holes(start: number, end: number): Array<[number, number]>;
+  /**
+   * The open file's identity and attributes (fstat): what was opened, whatever
+   * its name leads to now. Files that exist only in memory (tests) throw.
+   */
+  stat(): fs.BigIntStats;
+  /** Where the kernel says the open file is (its real path), for confinement. */
+  realPath(): Promise<string>;
+  /**
+   * Takes a non-blocking flock, shared or exclusive; a file held by another
+   * process refuses with an error naming it (`role` says what the file is).
+   */
+  lock(kind: LockKind, role: string): void;
   close(): Promise<void>;
-  /** The open file descriptor, for locks; undefined for purely in-memory files. */
-  readonly fd?: number;
 }
 
 export type OpenMode = "read" | "write";
 
+/** A file's fstat, or null when it has none (a file in memory) or fstat fails. */
+export function statOf(file: FileIO): fs.BigIntStats | null {
+  try {
+    return file.stat();
+  } catch {
+    return null;
+  }
+}
 /** How files get opened; the default is {@link openPosixFile}, tests pass their own. */
 export type FileOpener = (path: string, mode: OpenMode) => Promise<FileIO>;
 
@@ -55,11 +74,7 @@ export type FileOpener = (path: string, mode: OpenMode) => Promise<FileIO>;
  */
 export type IoStyle = "sync" | "async";
 
-let defaultIoStyle: IoStyle = process.env.ADDCOW_IO === "async" ? "async" : "sync";
-
-export function setDefaultIoStyle(style: IoStyle): void {
-  defaultIoStyle = style;
-}
+const defaultIoStyle: IoStyle = process.env.ADDCOW_IO === "async" ? "async" : "sync";
 
 /** A real file on disk. */
 export class PosixFile implements FileIO {
@@ -149,6 +164,18 @@ export class PosixFile implements FileIO {
 
   holes(start: number, end: number): Array<[number, number]> {
     return findHoles(this.fd, start, end);
+  }
+
+  stat(): fs.BigIntStats {
+    return fs.fstatSync(this.fd, { bigint: true });
+  }
+
+  realPath(): Promise<string> {
+    return fs.promises.readlink(`/proc/self/fd/${this.fd}`);
+  }
+
+  lock(kind: LockKind, role: string): void {
+    lockDescriptor(this.fd, this.path, kind, role);
   }
 
   async close(): Promise<void> {

@@ -1,16 +1,18 @@
-import { AddCowError } from "../util/errors";
-import type { FileIO } from "./file-io";
+import { readOnlyError } from "../util/errors";
+import { type FileIO, statOf } from "./file-io";
 import * as fs from "node:fs";
-import type { BlockDevice, Extent, LayerDescription } from "./block-device";
+import { DeviceBase, type Extent, type LayerDescription } from "./block-device";
 import { checkRange } from "./range";
 import { pushExtent } from "./extents";
 
 /** A raw disk image: the virtual disk is the file's bytes. */
-export class RawDevice implements BlockDevice {
+export class RawDevice extends DeviceBase {
   private constructor(
     readonly file: FileIO,
     readonly size: number,
-  ) {}
+  ) {
+    super();
+  }
 
   static async open(file: FileIO): Promise<RawDevice> {
     return new RawDevice(file, await file.size());
@@ -33,7 +35,7 @@ export class RawDevice implements BlockDevice {
       const end = offset + length;
       const out: Extent[] = [];
       let pos = offset;
-      for (const [a, b] of this.file.holes?.(offset, end) ?? []) {
+      for (const [a, b] of this.file.holes(offset, end)) {
         pushExtent(out, pos, a - pos, "data");
         pushExtent(out, a, b - a, "zero");
         pos = b;
@@ -47,16 +49,11 @@ export class RawDevice implements BlockDevice {
 
   describe(): LayerDescription {
     const p = this.file.path;
-    return { format: "raw", name: p, dataFile: p, files: [p] };
+    return { format: "raw", name: p, storage: p, files: [p] };
   }
 
-  dataFileStat(): fs.Stats | null {
-    if (this.file.fd === undefined) return null;
-    try {
-      return fs.fstatSync(this.file.fd);
-    } catch {
-      return null;
-    }
+  override storageStat(): fs.BigIntStats | null {
+    return statOf(this.file);
   }
 
   read(buf: Buffer, offset: number): Promise<void> {
@@ -73,7 +70,7 @@ export class RawDevice implements BlockDevice {
 
   async write(buf: Buffer, offset: number): Promise<void> {
     if (this.readOnly) {
-      throw new AddCowError(`${this.file.path} is open read-only`, { code: "EROFS" });
+      throw readOnlyError(this.file.path);
     }
     checkRange(this, buf.length, offset);
     await this.file.write(buf, offset);

@@ -1,7 +1,6 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { AddCowError, errnoCode } from "../util/errors";
-import { lockFile } from "../os/file-lock";
 import { type FileIO, PosixFile } from "./file-io";
 
 /**
@@ -50,7 +49,7 @@ export const posixReplacer: FileReplacer = {
       if (st.uid !== process.geteuid?.() || st.gid !== process.getegid?.()) {
         fs.fchownSync(fd, st.uid, st.gid);
       }
-      lockFile(io, "exclusive", "add-cow file");
+      io.lock("exclusive", "add-cow file");
     } catch (err) {
       await this.discard(io);
       throw new AddCowError(

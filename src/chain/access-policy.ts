@@ -157,12 +157,11 @@ export class AccessPolicy {
 
   /** After opening: the descriptor is the file judged, still inside, still the owner's. */
   async verify(n: NamedFile, judged: Judged, io: FileIO): Promise<void> {
-    if (io.fd === undefined) return; // An in-memory test file: nothing on disk to judge.
-    const st = fs.fstatSync(io.fd, { bigint: true });
+    const st = io.stat();
     if (st.dev !== judged.dev || st.ino !== judged.ino) {
       throw this.refuse(n, "it was replaced while it was being opened; try again");
     }
-    if (this.confinement) this.checkInside(n, await fs.promises.readlink(`/proc/self/fd/${io.fd}`));
+    if (this.confinement) this.checkInside(n, await io.realPath());
     this.checkImageOwner(n, st);
   }
 

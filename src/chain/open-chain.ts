@@ -7,7 +7,7 @@ import type { Access, BackingFormat, ChainOpener, LayerFile, Namer } from "../bl
 import { type FileIO, type FileOpener, openPosixFile } from "../block/file-io";
 import type { AddCowDevice, CacheMode } from "../addcow/addcow-device";
 import { type AddCowOpenRequest, openAddCow } from "../addcow/open-addcow";
-import { type LockKind, lockFile } from "../os/file-lock";
+import type { LockKind } from "../os/file-lock";
 import {
   AccessPolicy,
   type Confinement,
@@ -232,7 +232,7 @@ async function openFile(
 function lock(io: FileIO, kind: LockKind, role: string, state: ChainState): void {
   if (state.opts.lock === false) return;
   try {
-    lockFile(io, kind, role);
+    io.lock(kind, role);
   } catch (err) {
     if (err instanceof AddCowError) throw err;
     throw new AddCowError(`${role} ${io.path} cannot be locked: ${describeError(err)}`, {
@@ -319,7 +319,7 @@ async function openGiven(
   remember(state, st, file, role);
   const io = await openFile(file, mode, role, state, undefined, { lock: lockAs });
   // The descriptor's own identity: the owner of what was opened, not of what a path names now.
-  return { io, st: io.fd === undefined ? st : fs.fstatSync(io.fd, { bigint: true }) };
+  return { io, st: io.stat() };
 }
 
 /** Opens a file the user named again, for writing (unlocked): it must still be the file read. */
@@ -327,8 +327,7 @@ function reopenGiven(file: string, st: Judged, role: string, state: ChainState):
   return openFile(file, "write", role, state, undefined, {
     lock: false,
     check: async (io) => {
-      if (io.fd === undefined) return;
-      const now = fs.fstatSync(io.fd, { bigint: true });
+      const now = io.stat();
       if (now.dev !== st.dev || now.ino !== st.ino) {
         throw new AddCowError(`${role} ${file} was replaced while it was being opened; try again`, {
           file,

@@ -1,7 +1,6 @@
 import type { BackingFormat } from "../block/chain-opener";
 import type { BlockDevice } from "../block/block-device";
 import { AddCowError } from "../util/errors";
-import { openRemoteDevice } from "../remote/open-remote-device";
 import type { RemoteSettings } from "../remote/options";
 import { displayName } from "../remote/url";
 
@@ -31,5 +30,8 @@ export async function openRemoteBacking(
       { code: "EROFS", reason: "remote", file: name },
     );
   }
+  // Loaded only when a disk needs it: the HTTP and S3 clients cost more start-up
+  // time than the rest of addcow, and most disks never use them.
+  const { openRemoteDevice } = await import("../remote/open-remote-device");
   return settings ? openRemoteDevice(url, settings) : openRemoteDevice(url);
 }

@@ -1,7 +1,7 @@
 import * as path from "node:path";
 import type { Command } from "commander";
 import { findDaemon } from "../control/client";
-import type { JobOptionsWire } from "../control/protocol";
+import type { LiveJobRequest } from "../jobs/live-jobs";
 import { AddCowError } from "../util/errors";
 import { parseSize } from "../util/size";
 import type { CopyOptions } from "../jobs/copy-engine";
@@ -123,7 +123,7 @@ export async function runLiveIfMounted(
   kind: JobKind,
   disk: string,
   flags: CopyFlags,
-  options: JobOptionsWire,
+  options: LiveJobRequest,
 ): Promise<number | null> {
   const daemon = await findDaemon(disk);
   if (!daemon) return null;
@@ -174,8 +174,8 @@ export async function runLiveIfMounted(
   }
 }
 
-export function wireOptions(opts: CopyOptions): JobOptionsWire {
-  const w: JobOptionsWire = {};
+export function wireOptions(opts: CopyOptions): LiveJobRequest {
+  const w: LiveJobRequest = {};
   if (opts.inFlight !== undefined) w.inFlight = opts.inFlight;
   if (opts.bufSize !== undefined) w.bufSize = opts.bufSize;
   if (opts.granularity !== undefined) w.granularity = opts.granularity;

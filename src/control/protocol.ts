@@ -1,4 +1,5 @@
 import type { JobKind, JobStatus } from "../jobs/job";
+import type { LiveJobRequest } from "../jobs/live-jobs";
 import type { Confinement } from "../chain/access-policy";
 
 /**
@@ -6,24 +7,11 @@ import type { Confinement } from "../chain/access-policy";
  * sends one request; the daemon answers with one response line, except for
  * "watch", which gets event lines until the job ends, then the connection closes.
  */
-export interface JobOptionsWire {
-  inFlight?: number;
-  bufSize?: number;
-  granularity?: number;
-  speed?: number;
-  keep?: boolean;
-  /** snapshot: the new overlay and its image file (absolute paths). */
-  newFile?: string;
-  image?: string;
-  clusterSize?: number;
-  /** snapshot: which names the user gave relative, to store them relative (like create). */
-  relative?: { backing: boolean; image: boolean };
-}
 
 export type ControlRequest =
   | { op: "hello" }
   | { op: "list" }
-  | { op: "start"; kind: JobKind; disk: string; options: JobOptionsWire }
+  | { op: "start"; kind: JobKind; disk: string; options: LiveJobRequest }
   | { op: "pause" | "resume" | "cancel"; id: string }
   | { op: "watch"; id: string };
 

@@ -1,19 +1,13 @@
 import * as fs from "node:fs";
 import * as net from "node:net";
 import type { LiveDisk } from "../jobs/live";
-import { LiveJobs } from "../jobs/live-jobs";
+import { type LiveJobRequest, LiveJobs } from "../jobs/live-jobs";
 import type { Job, JobStatus } from "../jobs/job";
 import { AddCowError, describeError } from "../util/errors";
 import type { Confinement } from "../chain/access-policy";
 import { log } from "../util/log";
 import { diskKey, ensureRuntimeDir, socketPathFor } from "./paths";
-import {
-  type ControlRequest,
-  type ControlResponse,
-  type JobOptionsWire,
-  LineParser,
-  type WatchEvent,
-} from "./protocol";
+import { type ControlRequest, type ControlResponse, LineParser, type WatchEvent } from "./protocol";
 
 export interface ControlHost {
   readonly entries: readonly LiveDisk[];
@@ -33,9 +27,7 @@ export class ControlServer {
   private readonly sockets = new Set<net.Socket>();
 
   private constructor(private readonly host: ControlHost) {
-    this.jobs = new LiveJobs(host.entries, diskKey, host.confine, (newFile) =>
-      this.listenFor(newFile),
-    );
+    this.jobs = new LiveJobs(host.entries, diskKey, (newFile) => this.listenFor(newFile));
   }
 
   static async start(host: ControlHost): Promise<ControlServer> {
@@ -136,8 +128,8 @@ export class ControlServer {
 }
 
 /** Only the options the protocol knows, each only when given. */
-function decodeOptions(wire: JobOptionsWire) {
-  const pick = <K extends keyof JobOptionsWire>(k: K) =>
+function decodeOptions(wire: LiveJobRequest): LiveJobRequest {
+  const pick = <K extends keyof LiveJobRequest>(k: K) =>
     wire[k] === undefined ? {} : { [k]: wire[k] };
   return {
     ...pick("inFlight"),

@@ -2,8 +2,8 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { execFile } from "node:child_process";
 import { promisify } from "node:util";
-import type { AddCowDevice } from "../addcow/addcow-device";
-import { openDisk } from "../chain/open-chain";
+import type { AddCowLayer } from "../addcow/addcow-layer";
+import { type OpenOptions, openDisk } from "../chain/open-chain";
 import { AddCowError, describeError, errnoCode } from "../util/errors";
 import { DiskEntry } from "./disk-entry";
 import { type FuseFrontEnd, createFuseFrontEnd } from "./fuse-fs";
@@ -78,7 +78,7 @@ const FINAL_FLUSH_RETRY_INTERVAL_MS = 500;
  * stops cleanly (flush, unmount, close).
  */
 export class MountDaemon {
-  readonly entries: Array<DiskEntry<AddCowDevice>>;
+  readonly entries: Array<DiskEntry<AddCowLayer>>;
   readonly mountDir: string;
   /** The mount's confinement (-o confine): reopens of a disk's files for jobs apply it too. */
   get confine(): Confinement | null {
@@ -100,7 +100,7 @@ export class MountDaemon {
 
   private constructor(
     readonly config: DaemonConfig,
-    entries: Array<DiskEntry<AddCowDevice>>,
+    entries: Array<DiskEntry<AddCowLayer>>,
   ) {
     this.entries = entries;
     this.mountDir = config.mountDir;
@@ -117,20 +117,20 @@ export class MountDaemon {
     // The mount table names the real path; compare with that (MOUNTDIR may be reached by a symlink).
     mountDir = fs.realpathSync(mountDir);
     config.mountDir = mountDir;
-    const entries: Array<DiskEntry<AddCowDevice>> = [];
+    const entries: Array<DiskEntry<AddCowLayer>> = [];
     let mounted = false;
     try {
+      // One set of options per mount: the disks open with it, and so do their live reopens.
+      const open: OpenOptions = {
+        writable: !config.options.readOnly,
+        cacheMode: config.options.cacheMode,
+        copyOnRead: config.options.copyOnRead,
+        confine: config.options.confine,
+        ...(config.opener ? { opener: config.opener } : {}),
+      };
       for (const disk of config.disks) {
-        const device = await waitingForExitingDaemon(disk.file, () =>
-          openDisk(disk.file, {
-            writable: !config.options.readOnly,
-            cacheMode: config.options.cacheMode,
-            copyOnRead: config.options.copyOnRead,
-            confine: config.options.confine,
-            ...(config.opener ? { opener: config.opener } : {}),
-          }),
-        );
-        entries.push(new DiskEntry(disk.name, disk.file, device));
+        const device = await waitingForExitingDaemon(disk.file, () => openDisk(disk.file, open));
+        entries.push(new DiskEntry(disk.name, disk.file, device, open));
       }
       const daemon = new MountDaemon(config, entries);
       const frontEnd = createFuseFrontEnd(mountDir, entries, config.options);
@@ -228,7 +228,7 @@ export class MountDaemon {
   private async finalFlush(): Promise<void> {
     const limit = this.config.finalFlushRetryMs ?? FINAL_FLUSH_RETRY_MS;
     for (const e of this.entries) {
-      if (e.device.readOnly) continue;
+      if (e.target.readOnly) continue;
       const end = Date.now() + limit;
       for (let attempt = 1; ; attempt++) {
         try {
@@ -261,7 +261,7 @@ export class MountDaemon {
    */
   private async writeBackAll(): Promise<void> {
     for (const e of this.entries) {
-      if (e.device.readOnly) continue;
+      if (e.target.readOnly) continue;
       const said = this.writeBackProblems.get(e);
       try {
         await e.writeBackIfNeeded();

@@ -1,5 +1,6 @@
 import type * as fs from "node:fs";
 import type { BlockDevice } from "../block/block-device";
+import type { OpenOptions } from "../chain/open-chain";
 import { AddCowError } from "../util/errors";
 
 /**
@@ -28,21 +29,26 @@ export class DiskEntry<D extends BlockDevice = BlockDevice> {
     readonly name: string,
     /** The .add-cow file it was opened from (for messages and jobs). */
     readonly file: string,
-    private served: D,
+    private topLayer: D,
+    /**
+     * How the disk was opened (writable, cache mode, copy-on-read, confinement,
+     * opener): a live job reopening its layers opens them the same way.
+     */
+    readonly openOptions: OpenOptions = {},
   ) {
-    this.dev = served;
+    this.dev = topLayer;
   }
 
   /** What requests go to: the disk, or a device in front of it while a live job needs one. */
   private dev: BlockDevice;
 
-  get device(): BlockDevice {
+  get target(): BlockDevice {
     return this.dev;
   }
 
-  /** The disk this file serves (its top layer; live jobs work on it). */
-  get disk(): D {
-    return this.served;
+  /** The disk's top layer: what this file serves and live jobs work on. */
+  get top(): D {
+    return this.topLayer;
   }
 
   /** Counts a request in; returns null when it may start now, else a promise to wait for first. */
@@ -76,17 +82,20 @@ export class DiskEntry<D extends BlockDevice = BlockDevice> {
     }
   }
 
-  /** Replaces the device; call inside `exclusive`. The caller owns closing the old one. */
-  replaceDevice(dev: BlockDevice, disk: D): BlockDevice {
+  /**
+   * Requests go to `target` from now on, which serves the top layer `top`;
+   * call inside `exclusive`. The caller owns closing the old one.
+   */
+  switchTo(target: BlockDevice, top: D): BlockDevice {
     const old = this.dev;
-    this.dev = dev;
-    this.served = disk;
+    this.dev = target;
+    this.topLayer = top;
     return old;
   }
 
-  /** The image file's stat (allocation, times) when the device has one. */
-  imageStat(): fs.Stats | null {
-    return this.dev.dataFileStat?.() ?? null;
+  /** The stat of the file holding the disk's own bytes (allocation, times), when it has one. */
+  storageStat(): fs.BigIntStats | null {
+    return this.dev.storageStat();
   }
 
   /** Flushes when something was written since the last flush started. */
@@ -103,7 +112,6 @@ export class DiskEntry<D extends BlockDevice = BlockDevice> {
    */
   async writeBackIfNeeded(): Promise<void> {
     if (this.failure) return;
-    if (!this.dev.hasUnsavedMetadata) return this.flushIfDirty();
     // Bits can be set by reads too (copy-on-read): they are written back without a write.
     if (this.dev.hasUnsavedMetadata()) await this.flush();
   }

@@ -122,16 +122,16 @@ export function createFuseFrontEnd(
   };
 
   function fileStat(e: DiskEntry) {
-    const img = e.imageStat();
+    const img = e.storageStat();
     return {
       mode: fileMode,
       uid,
       gid,
-      size: e.device.size,
+      size: e.target.size,
       nlink: 1,
       blksize: BLOCK_SIZE,
       // The image file's allocation: the data this disk holds itself.
-      blocks: img ? img.blocks : 0,
+      blocks: img ? Number(img.blocks) : 0,
       atime: img ? img.atime : mountTime,
       mtime: img ? img.mtime : mountTime,
       ctime: img ? img.ctime : mountTime,
@@ -145,7 +145,7 @@ export function createFuseFrontEnd(
       return;
     }
     const target = n === buf.length ? buf : buf.subarray(0, n);
-    e.device.read(target, pos).then(
+    e.target.read(target, pos).then(
       () => {
         e.leave();
         cb(n);
@@ -166,7 +166,7 @@ export function createFuseFrontEnd(
     const source = n === buf.length ? buf : buf.subarray(0, n);
     e.dirty = true;
     // The engine is done with the buffer once its promise settles; only then may the kernel reuse it.
-    e.device.write(source, pos).then(
+    e.target.write(source, pos).then(
       () => {
         e.leave();
         cb(n);
@@ -180,7 +180,7 @@ export function createFuseFrontEnd(
   }
 
   function flushEntry(e: DiskEntry, what: string, cb: ResultCb): void {
-    if (e.device.readOnly) {
+    if (e.target.readOnly) {
       cb(0);
       return;
     }
@@ -195,12 +195,12 @@ export function createFuseFrontEnd(
     if (!e) return cb(p === "/" ? EISDIR : ENOENT);
     if (opts.readOnly) return cb(EROFS);
     // The disk never changes size; truncating to its own size is harmless.
-    if (size === e.device.size) return cb(0);
+    if (size === e.target.size) return cb(0);
     log.fuse(
       "truncate %s to %d refused: the disk size is fixed at %d",
       e.name,
       size,
-      e.device.size,
+      e.target.size,
     );
     cb(EPERM);
   }
@@ -230,7 +230,7 @@ export function createFuseFrontEnd(
       if (!e) return cb(p === "/" ? EISDIR : ENOENT);
       const wantsWrite = (flags & O_ACCMODE) !== fs.constants.O_RDONLY;
       log.fuse("open %s flags 0x%s", e.name, flags.toString(16));
-      if (wantsWrite && e.device.readOnly) return cb(EROFS);
+      if (wantsWrite && e.target.readOnly) return cb(EROFS);
       // O_TRUNC is ignored, as on a block device (atomic_o_trunc delivers it here).
       openFiles++;
       cb(0, 0);
@@ -245,7 +245,7 @@ export function createFuseFrontEnd(
     read(p: string, _fd: number, buf: Buffer, len: number, pos: number, cb: ResultCb) {
       const e = byPath.get(p);
       if (!e) return cb(ENOENT);
-      const size = e.device.size;
+      const size = e.target.size;
       log.fuse("read %s [%d, +%d)", e.name, pos, len);
       if (pos >= size || len === 0) return cb(0);
       const n = Math.min(len, size - pos);
@@ -257,9 +257,9 @@ export function createFuseFrontEnd(
     write(p: string, _fd: number, buf: Buffer, len: number, pos: number, cb: ResultCb) {
       const e = byPath.get(p);
       if (!e) return cb(ENOENT);
-      const size = e.device.size;
+      const size = e.target.size;
       log.fuse("write %s [%d, +%d)", e.name, pos, len);
-      if (e.device.readOnly) return cb(EROFS);
+      if (e.target.readOnly) return cb(EROFS);
       if (len === 0) return cb(0);
       // Like a block device: a write straddling the end is short, one at or past the end fails.
       if (pos >= size) return cb(ENOSPC);
@@ -301,14 +301,14 @@ export function createFuseFrontEnd(
       // Used: what the image files hold (their allocation); never more than the disks.
       let used = 0;
       for (const e of entries) {
-        total += Math.ceil(e.device.size / BLOCK_SIZE);
-        used += Math.ceil(((e.imageStat()?.blocks ?? 0) * 512) / BLOCK_SIZE);
+        total += Math.ceil(e.target.size / BLOCK_SIZE);
+        used += Math.ceil((Number(e.storageStat()?.blocks ?? 0) * 512) / BLOCK_SIZE);
       }
       used = Math.min(used, total);
       let free = 0;
       let avail = 0;
       const first = entries[0];
-      const imagePath = first?.device.describe().dataFile;
+      const imagePath = first?.target.describe().storage;
       if (imagePath && path.isAbsolute(imagePath)) {
         try {
           // Free space where the image file grows.

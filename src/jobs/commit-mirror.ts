@@ -1,6 +1,6 @@
-import type * as fs from "node:fs";
-import type { BlockDevice, Extent, LayerDescription } from "../block/block-device";
-import type { AddCowDevice } from "../addcow/addcow-device";
+import type { BlockDevice } from "../block/block-device";
+import type { AddCowLayer } from "../addcow/addcow-layer";
+import { FilterDevice } from "../block/filter-device";
 import { RangeLock } from "../block/range-lock";
 
 /**
@@ -8,46 +8,19 @@ import { RangeLock } from "../block/range-lock";
  * overlay and then to the backing disk, under a cluster lock the commit's
  * copies take too. So a copy never puts older data into the backing over a
  * newer write, and when the copy ends the backing holds every allocated
- * cluster as the overlay does.
+ * cluster as the overlay does. Reads and everything else are the overlay's.
  */
-export class CommitMirror implements BlockDevice {
+export class CommitMirror extends FilterDevice {
   readonly lock = new RangeLock();
 
   constructor(
-    readonly overlay: AddCowDevice,
+    readonly overlay: AddCowLayer,
     private readonly target: BlockDevice,
-  ) {}
-
-  get size(): number {
-    return this.overlay.size;
+  ) {
+    super(overlay);
   }
 
-  get readOnly(): boolean {
-    return this.overlay.readOnly;
-  }
-
-  /** The overlay's view: the mirror changes where writes go, not what reads see. */
-  get backing(): BlockDevice | null {
-    return this.overlay.backing;
-  }
-
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return this.overlay.blockStatus(offset, length);
-  }
-
-  describe(): LayerDescription {
-    return this.overlay.describe();
-  }
-
-  dataFileStat(): fs.Stats | null {
-    return this.overlay.dataFileStat();
-  }
-
-  read(buf: Buffer, offset: number): Promise<void> {
-    return this.overlay.read(buf, offset);
-  }
-
-  async write(buf: Buffer, offset: number): Promise<void> {
+  override async write(buf: Buffer, offset: number): Promise<void> {
     const cs = this.overlay.clusterSize;
     const c0 = Math.floor(offset / cs);
     const c1 = Math.ceil((offset + buf.length) / cs);
@@ -62,12 +35,13 @@ export class CommitMirror implements BlockDevice {
     }
   }
 
-  async flush(): Promise<void> {
+  override async flush(): Promise<void> {
     await this.overlay.flush();
     await this.target.flush();
   }
 
-  close(): Promise<void> {
-    return this.overlay.close();
+  /** Mirrored writes may set bits in an add-cow backing too. */
+  override hasUnsavedMetadata(): boolean {
+    return this.overlay.hasUnsavedMetadata() || this.target.hasUnsavedMetadata();
   }
 }

@@ -1,6 +1,6 @@
 import * as fs from "node:fs";
-import { AddCowError, errnoCode } from "../util/errors";
-import type { AddCowDevice } from "../addcow/addcow-device";
+import { AddCowError, errnoCode, readOnlyError } from "../util/errors";
+import type { AddCowLayer } from "../addcow/addcow-layer";
 import type { RangeLock } from "../block/range-lock";
 import { formatSize } from "../util/size";
 import { CopyEngine, type CopyOptions } from "./copy-engine";
@@ -24,7 +24,7 @@ export interface CommitOptions extends CopyOptions {
 }
 
 /** Refuses a disk without backing file, or one that no longer reads it. */
-export function checkCommittable(dev: AddCowDevice): void {
+export function checkCommittable(dev: AddCowLayer): void {
   if (dev.backingPath === null) {
     throw new AddCowError(`${dev.path} has no backing file: there is nothing to commit into`, {
       file: dev.path,
@@ -49,7 +49,7 @@ export function readOnlyBackingError(file: string, backing: string, code: string
 }
 
 /** Checks before any work that the backing layer's files can be written (live commit). */
-export function checkBackingWritable(dev: AddCowDevice): void {
+export function checkBackingWritable(dev: AddCowLayer): void {
   const files = dev.backing ? dev.backing.describe().files : [dev.backingPath!];
   for (const f of files) {
     try {
@@ -69,17 +69,15 @@ export function checkBackingWritable(dev: AddCowDevice): void {
  * the backing holds them durably. Running commit again is always safe.
  */
 export async function commitDisk(
-  dev: AddCowDevice,
+  dev: AddCowLayer,
   job: Job,
   opts: CommitOptions = {},
 ): Promise<string> {
   checkCommittable(dev);
   const backing = dev.backing!;
-  if (backing.readOnly || dev.readOnly) {
-    throw new AddCowError(
-      `backing file ${dev.backingPath} is open read-only; commit needs to write it`,
-      { file: dev.backingPath ?? dev.path, code: "EROFS" },
-    );
+  if (dev.readOnly) throw readOnlyError(dev.path, "commit empties its bitmap");
+  if (backing.readOnly) {
+    throw readOnlyError(dev.backingPath ?? "", "commit needs to write it", "backing file");
   }
   // Data past the backing disk's end has nowhere to go: the backing is never grown.
   const beyond = await bytesPastEnd(dev, backing.size);
@@ -147,6 +145,6 @@ export async function commitDisk(
 }
 
 /** Bytes of allocated clusters lying past `limit` (the backing disk's size). */
-function bytesPastEnd(dev: AddCowDevice, limit: number): Promise<number> {
+function bytesPastEnd(dev: AddCowLayer, limit: number): Promise<number> {
   return limit >= dev.size ? Promise.resolve(0) : bytesOfKind(dev, ["data"], limit, dev.size);
 }

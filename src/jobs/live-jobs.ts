@@ -1,10 +1,9 @@
 import { AddCowError } from "../util/errors";
-import type { Confinement } from "../chain/access-policy";
 import type { CopyOptions } from "./copy-engine";
 import { Job, type JobKind, type JobStatus } from "./job";
 import { type LiveDisk, checkLiveJob, liveCommit, liveSnapshot, liveStream } from "./live";
 
-/** What a live job is asked to do (the control protocol's job options, decoded). */
+/** What a live job is asked to do: the control protocol's job options, as they travel. */
 export interface LiveJobRequest extends CopyOptions {
   keep?: boolean;
   /** snapshot: the new overlay and its image file (absolute paths). */
@@ -18,7 +17,7 @@ export interface LiveJobRequest extends CopyOptions {
 interface Served {
   live: LiveDisk;
   /** The .add-cow file on top of the mounted disk (changes with a live snapshot). */
-  top: string;
+  topFile: string;
   job: Job | null;
 }
 
@@ -40,18 +39,16 @@ export class LiveJobs {
   constructor(
     disks: readonly LiveDisk[],
     private readonly keyOf: (file: string) => string,
-    /** The mount's confinement: a job reopening a disk's files applies it too. */
-    private readonly confine: Confinement | null,
     /** Called when a live snapshot put a new file on top of a disk. */
     private readonly onNewTop: (newFile: string) => Promise<void>,
   ) {
-    this.served = disks.map((live) => ({ live, top: live.file, job: null }));
-    for (const s of this.served) this.byKey.set(keyOf(s.top), s);
+    this.served = disks.map((live) => ({ live, topFile: live.file, job: null }));
+    for (const s of this.served) this.byKey.set(keyOf(s.topFile), s);
   }
 
   /** The top file of every disk. */
   tops(): string[] {
-    return this.served.map((s) => s.top);
+    return this.served.map((s) => s.topFile);
   }
 
   list(): JobStatus[] {
@@ -94,12 +91,12 @@ export class LiveJobs {
     const served = this.servedFor(disk);
     if (served.job && !served.job.finished) {
       throw new AddCowError(
-        `${served.top} already runs job ${served.job.id}; wait for it or cancel it (addcow job cancel ${served.job.id})`,
+        `${served.topFile} already runs job ${served.job.id}; wait for it or cancel it (addcow job cancel ${served.job.id})`,
         { code: "EBUSY", reason: "invalid" },
       );
     }
-    checkLiveJob(kind, served.live, served.top);
-    const job = new Job(kind, served.top, `${kind}-${process.pid}-${++this.counter}`);
+    checkLiveJob(kind, served.live, served.topFile);
+    const job = new Job(kind, served.topFile, `${kind}-${process.pid}-${++this.counter}`);
     served.job = job;
     this.jobs.set(job.id, job);
     this.forgetOldJobs();
@@ -113,27 +110,22 @@ export class LiveJobs {
       case "stream":
         return liveStream(served.live, job, copy);
       case "commit":
-        return liveCommit(served.live, served.top, job, {
-          ...copy,
-          keep: keep === true,
-          confine: this.confine,
-        });
+        return liveCommit(served.live, served.topFile, job, { ...copy, keep: keep === true });
       case "snapshot": {
         if (!newFile) throw new AddCowError("snapshot needs the new file name");
-        const msg = await liveSnapshot(served.live, served.top, newFile, {
+        const msg = await liveSnapshot(served.live, served.topFile, newFile, {
           ...(image === undefined ? {} : { image }),
           ...(clusterSize === undefined ? {} : { clusterSize }),
           ...(relative === undefined ? {} : { relative }),
-          confine: this.confine,
         });
-        this.retired.set(this.keyOf(served.top), newFile);
-        served.top = newFile;
+        this.retired.set(this.keyOf(served.topFile), newFile);
+        served.topFile = newFile;
         this.byKey.set(this.keyOf(newFile), served);
         await this.onNewTop(newFile);
         return msg;
       }
       case "rebase":
-        throw new AddCowError(`rebase works on a disk at rest; unmount ${served.top} first`);
+        throw new AddCowError(`rebase works on a disk at rest; unmount ${served.topFile} first`);
     }
   }
 

@@ -1,8 +1,7 @@
 import * as fs from "node:fs";
 import type { BlockDevice } from "../block/block-device";
-import type { AddCowDevice } from "../addcow/addcow-device";
-import { openDisk } from "../chain/open-chain";
-import type { Confinement } from "../chain/access-policy";
+import type { AddCowLayer } from "../addcow/addcow-layer";
+import { type OpenOptions, openDisk } from "../chain/open-chain";
 import { AddCowError } from "../util/errors";
 import { CommitMirror } from "./commit-mirror";
 import { type CommitOptions, checkBackingWritable, checkCommittable, commitDisk } from "./commit";
@@ -22,135 +21,136 @@ import { checkStreamable, streamDisk } from "./stream";
 export interface LiveDisk {
   /** The .add-cow file the disk was mounted from. */
   readonly file: string;
-  /** What FUSE requests go to: the disk, or a mirror in front of it during a live commit. */
-  readonly device: BlockDevice;
-  /** The add-cow disk served: the top layer that jobs work on. */
-  readonly disk: AddCowDevice;
+  /** What FUSE requests go to: the top layer, or a filter in front of it during a live commit. */
+  readonly target: BlockDevice;
+  /** The disk's top add-cow layer: what jobs work on. */
+  readonly top: AddCowLayer;
+  /** How the mount opened the disk; every reopen of its layers uses the same options. */
+  readonly openOptions: OpenOptions;
   /** Runs fn with no request running and none starting. */
   exclusive<T>(fn: () => Promise<T>): Promise<T>;
-  /** Inside exclusive: requests go to `device` from now on, which serves `disk`. Returns the old device. */
-  replaceDevice(device: BlockDevice, disk: AddCowDevice): BlockDevice;
+  /** Inside exclusive: requests go to `target` from now on, which serves `top`. Returns the old target. */
+  switchTo(target: BlockDevice, top: AddCowLayer): BlockDevice;
 }
 
 /** Refuses a live job that cannot run, before any work, with one line. */
-export function checkLiveJob(kind: JobKind, live: LiveDisk, top: string): void {
-  if (live.device !== live.disk) {
-    throw new AddCowError(`${top} is busy with another operation; try again`, {
+export function checkLiveJob(kind: JobKind, live: LiveDisk, topFile: string): void {
+  if (live.target !== live.top) {
+    throw new AddCowError(`${topFile} is busy with another operation; try again`, {
       reason: "invalid",
     });
   }
-  if (live.disk.readOnly) {
-    throw new AddCowError(`${top} is mounted read-only; remount it writable to run ${kind}`, {
+  if (live.top.readOnly) {
+    throw new AddCowError(`${topFile} is mounted read-only; remount it writable to run ${kind}`, {
       code: "EROFS",
       reason: "invalid",
     });
   }
   if (kind === "rebase") {
-    throw new AddCowError(`rebase works on a disk at rest; unmount ${top} first`, {
+    throw new AddCowError(`rebase works on a disk at rest; unmount ${topFile} first`, {
       reason: "invalid",
     });
   }
-  if (kind === "stream") checkStreamable(live.disk);
+  if (kind === "stream") checkStreamable(live.top);
   if (kind === "commit") {
-    checkCommittable(live.disk);
-    checkBackingWritable(live.disk);
+    checkCommittable(live.top);
+    checkBackingWritable(live.top);
   }
 }
 
 /** Live stream: copies run beside user writes; the allocation lock keeps user data winning. */
 export function liveStream(live: LiveDisk, job: Job, opts: CopyOptions): Promise<string> {
-  return streamDisk(live.disk, job, opts);
+  return streamDisk(live.top, job, opts);
 }
 
 /**
  * Live snapshot: with every request held back, flush the mounted disk, create
  * NEW over it, open NEW with the already open disk as its backing (no second
- * open, no window without a lock), and switch the mounted file to NEW.
- * Writes before the switch are in the old layer, writes after it in NEW.
+ * open, no window without a lock) and the mount's own options, retire the old
+ * layer (only read from now on: no writes, no copy-on-read, no bits), and
+ * switch the mounted file to NEW. Writes before the switch are in the old
+ * layer, writes after it in NEW.
  */
 export async function liveSnapshot(
   live: LiveDisk,
-  top: string,
+  topFile: string,
   newFile: string,
   opts: SnapshotOptions = {},
 ): Promise<string> {
   return live.exclusive(async () => {
-    const old = live.disk;
+    const old = live.top;
     await old.flush();
     const image = opts.image ?? defaultImageName(newFile);
-    const message = await snapshotDisk(top, newFile, { ...opts, image, backingSize: old.size });
-    let dev: AddCowDevice;
+    const message = await snapshotDisk(topFile, newFile, {
+      ...opts,
+      image,
+      backingSize: old.size,
+      confine: live.openOptions.confine,
+    });
+    let dev: AddCowLayer;
     try {
-      dev = await openDisk(newFile, {
-        confine: opts.confine,
-        writable: true,
-        backingDevice: old,
-        cacheMode: old.cacheMode,
-      });
+      dev = await openDisk(newFile, { ...live.openOptions, writable: true, backingDevice: old });
     } catch (err) {
       // Nothing switched: take the new files away again.
       fs.rmSync(newFile, { force: true });
       fs.rmSync(image, { force: true });
       throw err;
     }
-    live.replaceDevice(dev, dev);
+    await old.retire();
+    live.switchTo(dev, dev);
     return `${message} (the mounted file switched to it)`;
   });
 }
 
 /**
  * Live commit: reopen the disk with its backing writable (in place, while
- * requests wait), mirror user writes into the backing during the copy, then
- * sync the backing and empty the overlay with requests held back.
+ * requests wait, with the mount's options), mirror user writes into the
+ * backing during the copy, then sync the backing and empty the overlay with
+ * requests held back.
  */
 export async function liveCommit(
   live: LiveDisk,
-  top: string,
+  topFile: string,
   job: Job,
-  opts: CommitOptions & { confine?: Confinement | null },
+  opts: CommitOptions,
 ): Promise<string> {
-  const { confine, ...commit } = opts;
-  let dev!: AddCowDevice;
+  const reopen = { ...live.openOptions, writable: true };
+  let dev!: AddCowLayer;
   let mirror: CommitMirror | undefined;
   await live.exclusive(async () => {
-    const old = live.disk;
+    const old = live.top;
     await old.flush();
     await old.close();
     try {
-      dev = await openDisk(top, {
-        writable: true,
-        writableBacking: true,
-        cacheMode: old.cacheMode,
-        confine,
-      });
+      dev = await openDisk(topFile, { ...reopen, writableBacking: true });
     } catch (err) {
       // Back to the disk as it was mounted; the commit is refused.
-      const again = await openDisk(top, { writable: true, cacheMode: old.cacheMode, confine });
-      live.replaceDevice(again, again);
-      throw await explainReadOnlyBacking(top, err);
+      const again = await openDisk(topFile, reopen);
+      live.switchTo(again, again);
+      throw await explainReadOnlyBacking(topFile, err);
     }
     if (!dev.backing || dev.backing.readOnly) {
-      live.replaceDevice(dev, dev);
+      live.switchTo(dev, dev);
       return;
     }
     mirror = new CommitMirror(dev, dev.backing);
-    live.replaceDevice(mirror, dev);
+    live.switchTo(mirror, dev);
   });
   try {
     return await commitDisk(dev, job, {
-      ...commit,
+      ...opts,
       ...(mirror ? { copyLock: mirror.lock } : {}),
       quiesce: (finish) =>
         live.exclusive(async () => {
           await mirror?.flush();
           await finish();
-          live.replaceDevice(dev, dev);
+          live.switchTo(dev, dev);
         }),
     });
   } finally {
-    if (live.device !== live.disk) {
+    if (live.target !== live.top) {
       await live.exclusive(async () => {
-        live.replaceDevice(dev, dev);
+        live.switchTo(dev, dev);
       });
     }
   }

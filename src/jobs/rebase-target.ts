@@ -1,12 +1,13 @@
 import { type BackingFormat, BACKING_FORMATS } from "../block/chain-opener";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import type { AddCowDevice } from "../addcow/addcow-device";
+import type { AddCowLayer } from "../addcow/addcow-layer";
 import type { BlockDevice } from "../block/block-device";
 import { AddCowError, describeError } from "../util/errors";
 import { type OpenOptions, openBacking } from "../chain/open-chain";
 import { isUrlName } from "../chain/access-policy";
-import { chainFiles, storedName } from "../ops/create";
+import { storedName } from "../ops/create";
+import { sharedFile } from "../chain/loops";
 import type { OldBacking, RebaseTarget } from "./rebase";
 
 /** What `addcow rebase` was asked: a backing file ("" for none), its format, -u. */
@@ -70,18 +71,13 @@ export function checkFormat(req: RebaseRequest): BackingFormat | null {
   return req.format as BackingFormat;
 }
 
-/** The files of the disk itself: its .add-cow file and its image file. */
-function ownFiles(dev: AddCowDevice): Array<{ file: string; st: fs.Stats }> {
-  return dev.describe().files.map((file) => ({ file, st: fs.statSync(file) }));
-}
-
 /**
  * Opens the new backing chain as the disk's header will name it (judged for
  * the disk's owner, confined like the disk) and refuses a chain that leads
  * back to the disk.
  */
 export async function openTarget(
-  dev: AddCowDevice,
+  dev: AddCowLayer,
   given: string,
   format: BackingFormat,
   open: OpenOptions,
@@ -107,23 +103,18 @@ export async function openTarget(
     format,
     device,
     path: file,
-    sameAsCurrent: format === dev.header.backingFormat && sameFile(file, dev.backingPath),
+    sameAsCurrent: format === dev.backingFormat && sameFile(file, dev.backingPath),
   };
 }
 
 /** Refuses a new backing chain that uses a file of the disk itself. */
-function checkNoLoop(dev: AddCowDevice, chain: BlockDevice, file: string): void {
-  const own = ownFiles(dev);
-  for (const used of chainFiles(chain)) {
-    if (isUrlName(used)) continue;
-    const ust = fs.statSync(used);
-    const same = own.find((o) => o.st.dev === ust.dev && o.st.ino === ust.ino);
-    if (same) {
-      throw new AddCowError(
-        `the backing chain would loop: ${used} (in the chain of ${file}) is ${same.file}, a file of ${dev.path} itself`,
-        { file: used, code: "ELOOP", reason: "chain" },
-      );
-    }
+function checkNoLoop(dev: AddCowLayer, chain: BlockDevice, file: string): void {
+  const same = sharedFile(chain, dev.describe().files);
+  if (same) {
+    throw new AddCowError(
+      `the backing chain would loop: ${same.used} (in the chain of ${file}) is ${same.own}, a file of ${dev.path} itself`,
+      { file: same.used, code: "ELOOP", reason: "chain" },
+    );
   }
 }
 
@@ -139,11 +130,11 @@ function sameFile(a: string, b: string | null): boolean {
 }
 
 /** The current backing's size, when it can still be opened (-u compares it). */
-export async function oldBacking(dev: AddCowDevice, open: OpenOptions): Promise<OldBacking> {
-  if (dev.backingPath === null || dev.header.backingFormat === null) return null;
+export async function oldBacking(dev: AddCowLayer, open: OpenOptions): Promise<OldBacking> {
+  if (dev.backingPath === null || dev.backingFormat === null) return null;
   const st = fs.statSync(dev.path);
   try {
-    const old = await openBacking(dev.backingPath, dev.header.backingFormat, {
+    const old = await openBacking(dev.backingPath, dev.backingFormat, {
       confine: open.confine,
       namedBy: { file: dev.path, uid: st.uid, gid: st.gid },
     });

@@ -1,10 +1,9 @@
 import type { BackingFormat } from "../block/chain-opener";
-import type { AddCowDevice } from "../addcow/addcow-device";
-import { encodeHeader } from "../addcow/header";
+import type { AddCowLayer } from "../addcow/addcow-layer";
 import type { BlockDevice } from "../block/block-device";
 import { bytesOfKind, readSkippingZeros, readSparse } from "../block/extents";
 import { type FileReplacer, posixReplacer } from "../block/replace-file";
-import { AddCowError } from "../util/errors";
+import { AddCowError, readOnlyError } from "../util/errors";
 import { formatSize } from "../util/size";
 import { log } from "../util/log";
 import { CopyEngine, type CopyOptions } from "./copy-engine";
@@ -42,12 +41,12 @@ export interface RebaseOptions extends CopyOptions {
  * either (the clusters copied are not compared again).
  */
 export async function rebaseDisk(
-  dev: AddCowDevice,
+  dev: AddCowLayer,
   target: RebaseTarget | null,
   job: Job,
   opts: RebaseOptions = {},
 ): Promise<string> {
-  if (dev.readOnly) throw new AddCowError(`${dev.path} is open read-only`, { code: "EROFS" });
+  if (dev.readOnly) throw readOnlyError(dev.path);
   const replacer = opts.replacer ?? posixReplacer;
   if (target === null) return makeStandalone(dev, job, opts, replacer);
   let copied = 0;
@@ -57,7 +56,7 @@ export async function rebaseDisk(
       return `rebase of ${dev.path} stopped; it still reads from its old backing file, and the ${formatSize(copied)} copied so far are kept: run it again to finish`;
     }
   }
-  await switchBacking(dev, target.name, target.format, replacer);
+  await dev.switchBacking(target.name, target.format, replacer);
   const what =
     copied > 0
       ? `${formatSize(copied)} that read differently from it were copied into image file ${dev.imagePath}`
@@ -67,7 +66,7 @@ export async function rebaseDisk(
 
 /** `-b ''`: the disk stands alone. Stream (sparse), then the header names no backing file. */
 async function makeStandalone(
-  dev: AddCowDevice,
+  dev: AddCowLayer,
   job: Job,
   opts: CopyOptions,
   replacer: FileReplacer,
@@ -77,7 +76,7 @@ async function makeStandalone(
   }
   const streamed = await streamDisk(dev, job, opts);
   if (!dev.allAllocated) return streamed;
-  await switchBacking(dev, null, null, replacer);
+  await dev.switchBacking(null, null, replacer);
   return `${dev.path} has no backing file now: every cluster is in image file ${dev.imagePath}, a standalone raw disk`;
 }
 
@@ -87,7 +86,7 @@ async function makeStandalone(
  * that differ into the overlay. Returns the engine's outcome.
  */
 async function copyDifferences(
-  dev: AddCowDevice,
+  dev: AddCowLayer,
   next: BlockDevice,
   job: Job,
   opts: CopyOptions,
@@ -135,40 +134,6 @@ async function copyDifferences(
 }
 
 /**
- * Makes the disk's header name another backing file (or none), crash-safe:
- * the .add-cow file is written anew beside the old one (the new header, then
- * the bitmap as it is on disk after a flush), synced, and renamed over it, so
- * after a crash it is the old file or the new one, never a mix of the two
- * names. The disk must not be in use (the caller holds its locks).
- */
-export async function switchBacking(
-  dev: AddCowDevice,
-  name: string | null,
-  format: BackingFormat | null,
-  replacer: FileReplacer = posixReplacer,
-): Promise<void> {
-  await dev.flush();
-  const header = encodeHeader({ ...dev.header, backingName: name, backingFormat: format });
-  const aside = await replacer.createBeside(dev.path);
-  try {
-    await aside.write(header, 0);
-    const size = await dev.meta.size();
-    const chunk = Buffer.alloc(Math.min(1 << 20, Math.max(1, size - header.length)));
-    for (let at = header.length; at < size; at += chunk.length) {
-      const n = await dev.meta.read(chunk.subarray(0, Math.min(chunk.length, size - at)), at);
-      await aside.write(chunk.subarray(0, n), at);
-    }
-    await aside.sync();
-    await replacer.replace(aside, dev.path);
-  } catch (err) {
-    await replacer.discard(aside);
-    throw err;
-  }
-  await aside.close();
-  log.job("%s: backing file is now %s (%s)", dev.path, name, format);
-}
-
-/**
  * What is known about the disk's current backing file, for -u: its size, or
  * why it cannot be opened ("does not exist", ...); null: it has none.
  */
@@ -184,12 +149,12 @@ export type OldBacking = { size: number } | { unreadable: string } | null;
  * read from the backing chain: it would read as zeros.
  */
 export async function rebaseUnsafe(
-  dev: AddCowDevice,
+  dev: AddCowLayer,
   target: RebaseTarget | null,
   old: OldBacking,
   replacer: FileReplacer = posixReplacer,
 ): Promise<string> {
-  if (dev.readOnly) throw new AddCowError(`${dev.path} is open read-only`, { code: "EROFS" });
+  if (dev.readOnly) throw readOnlyError(dev.path);
   if (target === null) {
     if (dev.backingPath === null) return `${dev.path} has no backing file already: nothing to do`;
     const left = dev.allAllocated ? 0 : await bytesOfKind(dev, ["backing", "zero"]);
@@ -199,7 +164,7 @@ export async function rebaseUnsafe(
         { file: dev.path, reason: "invalid" },
       );
     }
-    await switchBacking(dev, null, null, replacer);
+    await dev.switchBacking(null, null, replacer);
     return `${dev.path} has no backing file now (it had every cluster already)`;
   }
   let note = "";
@@ -213,6 +178,6 @@ export async function rebaseUnsafe(
   } else if (old !== null) {
     note = ` (the current backing file ${dev.backingPath} ${old.unreadable}, so its size was not compared)`;
   }
-  await switchBacking(dev, target.name, target.format, replacer);
+  await dev.switchBacking(target.name, target.format, replacer);
   return `${dev.path} now names ${target.path} (${target.format}) as its backing file; nothing was copied (-u)${note}`;
 }

@@ -1,5 +1,5 @@
-import { AddCowError } from "../util/errors";
-import type { AddCowDevice } from "../addcow/addcow-device";
+import { AddCowError, readOnlyError } from "../util/errors";
+import type { AddCowLayer } from "../addcow/addcow-layer";
 import { formatSize } from "../util/size";
 import { CopyEngine, type CopyOptions } from "./copy-engine";
 import { type Job, runUntilFull } from "./job";
@@ -7,12 +7,12 @@ import { findRun } from "./scan";
 import { bytesOfKind } from "../block/extents";
 
 /** Bytes of the disk that its own layer does not hold yet (what stream still copies). */
-export function bytesToStream(dev: AddCowDevice): Promise<number> {
+export function bytesToStream(dev: AddCowLayer): Promise<number> {
   return bytesOfKind(dev, ["backing", "zero"]);
 }
 
 /** Refuses a disk without backing file: nothing to stream. */
-export function checkStreamable(dev: AddCowDevice): void {
+export function checkStreamable(dev: AddCowLayer): void {
   if (dev.backingPath === null) {
     throw new AddCowError(
       `${dev.path} has no backing file: there is nothing to stream; its image file ${dev.imagePath} holds the whole disk already`,
@@ -29,16 +29,12 @@ export function checkStreamable(dev: AddCowDevice): void {
  * wins (copyFromBacking takes the allocation lock and skips set bits).
  */
 export async function streamDisk(
-  dev: AddCowDevice,
+  dev: AddCowLayer,
   job: Job,
   opts: CopyOptions = {},
 ): Promise<string> {
   checkStreamable(dev);
-  if (dev.readOnly) {
-    throw new AddCowError(`${dev.path} is open read-only; stream needs to write its image file`, {
-      code: "EROFS",
-    });
-  }
+  if (dev.readOnly) throw readOnlyError(dev.path, "stream needs to write its image file");
   if (dev.allAllocated) {
     return `${dev.path} is complete already: image file ${dev.imagePath} is a standalone raw disk`;
   }

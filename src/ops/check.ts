@@ -1,7 +1,6 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { chainFiles } from "./create";
-import { lockFile } from "../os/file-lock";
+import { sharedFile } from "../chain/loops";
 import {
   judgeNamedFile,
   openBacking,
@@ -321,16 +320,14 @@ export const checkBacking: CheckStep = {
       return;
     }
     try {
-      for (const used of chainFiles(backing)) {
-        const u = fs.statSync(used);
-        if (ownIds.has(`${u.dev}:${u.ino}`)) {
-          ctx.report({
-            severity: "corruption",
-            offset: null,
-            field: "backing chain",
-            message: `the backing chain loops back: ${used} is this disk's own .add-cow or image file`,
-          });
-        }
+      const same = sharedFile(backing, ctx.imagePath ? [ctx.path, ctx.imagePath] : [ctx.path]);
+      if (same) {
+        ctx.report({
+          severity: "corruption",
+          offset: null,
+          field: "backing chain",
+          message: `the backing chain loops back: ${same.used} is this disk's own .add-cow or image file`,
+        });
       }
     } finally {
       await backing.close();
@@ -402,7 +399,7 @@ export async function checkDisk(file: string, opts: CheckOptions = {}): Promise<
   }
   const handle = new PosixFile(abs, fd, false, "sync");
   try {
-    if (!opts.forceShare) lockFile(handle, "shared", "add-cow file");
+    if (!opts.forceShare) handle.lock("shared", "add-cow file");
     const own = fs.fstatSync(fd);
     const ctx: CheckContext = {
       file,

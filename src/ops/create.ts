@@ -11,9 +11,8 @@ import {
   headerSizeFor,
 } from "../addcow/header";
 import { formatSize } from "../util/size";
-import type { BlockDevice } from "../block/block-device";
-import { chainOf } from "../block/extents";
 import { openBacking } from "../chain/open-chain";
+import { sharedFile } from "../chain/loops";
 import { isRemoteName, parseRemoteName } from "../remote/url";
 import type { Confinement } from "../chain/access-policy";
 import { writeZeros } from "../addcow/bitmap-space";
@@ -174,15 +173,11 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
       try {
         backingSize = backing.size;
         // Writing the new disk must never modify a file its backing chain reads.
-        if (imageStat) {
-          for (const used of chainFiles(backing)) {
-            const st = statOrNull(used);
-            if (st && st.dev === imageStat.dev && st.ino === imageStat.ino) {
-              throw new AddCowError(
-                `image file ${imageGiven} is ${used}, a file of the backing chain of ${opts.backing}; choose another image file with -i`,
-              );
-            }
-          }
+        const same = imageStat ? sharedFile(backing, [imageGiven]) : null;
+        if (same) {
+          throw new AddCowError(
+            `image file ${imageGiven} is ${same.used}, a file of the backing chain of ${opts.backing}; choose another image file with -i`,
+          );
         }
       } finally {
         await backing.close();
@@ -299,11 +294,6 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     clusterSize: 2 ** clusterBits,
     backingPath: opts.backing ?? null,
   };
-}
-
-/** Every local file a backing device reads: the files of each layer of its chain. */
-export function chainFiles(dev: BlockDevice): string[] {
-  return chainOf(dev).flatMap((layer) => layer.describe().files);
 }
 
 export function describeCreate(r: CreateResult): string {

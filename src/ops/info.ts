@@ -33,7 +33,7 @@ export interface DiskInfo extends AddCowInfo {
 
 async function describeLayer(dev: BlockDevice, depth: number): Promise<LayerInfo> {
   const d = dev.describe();
-  const facts = dev.info ? await dev.info() : d.details;
+  const facts = await dev.info();
   return { file: d.name, format: d.format, virtualSize: dev.size, ...facts, depth } as LayerInfo;
 }
 

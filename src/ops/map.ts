@@ -44,7 +44,7 @@ export async function mapDevice(dev: BlockDevice): Promise<Extent[]> {
     const { start, length } = e;
     if (e.kind === "zero") push({ start, length, source: "zero", depth: null, file: null });
     else {
-      const file = e.layer.describe().dataFile;
+      const file = e.layer.describe().storage;
       push({ start, length, source: e.depth === 0 ? "image" : "backing", depth: e.depth, file });
     }
   });

@@ -2,12 +2,6 @@ import * as fs from "node:fs";
 import { AddCowError } from "../util/errors";
 import { majorMinor } from "./mount-table";
 
-/** An open file: its descriptor (none for in-memory test files) and its name for messages. */
-export interface LockableFile {
-  readonly fd?: number;
-  readonly path: string;
-}
-
 // fs-ext wraps flock(2): released by the kernel when the process dies, even by SIGKILL.
 const fsExt = require("fs-ext") as { flockSync(fd: number, flags: string): void };
 
@@ -18,22 +12,21 @@ export type LockKind = "shared" | "exclusive";
  * so a disk open for writing cannot be opened again by anyone, and a disk being
  * read cannot be opened for writing. The error names the holder's pid.
  */
-export function lockFile(file: LockableFile, kind: LockKind, role: string): void {
-  if (file.fd === undefined) return;
+export function lockDescriptor(fd: number, file: string, kind: LockKind, role: string): void {
   try {
-    fsExt.flockSync(file.fd, kind === "exclusive" ? "exnb" : "shnb");
+    fsExt.flockSync(fd, kind === "exclusive" ? "exnb" : "shnb");
   } catch (err) {
     const code = (err as { code?: string }).code;
     if (code !== "EAGAIN" && code !== "EWOULDBLOCK") throw err;
-    const holder = lockHolder(file.fd);
+    const holder = lockHolder(fd);
     const who = holder ? `process ${holder}` : "another process";
     const wanted = kind === "exclusive" ? "for writing" : "for reading";
     throw new AddCowError(
-      `${role} ${file.path} is in use by ${who}; it cannot be opened ${wanted} until that process ends (unmount it or stop the job)`,
+      `${role} ${file} is in use by ${who}; it cannot be opened ${wanted} until that process ends (unmount it or stop the job)`,
       {
         code: "EBUSY",
         reason: "locked",
-        file: file.path,
+        file,
         mode: kind === "exclusive" ? "write" : "read",
         ...(holder === undefined ? {} : { pid: holder }),
       },

@@ -1,7 +1,12 @@
 import * as fs from "node:fs";
-import type { BlockDevice, Extent, LayerDescription } from "../block/block-device";
+import {
+  type BlockDevice,
+  DeviceBase,
+  type Extent,
+  type LayerDescription,
+} from "../block/block-device";
 import { pushExtent } from "../block/extents";
-import type { FileIO } from "../block/file-io";
+import { type FileIO, statOf } from "../block/file-io";
 import { checkRange } from "../block/range";
 import { AddCowError } from "../util/errors";
 import { log } from "../util/log";
@@ -34,7 +39,7 @@ const DECOMPRESSED_CACHE_BYTES = 4 << 20;
  * file, and unallocated ranges read from its own backing device (zeros past
  * the backing's end, or without one). Writes are refused with EROFS.
  */
-export class Qcow2Device implements BlockDevice {
+export class Qcow2Device extends DeviceBase {
   readonly size: number;
   readonly readOnly = true;
   readonly backing: BlockDevice | null;
@@ -46,6 +51,7 @@ export class Qcow2Device implements BlockDevice {
   private closed = false;
 
   constructor(private readonly parts: Qcow2DeviceParts) {
+    super();
     this.header = parts.header;
     this.size = parts.header.size;
     this.backing = parts.backing;
@@ -152,10 +158,6 @@ export class Qcow2Device implements BlockDevice {
 
   async flush(): Promise<void> {}
 
-  hasUnsavedMetadata(): boolean {
-    return false;
-  }
-
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     checkRange(this, length, offset);
     if (length === 0) return [];
@@ -185,11 +187,11 @@ export class Qcow2Device implements BlockDevice {
 
   describe(): LayerDescription {
     const h = this.header;
-    const dataFile = this.parts.dataFilePath ?? this.path;
+    const storage = this.parts.dataFilePath ?? this.path;
     return {
       format: "qcow2",
       name: this.path,
-      dataFile,
+      storage,
       files: this.parts.dataFilePath ? [this.path, this.parts.dataFilePath] : [this.path],
       details: {
         version: h.version,
@@ -207,14 +209,8 @@ export class Qcow2Device implements BlockDevice {
     };
   }
 
-  dataFileStat(): fs.Stats | null {
-    const fd = (this.parts.dataFile ?? this.parts.io).fd;
-    if (fd === undefined) return null;
-    try {
-      return fs.fstatSync(fd);
-    } catch {
-      return null;
-    }
+  override storageStat(): fs.BigIntStats | null {
+    return statOf(this.parts.dataFile ?? this.parts.io);
   }
 
   async close(): Promise<void> {

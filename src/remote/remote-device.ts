@@ -1,4 +1,4 @@
-import type { BlockDevice, Extent, LayerDescription } from "../block/block-device";
+import { DeviceBase, type Extent, type LayerDescription } from "../block/block-device";
 import { checkRange } from "../block/range";
 import { AddCowError } from "../util/errors";
 import { log } from "../util/log";
@@ -63,7 +63,7 @@ export interface RemoteStats {
  * different object (changed, replaced, shrunk) turns every later read into EIO
  * instead of mixing two images.
  */
-export class RemoteDevice implements BlockDevice {
+export class RemoteDevice extends DeviceBase {
   readonly readOnly = true;
   readonly backing = null;
   readonly size: number;
@@ -91,6 +91,7 @@ export class RemoteDevice implements BlockDevice {
     readonly identity: ObjectIdentity,
     private readonly opts: RemoteDeviceOptions,
   ) {
+    super();
     this.size = identity.size;
   }
 
@@ -339,7 +340,7 @@ export class RemoteDevice implements BlockDevice {
       // The device is the object's bytes; the overlay's backing format field says what they are.
       format: "raw",
       name: this.name,
-      dataFile: this.name,
+      storage: this.name,
       files: [],
       details: {
         remote: true,
@@ -372,10 +373,6 @@ export class RemoteDevice implements BlockDevice {
 
   flush(): Promise<void> {
     return Promise.resolve();
-  }
-
-  hasUnsavedMetadata(): boolean {
-    return false;
   }
 
   async close(): Promise<void> {

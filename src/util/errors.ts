@@ -74,6 +74,18 @@ export class AddCowError extends Error {
   }
 }
 
+/**
+ * The one error for a change to a layer that is open read-only; `why` says
+ * what needed the change, `role` what the file is ("backing file").
+ */
+export function readOnlyError(file: string, why?: string, role?: string): AddCowError {
+  const what = role ? `${role} ${file}` : file;
+  return new AddCowError(`${what} is open read-only${why ? `; ${why}` : ""}`, {
+    code: "EROFS",
+    file,
+  });
+}
+
 /** Node system errors carry an errno code such as 'EIO' or 'ENOSPC'. */
 export function errnoCode(err: unknown): string | undefined {
   if (err && typeof err === "object" && "code" in err && typeof err.code === "string") {

@@ -1,4 +1,6 @@
+import type * as fs from "node:fs";
 import type { FileIO } from "../../src/block/file-io";
+import type { LockKind } from "../../src/os/file-lock";
 
 /**
  * A FileIO that passes everything to another one. Test wrappers (faults,
@@ -12,9 +14,6 @@ export class FileIOWrapper implements FileIO {
   }
   get writable(): boolean {
     return this.inner.writable;
-  }
-  get fd(): number | undefined {
-    return this.inner.fd;
   }
 
   read(buf: Buffer, pos: number): Promise<number> {
@@ -30,13 +29,26 @@ export class FileIOWrapper implements FileIO {
     return this.inner.size();
   }
   truncate(length: number): Promise<void> {
-    if (!this.inner.truncate) throw new Error(`${this.path} cannot change size`);
     return this.inner.truncate(length);
   }
   holes(start: number, end: number): Array<[number, number]> {
-    return this.inner.holes ? this.inner.holes(start, end) : [];
+    return this.inner.holes(start, end);
+  }
+  stat(): fs.BigIntStats {
+    return this.inner.stat();
+  }
+  realPath(): Promise<string> {
+    return this.inner.realPath();
+  }
+  lock(kind: LockKind, role: string): void {
+    this.inner.lock(kind, role);
   }
   close(): Promise<void> {
     return this.inner.close();
   }
+}
+
+/** `inner` with some operations replaced (the replacements may call `inner` themselves). */
+export function overriding(inner: FileIO, ops: Partial<Omit<FileIO, "path" | "writable">>): FileIO {
+  return Object.assign(new FileIOWrapper(inner), ops);
 }

@@ -2,7 +2,7 @@
  * The table of hostile file sets, one per validation rule (docs/specs/add-cow.md,
  * "Validation rules"): each case builds its files in a fresh directory and says
  * which patterns the one-line error must match. Used by the engine test
- * (test/hostile.test.ts) and the command-line test (test/hostile-cli.test.ts).
+ * (test/unit/hostile.test.ts) and the command-line test (test/mount/hostile-cli.test.ts).
  */
 import { execFileSync } from "node:child_process";
 import * as fs from "node:fs";

@@ -1,3 +1,4 @@
+import type * as fs from "node:fs";
 import { readHeader } from "../../src/addcow/open-addcow";
 import { RawDevice } from "../../src/block/raw-device";
 import {
@@ -147,6 +148,19 @@ export class MemoryFile implements FileIO {
   holes(start: number, end: number): Array<[number, number]> {
     return this.bytes.holes(start, end);
   }
+
+  stat(): fs.BigIntStats {
+    throw Object.assign(new Error(`${this.path} is in memory: it has no fstat`), {
+      code: "ENOTSUP",
+    });
+  }
+
+  async realPath(): Promise<string> {
+    return this.path;
+  }
+
+  /** Nothing to lock: no other process can reach a file in memory. */
+  lock(): void {}
 
   async close(): Promise<void> {}
 }
