@@ -19,7 +19,7 @@ export interface ControlHost {
 /**
  * The daemon side of live jobs, transport and dispatch only: one unix socket
  * per disk (mode 0600 in a 0700 runtime directory), newline-delimited JSON.
- * What the requests do is LiveJobs' business (src/ops/live-jobs.ts).
+ * What the requests do is LiveJobs' business (src/jobs/live-jobs.ts).
  */
 export class ControlServer {
   private readonly jobs: LiveJobs;

@@ -24,8 +24,6 @@ export interface JobStatus {
   error?: string;
 }
 
-export type JobEventName = "progress" | "state" | "done";
-
 /**
  * A running block job. The body does the work and reports through the copy
  * engine it attaches; pause, resume and cancel are forwarded to that engine.

@@ -1,7 +1,8 @@
 import { AddCowError } from "../util/errors";
 import type { CopyOptions } from "./copy-engine";
 import { Job, type JobKind, type JobStatus } from "./job";
-import { type LiveDisk, checkLiveJob, liveCommit, liveSnapshot, liveStream } from "./live";
+import { type LiveDisk, checkLiveJob, liveCommit, liveSnapshot } from "./live";
+import { streamDisk } from "./stream";
 
 /** What a live job is asked to do: the control protocol's job options, as they travel. */
 export interface LiveJobRequest extends CopyOptions {
@@ -108,7 +109,8 @@ export class LiveJobs {
     const { keep, newFile, image, clusterSize, relative, ...copy } = req;
     switch (kind) {
       case "stream":
-        return liveStream(served.live, job, copy);
+        // Copies run beside user writes; the allocation lock keeps user data winning.
+        return streamDisk(served.live.top, job, copy);
       case "commit":
         return liveCommit(served.live, served.topFile, job, { ...copy, keep: keep === true });
       case "snapshot": {

@@ -5,12 +5,11 @@ import { type OpenOptions, openDisk } from "../chain/open-chain";
 import { AddCowError } from "../util/errors";
 import { CommitMirror } from "./commit-mirror";
 import { type CommitOptions, checkBackingWritable, checkCommittable, commitDisk } from "./commit";
-import type { CopyOptions } from "./copy-engine";
 import { defaultImageName } from "../ops/create";
 import type { Job, JobKind } from "./job";
 import { explainReadOnlyBacking } from "./at-rest";
 import { type SnapshotOptions, snapshotDisk } from "./snapshot";
-import { checkStreamable, streamDisk } from "./stream";
+import { checkStreamable } from "./stream";
 
 /**
  * Block jobs on a mounted disk. The daemon's DiskEntry is the one swap point:
@@ -56,11 +55,6 @@ export function checkLiveJob(kind: JobKind, live: LiveDisk, topFile: string): vo
     checkCommittable(live.top);
     checkBackingWritable(live.top);
   }
-}
-
-/** Live stream: copies run beside user writes; the allocation lock keeps user data winning. */
-export function liveStream(live: LiveDisk, job: Job, opts: CopyOptions): Promise<string> {
-  return streamDisk(live.top, job, opts);
 }
 
 /**

@@ -14,7 +14,7 @@ export type ExtentSource = "image" | "backing" | "zero";
  * 1 = its backing file (or, for an add-cow backing file, that disk's image
  * file), 2 = one layer further down, and so on. Zero extents have neither.
  */
-export interface Extent {
+export interface MapExtent {
   start: number;
   length: number;
   source: ExtentSource;
@@ -23,9 +23,9 @@ export interface Extent {
 }
 
 /** The extents of an open disk, merged so neighbours always differ. */
-export async function mapDevice(dev: BlockDevice): Promise<Extent[]> {
-  const extents: Extent[] = [];
-  const push = (e: Extent) => {
+export async function mapDevice(dev: BlockDevice): Promise<MapExtent[]> {
+  const extents: MapExtent[] = [];
+  const push = (e: MapExtent) => {
     if (e.length <= 0) return;
     const last = extents[extents.length - 1];
     if (

@@ -5,7 +5,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { openDisk } from "../../src/chain/open-chain";
 import { Job } from "../../src/jobs/job";
 import { rebaseAtRest } from "../../src/jobs/at-rest";
-import type { Extent } from "../../src/ops/map";
+import type { MapExtent } from "../../src/ops/map";
 import { addcow, fingerprint } from "../helpers/cli";
 import { cleanupAll, mountDisk, tempDir } from "../helpers/mount";
 import { MiB, pattern, readDisk } from "../helpers/jobs";
@@ -71,7 +71,7 @@ async function twins(d: string) {
 
 /** Clusters the overlay holds itself: add-cow map "image" extents, qemu-img map depth 0. */
 function ownClusters(d: string, t: { file: string; qcow2: string }) {
-  const ours = (JSON.parse(addcow(d, "map", "--json", t.file).stdout) as Extent[])
+  const ours = (JSON.parse(addcow(d, "map", "--json", t.file).stdout) as MapExtent[])
     .filter((e) => e.source === "image")
     .flatMap((e) => range(e.start, e.length));
   const qemu = (

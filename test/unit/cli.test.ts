@@ -3,7 +3,7 @@ import * as path from "node:path";
 import { afterEach, beforeEach, describe, expect, it } from "vitest";
 import type { CheckReport } from "../../src/ops/check";
 import type { DiskInfo } from "../../src/ops/info";
-import type { Extent } from "../../src/ops/map";
+import type { MapExtent } from "../../src/ops/map";
 import { openDisk } from "../../src/chain/open-chain";
 import { encodeHeader } from "../../src/addcow/header";
 import { addcow, addcowEnv, snapshotDir, stderrLines, tempDir } from "../helpers/cli";
@@ -102,7 +102,7 @@ describe("addcow create", () => {
     expect(fs.statSync(path.join(dir, "disk.raw")).size).toBe(3 << 20);
     expect(fs.readFileSync(path.join(dir, "disk.raw")).subarray(0, 7).toString()).toBe("keep me");
     // Past the backing file's end the disk reads zeros.
-    const map = JSON.parse(addcow(dir, "map", "--json", "disk.add-cow").stdout) as Extent[];
+    const map = JSON.parse(addcow(dir, "map", "--json", "disk.add-cow").stdout) as MapExtent[];
     expect(map.map((e) => [e.start, e.length, e.source])).toEqual([
       [0, 1 << 20, "backing"],
       [1 << 20, 2 << 20, "zero"],
@@ -241,14 +241,14 @@ describe("addcow info and map", () => {
     });
     expect(info.backingChain).toBeUndefined();
     // The backing file is one hole: block status knows it reads as zeros (SEEK_HOLE).
-    expect(json<Extent[]>(["map", "--json", "disk.add-cow"])).toEqual([
+    expect(json<MapExtent[]>(["map", "--json", "disk.add-cow"])).toEqual([
       { start: 0, length: 2 * 2 ** 30, source: "zero", depth: null, file: null },
     ]);
     // Data in it shows where it is.
     const fd = fs.openSync(path.join(dir, "base.raw"), "r+");
     fs.writeSync(fd, Buffer.alloc(8192, 1), 0, 8192, 1 << 20);
     fs.closeSync(fd);
-    expect(json<Extent[]>(["map", "--json", "disk.add-cow"])).toEqual([
+    expect(json<MapExtent[]>(["map", "--json", "disk.add-cow"])).toEqual([
       { start: 0, length: 1 << 20, source: "zero", depth: null, file: null },
       {
         start: 1 << 20,
@@ -284,7 +284,7 @@ describe("addcow info and map", () => {
     expect(info.allocatedPercent).toBe(0.58);
     const image = path.join(dir, "d.raw");
     const base = path.join(dir, "base.raw");
-    expect(json<Extent[]>(["map", "--json", "d.add-cow"])).toEqual([
+    expect(json<MapExtent[]>(["map", "--json", "d.add-cow"])).toEqual([
       { start: 0, length: 4096, source: "backing", depth: 1, file: base },
       { start: 4096, length: 4096, source: "image", depth: 0, file: image },
       { start: 8192, length: 4096, source: "backing", depth: 1, file: base },
@@ -322,7 +322,7 @@ describe("addcow info and map", () => {
       allocatedClusters: 2,
     });
     expect(info.backingChain![1]).toMatchObject({ depth: 2, format: "raw", virtualSize: 1 << 20 });
-    expect(json<Extent[]>(["map", "--json", "top.add-cow"])).toEqual([
+    expect(json<MapExtent[]>(["map", "--json", "top.add-cow"])).toEqual([
       { start: 0, length: 4096, source: "backing", depth: 1, file: path.join(dir, "mid.raw") },
       { start: 4096, length: 4096, source: "image", depth: 0, file: path.join(dir, "top.raw") },
       {
@@ -497,7 +497,7 @@ describe("addcow check", () => {
       backing: { stored: "base.raw", inUse: false },
       features: { allAllocated: true, compatibleBits: [0] },
     });
-    expect(json<Extent[]>(["map", "--json", "d.add-cow"])).toEqual([
+    expect(json<MapExtent[]>(["map", "--json", "d.add-cow"])).toEqual([
       { start: 0, length: 1 << 20, source: "image", depth: 0, file: path.join(dir, "d.raw") },
     ]);
   });

@@ -7,7 +7,7 @@ import {
   runLiveIfMounted,
   runAtRest,
   wireOptions,
-} from "../job-cli";
+} from "../run-job";
 import { action } from "../run-cli";
 import { confinementFromFlags } from "../confine-options";
 

@@ -1,5 +1,5 @@
 import type { Command } from "commander";
-import { type Extent, mapDisk } from "../../ops/map";
+import { type MapExtent, mapDisk } from "../../ops/map";
 import { action } from "../run-cli";
 import { addFormatOption, addJsonOption } from "../qemu-options";
 import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
@@ -12,7 +12,7 @@ interface MapFlags extends ConfineFlags {
 const hex = (n: number) => `0x${n.toString(16)}`;
 
 /** A table like `qemu-img map`, plus the source column. */
-export function formatMap(extents: Extent[]): string {
+export function formatMap(extents: MapExtent[]): string {
   const rows = [["Offset", "Length", "Source", "Depth", "File"]];
   for (const e of extents) {
     rows.push([

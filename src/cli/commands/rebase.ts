@@ -1,6 +1,6 @@
 import type { Command } from "commander";
 import { rebaseAtRest } from "../../jobs/at-rest";
-import { type CopyFlags, addCopyOptions, parseCopyFlags, runAtRest } from "../job-cli";
+import { type CopyFlags, addCopyOptions, parseCopyFlags, runAtRest } from "../run-job";
 import { action } from "../run-cli";
 import { confinementFromFlags } from "../confine-options";
 

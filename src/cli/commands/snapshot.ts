@@ -1,6 +1,6 @@
 import * as path from "node:path";
 import type { Command } from "commander";
-import { runLiveIfMounted, runAtRest } from "../job-cli";
+import { runLiveIfMounted, runAtRest } from "../run-job";
 import { snapshotDisk } from "../../jobs/snapshot";
 import { parseSize } from "../../util/size";
 import { action } from "../run-cli";
