@@ -29,11 +29,10 @@ const MOUNT = path.join(CLI_DIR, "addcow-mount.js");
 const env = { ...process.env };
 delete env.DEBUG;
 
-afterEach(async () => {
+afterAll(async () => {
   releaseImmutable();
   await cleanupAll();
 });
-afterAll(cleanupAll);
 
 function cli(bin: string, args: string[], opts: { asNobody?: boolean } = {}): Promise<RunResult> {
   if (opts.asNobody) {
@@ -87,8 +86,10 @@ function expectOneLineError(r: RunResult, prog: string, code = 1): string {
 
 const cases = hostileCases.filter((c) => !/opener/.test(c.name));
 
+// The cases run a few at a time: each has its own directory and mount point and
+// cleans up after itself, and most of the time is spent starting node processes.
 describe("hostile files through the commands", () => {
-  it.each(cases.map((c) => [c.name, c] as const))("%s", async (_name, c) => {
+  it.concurrent.each(cases.map((c) => [c.name, c] as const))("%s", async (_name, c) => {
     const dir = tempDir("addcow-hostile-cli-");
     const built = c.build(dir);
     const mnt = path.join(dir, "mnt");
@@ -137,49 +138,61 @@ describe("hostile files through the commands", () => {
     expect(diffTrees(before, snapshotTree(dir))).toEqual([]);
   });
 
-  it("a user who may not read the backing file or the .add-cow file gets one line (run as nobody)", async () => {
-    const dir = tempDir("addcow-hostile-cli-");
-    fs.chmodSync(dir, 0o755);
-    writeRaw(path.join(dir, "base.raw"), 1 << 20);
-    const d = writeDisk(dir, "d", { size: 1 << 20, backingName: "base.raw", backingFormat: "raw" });
-    const mnt = path.join(dir, "mnt");
-    fs.mkdirSync(mnt);
-    fs.chmodSync(mnt, 0o777);
-    /** Runs as nobody; nothing in dir may change. */
-    const asNobody = async (bin: string, args: string[]) => {
-      const before = snapshotTree(dir);
-      let r: RunResult;
-      try {
-        r = await cli(bin, args, { asNobody: true });
-      } finally {
-        expect(await ensureUnmounted(mnt)).toBe(false);
-      }
-      expect(diffTrees(before, snapshotTree(dir))).toEqual([]);
-      return r;
-    };
+  it.sequential(
+    "a user who may not read the backing file or the .add-cow file gets one line (run as nobody)",
+    async () => {
+      const dir = tempDir("addcow-hostile-cli-");
+      fs.chmodSync(dir, 0o755);
+      writeRaw(path.join(dir, "base.raw"), 1 << 20);
+      const d = writeDisk(dir, "d", {
+        size: 1 << 20,
+        backingName: "base.raw",
+        backingFormat: "raw",
+      });
+      const mnt = path.join(dir, "mnt");
+      fs.mkdirSync(mnt);
+      fs.chmodSync(mnt, 0o777);
+      /** Runs as nobody; nothing in dir may change. */
+      const asNobody = async (bin: string, args: string[]) => {
+        const before = snapshotTree(dir);
+        let r: RunResult;
+        try {
+          r = await cli(bin, args, { asNobody: true });
+        } finally {
+          expect(await ensureUnmounted(mnt)).toBe(false);
+        }
+        expect(diffTrees(before, snapshotTree(dir))).toEqual([]);
+        return r;
+      };
 
-    fs.chmodSync(path.join(dir, "base.raw"), 0o000);
-    expect(expectOneLineError(await asNobody(ADDCOW, ["info", d.addcow]), "addcow")).toMatch(
-      /backing file .*base\.raw \(named in .*d\.add-cow\) cannot be opened for reading: permission denied/,
-    );
-    fs.chmodSync(path.join(dir, "base.raw"), 0o644);
+      fs.chmodSync(path.join(dir, "base.raw"), 0o000);
+      expect(expectOneLineError(await asNobody(ADDCOW, ["info", d.addcow]), "addcow")).toMatch(
+        /backing file .*base\.raw \(named in .*d\.add-cow\) cannot be opened for reading: permission denied/,
+      );
+      fs.chmodSync(path.join(dir, "base.raw"), 0o644);
 
-    fs.chmodSync(d.addcow, 0o000);
-    expect(expectOneLineError(await asNobody(ADDCOW, ["map", d.addcow]), "addcow")).toMatch(
-      /add-cow file .*d\.add-cow cannot be opened for reading: permission denied/,
-    );
-    expectOneLineError(await asNobody(ADDCOW, ["check", d.addcow]), "addcow");
-    fs.chmodSync(d.addcow, 0o644);
+      fs.chmodSync(d.addcow, 0o000);
+      expect(expectOneLineError(await asNobody(ADDCOW, ["map", d.addcow]), "addcow")).toMatch(
+        /add-cow file .*d\.add-cow cannot be opened for reading: permission denied/,
+      );
+      expectOneLineError(await asNobody(ADDCOW, ["check", d.addcow]), "addcow");
+      fs.chmodSync(d.addcow, 0o644);
 
-    // Readable but not writable: mounting (read-write by default) is refused.
-    fs.chmodSync(d.image, 0o444);
-    expect(expectOneLineError(await asNobody(MOUNT, [d.addcow, mnt]), "addcow-mount")).toMatch(
-      /cannot be opened for writing: permission denied/,
-    );
-  });
+      // Readable but not writable: mounting (read-write by default) is refused.
+      fs.chmodSync(d.image, 0o444);
+      expect(expectOneLineError(await asNobody(MOUNT, [d.addcow, mnt]), "addcow-mount")).toMatch(
+        /cannot be opened for writing: permission denied/,
+      );
+    },
+  );
 });
 
 describe("command-line mistakes", () => {
+  afterEach(async () => {
+    releaseImmutable();
+    await cleanupAll();
+  });
+
   it.each([
     [["info"], /missing required argument/],
     [["map"], /missing required argument/],
