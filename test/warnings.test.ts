@@ -38,7 +38,12 @@ class Session {
     for (const k of Object.keys(clean)) {
       if (k.startsWith("NODE_") || k === "DEBUG" || k.startsWith("AWS_SDK_JS")) delete clean[k];
     }
-    this.env = { ...clean, ADDCOW_MOUNT_LOG: path.join(dir, "daemons.log") };
+    // Control sockets of this test's own: `addcow jobs` asks every daemon it finds there.
+    this.env = {
+      ...clean,
+      ADDCOW_MOUNT_LOG: path.join(dir, "daemons.log"),
+      ADDCOW_RUNTIME_DIR: path.join(dir, "run"),
+    };
   }
 
   /** Runs a program of dist/src/cli; `expected` are the stderr lines it may print. */
