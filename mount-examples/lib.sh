@@ -1,13 +1,17 @@
 # Shared by the example scripts: find the addcow programs and clean up on exit.
 # The examples run the addcow they came with: dist/ beside them (a checkout
 # after `bash .ci/setup`, or the installed package); else the one on PATH.
+# A checkout's runs on the checkout's Node.js, as its npm scripts do
+# (node_modules/.bin/node, linked by npm ci to what .ci/install-node installed).
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+NODE=node
+if [ -x "$REPO/node_modules/.bin/node" ]; then NODE=$REPO/node_modules/.bin/node; fi
 
 addcow() {
-  if [ -f "$REPO/dist/src/cli/addcow.js" ]; then node "$REPO/dist/src/cli/addcow.js" "$@"; else command addcow "$@"; fi
+  if [ -f "$REPO/dist/src/cli/addcow.js" ]; then "$NODE" "$REPO/dist/src/cli/addcow.js" "$@"; else command addcow "$@"; fi
 }
 addcow-mount() {
-  if [ -f "$REPO/dist/src/cli/addcow-mount.js" ]; then node "$REPO/dist/src/cli/addcow-mount.js" "$@"; else command addcow-mount "$@"; fi
+  if [ -f "$REPO/dist/src/cli/addcow-mount.js" ]; then "$NODE" "$REPO/dist/src/cli/addcow-mount.js" "$@"; else command addcow-mount "$@"; fi
 }
 
 # Print each command before running it, like `set -x` but readable.

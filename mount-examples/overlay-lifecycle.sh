@@ -9,8 +9,11 @@
 # (npm run build), or addcow/addcow-mount on PATH (set ADDCOW/ADDCOW_MOUNT).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-ADDCOW=${ADDCOW:-"node $here/../dist/src/cli/addcow.js"}
-ADDCOW_MOUNT=${ADDCOW_MOUNT:-"node $here/../dist/src/cli/addcow-mount.js"}
+# A checkout's own Node.js (npm ci links it there), else the PATH's.
+node=node
+if [ -x "$here/../node_modules/.bin/node" ]; then node="$here/../node_modules/.bin/node"; fi
+ADDCOW=${ADDCOW:-"$node $here/../dist/src/cli/addcow.js"}
+ADDCOW_MOUNT=${ADDCOW_MOUNT:-"$node $here/../dist/src/cli/addcow-mount.js"}
 work=${1:-$(mktemp -d "${TMPDIR:-/tmp}/addcow-lifecycle-XXXXXX")}
 mkdir -p "$work"
 cd "$work"

@@ -3,7 +3,7 @@ import * as path from "node:path";
 import { spawn } from "node:child_process";
 import { AddCowError } from "../util/errors";
 import { parseMountOptions } from "../daemon/mount-options";
-import { errorLine } from "./run-cli";
+import { errorLine, logStart } from "./run-cli";
 
 /**
  * mount(8) and /etc/fstab for add-cow disks. `mount -t fuse.addcow SOURCE DIR
@@ -149,6 +149,7 @@ export function isHelperCall(args: readonly string[], commands: readonly string[
 
 /** Runs a helper call as a program's main: one line on stderr for an error, then exit. */
 export function helperMain(program: string, args: readonly string[]): void {
+  logStart(program);
   runMountHelper(args).then(
     (code) => process.exit(code),
     (err: unknown) => {

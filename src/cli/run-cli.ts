@@ -88,6 +88,12 @@ function ignoreClosedStdout(): void {
   });
 }
 
+/** With DEBUG=addcow:cli, which program, version and Node.js run (a daemon child too). */
+export function logStart(program: string): void {
+  if (!log.cli.enabled) return;
+  log.cli("%s %s on Node.js %s (%s)", program, packageVersion(), process.version, process.execPath);
+}
+
 /**
  * Parses argv and runs the chosen command. Resolves when the action finishes;
  * sets process.exitCode instead of calling process.exit, so output is flushed.
@@ -97,6 +103,7 @@ export async function runCli(program: Command, argv: string[] = process.argv): P
   configure(program);
   ignoreClosedStdout();
   const name = program.name();
+  logStart(name);
   try {
     await program.parseAsync(argv);
     return Number(process.exitCode ?? 0);

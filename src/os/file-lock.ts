@@ -1,20 +1,19 @@
 import * as fs from "node:fs";
 import { AddCowError } from "../util/errors";
+import { flockNonBlocking } from "./libc";
 import { majorMinor } from "./mount-table";
-
-// fs-ext wraps flock(2): released by the kernel when the process dies, even by SIGKILL.
-const fsExt = require("fs-ext") as { flockSync(fd: number, flags: string): void };
 
 export type LockKind = "shared" | "exclusive";
 
 /**
  * Takes a non-blocking flock on an open file: writers exclusive, readers shared,
  * so a disk open for writing cannot be opened again by anyone, and a disk being
- * read cannot be opened for writing. The error names the holder's pid.
+ * read cannot be opened for writing. The error names the holder's pid. An
+ * flock(2) lock is released by the kernel when the process dies, even by SIGKILL.
  */
 export function lockDescriptor(fd: number, file: string, kind: LockKind, role: string): void {
   try {
-    fsExt.flockSync(fd, kind === "exclusive" ? "exnb" : "shnb");
+    flockNonBlocking(fd, kind);
   } catch (err) {
     const code = (err as { code?: string }).code;
     if (code !== "EAGAIN" && code !== "EWOULDBLOCK") throw err;

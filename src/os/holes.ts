@@ -1,7 +1,5 @@
 import { errnoCode } from "../util/errors";
-
-// fs-ext's seekSync passes `whence` to lseek(2) as is, so SEEK_DATA and SEEK_HOLE work.
-const fsExt = require("fs-ext") as { seekSync(fd: number, offset: number, whence: number): number };
+import { lseek } from "./libc";
 
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
@@ -18,7 +16,7 @@ export function findHoles(fd: number, start: number, end: number): Array<[number
   while (pos < end) {
     let hole: number;
     try {
-      hole = fsExt.seekSync(fd, pos, SEEK_HOLE);
+      hole = lseek(fd, pos, SEEK_HOLE);
     } catch (err) {
       // ENXIO: pos is at or past the end of the file; EINVAL: not supported.
       if (errnoCode(err) === "ENXIO" || errnoCode(err) === "EINVAL") break;
@@ -27,7 +25,7 @@ export function findHoles(fd: number, start: number, end: number): Array<[number
     if (hole >= end) break;
     let data: number;
     try {
-      data = fsExt.seekSync(fd, hole, SEEK_DATA);
+      data = lseek(fd, hole, SEEK_DATA);
     } catch (err) {
       // No data after the hole: it runs to the end of the file.
       if (errnoCode(err) !== "ENXIO") throw err;

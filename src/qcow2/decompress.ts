@@ -1,6 +1,5 @@
-import * as zlib from "node:zlib";
-import { Decompress as ZstdStream } from "fzstd";
 import type { CompressionType } from "./header";
+import { DecoderError, MAX_ZSTD_WINDOW_LOG, decoder } from "./native-decoder";
 
 /**
  * Compressed clusters. A compressed cluster's bytes are followed on disk by
@@ -10,58 +9,47 @@ import type { CompressionType } from "./header";
  * ends early, gives more than a cluster, or is malformed — is an error for
  * the read that asked (EIO), never a guess.
  *
- * zlib: raw deflate with a 4 KiB window (QEMU's settings), node:zlib.
- * zstd: fzstd, a pure-JavaScript decoder (no native build, no WebAssembly
- * loader; CommonJS like this project). It decodes whole frames, so the frames
+ * Both decoders are Node's own (node:zlib: libz and libzstd), reused and
+ * writing into the caller's buffer (native-decoder.ts), on the JS thread.
+ * zlib: raw deflate with a 4 KiB window (QEMU's settings). zstd: the decoder
+ * would read on past a frame's end into the bytes that follow, so the frames
  * are first delimited here from their headers (RFC 8878 sections 3.1.1 and
- * 3.1.1.2, no entropy decoding) and window sizes are bounded before it
- * allocates anything.
+ * 3.1.1.2, no entropy decoding) and their window sizes bounded; each frame is
+ * then decoded into what is left of the cluster.
  */
-export function decompressCluster(
-  type: CompressionType,
-  input: Buffer,
-  clusterSize: number,
-): Promise<Buffer> {
-  if (type === "zlib") return inflateCluster(input, clusterSize);
-  try {
-    return Promise.resolve(zstdCluster(input, clusterSize));
-  } catch (err) {
-    return Promise.reject(err);
-  }
+export function decompressCluster(type: CompressionType, input: Buffer, out: Buffer): void {
+  if (type === "zlib") inflateCluster(input, out);
+  else zstdCluster(input, out);
 }
 
 export class DecompressError extends Error {}
 
-/**
- * Inflates on the JS thread: one 64 KiB cluster costs well under 100 us, and a
- * hop to libuv's thread pool per cluster measured slower (random 4 KiB reads
- * 33 -> 14 MB/s in the qcow2 bench).
- */
-function inflateCluster(input: Buffer, clusterSize: number): Promise<Buffer> {
-  let out: Buffer;
+/** Decodes one stream into `out`; "more than one cluster" when it does not end there. */
+function decodeInto(kind: "zlib" | "zstd", input: Buffer, out: Buffer, what: string): number {
   try {
-    // Z_SYNC_FLUSH: a stream cut after a full cluster of output still counts (QEMU accepts it).
-    out = zlib.inflateRawSync(input, {
-      windowBits: 12,
-      finishFlush: zlib.constants.Z_SYNC_FLUSH,
-      maxOutputLength: clusterSize,
-      chunkSize: Math.max(zlib.constants.Z_MIN_CHUNK, clusterSize),
-    });
+    const r = decoder(kind).decode(input, out);
+    if (r.written === out.length && r.more()) {
+      throw new DecompressError(`${what} gives more than one cluster`);
+    }
+    return r.written;
   } catch (err) {
-    return Promise.reject(
-      new DecompressError(`deflate stream is invalid: ${(err as Error).message}`),
-    );
+    if (err instanceof DecoderError) {
+      throw new DecompressError(`${what} is invalid: ${err.message}`);
+    }
+    throw err;
   }
-  if (out.length !== clusterSize) {
-    return Promise.reject(
-      new DecompressError(`deflate stream gives ${out.length} bytes, not one cluster`),
-    );
+}
+
+function inflateCluster(input: Buffer, out: Buffer): void {
+  // A stream cut after a full cluster of output still counts (QEMU accepts it).
+  const n = decodeInto("zlib", input, out, "deflate stream");
+  if (n !== out.length) {
+    throw new DecompressError(`deflate stream gives ${n} bytes, not one cluster`);
   }
-  return Promise.resolve(out);
 }
 
 /** Largest zstd window we let the decoder allocate; QEMU's frames use at most the cluster size. */
-const MAX_ZSTD_WINDOW = 8 << 20;
+const MAX_ZSTD_WINDOW = 2 ** MAX_ZSTD_WINDOW_LOG;
 const ZSTD_MAGIC = 0xfd2fb528;
 
 interface Frame {
@@ -128,8 +116,8 @@ function zstdFrame(src: Buffer, at: number): Frame {
   return { end: pos, skippable: false, contentSize, windowSize };
 }
 
-function zstdCluster(input: Buffer, clusterSize: number): Buffer {
-  const out = Buffer.alloc(clusterSize);
+function zstdCluster(input: Buffer, out: Buffer): void {
+  const clusterSize = out.length;
   let produced = 0;
   let at = 0;
   while (produced < clusterSize) {
@@ -147,27 +135,19 @@ function zstdCluster(input: Buffer, clusterSize: number): Buffer {
       if (frame.windowSize > MAX_ZSTD_WINDOW) {
         throw new DecompressError(`zstd frame asks for a ${frame.windowSize}-byte window`);
       }
-      const before = produced;
-      try {
-        const stream = new ZstdStream((chunk) => {
-          if (produced + chunk.length > clusterSize) {
-            throw new DecompressError(`zstd data gives more than one cluster`);
-          }
-          out.set(chunk, produced);
-          produced += chunk.length;
-        });
-        stream.push(input.subarray(at, frame.end), true);
-      } catch (err) {
-        if (err instanceof DecompressError) throw err;
-        throw new DecompressError(`zstd frame is invalid: ${(err as Error).message}`);
-      }
-      if (frame.contentSize >= 0 && produced - before !== frame.contentSize) {
+      const n = decodeInto(
+        "zstd",
+        input.subarray(at, frame.end),
+        out.subarray(produced),
+        "zstd frame",
+      );
+      if (frame.contentSize >= 0 && n !== frame.contentSize) {
         throw new DecompressError(
-          `zstd frame gives ${produced - before} bytes, its header says ${frame.contentSize}`,
+          `zstd frame gives ${n} bytes, its header says ${frame.contentSize}`,
         );
       }
+      produced += n;
     }
     at = frame.end;
   }
-  return out;
 }

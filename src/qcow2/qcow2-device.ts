@@ -11,9 +11,9 @@ import { checkRange } from "../block/range";
 import { AddCowError } from "../util/errors";
 import { log } from "../util/log";
 import { type Piece, ClusterMap } from "./cluster-map";
+import { ClusterSlots } from "./cluster-slots";
 import { DecompressError, decompressCluster } from "./decompress";
 import type { Qcow2Header } from "./header";
-import { PromiseLru } from "./lru";
 
 export interface Qcow2DeviceParts {
   /** The name the layer was opened by (the qcow2 file). */
@@ -32,6 +32,15 @@ export interface Qcow2DeviceParts {
 
 /** Decompressed clusters kept for sequential reads inside one cluster (bytes, at least two). */
 const DECOMPRESSED_CACHE_BYTES = 4 << 20;
+/** Read buffers for compressed bytes kept between reads (one per read in flight is used). */
+const MAX_SPARE_INPUTS = 8;
+
+type CompressedPiece = Extract<Piece, { kind: "compressed" }>;
+
+function copyPiece(cluster: Buffer, out: Buffer, p: CompressedPiece): void {
+  const from = p.start - p.cluster;
+  cluster.copy(out, 0, from, from + p.length);
+}
 
 /**
  * A qcow2 image (version 2 or 3) as a read-only BlockDevice: the active L1
@@ -47,7 +56,9 @@ export class Qcow2Device extends DeviceBase {
   readonly path: string;
   readonly backingPath: string | null;
   private readonly map: ClusterMap;
-  private readonly decompressed: PromiseLru<Buffer>;
+  private readonly decompressed: ClusterSlots;
+  /** Buffers for compressed bytes being read, kept for the next reads. */
+  private readonly inputs: Buffer[] = [];
   private closed = false;
 
   constructor(private readonly parts: Qcow2DeviceParts) {
@@ -65,7 +76,8 @@ export class Qcow2Device extends DeviceBase {
       parts.fileSize,
       parts.l2CacheBytes,
     );
-    this.decompressed = new PromiseLru(
+    this.decompressed = new ClusterSlots(
+      parts.header.clusterSize,
       Math.max(2, Math.floor(DECOMPRESSED_CACHE_BYTES / parts.header.clusterSize)),
     );
   }
@@ -100,9 +112,9 @@ export class Qcow2Device extends DeviceBase {
       case "data":
         return this.readData(out, p.host);
       case "compressed": {
-        const cluster = await this.decompressed.get(p.cluster, () => this.inflate(p));
-        const from = p.start - p.cluster;
-        cluster.copy(out, 0, from, from + p.length);
+        const cached = this.decompressed.get(p.cluster);
+        if (cached) copyPiece(cached, out, p);
+        else await this.readCompressed(out, p);
         return;
       }
       case "invalid":
@@ -124,29 +136,46 @@ export class Qcow2Device extends DeviceBase {
     if (n < out.length) out.fill(0, n);
   }
 
-  private async inflate(p: Extract<Piece, { kind: "compressed" }>): Promise<Buffer> {
-    const input = Buffer.alloc(p.csize);
-    const n = await this.parts.io.read(input, p.coffset);
+  /** Reads a compressed cluster, decompresses it into a slot and copies the piece out. */
+  private async readCompressed(out: Buffer, p: CompressedPiece): Promise<void> {
+    const input = this.takeInput(p.csize);
     try {
-      return await decompressCluster(
-        this.header.compressionType,
-        input.subarray(0, n),
-        this.header.clusterSize,
-      );
-    } catch (err) {
-      if (!(err instanceof DecompressError)) throw err;
-      log.io("%s: compressed cluster at guest %d: %s", this.path, p.cluster, err.message);
-      throw new AddCowError(
-        `${this.path}: qcow2 compressed cluster for guest offset ${p.cluster} (${this.header.compressionType} data at ${p.coffset}) cannot be decompressed: ${err.message}; the image is damaged (reads of this range fail)`,
-        {
-          file: this.path,
-          field: "compressed cluster",
-          offset: p.coffset,
-          reason: "bad-field",
-          code: "EIO",
-        },
-      );
+      const n = await this.parts.io.read(input.subarray(0, p.csize), p.coffset);
+      // From here on synchronous: the slot is filled and read before any other read runs.
+      const done = this.decompressed.get(p.cluster);
+      if (done) return copyPiece(done, out, p);
+      const slot = this.decompressed.claim(p.cluster);
+      try {
+        decompressCluster(this.header.compressionType, input.subarray(0, n), slot);
+      } catch (err) {
+        this.decompressed.drop(p.cluster);
+        if (!(err instanceof DecompressError)) throw err;
+        log.io("%s: compressed cluster at guest %d: %s", this.path, p.cluster, err.message);
+        throw new AddCowError(
+          `${this.path}: qcow2 compressed cluster for guest offset ${p.cluster} (${this.header.compressionType} data at ${p.coffset}) cannot be decompressed: ${err.message}; the image is damaged (reads of this range fail)`,
+          {
+            file: this.path,
+            field: "compressed cluster",
+            offset: p.coffset,
+            reason: "bad-field",
+            code: "EIO",
+          },
+        );
+      }
+      copyPiece(slot, out, p);
+    } finally {
+      this.giveInput(input);
     }
+  }
+
+  private takeInput(size: number): Buffer {
+    const b = this.inputs.pop();
+    if (b && b.length >= size) return b;
+    return Buffer.allocUnsafe(Math.max(size, this.header.clusterSize));
+  }
+
+  private giveInput(b: Buffer): void {
+    if (this.inputs.length < MAX_SPARE_INPUTS) this.inputs.push(b);
   }
 
   async write(): Promise<void> {

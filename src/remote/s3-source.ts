@@ -36,9 +36,6 @@ export class S3Source implements RangeSource {
     const pathStyle = env.ADDCOW_S3_PATH_STYLE
       ? env.ADDCOW_S3_PATH_STYLE !== "0"
       : customEndpoint !== undefined;
-    // The SDK prints a multi-line notice about future Node versions on Node 20;
-    // a user of addcow sees one-line messages only.
-    process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
     const keys =
       env !== process.env && env.AWS_ACCESS_KEY_ID && env.AWS_SECRET_ACCESS_KEY
         ? {

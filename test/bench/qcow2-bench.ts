@@ -125,7 +125,7 @@ export const qcow2Suite: BenchSuite = {
     fs.rmSync(f("src.raw"));
     for (const type of ["zlib"]) fs.rmSync(f(`converted-${type}.raw`));
 
-    const targets: Target[] = [
+    const allTargets: Target[] = [
       addcowOver("addcow-zlib", "addcow over zlib qcow2", f("cloud-zlib.qcow2"), "qcow2"),
       qsdOver(
         "qsd-zlib",
@@ -145,9 +145,13 @@ export const qcow2Suite: BenchSuite = {
         "raw",
       ),
     ];
-    const wls = workloads.filter((w: Workload) =>
-      ["seqread", "randread", "randread4"].includes(w.name),
+    const wls = workloads.filter(
+      (w: Workload) =>
+        ["seqread", "randread", "randread4"].includes(w.name) && ctx.only.has("workload", w.name),
     );
+    // Targets named with --only (e.g. addcow-zlib,qsd-zlib) narrow the rows; none named, all run.
+    const named = allTargets.filter((t) => ctx.only.named(t.name));
+    const targets = named.length > 0 ? named : allTargets;
     const cells = new Map<string, FioResult[]>();
     for (let rep = 0; rep < ctx.repeat; rep++) {
       for (const w of wls) {

@@ -14,40 +14,39 @@ import {
   waitFor,
 } from "../helpers/mount";
 import { inNamespace, sbinWithHelper } from "../helpers/namespace";
+import { expectOwnRuntime, installCommands } from "../helpers/runtime";
 
 afterEach(cleanupAll);
 
 const DIST = path.resolve(__dirname, "../../dist/src/cli");
 const MiB = 1 << 20;
 
-/** A shell script that runs this checkout's program (what npm's bin links do). */
-function wrapper(dir: string, name: string, script: string): string {
-  const file = path.join(dir, name);
-  fs.writeFileSync(file, `#!/bin/sh\nexec ${process.execPath} ${path.join(DIST, script)} "$@"\n`, {
-    mode: 0o755,
-  });
-  return file;
-}
-
 /**
  * Real mount(8), umount and fstab handling in a private mount namespace
  * (helpers/namespace.ts): `over` is bound on `target` (a /usr/sbin with this
- * checkout's mount.fuse.addcow, or a /usr/local/sbin with its addcow). The
+ * checkout's mount.fuse.addcow, or a /usr/local/sbin with its addcow), the
+ * commands .ci/install-commands puts on the PATH. The script starts with the
+ * bare environment systemd gives mount units (its default PATH, where the
+ * machine's own node comes first); DEBUG=addcow:cli start lines, the
+ * daemons' in ADDCOW_MOUNT_LOG, say which Node.js ran each program. The
  * daemons live in that namespace; cleanupAll finds them by command line.
  */
-function mountScript(prelude: string, script: string, cwd: string) {
+async function mountScript(prelude: string, script: string, cwd: string) {
+  const daemonLog = path.join(cwd, `daemons-${Date.now()}.log`);
+  fs.writeFileSync(daemonLog, "");
   const env: NodeJS.ProcessEnv = {
-    ...process.env,
+    PATH: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     ADDCOW: `${process.execPath} ${path.join(DIST, "addcow.js")}`,
+    DEBUG: "addcow:cli",
+    ADDCOW_MOUNT_LOG: daemonLog,
   };
-  delete env.DEBUG;
-  return inNamespace(`${prelude}\n${script}`, { cwd, env, timeoutMs: 90_000 });
+  const r = await inNamespace(`${prelude}\n${script}`, { cwd, env, timeoutMs: 90_000 });
+  return { ...r, started: `${r.stderr}\n${fs.readFileSync(daemonLog, "utf8")}` };
 }
 
-function withHelper(dir: string): string {
-  const bin = path.join(dir, "bin");
-  fs.mkdirSync(bin);
-  return sbinWithHelper(dir, wrapper(bin, "mount.fuse.addcow", "mount-fuse-addcow.js")).prelude;
+async function withHelper(dir: string): Promise<string> {
+  const bin = await installCommands(dir);
+  return sbinWithHelper(dir, path.join(bin, "mount.fuse.addcow")).prelude;
 }
 
 /** Waits (inside the script) until no daemon serves DIR any more. */
@@ -60,7 +59,7 @@ describe("mount(8), umount and fstab", () => {
     const mnt = path.join(dir, "mnt");
     trackMount(mnt);
     const r = await mountScript(
-      withHelper(dir),
+      await withHelper(dir),
       `${WAIT_GONE}
 mount -t fuse.addcow ${o.addcow} ${mnt} -o ro,allow_other
 findmnt -n -o SOURCE,FSTYPE,OPTIONS ${mnt}
@@ -86,6 +85,9 @@ echo DONE`,
     expect(r.stdout).toContain(`image: ${o.addcow}`);
     expect(r.stdout).toContain("INFO-AFTER-UMOUNT-OK");
     expect(r.stdout).toContain("DONE");
+    // mount(8) -> mount.fuse.addcow -> addcow-mount -> its background child, all on one Node.js.
+    expectOwnRuntime(r.started, ["mount.fuse.addcow", "addcow-mount"]);
+    expect(r.started.match(/addcow:cli addcow-mount /g)?.length).toBe(2);
   });
 
   it("mount -a -T mount-examples/fstab.txt mounts its lines (generic options ignored, noauto skipped); data survives umount", async () => {
@@ -110,7 +112,7 @@ echo DONE`,
         .replaceAll("/mnt/vm2", mnt2),
     );
     const r = await mountScript(
-      withHelper(dir),
+      await withHelper(dir),
       `${WAIT_GONE}
 mount -a -T ${fstab}
 findmnt -n -o SOURCE,TARGET,FSTYPE ${mnt1}
@@ -143,6 +145,7 @@ echo DONE`,
     expect(r.stdout).toMatch(/^ro,.*allow_other/m);
     expect(r.stdout).toMatch(/^444$/m);
     expect(r.stdout).toContain("DONE");
+    expectOwnRuntime(r.started, ["mount.fuse.addcow", "addcow-mount"]);
   });
 
   it("without /sbin/mount.fuse.addcow, mount.fuse runs `addcow SOURCE DIR -o ...`, which mounts", async () => {
@@ -152,13 +155,18 @@ echo DONE`,
     trackMount(mnt);
     const bin = path.join(dir, "local-sbin");
     fs.mkdirSync(bin);
-    wrapper(bin, "addcow", "addcow.js");
+    fs.symlinkSync(path.join(await installCommands(dir), "addcow"), path.join(bin, "addcow"));
+    // A /usr/sbin without any mount.fuse.addcow (the machine's own, if installed, too).
+    const { prelude } = sbinWithHelper(dir);
     const r = await mountScript(
-      `mount --bind ${bin} /usr/local/sbin`,
+      `${prelude}\nmount --bind ${bin} /usr/local/sbin`,
       `${WAIT_GONE}
 mount -t fuse.addcow ${o.addcow} ${mnt} -o ro,user
 findmnt -n -o SOURCE,FSTYPE ${mnt}
 cmp ${mnt}/vm1 ${o.backing} && echo SAME
+# The daemon's executable (the pattern split so that it does not match this script).
+daemon=$(pgrep -f "addcow-mount.js .*${mnt} --daemon"-child)
+echo "DAEMON-EXE $(readlink /proc/$daemon/exe)"
 umount ${mnt}
 wait_gone ${mnt}`,
       dir,
@@ -166,6 +174,8 @@ wait_gone ${mnt}`,
     expect(r.code, r.stderr + r.stdout).toBe(0);
     expect(r.stdout).toContain(`${o.addcow} fuse.addcow`);
     expect(r.stdout).toContain("SAME");
+    expect(r.stdout).toContain(`DAEMON-EXE ${fs.realpathSync(process.execPath)}\n`);
+    expectOwnRuntime(r.started, ["addcow", "addcow-mount"]);
   });
 
   it("the helper refuses bad options and a missing source in one line, mounting nothing", async () => {

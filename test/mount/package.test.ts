@@ -1,6 +1,7 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
+import { expectOwnRuntime, shellPath } from "../helpers/runtime";
 import {
   cleanupAll,
   daemonPid,
@@ -50,7 +51,7 @@ describe("the npm package", () => {
     }
     expect(files.filter((f) => f.startsWith("test/") || f.endsWith(".ts"))).toEqual([]);
 
-    // Installed like any package: no TypeScript needed, the native modules build.
+    // Installed like any package: no TypeScript needed, the native modules load (prebuilt).
     const prefix = path.join(dir, "prefix");
     await ok("npm", [
       "install",
@@ -60,7 +61,7 @@ describe("the npm package", () => {
       "--prefer-offline",
       "--no-audit",
       "--no-fund",
-      "--allow-scripts=fs-ext,fuse-native",
+      "--allow-scripts=fuse-native",
       path.join(dir, info!.filename),
     ]);
     const bin = path.join(prefix, "bin");
@@ -78,6 +79,11 @@ describe("the npm package", () => {
         .version,
     );
     await sh(`command -v addcow | grep -q '^${bin}/'`);
+    // The package's commands run on the node the PATH gives: here, the tests' own.
+    const started = await sh(
+      "DEBUG=addcow:cli addcow --version && DEBUG=addcow:cli addcow-mount -V",
+    );
+    expectOwnRuntime(started.stderr, ["addcow", "addcow-mount"]);
     await sh("head -c 4M /dev/urandom > base.raw && addcow create -b base.raw -F raw disk.add-cow");
     const json = await sh("addcow info --output=json disk.add-cow");
     expect(JSON.parse(json.stdout)).toMatchObject({ virtualSize: 4 << 20, chainDepth: 1 });
@@ -109,25 +115,51 @@ describe("the npm package", () => {
     });
   }, 300_000);
 
-  it(".ci/install-commands links this checkout's commands into a prefix and mount.fuse.addcow beside mount(8)'s helpers; again is fine", async () => {
+  it(".ci/install-commands puts wrappers running this checkout on its Node.js into a prefix, mount.fuse.addcow beside mount(8)'s helpers; again is fine", async () => {
     const dir = tempDir("addcow-link-");
     const prefix = path.join(dir, "prefix");
     const sbin = path.join(dir, "sbin");
     fs.mkdirSync(sbin);
+    // What an earlier install-commands left: an npm link of the checkout into the prefix.
+    fs.mkdirSync(path.join(prefix, "lib/node_modules"), { recursive: true });
+    fs.mkdirSync(path.join(prefix, "bin"));
+    fs.symlinkSync(REPO, path.join(prefix, "lib/node_modules/addcow"));
+    fs.symlinkSync(
+      "../lib/node_modules/addcow/dist/src/cli/addcow.js",
+      path.join(prefix, "bin/addcow"),
+    );
+    const addcowJs = path.join(REPO, "dist/src/cli/addcow.js");
+    const before = fs.readFileSync(addcowJs);
     for (let i = 0; i < 2; i++) {
       await ok("bash", [path.join(REPO, ".ci/install-commands"), prefix], {
         env: { ...process.env, ADDCOW_SBIN: sbin },
       });
     }
-    expect(fs.realpathSync(path.join(prefix, "bin/addcow"))).toBe(
-      path.join(REPO, "dist/src/cli/addcow.js"),
-    );
+    // The old link's target was not written through; the link into the checkout is gone.
+    expect(fs.readFileSync(addcowJs).equals(before)).toBe(true);
+    expect(fs.existsSync(path.join(prefix, "lib/node_modules/addcow"))).toBe(false);
+    for (const name of ["addcow", "addcow-mount", "mount.fuse.addcow"]) {
+      const file = path.join(prefix, "bin", name);
+      expect(fs.lstatSync(file).isFile()).toBe(true);
+      expect(fs.readFileSync(file, "utf8")).toContain(`${REPO}/dist/src/cli/`);
+    }
     expect(fs.realpathSync(path.join(sbin, "mount.fuse.addcow"))).toBe(
-      path.join(REPO, "dist/src/cli/mount-fuse-addcow.js"),
+      path.join(prefix, "bin/mount.fuse.addcow"),
     );
-    const r = await ok(path.join(prefix, "bin/addcow"), ["--help"]);
-    expect(r.stdout).toMatch(/rebase/);
-    const helper = await run(path.join(sbin, "mount.fuse.addcow"), []);
-    expect(helper.stderr).toMatch(/usage: mount\.fuse\.addcow/);
+    // Started with a PATH where the machine's node comes first, or with mount(8)'s and
+    // systemd's bare ones, the commands run on this checkout's Node.js all the same.
+    for (const PATH of [shellPath(), "/usr/sbin:/usr/bin:/sbin:/bin"]) {
+      const env = { PATH, DEBUG: "addcow:cli" };
+      const r = await ok(path.join(prefix, "bin/addcow"), ["--help"], { env });
+      expect(r.stdout).toMatch(/rebase/);
+      const m = await ok(path.join(prefix, "bin/addcow-mount"), ["--version"], { env });
+      const helper = await run(path.join(sbin, "mount.fuse.addcow"), [], { env });
+      expect(helper.stderr).toMatch(/usage: mount\.fuse\.addcow/);
+      expectOwnRuntime(r.stderr + m.stderr + helper.stderr, [
+        "addcow",
+        "addcow-mount",
+        "mount.fuse.addcow",
+      ]);
+    }
   });
 });

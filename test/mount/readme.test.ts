@@ -3,6 +3,7 @@ import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { cleanupAll, run, tempDir } from "../helpers/mount";
 import { inNamespace, sbinWithHelper } from "../helpers/namespace";
+import { expectOwnRuntime, installCommands, shellPath } from "../helpers/runtime";
 
 afterEach(cleanupAll);
 
@@ -25,13 +26,8 @@ describe("README", () => {
     const dir = tempDir("addcow-readme-");
     // What .ci/setup does to put the commands on the PATH, into a prefix of this test's own,
     // and mount.fuse.addcow into a copy of /usr/sbin that the namespace below uses.
-    const prefix = path.join(dir, "prefix");
     const { sbin, prelude } = sbinWithHelper(dir);
-    const install = await run("bash", [path.join(REPO, ".ci/install-commands"), prefix], {
-      env: { ...process.env, ADDCOW_SBIN: sbin },
-      timeoutMs: 120_000,
-    });
-    expect(install.code, install.stderr).toBe(0);
+    const bin = await installCommands(dir, sbin);
     const work = path.join(dir, "work");
     fs.mkdirSync(work);
     // A private mount namespace: /mnt is a tmpfs of its own, /usr/sbin has the helper.
@@ -44,18 +40,27 @@ describe("README", () => {
       ...blocks.map((b, i) => `echo "== block ${i + 1}"\n${b}`),
       "echo README-DONE",
     ].join("\n");
+    // A shell's PATH, where the machine's node comes first; each program's start line on
+    // stderr (a background daemon's in ADDCOW_MOUNT_LOG) says which Node.js runs it.
+    const daemonLog = path.join(dir, "daemons.log");
     const env: NodeJS.ProcessEnv = {
       ...process.env,
-      PATH: `${path.join(prefix, "bin")}:${process.env.PATH}`,
+      PATH: `${bin}:${shellPath()}`,
+      DEBUG: "addcow:cli",
+      ADDCOW_MOUNT_LOG: daemonLog,
     };
-    delete env.DEBUG;
     const r = await inNamespace(script, { env, timeoutMs: 240_000 });
     expect(r.code, `${r.stdout.slice(-4000)}\n${r.stderr.slice(-4000)}`).toBe(0);
+    expectOwnRuntime(`${r.stderr}\n${fs.readFileSync(daemonLog, "utf8")}`, [
+      "addcow",
+      "addcow-mount",
+      "mount.fuse.addcow",
+    ]);
     expect(r.stdout).toContain("README-DONE");
     expect(r.stdout).toMatch(/^clean$/m);
     // What the blocks say happens, happened.
     expect(fs.existsSync(path.join(work, "images/base.raw"))).toBe(true);
-    const info = await run(path.join(prefix, "bin/addcow"), ["info", "--json", "vm2.add-cow"], {
+    const info = await run(path.join(bin, "addcow"), ["info", "--json", "vm2.add-cow"], {
       cwd: work,
     });
     expect(JSON.parse(info.stdout)).toMatchObject({

@@ -149,7 +149,10 @@ describe("addcow create", () => {
     expect(stderrLines(plain)).toHaveLength(1);
     const traced = addcowEnv(dir, { DEBUG: "addcow:*" }, "create", "disk.add-cow", "0");
     expect(traced.code).toBe(1);
-    expect(traced.stderr).toMatch(/^addcow: invalid size/);
+    // After the addcow:cli line naming the program and its Node.js.
+    expect(traced.stderr).toMatch(
+      /^\S+ addcow:cli addcow \S+ on Node\.js v[\d.]+ \(.*\)\naddcow: invalid size/,
+    );
     expect(traced.stderr).toMatch(/\n\s+at .*ops\/create/);
   });
 
