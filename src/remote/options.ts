@@ -7,8 +7,8 @@ import { DEFAULT_REMOTE_OPTIONS, type RemoteDeviceOptions } from "./remote-devic
  * Tuning of remote backings, from the environment (docs/remote.md); sizes in bytes
  * (suffixes K, M, G):
  *   ADDCOW_REMOTE_MIN_REQUEST smallest aligned range a miss fetches, 4K..block size (default 64K)
- *   ADDCOW_REMOTE_MAX_REQUEST most one range request asks for (default 4M)
- *   ADDCOW_REMOTE_READAHEAD   most fetched ahead of a sequential stream, 0 for none (default 4M)
+ *   ADDCOW_REMOTE_MAX_REQUEST most one range request asks for (default 8M)
+ *   ADDCOW_REMOTE_READAHEAD   most fetched ahead of a sequential stream, 0 for none (default 8M)
  *   ADDCOW_REMOTE_BLOCK_SIZE  bytes of the object per cache block file, 64K..64M (default 1M)
  *   ADDCOW_REMOTE_TIMEOUT     seconds one attempt may take (default 30)
  *   ADDCOW_REMOTE_RETRIES     attempts after the first (default 4)

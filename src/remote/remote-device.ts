@@ -43,8 +43,8 @@ const MiB = 1024 * KiB;
 export const DEFAULT_REMOTE_OPTIONS: RemoteDeviceOptions = {
   blockSize: MiB,
   minRequestBytes: 64 * KiB,
-  maxRequestBytes: 4 * MiB,
-  readaheadBytes: 4 * MiB,
+  maxRequestBytes: 8 * MiB,
+  readaheadBytes: 8 * MiB,
   maxInFlight: 4,
   retries: 4,
   timeoutMs: 30_000,

@@ -25,6 +25,8 @@ export class Ticket {
 
 interface Waiter {
   ticket: Ticket;
+  /** Arrival order: a promoted readahead request keeps its place among the reads. */
+  seq: number;
   start: () => void;
   timer: NodeJS.Timeout;
 }
@@ -33,6 +35,7 @@ export class RequestQueue {
   private active = 0;
   private activeAhead = 0;
   private readonly waiting: Waiter[] = [];
+  private arrivals = 0;
 
   constructor(
     private readonly slots: number,
@@ -75,6 +78,7 @@ export class RequestQueue {
     return new Promise<Priority>((resolve, reject) => {
       const w: Waiter = {
         ticket,
+        seq: this.arrivals++,
         start: () => resolve(this.take(ticket.priority)),
         timer: setTimeout(
           () => {
@@ -99,7 +103,7 @@ export class RequestQueue {
       this.waiting.push(w);
       return;
     }
-    const at = this.waiting.findIndex((x) => x.ticket.priority !== "read");
+    const at = this.waiting.findIndex((x) => x.ticket.priority !== "read" || x.seq > w.seq);
     this.waiting.splice(at < 0 ? this.waiting.length : at, 0, w);
   }
 
