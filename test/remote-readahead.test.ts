@@ -4,7 +4,7 @@
  * before readahead, a bounded wait in the queue.
  */
 import { describe, expect, it } from "vitest";
-import { SequentialDetector } from "../src/remote/readahead";
+import { ReadAround, SequentialDetector } from "../src/remote/readahead";
 import { RequestQueue, Ticket } from "../src/remote/request-queue";
 
 const KiB = 1024;
@@ -49,7 +49,7 @@ describe("the sequential detector", () => {
     ).toEqual([]);
   });
 
-  it("a stream gets readahead after 256 KiB, windows that grow to the maximum, never more ahead than it read", () => {
+  it("a stream gets readahead after 1 MiB, windows that grow to the maximum, never more ahead than it read", () => {
     const d = detector(8 * MiB);
     const from = 100 * MiB;
     let fetchedTo = 0;
@@ -58,7 +58,7 @@ describe("the sequential detector", () => {
     for (const [off, len] of sequential(from, 64 * MiB, 4096)) {
       const r = d.observe(off, len);
       if (!r) continue;
-      expect(off + len).toBeGreaterThanOrEqual(from + 256 * KiB);
+      expect(off + len).toBeGreaterThanOrEqual(from + MiB);
       expect(r.start).toBeGreaterThanOrEqual(Math.max(fetchedTo, off + len));
       fetchedTo = r.end;
       // Never further ahead than the stream has read, nor than the maximum.
@@ -96,6 +96,28 @@ describe("the sequential detector", () => {
       }
     }
     expect(got.size).toBe(8);
+  });
+});
+
+describe("read-around", () => {
+  it("read-around: a miss fetches 2 pieces after it while they get read, none once they stop being read", () => {
+    const a = new ReadAround(2);
+    // Misses whose speculative pieces are read: it stays on.
+    for (let i = 0; i < 100; i++) {
+      expect(a.missed()).toBe(2);
+      a.fetched(3 * i + 1);
+      a.fetched(3 * i + 2);
+      a.read(3 * i + 1);
+      a.read(3 * i + 2);
+    }
+    // Misses whose pieces nobody reads: off after at most 32 more.
+    let on = 0;
+    for (let i = 0; i < 100; i++) {
+      if (a.missed() > 0) on++;
+      a.fetched(10_000 + i);
+    }
+    expect(on).toBeLessThanOrEqual(32);
+    expect(a.missed()).toBe(0);
   });
 });
 

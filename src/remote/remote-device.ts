@@ -4,7 +4,7 @@ import { AddCowError } from "../util/errors";
 import { log } from "../util/log";
 import { attempts, outOfTime, waitBoundMs } from "./attempts";
 import type { BlockCache } from "./block-cache";
-import { SequentialDetector } from "./readahead";
+import { ReadAround, SequentialDetector } from "./readahead";
 import { RequestQueue, Ticket } from "./request-queue";
 import {
   type ObjectIdentity,
@@ -39,6 +39,8 @@ export interface RemoteDeviceOptions {
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
+/** Pieces a miss also fetches after itself while read-around pays off (readahead.ts). */
+const READ_AROUND_PIECES = 2;
 
 export const DEFAULT_REMOTE_OPTIONS: RemoteDeviceOptions = {
   blockSize: MiB,
@@ -105,6 +107,7 @@ export class RemoteDevice implements BlockDevice {
   private readonly inflight = new Map<number, Pending>();
   private readonly queue: RequestQueue;
   private readonly detector: SequentialDetector;
+  private readonly around: ReadAround;
   private changed: AddCowError | null = null;
   private lastWarning = "";
   private closed = false;
@@ -124,6 +127,8 @@ export class RemoteDevice implements BlockDevice {
       minBytes: this.piece,
       size: this.size,
     });
+    // Read-around is readahead too: ADDCOW_REMOTE_READAHEAD=0 turns both off.
+    this.around = new ReadAround(opts.readaheadBytes > 0 ? READ_AROUND_PIECES : 0);
   }
 
   /** Probes the object (with retries, within the wait bound) and fixes its identity. */
@@ -178,6 +183,7 @@ export class RemoteDevice implements BlockDevice {
     const waits: Array<Promise<void>> = [];
     const missing: number[] = [];
     for (let p = p0; p < p1; p++) {
+      this.around.read(p);
       const start = p * ps;
       const from = Math.max(offset, start);
       const to = Math.min(end, start + this.pieceLength(p));
@@ -190,7 +196,9 @@ export class RemoteDevice implements BlockDevice {
         missing.push(p);
       }
     }
-    const fetched = this.fetch(missing, this.aheadOf(offset, buf.length, p1), deadline);
+    const ahead = new Set(this.aheadOf(offset, buf.length, p1));
+    if (missing.length > 0) for (const p of this.aroundOf(missing, p1)) ahead.add(p);
+    const fetched = this.fetch(missing, [...ahead], deadline);
     for (const p of missing) waits.push(fetched.get(p)!.then((d) => into(p, d)));
     if (waits.length === 0) return Promise.resolve();
     // Every piece settles before a failure is reported: the caller's buffer is not written later.
@@ -206,8 +214,31 @@ export class RemoteDevice implements BlockDevice {
     const out: number[] = [];
     const last = Math.ceil(range.end / this.piece);
     for (let p = Math.max(after, Math.floor(range.start / this.piece)); p < last; p++) {
-      if (this.memory.has(p) || this.inflight.has(p)) continue;
-      if (this.opts.cache?.has(p * this.piece, this.pieceLength(p))) continue;
+      if (!this.present(p)) out.push(p);
+    }
+    return out;
+  }
+
+  /** Whether piece p is here or coming (memory, in flight, the cache). */
+  private present(p: number): boolean {
+    return (
+      this.memory.has(p) ||
+      this.inflight.has(p) ||
+      (this.opts.cache?.has(p * this.piece, this.pieceLength(p)) ?? false)
+    );
+  }
+
+  /**
+   * The pieces read-around fetches after a miss, joined to its request: only
+   * when the read's last piece is missing, up to the first piece that is here.
+   */
+  private aroundOf(missing: number[], after: number): number[] {
+    const n = this.around.missed();
+    if (missing[missing.length - 1] !== after - 1) return [];
+    const out: number[] = [];
+    const last = Math.ceil(this.size / this.piece);
+    for (let p = after; p < Math.min(last, after + n) && !this.present(p); p++) {
+      this.around.fetched(p);
       out.push(p);
     }
     return out;
@@ -253,7 +284,8 @@ export class RemoteDevice implements BlockDevice {
       const first = wanted[i]!;
       const run = wanted.slice(i, j);
       const ticket = new Ticket(run.some((p) => read.has(p)) ? "read" : "ahead", deadline);
-      this.fetchRun(first, first + run.length, ticket).forEach((data, k) => {
+      const unasked = run.filter((p) => !read.has(p)).reduce((t, p) => t + this.pieceLength(p), 0);
+      this.fetchRun(first, first + run.length, ticket, unasked).forEach((data, k) => {
         if (read.has(first + k)) out.set(first + k, data);
         else data.catch(() => undefined); // its reader, if any, sees the failure and tries again
       });
@@ -269,14 +301,23 @@ export class RemoteDevice implements BlockDevice {
     }
   }
 
-  /** Pieces [first, end) with one range request; every piece gets its own promise. */
-  private fetchRun(first: number, end: number, ticket: Ticket): Array<Promise<Buffer>> {
+  /**
+   * Pieces [first, end) with one range request; every piece gets its own
+   * promise. `unasked`: bytes of it no read asked for (readahead, read-around).
+   */
+  private fetchRun(
+    first: number,
+    end: number,
+    ticket: Ticket,
+    unasked: number,
+  ): Array<Promise<Buffer>> {
     const ps = this.piece;
     const start = first * ps;
     const stop = Math.min(this.size, end * ps);
     const whole = this.queue
       .run(ticket, () => this.fetchRange(start, stop, ticket))
       .then((data) => {
+        this.stats.readaheadBytes += unasked;
         this.opts.cache?.put(start, data);
         const pieces: Buffer[] = [];
         for (let p = first; p < end; p++) {
@@ -321,7 +362,6 @@ export class RemoteDevice implements BlockDevice {
           );
         }
         this.stats.bytesFetched += answer.data.length;
-        if (ahead) this.stats.readaheadBytes += answer.data.length;
         return answer.data;
       },
     );
