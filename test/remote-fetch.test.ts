@@ -11,8 +11,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { cleanupAll, smallFileSystem, tempDir } from "./helpers/mount";
 import { servedBase, startProxy } from "./helpers/remote-servers";
 import { cacheState } from "./helpers/remote-cache-layout";
-import { openRemoteDevice } from "../src/remote/open-remote-device";
-import { remoteSettingsFromEnv } from "../src/remote/options";
+import { openDevice } from "./helpers/remote-devices";
 import { AddCowError } from "../src/util/errors";
 
 afterEach(cleanupAll);
@@ -24,14 +23,13 @@ const BASE = 32 * MiB;
 async function setup(env: NodeJS.ProcessEnv = {}, warnings: string[] = []) {
   const s = await servedBase(BASE, 17);
   const proxy = await startProxy(`http://127.0.0.1:${s.nginx.port}`);
-  const settings = remoteSettingsFromEnv({
+  const settings = {
     ADDCOW_CACHE_DIR: "none",
     ADDCOW_REMOTE_TIMEOUT: "5",
     ADDCOW_REMOTE_RETRIES: "1",
     ...env,
-  });
-  settings.device = { ...settings.device, warn: (m) => warnings.push(m) };
-  const reopen = () => openRemoteDevice(`${proxy.url}/base.raw`, settings);
+  };
+  const reopen = () => openDevice(`${proxy.url}/base.raw`, settings, warnings);
   const dev = await reopen();
   const local = fs.readFileSync(s.base);
   const read = async (off: number, len: number, from = dev) => {

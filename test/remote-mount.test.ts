@@ -16,6 +16,7 @@ import {
   processAlive,
   run,
   sh,
+  smallFileSystem,
   tempDir,
   waitFor,
   writePatternFile,
@@ -278,6 +279,57 @@ describe("remote faults through the mount", () => {
       .split("\n")
       .filter((l) => /changed since/.test(l));
     expect(lines).toHaveLength(1);
+  }, 120_000);
+
+  it("12 readers on a stalled server all get EIO within the documented bound, queued or not", async () => {
+    const { dir, nginx, env } = await setup();
+    const proxy = await startProxy(`http://127.0.0.1:${nginx.port}`);
+    const disk = path.join(dir, "vm.add-cow");
+    const quick = { ...env, ADDCOW_CACHE_DIR: "none", ADDCOW_REMOTE_TIMEOUT: "2" };
+    await remoteOverlay(quick, `${proxy.url}/base.raw`, disk);
+    const m = await mountDisk(disk, path.join(dir, "m"), { env: { ...process.env, ...quick } });
+    proxy.mode = { kind: "hang" };
+    const t0 = Date.now();
+    // 12 misses at once (4 in flight, 8 queued behind them), each in its own piece.
+    const readers = Array.from({ length: 12 }, (_, i) =>
+      run("dd", [
+        `if=${m.file}`,
+        "of=/dev/null",
+        "bs=4k",
+        "count=1",
+        `skip=${i * 400}`,
+        "iflag=direct",
+      ]).then((r) => ({ ...r, ms: Date.now() - t0 })),
+    );
+    const results = await Promise.all(readers);
+    for (const r of results) expect(r.stderr).toMatch(/Input\/output error/);
+    // Bound: 2 attempts of 2 s and a pause of at most 0.1 s (4.1 s); the old code
+    // started a request's clock only when it got a slot: 4.1, 8.2 and 12.2 s.
+    expect(Math.max(...results.map((r) => r.ms))).toBeLessThan(4100 + 2000);
+    proxy.mode = { kind: "pass" };
+    await m.unmount();
+  }, 120_000);
+
+  it("a full cache file system: the disk reads right, the daemon's log says so once", async () => {
+    const { dir, base, env, url } = await setup();
+    const cache = path.join(dir, "small-cache");
+    await smallFileSystem("tmpfs", cache, 3);
+    const disk = path.join(dir, "vm.add-cow");
+    await remoteOverlay({ ...env, ADDCOW_CACHE_DIR: cache }, url, disk);
+    const log = path.join(dir, "daemon.log");
+    const m = await mountDisk(disk, path.join(dir, "m"), {
+      env: { ...process.env, ...env, ADDCOW_CACHE_DIR: cache, ADDCOW_MOUNT_LOG: log },
+    });
+    await sh("cmp", ["-n", String(BASE), m.file, base]);
+    await m.unmount();
+    const lines = fs
+      .readFileSync(log, "utf8")
+      .split("\n")
+      .filter((l) => /block cache/.test(l));
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toMatch(/cannot store fetched blocks \(the file system is full\)/);
+    expect(cacheClean(cache)).toEqual([]);
+    expect(cacheState(cache).tmp).toBe(0);
   }, 120_000);
 
   it("kill -9 while the cache fills leaves no bad entry; the next daemon reads correct bytes", async () => {

@@ -10,34 +10,20 @@ import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { cleanupAll } from "./helpers/mount";
 import { servedBase, startNginx, startRedirector } from "./helpers/remote-servers";
-import { openRemoteDevice } from "../src/remote/open-remote-device";
-import { remoteSettingsFromEnv } from "../src/remote/options";
+import { openDevice, refused } from "./helpers/remote-devices";
 import type { RemoteDevice } from "../src/remote/remote-device";
-import { AddCowError } from "../src/util/errors";
 
 afterEach(cleanupAll);
 
 const BASE = 3 * (1 << 20) + 777;
 
-async function open(url: string, env: NodeJS.ProcessEnv = {}): Promise<RemoteDevice> {
-  const s = remoteSettingsFromEnv({
+function open(url: string, env: NodeJS.ProcessEnv = {}): Promise<RemoteDevice> {
+  return openDevice(url, {
     ADDCOW_CACHE_DIR: "none",
     ADDCOW_REMOTE_TIMEOUT: "5",
     ADDCOW_REMOTE_RETRIES: "0",
     ...env,
   });
-  s.device = { ...s.device, warn: () => undefined };
-  return openRemoteDevice(url, s);
-}
-
-async function refused(p: Promise<unknown>): Promise<AddCowError> {
-  const err = await p.then(
-    () => null,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(AddCowError);
-  expect((err as AddCowError).message).not.toMatch(/\n/);
-  return err as AddCowError;
 }
 
 /** Reads spread over the object, compared with the file. */

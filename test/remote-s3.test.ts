@@ -11,9 +11,7 @@ import { afterEach, describe, expect, it } from "vitest";
 import { ADDCOW } from "./cli-helpers";
 import { cleanupAll, mountDisk, run, tempDir, writePatternFile } from "./helpers/mount";
 import { startProxy, startS3 } from "./helpers/remote-servers";
-import { openRemoteDevice } from "../src/remote/open-remote-device";
-import { remoteSettingsFromEnv } from "../src/remote/options";
-import { AddCowError } from "../src/util/errors";
+import { openDevice, refused } from "./helpers/remote-devices";
 
 afterEach(cleanupAll);
 
@@ -62,25 +60,13 @@ async function store(seed: number) {
 }
 
 function open(env: NodeJS.ProcessEnv, extra: NodeJS.ProcessEnv = {}) {
-  const s = remoteSettingsFromEnv({
+  return openDevice(URL, {
     ADDCOW_CACHE_DIR: "none",
     ADDCOW_REMOTE_TIMEOUT: "5",
     ADDCOW_REMOTE_RETRIES: "2",
     ...env,
     ...extra,
   });
-  s.device = { ...s.device, warn: () => undefined };
-  return openRemoteDevice(URL, s);
-}
-
-async function refused(p: Promise<unknown>): Promise<AddCowError> {
-  const err = await p.then(
-    () => null,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(AddCowError);
-  expect((err as Error).message).not.toMatch(/\n/);
-  return err as AddCowError;
 }
 
 describe("S3 error codes", () => {
