@@ -42,8 +42,8 @@ const STREAMS = 8;
  * Readahead starts once a stream has read this many pieces (1 MiB by
  * default); before that, read-around (below) covers the start of a run.
  * Measured on the boot trace (BENCHMARKS.md), without read-around: starting at
- * the second read fetched 636 requests and 50.6 MiB, after 256 KiB 568 and
- * 44.9 MiB (most short runs there are files the kernel reads whole itself);
+ * the second read fetched 615 requests and 49.1 MiB, after 256 KiB 561 and
+ * 44.4 MiB (most short runs there are files the kernel reads whole itself);
  * with read-around: after 256 KiB 316 and 59.4 MiB, after 1 MiB 310 and
  * 57.3 MiB, while 64 MiB read sequentially took 26 and 27 requests.
  */
