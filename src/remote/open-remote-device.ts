@@ -1,7 +1,7 @@
 import { log } from "../util/log";
 import { HttpSource } from "./http-source";
 import { type RemoteSettings, remoteSettingsFromEnv } from "./options";
-import { RemoteDevice } from "./remote-device";
+import { DEFAULT_REMOTE_OPTIONS, RemoteDevice } from "./remote-device";
 import { S3Source } from "./s3-source";
 import type { RangeSource } from "./source";
 import { parseRemoteName } from "./url";
@@ -17,10 +17,12 @@ export async function openRemoteDevice(
       ? new S3Source(loc.bucket, loc.key, loc.name, settings.env)
       : new HttpSource(loc.url, loc.name, settings.env);
   try {
+    const warn = settings.device.warn ?? DEFAULT_REMOTE_OPTIONS.warn;
     return await RemoteDevice.open(source, settings.device, (identity) => {
       if (!settings.cache) return null;
+      const blockSize = settings.device.blockSize ?? DEFAULT_REMOTE_OPTIONS.blockSize;
       try {
-        return settings.cache.open(loc.name, identity, settings.device.blockSize ?? 1 << 20);
+        return settings.cache.open(source.cacheKey, identity, blockSize, warn);
       } catch (err) {
         // A cache that cannot be used costs speed, not correctness.
         log.remote("cache %s unusable: %s", settings.cache.dir, (err as Error).message);

@@ -4,13 +4,15 @@ import { CacheRoot, DEFAULT_CACHE_BYTES, defaultCacheRoot } from "./block-cache"
 import { DEFAULT_REMOTE_OPTIONS, type RemoteDeviceOptions } from "./remote-device";
 
 /**
- * Tuning of remote backings, from the environment (docs/remote.md):
- *   ADDCOW_REMOTE_BLOCK_SIZE  aligned read size, 64K..64M (default 1M)
+ * Tuning of remote backings, from the environment (docs/remote.md); sizes in bytes
+ * (suffixes K, M, G):
+ *   ADDCOW_REMOTE_MIN_REQUEST smallest aligned range a miss fetches, 4K..block size (default 64K)
+ *   ADDCOW_REMOTE_MAX_REQUEST most one range request asks for (default 8M)
+ *   ADDCOW_REMOTE_READAHEAD   most fetched ahead of a sequential stream, 0 for none (default 8M)
+ *   ADDCOW_REMOTE_BLOCK_SIZE  bytes of the object per cache block file, 64K..64M (default 1M)
  *   ADDCOW_REMOTE_TIMEOUT     seconds one attempt may take (default 30)
  *   ADDCOW_REMOTE_RETRIES     attempts after the first (default 4)
  *   ADDCOW_REMOTE_IN_FLIGHT   range requests at once (default 4)
- *   ADDCOW_REMOTE_READAHEAD   bytes fetched ahead of sequential readers (default 8M)
- *   ADDCOW_REMOTE_MAX_REQUEST bytes of adjacent blocks one request may ask for (default 8M)
  *   ADDCOW_CACHE_DIR          block cache root, or "none" (default /var/cache/addcow
  *                             for root, else $XDG_CACHE_HOME/addcow or ~/.cache/addcow)
  *   ADDCOW_CACHE_SIZE         cache size limit (default 8G)
@@ -44,27 +46,42 @@ function size(env: NodeJS.ProcessEnv, name: string): number | undefined {
   return text === undefined || text === "" ? undefined : parseSize(text, name);
 }
 
-export function remoteSettingsFromEnv(env: NodeJS.ProcessEnv = process.env): RemoteSettings {
-  const blockSize = size(env, "ADDCOW_REMOTE_BLOCK_SIZE") ?? DEFAULT_REMOTE_OPTIONS.blockSize;
-  if (blockSize < 65536 || blockSize > 64 << 20 || (blockSize & (blockSize - 1)) !== 0) {
-    throw new AddCowError(
-      `invalid ADDCOW_REMOTE_BLOCK_SIZE: ${blockSize} bytes; give a power of two from 64K to 64M`,
-      { code: "EINVAL" },
-    );
+function powerOfTwo(name: string, v: number, min: number, max: number, hint: string): number {
+  if (v < min || v > max || (v & (v - 1)) !== 0) {
+    throw new AddCowError(`invalid ${name}: ${v} bytes; give a power of two from ${hint}`, {
+      code: "EINVAL",
+    });
   }
+  return v;
+}
+
+export function remoteSettingsFromEnv(env: NodeJS.ProcessEnv = process.env): RemoteSettings {
+  const blockSize = powerOfTwo(
+    "ADDCOW_REMOTE_BLOCK_SIZE",
+    size(env, "ADDCOW_REMOTE_BLOCK_SIZE") ?? DEFAULT_REMOTE_OPTIONS.blockSize,
+    65536,
+    64 << 20,
+    "64K to 64M",
+  );
+  const minRequest = powerOfTwo(
+    "ADDCOW_REMOTE_MIN_REQUEST",
+    size(env, "ADDCOW_REMOTE_MIN_REQUEST") ??
+      Math.min(DEFAULT_REMOTE_OPTIONS.minRequestBytes, blockSize),
+    4096,
+    blockSize,
+    `4K to the block size (ADDCOW_REMOTE_BLOCK_SIZE, ${blockSize} bytes)`,
+  );
+  const device: Partial<RemoteDeviceOptions> = { blockSize, minRequestBytes: minRequest };
   const timeout = number(env, "ADDCOW_REMOTE_TIMEOUT", 0.1, 3600);
-  const readahead = size(env, "ADDCOW_REMOTE_READAHEAD");
-  const device: Partial<RemoteDeviceOptions> = { blockSize };
   if (timeout !== undefined) device.timeoutMs = Math.round(timeout * 1000);
   const retries = number(env, "ADDCOW_REMOTE_RETRIES", 0, 100);
   if (retries !== undefined) device.retries = Math.floor(retries);
   const inFlight = number(env, "ADDCOW_REMOTE_IN_FLIGHT", 1, 64);
   if (inFlight !== undefined) device.maxInFlight = Math.floor(inFlight);
-  if (readahead !== undefined) device.readaheadBlocks = Math.ceil(readahead / blockSize);
+  const readahead = size(env, "ADDCOW_REMOTE_READAHEAD");
+  if (readahead !== undefined) device.readaheadBytes = readahead;
   const maxRequest = size(env, "ADDCOW_REMOTE_MAX_REQUEST");
-  if (maxRequest !== undefined) {
-    device.maxRequestBlocks = Math.max(1, Math.floor(maxRequest / blockSize));
-  }
+  if (maxRequest !== undefined) device.maxRequestBytes = Math.max(minRequest, maxRequest);
   const dir = env.ADDCOW_CACHE_DIR || defaultCacheRoot(env);
   const cache =
     dir === "none"

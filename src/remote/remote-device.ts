@@ -2,87 +2,113 @@ import { DeviceBase, type Extent, type LayerDescription } from "../block/block-d
 import { checkRange } from "../block/range";
 import { AddCowError } from "../util/errors";
 import { log } from "../util/log";
+import { attempts, outOfTime, waitBoundMs } from "./attempts";
 import type { BlockCache } from "./block-cache";
+import { ReadAround, SequentialDetector } from "./readahead";
+import { RequestQueue, Ticket } from "./request-queue";
 import {
   type ObjectIdentity,
   type RangeSource,
   RemoteFailure,
   describeIdentity,
-  networkFailure,
   sameIdentity,
 } from "./source";
 
 export interface RemoteDeviceOptions {
-  /** Reads are made in aligned blocks of this size (default 1 MiB). */
+  /** The cache's block files each hold this much of the object (default 1 MiB). */
   blockSize: number;
+  /** The smallest aligned range a miss fetches (default 64 KiB): reads are served in these. */
+  minRequestBytes: number;
+  /** The most one range request asks for (adjacent misses and readahead are joined up to it). */
+  maxRequestBytes: number;
+  /** The most fetched ahead of one sequential stream (0: no readahead). */
+  readaheadBytes: number;
   /** Range requests in flight at once. */
   maxInFlight: number;
-  /** Adjacent missing blocks fetched by one request, at most. */
-  maxRequestBlocks: number;
-  /** Blocks fetched ahead of a sequential reader. */
-  readaheadBlocks: number;
   /** Attempts after the first for timeouts, 5xx answers and dropped connections. */
   retries: number;
   /** One attempt gives up after this long. */
   timeoutMs: number;
-  /** Recently used blocks kept in memory. */
-  memoryBlocks: number;
+  /** Recently used bytes kept in memory. */
+  memoryBytes: number;
   /** The persistent block cache of this object, if any. */
   cache: BlockCache | null;
-  /** Where the one line about a changed object or a failing server goes. */
+  /** Where the one line about a changed object, a failing server or a full cache goes. */
   warn: (message: string) => void;
 }
 
+const KiB = 1024;
+const MiB = 1024 * KiB;
+/** Pieces a miss also fetches after itself while read-around pays off (readahead.ts). */
+const READ_AROUND_PIECES = 2;
+
 export const DEFAULT_REMOTE_OPTIONS: RemoteDeviceOptions = {
-  blockSize: 1 << 20,
+  blockSize: MiB,
+  minRequestBytes: 64 * KiB,
+  maxRequestBytes: 8 * MiB,
+  readaheadBytes: 8 * MiB,
   maxInFlight: 4,
-  maxRequestBlocks: 8,
-  readaheadBlocks: 8,
   retries: 4,
   timeoutMs: 30_000,
-  memoryBlocks: 32,
+  memoryBytes: 32 * MiB,
   cache: null,
   warn: (m) => process.stderr.write(`addcow: ${m}\n`),
 };
 
 export interface RemoteStats {
-  /** Blocks asked for by reads (not readahead). */
+  /** Read calls, and the pieces (of minRequestBytes) they touched. */
+  reads: number;
   blockReads: number;
   memoryHits: number;
   cacheHits: number;
-  /** Range requests sent (attempts, retries included) and bytes received. */
+  /** Range requests sent (attempts, retries included), bytes received, and the part fetched ahead. */
   requests: number;
   bytesFetched: number;
+  readaheadBytes: number;
   retries: number;
 }
 
+/** One request's pieces waiting for their bytes, and its place in the queue. */
+interface Pending {
+  data: Promise<Buffer>;
+  ticket: Ticket;
+}
+
 /**
- * A read-only remote object (http, https, s3) as a block device: the bytes of
- * the object, fetched in aligned blocks, kept in memory and in the shared
- * persistent cache. The object's identity is fixed at open; an answer from a
- * different object (changed, replaced, shrunk) turns every later read into EIO
- * instead of mixing two images.
+ * A read-only remote object (http, https, s3) as a block device. The object
+ * is served in aligned pieces of `minRequestBytes` kept in memory and in the
+ * shared persistent cache; a miss fetches only the pieces it touches, and a
+ * sequential stream of reads (see readahead.ts) has the pieces ahead of it
+ * fetched before it asks, in requests of up to `maxRequestBytes`. The
+ * object's identity is fixed at open; an answer from a different object
+ * (changed, replaced, shrunk) turns every later read into EIO instead of
+ * mixing two images. A read waits at most `waitBoundMs` from when it
+ * arrives, queued or not.
  */
 export class RemoteDevice extends DeviceBase {
   readonly readOnly = true;
   readonly backing = null;
   readonly size: number;
   readonly stats: RemoteStats = {
+    reads: 0,
     blockReads: 0,
     memoryHits: 0,
     cacheHits: 0,
     requests: 0,
     bytesFetched: 0,
+    readaheadBytes: 0,
     retries: 0,
   };
+  /** The longest a read waits for the server, queued or not. */
+  readonly waitBoundMs: number;
+  private readonly piece: number;
   private readonly memory = new Map<number, Buffer>();
-  private readonly inflight = new Map<number, Promise<Buffer>>();
-  private active = 0;
-  private readonly waiting: Array<() => void> = [];
+  private readonly memoryPieces: number;
+  private readonly inflight = new Map<number, Pending>();
+  private readonly queue: RequestQueue;
+  private readonly detector: SequentialDetector;
+  private readonly around: ReadAround;
   private changed: AddCowError | null = null;
-  private nextSequential = -1;
-  /** Where the last readahead ended. */
-  private readaheadEnd = 0;
   private lastWarning = "";
   private closed = false;
 
@@ -93,16 +119,34 @@ export class RemoteDevice extends DeviceBase {
   ) {
     super();
     this.size = identity.size;
+    this.piece = opts.minRequestBytes;
+    this.memoryPieces = Math.max(1, Math.floor(opts.memoryBytes / this.piece));
+    this.waitBoundMs = waitBoundMs(opts);
+    this.queue = new RequestQueue(opts.maxInFlight, () => outOfTime(source.name, opts));
+    this.detector = new SequentialDetector({
+      maxBytes: opts.readaheadBytes,
+      minBytes: this.piece,
+      size: this.size,
+    });
+    // Read-around is readahead too: ADDCOW_REMOTE_READAHEAD=0 turns both off.
+    this.around = new ReadAround(opts.readaheadBytes > 0 ? READ_AROUND_PIECES : 0);
   }
 
-  /** Probes the object (with retries) and fixes its identity. */
+  /** Probes the object (with retries, within the wait bound) and fixes its identity. */
   static async open(
     source: RangeSource,
     options: Partial<RemoteDeviceOptions> = {},
     cacheFor?: (identity: ObjectIdentity) => BlockCache | null,
   ): Promise<RemoteDevice> {
     const opts = { ...DEFAULT_REMOTE_OPTIONS, ...options };
-    const identity = await attempts(opts, source.name, null, (signal) => source.probe(signal));
+    let identity: ObjectIdentity;
+    try {
+      identity = await attempts(opts, source.name, null, Date.now() + waitBoundMs(opts), (s) =>
+        source.probe(s),
+      );
+    } catch (err) {
+      throw err instanceof RemoteFailure ? remoteError(err, source.name) : err;
+    }
     log.remote("%s: %s", source.name, describeIdentity(identity));
     const cache = cacheFor ? cacheFor(identity) : opts.cache;
     return new RemoteDevice(source, identity, { ...opts, cache });
@@ -112,8 +156,8 @@ export class RemoteDevice extends DeviceBase {
     return this.source.name;
   }
 
-  private blockLength(b: number): number {
-    return Math.min(this.opts.blockSize, this.size - b * this.opts.blockSize);
+  private pieceLength(p: number): number {
+    return Math.min(this.piece, this.size - p * this.piece);
   }
 
   read(buf: Buffer, offset: number): Promise<void> {
@@ -124,166 +168,191 @@ export class RemoteDevice extends DeviceBase {
       return Promise.reject(err);
     }
     if (buf.length === 0) return Promise.resolve();
-    const bs = this.opts.blockSize;
-    const b0 = Math.floor(offset / bs);
-    const b1 = Math.ceil((offset + buf.length) / bs);
-    this.stats.blockReads += b1 - b0;
+    const deadline = Date.now() + this.waitBoundMs;
+    const ps = this.piece;
     const end = offset + buf.length;
-    // Copies the part of block b that the read wants.
-    const into = (b: number, data: Buffer) => {
-      const blockStart = b * bs;
-      const from = Math.max(offset, blockStart);
-      data.copy(
-        buf,
-        from - offset,
-        from - blockStart,
-        Math.min(end, blockStart + data.length) - blockStart,
-      );
+    const p0 = Math.floor(offset / ps);
+    const p1 = Math.ceil(end / ps);
+    this.stats.reads++;
+    this.stats.blockReads += p1 - p0;
+    // Copies the part of piece p that the read wants.
+    const into = (p: number, data: Buffer) => {
+      const start = p * ps;
+      const from = Math.max(offset, start);
+      data.copy(buf, from - offset, from - start, Math.min(end, start + data.length) - start);
     };
     const waits: Array<Promise<void>> = [];
-    let missFrom = -1;
-    const fetchMisses = (upTo: number) => {
-      if (missFrom < 0) return;
-      const first = missFrom;
-      this.fetchBlocks(first, upTo).forEach((p, i) =>
-        waits.push(p.then((d) => into(first + i, d))),
-      );
-      missFrom = -1;
-    };
-    for (let b = b0; b < b1; b++) {
-      const blockStart = b * bs;
-      const from = Math.max(offset, blockStart);
-      const to = Math.min(end, blockStart + this.blockLength(b));
-      if (this.readLocal(b, buf.subarray(from - offset, to - offset), from - blockStart)) {
-        fetchMisses(b);
-        continue;
-      }
-      const pending = this.inflight.get(b);
+    const missing: number[] = [];
+    for (let p = p0; p < p1; p++) {
+      this.around.read(p);
+      const start = p * ps;
+      const from = Math.max(offset, start);
+      const to = Math.min(end, start + this.pieceLength(p));
+      if (this.readLocal(p, buf.subarray(from - offset, to - offset), from - start)) continue;
+      const pending = this.inflight.get(p);
       if (pending) {
-        fetchMisses(b);
-        waits.push(pending.then((d) => into(b, d)));
-      } else if (missFrom < 0) {
-        missFrom = b;
+        pending.ticket.promote();
+        waits.push(pending.data.then((d) => into(p, d)));
+      } else {
+        missing.push(p);
       }
     }
-    fetchMisses(b1);
-    this.readahead(b0, b1);
+    const ahead = new Set(this.aheadOf(offset, buf.length, p1));
+    if (missing.length > 0) for (const p of this.aroundOf(missing, p1)) ahead.add(p);
+    const fetched = this.fetch(missing, [...ahead], deadline);
+    for (const p of missing) waits.push(fetched.get(p)!.then((d) => into(p, d)));
     if (waits.length === 0) return Promise.resolve();
-    // Every block settles before a failure is reported: the caller's buffer is not written later.
+    // Every piece settles before a failure is reported: the caller's buffer is not written later.
     return Promise.allSettled(waits).then((results) => {
       for (const r of results) if (r.status === "rejected") throw r.reason;
     });
   }
 
-  /**
-   * Fills target with block b's bytes from offset `at` when they are here: in
-   * memory, or in the disk cache (only the chunks asked for are read and checked).
-   */
-  private readLocal(b: number, target: Buffer, at: number): boolean {
-    const mem = this.memory.get(b);
-    if (mem) {
-      // Refresh its place in the LRU order.
-      this.memory.delete(b);
-      this.memory.set(b, mem);
-      mem.copy(target, 0, at, at + target.length);
-      this.stats.memoryHits++;
-      return true;
-    }
-    if (!this.opts.cache?.read(b, this.blockLength(b), at, target)) return false;
-    this.stats.cacheHits++;
-    return true;
-  }
-
-  /**
-   * Sequential readers (a read starting in the block where the previous one
-   * ended) get the next blocks fetched before they ask.
-   */
-  private readahead(b0: number, b1: number): void {
-    const sequential = b0 === this.nextSequential || b0 + 1 === this.nextSequential;
-    this.nextSequential = b1;
-    if (!sequential || this.opts.readaheadBlocks <= 0) return;
-    const last = Math.ceil(this.size / this.opts.blockSize);
-    const end = Math.min(last, b1 + this.opts.readaheadBlocks);
-    // Top the window up only when half of it is used: requests of several blocks, not one each.
-    if (this.readaheadEnd - b1 > this.opts.readaheadBlocks / 2) return;
-    this.readaheadEnd = end;
-    let missFrom = -1;
-    const fetchMisses = (upTo: number) => {
-      // Failures here reach whoever reads those blocks later (they retry then).
-      if (missFrom >= 0) for (const p of this.fetchBlocks(missFrom, upTo)) p.catch(() => undefined);
-      missFrom = -1;
-    };
-    for (let b = b1; b < end; b++) {
-      const here = this.memory.has(b) || this.inflight.has(b) || this.opts.cache?.has(b);
-      if (here) fetchMisses(b);
-      else if (missFrom < 0) missFrom = b;
-    }
-    fetchMisses(end);
-  }
-
-  /** Blocks [first, end), in requests of at most maxRequestBlocks adjacent blocks. */
-  private fetchBlocks(first: number, end: number): Array<Promise<Buffer>> {
-    const out: Array<Promise<Buffer>> = [];
-    for (let s = first; s < end; s += this.opts.maxRequestBlocks) {
-      out.push(...this.fetchRun(s, Math.min(end, s + this.opts.maxRequestBlocks)));
+  /** The pieces the sequential detector wants fetched ahead of this read, not here yet. */
+  private aheadOf(offset: number, length: number, after: number): number[] {
+    const range = this.detector.observe(offset, length);
+    if (range === null) return [];
+    const out: number[] = [];
+    const last = Math.ceil(range.end / this.piece);
+    for (let p = Math.max(after, Math.floor(range.start / this.piece)); p < last; p++) {
+      if (!this.present(p)) out.push(p);
     }
     return out;
   }
 
-  private remember(b: number, data: Buffer): void {
-    this.memory.set(b, data);
-    if (this.memory.size > this.opts.memoryBlocks) {
-      this.memory.delete(this.memory.keys().next().value as number);
-    }
+  /** Whether piece p is here or coming (memory, in flight, the cache). */
+  private present(p: number): boolean {
+    return (
+      this.memory.has(p) ||
+      this.inflight.has(p) ||
+      (this.opts.cache?.has(p * this.piece, this.pieceLength(p)) ?? false)
+    );
   }
 
-  /** Blocks [first, end) with one range request; every block gets its own promise. */
-  private fetchRun(first: number, end: number): Array<Promise<Buffer>> {
-    const bs = this.opts.blockSize;
-    const start = first * bs;
-    const stop = Math.min(this.size, end * bs);
-    // Blocks are copied out of a longer answer so each can be dropped from memory alone.
-    const whole = this.limited(() => this.fetchRange(start, stop)).then((data) => {
-      const blocks: Buffer[] = [];
-      for (let b = first; b < end; b++) {
-        const part = data.subarray((b - first) * bs, (b - first) * bs + this.blockLength(b));
-        const block = end - first === 1 ? part : Buffer.from(part);
-        this.remember(b, block);
-        this.opts.cache?.put(b, block);
-        blocks.push(block);
-      }
-      return blocks;
-    });
-    const out: Array<Promise<Buffer>> = [];
-    for (let b = first; b < end; b++) {
-      const p = whole.then((blocks) => blocks[b - first]!).finally(() => this.inflight.delete(b));
-      p.catch(() => undefined);
-      this.inflight.set(b, p);
+  /**
+   * The pieces read-around fetches after a miss, joined to its request: only
+   * when the read's last piece is missing, up to the first piece that is here.
+   */
+  private aroundOf(missing: number[], after: number): number[] {
+    const n = this.around.missed();
+    if (missing[missing.length - 1] !== after - 1) return [];
+    const out: number[] = [];
+    const last = Math.ceil(this.size / this.piece);
+    for (let p = after; p < Math.min(last, after + n) && !this.present(p); p++) {
+      this.around.fetched(p);
       out.push(p);
     }
     return out;
   }
 
-  /** At most maxInFlight requests at once; the rest wait in order. */
-  private async limited<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.active >= this.opts.maxInFlight) {
-      await new Promise<void>((resolve) => this.waiting.push(resolve));
+  /**
+   * Fills target with piece p's bytes from offset `at` when they are here: in
+   * memory, or in the disk cache (only the chunks asked for are read and checked).
+   */
+  private readLocal(p: number, target: Buffer, at: number): boolean {
+    const mem = this.memory.get(p);
+    if (mem) {
+      // Refresh its place in the LRU order.
+      this.memory.delete(p);
+      this.memory.set(p, mem);
+      mem.copy(target, 0, at, at + target.length);
+      this.stats.memoryHits++;
+      return true;
     }
-    this.active++;
-    try {
-      return await fn();
-    } finally {
-      this.active--;
-      this.waiting.shift()?.();
+    if (!this.opts.cache?.read(p * this.piece + at, target)) return false;
+    this.stats.cacheHits++;
+    return true;
+  }
+
+  /**
+   * Fetches the pieces a read misses and those wanted ahead, adjacent ones
+   * joined into requests of at most maxRequestBytes (a read's pieces and the
+   * readahead after them go out as one request, as Linux joins a read and its
+   * readahead). Returns the promise of every missed piece.
+   */
+  private fetch(
+    missing: number[],
+    ahead: number[],
+    deadline: number,
+  ): Map<number, Promise<Buffer>> {
+    const out = new Map<number, Promise<Buffer>>();
+    const wanted = [...missing, ...ahead].sort((a, b) => a - b);
+    const read = new Set(missing);
+    const most = Math.max(1, Math.floor(this.opts.maxRequestBytes / this.piece));
+    for (let i = 0; i < wanted.length;) {
+      let j = i + 1;
+      while (j < wanted.length && wanted[j] === wanted[j - 1]! + 1 && j - i < most) j++;
+      const first = wanted[i]!;
+      const run = wanted.slice(i, j);
+      const ticket = new Ticket(run.some((p) => read.has(p)) ? "read" : "ahead", deadline);
+      const unasked = run.filter((p) => !read.has(p)).reduce((t, p) => t + this.pieceLength(p), 0);
+      this.fetchRun(first, first + run.length, ticket, unasked).forEach((data, k) => {
+        if (read.has(first + k)) out.set(first + k, data);
+        else data.catch(() => undefined); // its reader, if any, sees the failure and tries again
+      });
+      i = j;
+    }
+    return out;
+  }
+
+  private remember(p: number, data: Buffer): void {
+    this.memory.set(p, data);
+    if (this.memory.size > this.memoryPieces) {
+      this.memory.delete(this.memory.keys().next().value as number);
     }
   }
 
-  private async fetchRange(start: number, end: number): Promise<Buffer> {
+  /**
+   * Pieces [first, end) with one range request; every piece gets its own
+   * promise. `unasked`: bytes of it no read asked for (readahead, read-around).
+   */
+  private fetchRun(
+    first: number,
+    end: number,
+    ticket: Ticket,
+    unasked: number,
+  ): Array<Promise<Buffer>> {
+    const ps = this.piece;
+    const start = first * ps;
+    const stop = Math.min(this.size, end * ps);
+    const whole = this.queue
+      .run(ticket, () => this.fetchRange(start, stop, ticket))
+      .then((data) => {
+        this.stats.readaheadBytes += unasked;
+        this.opts.cache?.put(start, data);
+        const pieces: Buffer[] = [];
+        for (let p = first; p < end; p++) {
+          const part = data.subarray((p - first) * ps, (p - first) * ps + this.pieceLength(p));
+          // Copied out of a longer answer, so each piece can be dropped from memory alone.
+          const piece = end - first === 1 ? part : Buffer.from(part);
+          this.remember(p, piece);
+          pieces.push(piece);
+        }
+        return pieces;
+      })
+      .catch((err: unknown) => {
+        throw err instanceof RemoteFailure ? this.failed(err) : err;
+      });
+    const out: Array<Promise<Buffer>> = [];
+    for (let p = first; p < end; p++) {
+      const data = whole
+        .then((pieces) => pieces[p - first]!)
+        .finally(() => this.inflight.delete(p));
+      data.catch(() => undefined);
+      this.inflight.set(p, { data, ticket });
+      out.push(data);
+    }
+    return out;
+  }
+
+  private async fetchRange(start: number, end: number, ticket: Ticket): Promise<Buffer> {
     if (this.changed) throw this.changed;
+    const ahead = ticket.priority === "ahead";
     const data = await attempts(
       this.opts,
       this.name,
       this.stats,
+      ticket.deadline,
       async (signal) => {
         const answer = await this.source.fetch(start, end, signal);
         if (!sameIdentity(this.identity, answer.identity)) {
@@ -296,9 +365,8 @@ export class RemoteDevice extends DeviceBase {
         this.stats.bytesFetched += answer.data.length;
         return answer.data;
       },
-      (f) => this.failed(f),
     );
-    log.remote("%s: fetched [%d, %d)", this.name, start, end);
+    log.remote("%s: fetched [%d, %d)%s", this.name, start, end, ahead ? " ahead" : "");
     return data;
   }
 
@@ -323,6 +391,13 @@ export class RemoteDevice extends DeviceBase {
     return err;
   }
 
+  /** Resolves once no request is in flight (readahead included): for tests and a clean close. */
+  async settled(): Promise<void> {
+    while (this.inflight.size > 0) {
+      await Promise.allSettled([...this.inflight.values()].map((p) => p.data));
+    }
+  }
+
   /** Every byte is the object's own. */
   blockStatus(offset: number, length: number): Promise<Extent[]> {
     try {
@@ -336,6 +411,7 @@ export class RemoteDevice extends DeviceBase {
   describe(): LayerDescription {
     const s = this.stats;
     const hits = s.memoryHits + s.cacheHits;
+    const cache = this.opts.cache;
     return {
       // The device is the object's bytes; the overlay's backing format field says what they are.
       format: "raw",
@@ -348,16 +424,24 @@ export class RemoteDevice extends DeviceBase {
         etag: this.identity.etag,
         lastModified: this.identity.lastModified,
         blockSize: this.opts.blockSize,
-        cacheDir: this.opts.cache?.dir ?? null,
+        minRequest: this.piece,
+        maxRequest: this.opts.maxRequestBytes,
+        readahead: this.opts.readaheadBytes,
+        waitBoundMs: this.waitBoundMs,
+        cacheDir: cache?.dir ?? null,
         blocks: Math.ceil(this.size / this.opts.blockSize),
-        cachedBlocks: this.opts.cache?.countBlocks() ?? 0,
+        cachedBlocks: cache?.countBlocks() ?? 0,
+        cachedBytes: cache?.cachedBytes() ?? 0,
+        reads: s.reads,
         blockReads: s.blockReads,
         memoryHits: s.memoryHits,
         cacheHits: s.cacheHits,
         hitRate: s.blockReads === 0 ? null : Math.round((hits * 10000) / s.blockReads) / 100,
         requests: s.requests,
         bytesFetched: s.bytesFetched,
+        readaheadBytes: s.readaheadBytes,
         retries: s.retries,
+        cacheStoreFailures: cache?.stats.storeFailures ?? 0,
       },
     };
   }
@@ -386,35 +470,4 @@ export class RemoteDevice extends DeviceBase {
 /** A failure a user sees: one line, reason "remote", EIO. */
 export function remoteError(f: RemoteFailure, name: string, code = f.code): AddCowError {
   return new AddCowError(`remote backing ${f.message}`, { code, reason: "remote", file: name });
-}
-
-/**
- * Runs one request with a timeout per attempt, trying again with growing
- * pauses after failures that may pass (timeouts, 5xx, dropped connections).
- */
-async function attempts<T>(
-  opts: RemoteDeviceOptions,
-  name: string,
-  stats: RemoteStats | null,
-  fn: (signal: AbortSignal) => Promise<T>,
-  onFailure: (f: RemoteFailure) => AddCowError = (f) => remoteError(f, name),
-): Promise<T> {
-  for (let attempt = 0; ; attempt++) {
-    const controller = new AbortController();
-    const timer = setTimeout(() => controller.abort(), opts.timeoutMs);
-    let failure: RemoteFailure;
-    try {
-      if (stats) stats.requests++;
-      return await fn(controller.signal);
-    } catch (err) {
-      failure = networkFailure(err, name, controller.signal);
-    } finally {
-      clearTimeout(timer);
-    }
-    if (!failure.retryable || attempt >= opts.retries) throw onFailure(failure);
-    if (stats) stats.retries++;
-    const pause = Math.min(5000, 100 * 2 ** attempt) * (0.5 + Math.random() / 2);
-    log.remote("%s; attempt %d failed, trying again in %d ms", failure.message, attempt + 1, pause);
-    await new Promise((resolve) => setTimeout(resolve, pause));
-  }
 }

@@ -8,11 +8,8 @@ import {
   RemoteFailure,
   networkFailure,
   parseContentRange,
-  statusFailure,
 } from "./source";
-
-export const S3_AUTH_HELP =
-  "check the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials) and the bucket policy";
+import { s3Failure } from "./s3-errors";
 
 /**
  * s3://BUCKET/KEY through the official AWS SDK v3: credentials, region and
@@ -24,6 +21,8 @@ export const S3_AUTH_HELP =
  */
 export class S3Source implements RangeSource {
   private readonly client: S3Client;
+  /** Where the requests went (scheme, host, port, path), seen on the wire. */
+  private target: string | null = null;
 
   constructor(
     private readonly bucket: string,
@@ -57,9 +56,58 @@ export class S3Source implements RangeSource {
         httpsAgent: new https.Agent({ keepAlive: true, maxSockets: 8 }),
       },
     });
+    // The endpoint may come from the SDK's own configuration (environment,
+    // ~/.aws/config): the cache key takes it from the request actually sent.
+    this.client.middlewareStack.add(
+      (next) => async (args) => {
+        const req = args.request as {
+          protocol?: string;
+          hostname?: string;
+          port?: number;
+          path?: string;
+        };
+        if (this.target === null && req.hostname) {
+          this.target = `${req.protocol ?? ""}//${req.hostname}${req.port ? `:${req.port}` : ""}${req.path ?? ""}`;
+        }
+        return next(args);
+      },
+      { step: "finalizeRequest", name: "addcowTarget" },
+    );
   }
 
+  get cacheKey(): string {
+    return JSON.stringify(["s3", this.target ?? "unknown", this.bucket, this.key]);
+  }
+
+  /**
+   * A one-byte ranged GET (not HeadObject: an answer to HEAD has no body, so
+   * S3's error code, e.g. the region it wants, would be lost).
+   */
   async probe(signal: AbortSignal): Promise<ObjectIdentity> {
+    try {
+      const out = await this.client.send(
+        new GetObjectCommand({ Bucket: this.bucket, Key: this.key, Range: "bytes=0-0" }),
+        { abortSignal: signal },
+      );
+      await out.Body?.transformToByteArray();
+      const cr = parseContentRange(out.ContentRange);
+      if (cr?.total === null || cr === null) {
+        // An empty object answers 200 with nothing: HeadObject tells its identity.
+        if (!out.ContentLength) return await this.head(signal);
+        throw new RemoteFailure(`${this.name}: the store sent no usable Content-Range`, false);
+      }
+      return {
+        size: cr.total,
+        etag: out.ETag ?? null,
+        lastModified: out.LastModified ? out.LastModified.toUTCString() : null,
+      };
+    } catch (err) {
+      if ((err as { name?: string }).name === "InvalidRange") return this.head(signal);
+      throw this.failure(err, signal);
+    }
+  }
+
+  private async head(signal: AbortSignal): Promise<ObjectIdentity> {
     try {
       const out = await this.client.send(
         new HeadObjectCommand({ Bucket: this.bucket, Key: this.key }),
@@ -114,25 +162,7 @@ export class S3Source implements RangeSource {
 
   private failure(err: unknown, signal: AbortSignal): RemoteFailure {
     if (err instanceof RemoteFailure) return err;
-    const meta = (err as { $metadata?: { httpStatusCode?: number } }).$metadata;
-    const status = meta?.httpStatusCode;
-    const code = (err as { name?: string }).name;
-    if (code === "NoSuchBucket")
-      return new RemoteFailure(`${this.name}: no such bucket`, false, false, "ENOENT");
-    if (code === "NoSuchKey" || code === "NotFound") {
-      return new RemoteFailure(`${this.name}: not found (no such key)`, false, false, "ENOENT");
-    }
-    if (code === "CredentialsProviderError") {
-      return new RemoteFailure(
-        `${this.name}: no AWS credentials found; ${S3_AUTH_HELP}`,
-        false,
-        false,
-        "EACCES",
-      );
-    }
-    if (status !== undefined && status >= 300)
-      return statusFailure(status, this.name, S3_AUTH_HELP);
-    return networkFailure(err, this.name, signal);
+    return s3Failure(err, this.name) ?? networkFailure(err, this.name, signal);
   }
 
   async close(): Promise<void> {

@@ -21,8 +21,14 @@ export interface RangeAnswer {
  * {@link RemoteFailure} for anything but a good answer.
  */
 export interface RangeSource {
-  /** The URL without credentials, for messages and cache keys. */
+  /** The URL without credentials, for messages. */
   readonly name: string;
+  /**
+   * Everything besides the object's identity that decides which bytes come
+   * back (the URL; for S3 the endpoint, region, addressing, bucket and key):
+   * part of the block cache key, so two servers never share entries.
+   */
+  readonly cacheKey: string;
   probe(signal: AbortSignal): Promise<ObjectIdentity>;
   /** Bytes [start, end) of the object. */
   fetch(start: number, end: number, signal: AbortSignal): Promise<RangeAnswer>;

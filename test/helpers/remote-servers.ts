@@ -77,7 +77,15 @@ export async function selfSignedCert(dir: string): Promise<{ cert: string; key: 
 export async function startNginx(
   dir: string,
   root: string,
-  opts: { tls?: boolean; bearer?: string; extra?: string } = {},
+  opts: {
+    tls?: boolean;
+    bearer?: string;
+    /** Lines for the server block, and for the http block. */
+    extra?: string;
+    http?: string;
+    /** No `location /` of the static files (extra has its own). */
+    noDefaultLocation?: boolean;
+  } = {},
   onCleanup: (fn: () => Promise<void>) => void = deferCleanup,
 ): Promise<NginxServer> {
   const port = await freePort();
@@ -97,7 +105,7 @@ pid ${dir}/nginx.pid;
 error_log ${dir}/error.log warn;
 events { worker_connections 256; }
 http {
-  log_format ranges '$request_method $uri "$http_range" $status $body_bytes_sent';
+  log_format ranges '$request_method $uri "$http_range" $status $body_bytes_sent $upstream_cache_status';
   access_log ${accessLog} ranges;
   client_body_temp_path ${dir}/tmp/body;
   proxy_temp_path ${dir}/tmp/proxy;
@@ -106,12 +114,13 @@ http {
   scgi_temp_path ${dir}/tmp/scgi;
   default_type application/octet-stream;
   keepalive_requests 100000;
+  ${opts.http ?? ""}
   server {
     listen 127.0.0.1:${port}${tls ? " ssl" : ""};
     ${tls ? `ssl_certificate ${tls.cert}; ssl_certificate_key ${tls.key};` : ""}
     root ${root};
     ${opts.extra ?? ""}
-    location / { ${auth} }
+    ${opts.noDefaultLocation ? "" : `location / { ${auth} }`}
   }
 }
 `,
@@ -227,7 +236,8 @@ export async function startS3(dir: string, buckets: string[]): Promise<S3Server>
 export type ProxyMode =
   | { kind: "pass" }
   | { kind: "delay"; ms: number }
-  | { kind: "status"; status: number }
+  /** Answers `status` (with `body`, e.g. an S3 XML error); after `times` answers, passes again. */
+  | { kind: "status"; status: number; body?: string; times?: number }
   /** Sends the headers and part of the body, then drops the connection. */
   | { kind: "cut" }
   /** Accepts connections and never answers. */
@@ -237,6 +247,8 @@ export interface FaultProxy {
   url: string;
   port: number;
   mode: ProxyMode;
+  /** Response headers replaced in every forwarded answer (e.g. a fixed ETag). */
+  rewrite: Record<string, string>;
   /** Requests forwarded (or refused) so far, and body bytes sent to clients. */
   requests: number;
   bytes: number;
@@ -259,6 +271,7 @@ export async function startProxy(
     url: "",
     port: 0,
     mode,
+    rewrite: {},
     requests: 0,
     bytes: 0,
     async stop() {
@@ -271,8 +284,13 @@ export async function startProxy(
     const m = proxy.mode;
     if (m.kind === "hang") return;
     if (m.kind === "status") {
-      res.writeHead(m.status, { "content-length": "0" });
-      res.end();
+      if (m.times !== undefined && --m.times <= 0) proxy.mode = { kind: "pass" };
+      const body = Buffer.from(m.body ?? "");
+      res.writeHead(m.status, {
+        "content-length": String(body.length),
+        ...(m.body ? { "content-type": "application/xml" } : {}),
+      });
+      res.end(body);
       return;
     }
     const forward = () => {
@@ -285,7 +303,7 @@ export async function startProxy(
           headers: req.headers,
         },
         (upRes) => {
-          res.writeHead(upRes.statusCode ?? 502, upRes.headers);
+          res.writeHead(upRes.statusCode ?? 502, { ...upRes.headers, ...proxy.rewrite });
           if (m.kind === "cut") {
             upRes.once("data", (chunk: Buffer) => {
               res.write(chunk.subarray(0, Math.max(1, chunk.length >> 1)));
@@ -314,4 +332,115 @@ export async function startProxy(
   proxy.url = `http://127.0.0.1:${proxy.port}`;
   onCleanup(() => proxy.stop());
   return proxy;
+}
+
+/** One request a {@link Redirector} saw. */
+export interface SeenRequest {
+  path: string;
+  authorization: string | null;
+  range: string | null;
+}
+
+export interface Redirector {
+  /** http://HOST:PORT (no trailing slash). */
+  origin: string;
+  seen: SeenRequest[];
+  stop(): Promise<void>;
+}
+
+/**
+ * A small server on `host` (127.0.0.x) that answers every request with
+ * `route(path)`: a redirect ({ status, location }), or "pass": the request is
+ * forwarded to `upstream` (its Range header too) and the answer relayed. It
+ * records each request's path and Authorization header.
+ */
+export async function startRedirector(
+  host: string,
+  route: (
+    path: string,
+    req: http.IncomingMessage,
+  ) => { status: number; location?: string } | "pass",
+  upstream?: string,
+): Promise<Redirector> {
+  const seen: SeenRequest[] = [];
+  const sockets = new Set<net.Socket>();
+  const server = http.createServer((req, res) => {
+    const p = req.url ?? "/";
+    seen.push({
+      path: p,
+      authorization: req.headers.authorization ?? null,
+      range: req.headers.range ?? null,
+    });
+    const r = route(p, req);
+    if (r !== "pass") {
+      res.writeHead(r.status, {
+        "content-length": "0",
+        ...(r.location !== undefined ? { location: r.location } : {}),
+      });
+      res.end();
+      return;
+    }
+    const up = new URL(upstream!);
+    const upReq = http.request(
+      {
+        host: up.hostname,
+        port: up.port,
+        method: req.method,
+        path: up.pathname,
+        headers: { ...(req.headers.range ? { range: req.headers.range } : {}) },
+      },
+      (upRes) => {
+        res.writeHead(upRes.statusCode ?? 502, upRes.headers);
+        upRes.pipe(res);
+      },
+    );
+    upReq.on("error", () => res.destroy());
+    upReq.end();
+  });
+  server.on("connection", (s) => {
+    sockets.add(s);
+    s.on("close", () => sockets.delete(s));
+  });
+  await new Promise<void>((resolve) => server.listen(0, host, resolve));
+  const port = (server.address() as net.AddressInfo).port;
+  const r: Redirector = {
+    origin: `http://${host}:${port}`,
+    seen,
+    async stop() {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+  deferCleanup(() => r.stop());
+  return r;
+}
+
+/**
+ * The rack tier of docs/remote.md: nginx with proxy_cache and the slice
+ * module in front of `origin`, caching `slice`-sized ranges (identity headers
+ * passed through). Its own access log shows hits and misses.
+ */
+export async function startCachingProxy(
+  dir: string,
+  origin: string,
+  slice = "1m",
+): Promise<NginxServer> {
+  fs.mkdirSync(path.join(dir, "cache"), { recursive: true });
+  const extra = `
+    location / {
+      slice ${slice};
+      proxy_cache rack;
+      proxy_cache_key $uri$is_args$args$slice_range;
+      proxy_set_header Range $slice_range;
+      proxy_cache_valid 200 206 1h;
+      proxy_cache_lock on;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_pass ${origin};
+    }`;
+  return startNginx(dir, path.join(dir, "cache"), {
+    extra,
+    http: `proxy_cache_path ${dir}/cache levels=1:2 keys_zone=rack:10m max_size=1g inactive=1h use_temp_path=off;`,
+    noDefaultLocation: true,
+  });
 }

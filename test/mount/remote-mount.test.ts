@@ -7,7 +7,6 @@
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
-import * as zlib from "node:zlib";
 import { afterEach, describe, expect, it } from "vitest";
 import {
   cleanupAll,
@@ -17,12 +16,14 @@ import {
   processAlive,
   run,
   sh,
+  smallFileSystem,
   tempDir,
   waitFor,
   writePatternFile,
 } from "../helpers/mount";
 import { ADDCOW } from "../helpers/cli";
 import { servedBase, startProxy, startS3 } from "../helpers/remote-servers";
+import { cacheState } from "../helpers/remote-cache-layout";
 
 afterEach(cleanupAll);
 
@@ -97,34 +98,10 @@ async function cmpFiles(a: string, b: string) {
   expect(r.code, r.stdout + r.stderr).toBe(0);
 }
 
-/** Every block file in the cache is whole and matches its checksum (the documented layout). */
-function cacheEntries(cacheDir: string): { good: number; bad: string[]; tmp: number } {
-  const out = { good: 0, bad: [] as string[], tmp: 0 };
-  const walk = (d: string) => {
-    for (const e of fs.readdirSync(d, { withFileTypes: true })) {
-      const p = path.join(d, e.name);
-      if (e.isDirectory()) walk(p);
-      else if (e.name.endsWith(".tmp")) out.tmp++;
-      else if (e.name.endsWith(".blk")) {
-        // Header: magic, key, index, length at 28, then a CRC-32 per 4 KiB chunk.
-        const raw = fs.readFileSync(p);
-        const length = raw.length >= 32 ? raw.readUInt32LE(28) : -1;
-        const hsize = 32 + 4 * Math.ceil(length / 4096);
-        let ok = raw.subarray(0, 8).toString() === "ACOWBLK2" && raw.length === hsize + length;
-        for (let c = 0; ok && c * 4096 < length; c++) {
-          const chunk = raw.subarray(
-            hsize + c * 4096,
-            Math.min(raw.length, hsize + (c + 1) * 4096),
-          );
-          ok = zlib.crc32(chunk) === raw.readUInt32LE(32 + 4 * c);
-        }
-        if (ok) out.good++;
-        else out.bad.push(p);
-      }
-    }
-  };
-  if (fs.existsSync(cacheDir)) walk(cacheDir);
-  return out;
+/** The cache by its documented layout: no chunk marked present whose bytes do not match. */
+function cacheClean(cacheDir: string): string[] {
+  const state = cacheState(cacheDir);
+  return [...state.badFiles, ...state.badChunks];
 }
 
 describe("a disk over a remote base, through the mount", () => {
@@ -208,8 +185,8 @@ describe("a disk over a remote base, through the mount", () => {
     await mb.unmount();
     const second = ranges().slice(before);
     // Only the probe at open (one byte) reached the server.
-    expect(second).toEqual([expect.stringMatching(/"bytes=0-0" 206 1$/)]);
-    expect(cacheEntries(env.ADDCOW_CACHE_DIR!).bad).toEqual([]);
+    expect(second).toEqual([expect.stringMatching(/"bytes=0-0" 206 1 /)]);
+    expect(cacheClean(env.ADDCOW_CACHE_DIR!)).toEqual([]);
   }, 120_000);
 
   it("s3 (s3rver): a disk over s3://bucket/key reads like the object; writes stay in the overlay", async () => {
@@ -304,6 +281,57 @@ describe("remote faults through the mount", () => {
     expect(lines).toHaveLength(1);
   }, 120_000);
 
+  it("12 readers on a stalled server all get EIO within the documented bound, queued or not", async () => {
+    const { dir, nginx, env } = await setup();
+    const proxy = await startProxy(`http://127.0.0.1:${nginx.port}`);
+    const disk = path.join(dir, "vm.add-cow");
+    const quick = { ...env, ADDCOW_CACHE_DIR: "none", ADDCOW_REMOTE_TIMEOUT: "2" };
+    await remoteOverlay(quick, `${proxy.url}/base.raw`, disk);
+    const m = await mountDisk(disk, path.join(dir, "m"), { env: { ...process.env, ...quick } });
+    proxy.mode = { kind: "hang" };
+    const t0 = Date.now();
+    // 12 misses at once (4 in flight, 8 queued behind them), each in its own piece.
+    const readers = Array.from({ length: 12 }, (_, i) =>
+      run("dd", [
+        `if=${m.file}`,
+        "of=/dev/null",
+        "bs=4k",
+        "count=1",
+        `skip=${i * 400}`,
+        "iflag=direct",
+      ]).then((r) => ({ ...r, ms: Date.now() - t0 })),
+    );
+    const results = await Promise.all(readers);
+    for (const r of results) expect(r.stderr).toMatch(/Input\/output error/);
+    // Bound: 2 attempts of 2 s and a pause of at most 0.1 s (4.1 s); the old code
+    // started a request's clock only when it got a slot: 4.1, 8.2 and 12.2 s.
+    expect(Math.max(...results.map((r) => r.ms))).toBeLessThan(4100 + 2000);
+    proxy.mode = { kind: "pass" };
+    await m.unmount();
+  }, 120_000);
+
+  it("a full cache file system: the disk reads right, the daemon's log says so once", async () => {
+    const { dir, base, env, url } = await setup();
+    const cache = path.join(dir, "small-cache");
+    await smallFileSystem("tmpfs", cache, 3);
+    const disk = path.join(dir, "vm.add-cow");
+    await remoteOverlay({ ...env, ADDCOW_CACHE_DIR: cache }, url, disk);
+    const log = path.join(dir, "daemon.log");
+    const m = await mountDisk(disk, path.join(dir, "m"), {
+      env: { ...process.env, ...env, ADDCOW_CACHE_DIR: cache, ADDCOW_MOUNT_LOG: log },
+    });
+    await sh("cmp", ["-n", String(BASE), m.file, base]);
+    await m.unmount();
+    const lines = fs
+      .readFileSync(log, "utf8")
+      .split("\n")
+      .filter((l) => /block cache/.test(l));
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toMatch(/cannot store fetched blocks \(the file system is full\)/);
+    expect(cacheClean(cache)).toEqual([]);
+    expect(cacheState(cache).tmp).toBe(0);
+  }, 120_000);
+
   it("kill -9 while the cache fills leaves no bad entry; the next daemon reads correct bytes", async () => {
     const { dir, base, nginx, env } = await setup();
     const proxy = await startProxy(`http://127.0.0.1:${nginx.port}`, { kind: "delay", ms: 40 });
@@ -315,15 +343,14 @@ describe("remote faults through the mount", () => {
     const reader = run("dd", [`if=${m.file}`, "of=/dev/null", "bs=1M", "iflag=direct"]);
     await waitFor(
       "the cache to fill a little",
-      () => cacheEntries(env.ADDCOW_CACHE_DIR!).good >= 8,
+      () => cacheState(env.ADDCOW_CACHE_DIR!).bytes >= 512 * 1024,
     );
     process.kill(m.pid, "SIGKILL");
     await waitFor("the daemon to die", () => !processAlive(m.pid));
     await reader;
     await run("fusermount", ["-uz", m.dir]);
-    const state = cacheEntries(env.ADDCOW_CACHE_DIR!);
-    expect(state.bad).toEqual([]);
-    expect(state.good).toBeGreaterThan(0);
+    expect(cacheClean(env.ADDCOW_CACHE_DIR!)).toEqual([]);
+    expect(cacheState(env.ADDCOW_CACHE_DIR!).goodChunks).toBeGreaterThan(0);
     proxy.mode = { kind: "pass" };
     const m2 = await mountDisk(disk, path.join(dir, "m2"), { env: fullEnv });
     await sh("cmp", ["-n", String(BASE), m2.file, base]);

@@ -276,16 +276,17 @@ describe("remote device requests", () => {
       await dev.read(two, 0);
       expect(two.equals(local.subarray(0, 2 << 20))).toBe(true);
       expect(proxy.requests - before).toBe(1);
-      // Sequential 64 KiB reads through the next 2 MiB: readahead keeps the
-      // requests far fewer than the blocks read, and several blocks long.
+      // Sequential 64 KiB reads through the next 2 MiB: readahead (a window
+      // doubling from 128 KiB) keeps the requests far fewer than the 32 reads.
       before = proxy.requests;
       for (let off = 2 << 20; off < 4 << 20; off += 65536) {
         const b = Buffer.alloc(65536);
         await dev.read(b, off);
         expect(b.equals(local.subarray(off, off + 65536))).toBe(true);
       }
-      expect(proxy.requests - before).toBeLessThanOrEqual(3);
+      expect(proxy.requests - before).toBeLessThanOrEqual(6);
       expect(dev.stats.memoryHits).toBeGreaterThan(20);
+      expect(dev.stats.readaheadBytes).toBeGreaterThan(0);
     } finally {
       await dev.close();
     }
@@ -307,7 +308,8 @@ describe("the shared block cache", () => {
     await readsLikeFile(b, base, 40);
     expect(proxy.requests - before).toBe(1); // the probe at open only
     expect(b.stats.bytesFetched).toBe(0);
-    // Damage one cached block and cut another short: both are detected and fetched again.
+    // Damage a chunk of one cached block and cut another block file short: the
+    // chunk's piece (64 KiB) and the whole block (its header is gone) are fetched again.
     const cacheDir = String(b.describe().details!.cacheDir);
     const blk = (i: number) => path.join(cacheDir, `${i}.blk`);
     const fd = fs.openSync(blk(3), "r+");
@@ -321,7 +323,7 @@ describe("the shared block cache", () => {
     const buf = Buffer.alloc(c.size);
     await c.read(buf, 0);
     expect(buf.equals(local)).toBe(true);
-    expect(c.stats.bytesFetched).toBe(2 * (256 << 10));
+    expect(c.stats.bytesFetched).toBe((256 << 10) + (64 << 10));
     await c.close();
   });
 });
