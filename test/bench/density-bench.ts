@@ -75,6 +75,22 @@ async function readAndCompare(file: string, base: Buffer, offset: number, length
   }
 }
 
+/** Starts host daemon `name` (background); the returned function stops it (SIGTERM) and waits. */
+async function startHost(ctx: BenchContext, name: string, env: NodeJS.ProcessEnv) {
+  await run(NODE, [addcowMountJs, "--serve", name], { env });
+  const pid = daemonOf(name);
+  return ctx.defer(`stop host daemon ${name}`, async () => {
+    try {
+      process.kill(pid, "SIGTERM");
+    } catch {
+      return;
+    }
+    await waitFor(`host daemon ${name} to stop`, 60_000, () =>
+      pidsWithArg(name).some((p) => p === pid) ? undefined : true,
+    );
+  });
+}
+
 async function inBatches<T>(items: T[], n: number, fn: (item: T) => Promise<void>) {
   let next = 0;
   await Promise.all(
@@ -138,18 +154,7 @@ async function runDensity(ctx: BenchContext) {
 
   ctx.log("one mount");
   const host = `bench-${process.pid}`;
-  await run(NODE, [addcowMountJs, "--serve", host], { env });
-  const hostPid = daemonOf(host);
-  ctx.defer("stop the host daemon", async () => {
-    try {
-      process.kill(hostPid, "SIGTERM");
-    } catch {
-      return;
-    }
-    await waitFor("the host daemon to stop", 30_000, () =>
-      pidsWithArg(host).length ? undefined : true,
-    );
-  });
+  const stopHost = await startHost(ctx, host, env);
   const one: Record<string, number[]> = {
     local: [],
     remote: [],
@@ -188,24 +193,11 @@ async function runDensity(ctx: BenchContext) {
 
   ctx.log(`${disks} overlays of one remote base in one host daemon`);
   // A host of its own with an empty block cache: what nginx serves is what the fleet fetched.
-  process.kill(hostPid, "SIGTERM");
-  await waitFor("the host daemon to stop", 30_000, () =>
-    pidsWithArg(host).length ? undefined : true,
-  );
+  await stopHost();
   const fleetEnv = { ...env, ADDCOW_CACHE_DIR: path.join(work, "cache-fleet") };
   const fleet = `${host}-fleet`;
-  await run(NODE, [addcowMountJs, "--serve", fleet], { env: fleetEnv });
+  const stopFleet = await startHost(ctx, fleet, fleetEnv);
   const fleetPid = daemonOf(fleet);
-  ctx.defer("stop the fleet's host daemon", async () => {
-    try {
-      process.kill(fleetPid, "SIGTERM");
-    } catch {
-      return;
-    }
-    await waitFor("the host daemon to stop", 60_000, () =>
-      pidsWithArg(fleet).length ? undefined : true,
-    );
-  });
   const files: string[] = [];
   for (let i = 0; i < disks; i++) files.push(await make(`vm${i}`, url));
   const served0 = nginx.requests().length;
@@ -262,22 +254,20 @@ async function runDensity(ctx: BenchContext) {
   const requests = coldRequests;
   const fetched = requests.reduce((n, l) => n + Number(l.split(" ").pop()), 0);
   const t2 = process.hrtime.bigint();
-  process.kill(fleetPid, "SIGTERM");
-  await waitFor("the host daemon to stop", 60_000, () =>
-    isMounted(path.join(work, "vm-mnt0")) || pidsWithArg(fleet).length ? undefined : true,
-  );
+  await stopFleet();
   const stopMs = Number(process.hrtime.bigint() - t2) / 1e6;
 
-  ctx.log("ten daemons of their own over the same base");
+  const owned = Math.min(10, disks);
+  ctx.log(`${owned} daemons of their own over the same base`);
   const own: number[] = [];
-  for (let i = 0; i < 10; i++) {
+  for (let i = 0; i < owned; i++) {
     const dir = path.join(work, `own-mnt${i}`);
     ctx.defer(`unmount ${dir}`, () => lazyUnmount(dir));
     await run(NODE, [addcowMountJs, files[i]!, dir], { env });
     await readAndCompare(path.join(dir, `vm${i}`), base, (i * READ_BYTES) % BASE_BYTES, READ_BYTES);
   }
-  for (let i = 0; i < 10; i++) own.push(rss(daemonOf(path.join(work, `own-mnt${i}`))));
-  for (let i = 0; i < 10; i++) {
+  for (let i = 0; i < owned; i++) own.push(rss(daemonOf(path.join(work, `own-mnt${i}`))));
+  for (let i = 0; i < owned; i++) {
     const dir = path.join(work, `own-mnt${i}`);
     await unmountAndWait(dir, daemonOf(dir));
   }
