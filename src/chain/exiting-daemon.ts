@@ -1,6 +1,6 @@
 import { log } from "../util/log";
 import { AddCowError } from "../util/errors";
-import { type LockAdvice, describeHolder, explainLock } from "./lock-holder";
+import { type LockAdvice, describeHolder, explainLock, mountOfDisk } from "./lock-holder";
 
 /** How long an open waits for an unmounted daemon to flush and let go of its disk. */
 const EXIT_WAIT_MS = 10_000;
@@ -46,5 +46,10 @@ function lockHolderState(err: unknown): "exiting" | "unknown" | "other" {
   if (err.pid === undefined) return "unknown";
   const holder = describeHolder(err.pid);
   // Gone already: the lock is free on the next try. Unmounted: it is about to be.
-  return holder.gone || (holder.mountDir !== undefined && !holder.mounted) ? "exiting" : "other";
+  if (holder.gone || (holder.mountDir !== undefined && !holder.mounted)) return "exiting";
+  // A host daemon holding a disk that is not mounted any more is detaching it (or attaching it).
+  if (holder.host !== undefined && err.file !== undefined && mountOfDisk(err.file) === null) {
+    return "exiting";
+  }
+  return "other";
 }

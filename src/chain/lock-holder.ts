@@ -14,12 +14,22 @@ export interface LockHolder {
   mounted?: boolean;
   /** What the process runs, for messages: "addcow stream", "qemu-system-x86_64", ... */
   command?: string;
+  /** The holder is host daemon NAME (addcow-mount --serve NAME), which serves many mounts. */
+  host?: string;
 }
 
 const FUSE_TYPE = "fuse.addcow";
 
 /** addcow-mount options that take the next argument as their value. */
-const VALUE_FLAGS = new Set(["-o", "--options", "--name"]);
+const VALUE_FLAGS = new Set(["-o", "--options", "--name", "--serve"]);
+
+/** The name of a host daemon's command line (addcow-mount --serve NAME), or undefined. */
+export function hostOfCommandLine(args: readonly string[]): string | undefined {
+  const at = args.findIndex((a) => /addcow-mount(\.js)?$/.test(a));
+  if (at < 0) return undefined;
+  const serve = args.indexOf("--serve", at + 1);
+  return serve < 0 ? undefined : args[serve + 1];
+}
 
 /**
  * The mount directory of an addcow-mount command line: its last positional
@@ -29,7 +39,7 @@ const VALUE_FLAGS = new Set(["-o", "--options", "--name"]);
  */
 export function mountDirOfCommandLine(args: readonly string[], cwd: string): string | undefined {
   const at = args.findIndex((a) => /addcow-mount(\.js)?$/.test(a));
-  if (at < 0) return undefined;
+  if (at < 0 || hostOfCommandLine(args) !== undefined) return undefined;
   let last: string | undefined;
   let onlyPositionals = false;
   for (let i = at + 1; i < args.length; i++) {
@@ -65,6 +75,10 @@ export function describeHolder(pid: number, table?: MountEntry[]): LockHolder {
     cwd = fs.readlinkSync(`/proc/${pid}/cwd`);
   } catch {
     // Not ours to look at: absolute names still work.
+  }
+  const host = hostOfCommandLine(args);
+  if (host !== undefined) {
+    return { pid, gone: false, host, command: `addcow-mount --serve ${host}` };
   }
   const mountDir = mountDirOfCommandLine(args, cwd);
   if (mountDir !== undefined) {
@@ -121,6 +135,8 @@ export function explainLock(err: unknown, advice: LockAdvice = {}): unknown {
   const mountedAt = mountOfDisk(err.file, table);
   if (mountedAt !== null) {
     message = `${err.file} is mounted at ${mountedAt} (addcow-mount${pid}): unmount it first (fusermount -u ${shellWord(mountedAt)})${readAnyway}`;
+  } else if (holder?.host !== undefined) {
+    message = `${err.file} is in use by host daemon ${holder.host} (addcow-mount --serve, pid ${holder.pid}), which is detaching it, so it cannot be opened ${wanted} yet; try again${readAnyway}`;
   } else if (holder?.mountDir !== undefined) {
     const serving = holder.mounted ? "serving" : "that was serving";
     message = `${err.file} is in use by addcow-mount (pid ${holder.pid}) ${serving} ${holder.mountDir}, so it cannot be opened ${wanted}: unmount that first (fusermount -u ${shellWord(holder.mountDir)})${readAnyway}`;

@@ -17,7 +17,6 @@ import {
 } from "./access-policy";
 import type { RemoteSettings } from "../remote/options";
 import { openRemoteBacking } from "./open-remote";
-import { openQcow2 } from "../qcow2/open-qcow2";
 
 /** Longest backing chain we follow; deeper chains are refused as hostile. */
 export const MAX_CHAIN_DEPTH = 64;
@@ -360,6 +359,8 @@ async function openLayer(
         { file, code: "EROFS", reason: "invalid" },
       );
     }
+    // Loaded only for a qcow2 layer (with its zlib and zstd decoders): most disks have none.
+    const { openQcow2 } = await import("../qcow2/open-qcow2");
     return openQcow2(chainOpener(state), file, namer);
   }
   const mode = writable ? "write" : "read";

@@ -31,7 +31,8 @@ export async function openRemoteBacking(
     );
   }
   // Loaded only when a disk needs it: the HTTP and S3 clients cost more start-up
-  // time than the rest of addcow, and most disks never use them.
-  const { openRemoteDevice } = await import("../remote/open-remote-device");
-  return settings ? openRemoteDevice(url, settings) : openRemoteDevice(url);
+  // time than the rest of addcow, and most disks never use them. Disks of one
+  // process over the same base share its device (fetches and memory cache).
+  const { openSharedRemoteDevice } = await import("../remote/shared-remote");
+  return settings ? openSharedRemoteDevice(url, settings) : openSharedRemoteDevice(url);
 }

@@ -72,6 +72,15 @@ export function socketPathFor(file: string): string {
   return path.join(runtimeDir(), `${hash}.ctl`);
 }
 
+/**
+ * The control socket of host daemon NAME (addcow-mount --serve NAME), where
+ * disks are attached. Ends in .ctl like the disks' sockets, so `addcow jobs`
+ * finds a host's jobs through it too.
+ */
+export function hostSocketPath(name: string): string {
+  return path.join(runtimeDir(), `host-${name}.ctl`);
+}
+
 /** Every control socket in the runtime directory. */
 export function allSockets(): string[] {
   const dir = runtimeDir();

@@ -13,7 +13,29 @@ export type ControlRequest =
   | { op: "list" }
   | { op: "start"; kind: JobKind; disk: string; options: LiveJobRequest }
   | { op: "pause" | "resume" | "cancel"; id: string }
-  | { op: "watch"; id: string };
+  | { op: "watch"; id: string }
+  | AttachRequest
+  | { op: "detach"; mountDir: string };
+
+/**
+ * A host daemon's socket only: serve these disks at mountDir, as
+ * `addcow-mount -o OPTIONS FILE... MOUNTDIR` would (the options are parsed
+ * by the daemon, relative paths against cwd: the client's directory).
+ */
+export interface AttachRequest {
+  op: "attach";
+  files: string[];
+  mountDir: string;
+  name?: string;
+  options: string[];
+  cwd: string;
+}
+
+/** One mount of a host daemon, as hello on its socket lists it. */
+export interface HostMount {
+  mountDir: string;
+  disks: string[];
+}
 
 export interface HelloResponse {
   ok: true;
@@ -22,12 +44,15 @@ export interface HelloResponse {
   mountDir: string;
   /** The mount's confinement (-o confine); null without. */
   confine: Confinement | null;
+  /** A host daemon's socket: its name and every mount it serves (mountDir is then ""). */
+  host?: { name: string; mounts: HostMount[] };
 }
 
 export type ControlResponse =
   | HelloResponse
   | { ok: true; jobs: JobStatus[] }
   | { ok: true; job: JobStatus }
+  | { ok: true; mount: HostMount }
   | { ok: false; error: string };
 
 export interface WatchEvent {

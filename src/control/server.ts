@@ -7,7 +7,14 @@ import { AddCowError, describeError } from "../util/errors";
 import type { Confinement } from "../chain/access-policy";
 import { log } from "../util/log";
 import { diskKey, ensureRuntimeDir, socketPathFor } from "./paths";
-import { type ControlRequest, type ControlResponse, LineParser, type WatchEvent } from "./protocol";
+import {
+  type AttachRequest,
+  type ControlRequest,
+  type ControlResponse,
+  type HostMount,
+  LineParser,
+  type WatchEvent,
+} from "./protocol";
 
 export interface ControlHost {
   readonly entries: readonly LiveDisk[];
@@ -16,25 +23,46 @@ export interface ControlHost {
   readonly confine: Confinement | null;
 }
 
+/** What a host daemon's own socket does besides jobs: attach and detach mounts. */
+export interface HostHandlers {
+  readonly name: string;
+  attach(req: AttachRequest): Promise<HostMount>;
+  detach(mountDir: string): Promise<void>;
+  mounts(): HostMount[];
+}
+
+interface Listener {
+  server: net.Server;
+  path: string;
+  /** The mount whose disk this socket is named after; null for a host daemon's own socket. */
+  mount: ControlHost | null;
+}
+
 /**
  * The daemon side of live jobs, transport and dispatch only: one unix socket
  * per disk (mode 0600 in a 0700 runtime directory), newline-delimited JSON.
- * What the requests do is LiveJobs' business (src/jobs/live-jobs.ts).
+ * What the requests do is LiveJobs' business (src/jobs/live-jobs.ts). A host
+ * daemon has one more socket, its own, for attaching disks, and adds and
+ * removes the disks' sockets as mounts come and go.
  */
 export class ControlServer {
   private readonly jobs: LiveJobs;
-  private readonly servers: Array<{ server: net.Server; path: string }> = [];
+  private readonly listeners: Listener[] = [];
   private readonly sockets = new Set<net.Socket>();
+  private readonly mountOf = new Map<LiveDisk, ControlHost>();
 
-  private constructor(private readonly host: ControlHost) {
-    this.jobs = new LiveJobs(host.entries, diskKey, (newFile) => this.listenFor(newFile));
+  private constructor(private readonly hostHandlers: HostHandlers | null) {
+    this.jobs = new LiveJobs([], diskKey, (newFile, disk) => {
+      const mount = this.mountOf.get(disk);
+      return mount ? this.listenFor(socketPathFor(newFile), mount, newFile) : Promise.resolve();
+    });
   }
 
+  /** The control socket of one addcow-mount daemon and its disks. */
   static async start(host: ControlHost): Promise<ControlServer> {
-    const server = new ControlServer(host);
-    ensureRuntimeDir();
+    const server = new ControlServer(null);
     try {
-      for (const top of server.jobs.tops()) await server.listenFor(top);
+      await server.addMount(host);
     } catch (err) {
       await server.stop();
       throw err;
@@ -42,17 +70,42 @@ export class ControlServer {
     return server;
   }
 
-  private async listenFor(file: string): Promise<void> {
-    const socketPath = socketPathFor(file);
-    // A socket left by a daemon that died: this daemon holds the disk's lock, so it is stale.
+  /** A host daemon's socket (hostSocketPath): mounts are added by attach requests. */
+  static async startHost(handlers: HostHandlers, socketPath: string): Promise<ControlServer> {
+    const server = new ControlServer(handlers);
+    await server.listenFor(socketPath, null, `host daemon ${handlers.name}`);
+    return server;
+  }
+
+  /** Serves live jobs on a mount's disks: a socket per disk, named after it. */
+  async addMount(mount: ControlHost): Promise<void> {
+    ensureRuntimeDir();
+    this.jobs.add(mount.entries);
+    for (const disk of mount.entries) this.mountOf.set(disk, mount);
+    for (const top of this.jobs.tops(mount.entries)) {
+      // A socket left by a daemon that died: this daemon holds the disk's lock, so it is stale.
+      await this.listenFor(socketPathFor(top), mount, top);
+    }
+  }
+
+  /** Stops serving a mount's disks: their jobs are cancelled (they flush), their sockets closed. */
+  async removeMount(mount: ControlHost): Promise<void> {
+    await this.jobs.remove(mount.entries);
+    for (const disk of mount.entries) this.mountOf.delete(disk);
+    await this.close(this.listeners.filter((l) => l.mount === mount));
+  }
+
+  private async listenFor(socketPath: string, mount: ControlHost | null, what: string) {
+    ensureRuntimeDir();
     fs.rmSync(socketPath, { force: true });
-    const server = net.createServer((sock) => this.accept(sock));
+    const listener: Listener = { server: net.createServer(), path: socketPath, mount };
+    listener.server.on("connection", (sock) => this.accept(sock, listener));
     const oldMask = process.umask(0o177);
     try {
       await new Promise<void>((resolve, reject) => {
-        server.once("error", reject);
-        server.listen(socketPath, () => {
-          server.off("error", reject);
+        listener.server.once("error", reject);
+        listener.server.listen(socketPath, () => {
+          listener.server.off("error", reject);
           resolve();
         });
       });
@@ -60,28 +113,32 @@ export class ControlServer {
       process.umask(oldMask);
     }
     fs.chmodSync(socketPath, 0o600);
-    this.servers.push({ server, path: socketPath });
-    log.daemon("control socket %s for %s", socketPath, file);
+    this.listeners.push(listener);
+    log.daemon("control socket %s for %s", socketPath, what);
+  }
+
+  private async close(listeners: Listener[]): Promise<void> {
+    for (const l of listeners) {
+      this.listeners.splice(this.listeners.indexOf(l), 1);
+      await new Promise<void>((resolve) => l.server.close(() => resolve()));
+      fs.rmSync(l.path, { force: true });
+    }
   }
 
   /** Cancels the running jobs (they flush), then closes the sockets. */
   async stop(): Promise<void> {
     await this.jobs.cancelAll();
     for (const sock of this.sockets) sock.destroy();
-    for (const { server, path } of this.servers) {
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-      fs.rmSync(path, { force: true });
-    }
-    this.servers.length = 0;
+    await this.close([...this.listeners]);
   }
 
-  private accept(sock: net.Socket): void {
+  private accept(sock: net.Socket, listener: Listener): void {
     this.sockets.add(sock);
     sock.setEncoding("utf8");
     sock.on("close", () => this.sockets.delete(sock));
     sock.on("error", () => undefined);
     const parser = new LineParser((msg) => {
-      void this.handle(msg as ControlRequest, sock).catch((err: unknown) => {
+      void this.handle(msg as ControlRequest, sock, listener).catch((err: unknown) => {
         reply(sock, { ok: false, error: describeError(err) });
       });
     });
@@ -95,16 +152,29 @@ export class ControlServer {
     });
   }
 
-  private async handle(req: ControlRequest, sock: net.Socket): Promise<void> {
+  private hostOnly(op: string): HostHandlers {
+    if (!this.hostHandlers) {
+      throw new AddCowError(
+        `${op} is for a host daemon's socket (addcow-mount --serve NAME); daemon ${process.pid} serves one mount`,
+      );
+    }
+    return this.hostHandlers;
+  }
+
+  private async handle(req: ControlRequest, sock: net.Socket, listener: Listener): Promise<void> {
     switch (req.op) {
-      case "hello":
+      case "hello": {
+        const mount = listener.mount;
+        const host = this.hostHandlers;
         return reply(sock, {
           ok: true,
           pid: process.pid,
-          disks: this.jobs.tops(),
-          mountDir: this.host.mountDir,
-          confine: this.host.confine,
+          disks: this.jobs.tops(mount?.entries),
+          mountDir: mount?.mountDir ?? "",
+          confine: mount?.confine ?? null,
+          ...(host && !mount ? { host: { name: host.name, mounts: host.mounts() } } : {}),
         });
+      }
       case "list":
         return reply(sock, { ok: true, jobs: this.jobs.list() });
       case "pause":
@@ -121,6 +191,11 @@ export class ControlServer {
           ok: true,
           job: this.jobs.start(req.kind, req.disk, decodeOptions(req.options)),
         });
+      case "attach":
+        return reply(sock, { ok: true, mount: await this.hostOnly(req.op).attach(req) });
+      case "detach":
+        await this.hostOnly(req.op).detach(req.mountDir);
+        return reply(sock, { ok: true, jobs: [] });
       default:
         throw new AddCowError(`unknown request ${JSON.stringify((req as { op?: unknown }).op)}`);
     }
@@ -178,4 +253,14 @@ function reply(sock: net.Socket, res: ControlResponse): void {
 /** The daemon service addcow-mount runs: live jobs over the control socket. */
 export async function startControlService(host: ControlHost): Promise<{ stop(): Promise<void> }> {
   return ControlServer.start(host);
+}
+
+/** The same service for a mount of a host daemon: its disks join the host's control server. */
+export function hostMountService(
+  server: ControlServer,
+): (mount: ControlHost) => Promise<{ stop(): Promise<void> }> {
+  return async (mount) => {
+    await server.addMount(mount);
+    return { stop: () => server.removeMount(mount) };
+  };
 }

@@ -11,12 +11,13 @@ import type { MountOptions } from "./mount-options";
 import type { Confinement } from "../chain/access-policy";
 import { log } from "../util/log";
 import {
+  type MountEntry,
   deviceId,
-  holdsFuseDevice,
   prepareMountDir,
   readMountTable,
   readMountTableAsync,
 } from "../os/mount-table";
+import { MountWatch } from "./mount-watch";
 import { waitingForExitingDaemon } from "../chain/exiting-daemon";
 import type { FileOpener } from "../block/file-io";
 
@@ -48,6 +49,8 @@ export interface DaemonConfig {
   opener?: FileOpener;
   /** Extra parts to run while mounted (the control socket for live jobs). */
   services?: readonly DaemonServiceFactory[];
+  /** The mount-table reader shared by the mounts of a host daemon (default: one of its own). */
+  mountWatch?: MountWatch;
 }
 
 /**
@@ -86,6 +89,7 @@ export class MountDaemon {
   }
   private readonly services: DaemonService[] = [];
   private timers: NodeJS.Timeout[] = [];
+  private unwatch: (() => void) | null = null;
   private mountDevice: string | null = null;
   private stopping: Promise<void> | null = null;
   private stoppedResolve!: (code: number) => void;
@@ -175,6 +179,8 @@ export class MountDaemon {
     log.daemon("stopping: %s", reason);
     for (const t of this.timers) clearInterval(t);
     this.timers = [];
+    this.unwatch?.();
+    this.unwatch = null;
     for (const s of this.services.reverse()) {
       await s
         .stop()
@@ -287,7 +293,7 @@ export class MountDaemon {
    */
   private unmountedExternally(): void {
     const open = this.frontEnd?.openFiles() ?? 0;
-    if (open === 0 || !holdsFuseDevice()) {
+    if (open === 0 || !this.frontEnd?.connectionOpen()) {
       void this.stop(`${this.mountDir} was unmounted`);
       return;
     }
@@ -302,15 +308,10 @@ export class MountDaemon {
   }
 
   private startTimers(): void {
-    const poll = setInterval(() => {
-      this.stillMounted().then(
-        (yes) => {
-          if (!yes) this.unmountedExternally();
-        },
-        (err: unknown) => log.daemon("reading the mount table: %s", describeError(err)),
-      );
-    }, this.config.pollIntervalMs ?? 200);
-    this.timers.push(poll);
+    const watch = this.config.mountWatch ?? new MountWatch(this.config.pollIntervalMs ?? 200);
+    this.unwatch = watch.watch((table) => {
+      if (!this.mountedIn(table)) this.unmountedExternally();
+    });
     if (!this.config.options.readOnly && this.config.options.cacheMode === "writeback") {
       let flushing = false;
       const writeback = setInterval(() => {
@@ -325,7 +326,10 @@ export class MountDaemon {
   }
 
   private async stillMounted(): Promise<boolean> {
-    const table = await readMountTableAsync();
+    return this.mountedIn(await readMountTableAsync());
+  }
+
+  private mountedIn(table: MountEntry[]): boolean {
     return table.some((m) => m.mountPoint === this.mountDir && m.device === this.mountDevice);
   }
 }

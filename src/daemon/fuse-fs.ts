@@ -83,7 +83,41 @@ export interface FuseFrontEnd {
    * the daemon serves them until the last one is released.
    */
   openFiles(): number;
+  /**
+   * The mount's connection to the kernel is still open (its /dev/fuse
+   * descriptor): after a lazy unmount the kernel may end it without sending
+   * the last release, and the daemon then stops serving this mount.
+   */
+  connectionOpen(): boolean;
 }
+
+/** The /dev/fuse descriptors this process holds now. */
+function fuseDescriptors(): Set<number> | null {
+  let fds: string[];
+  try {
+    fds = fs.readdirSync("/proc/self/fd");
+  } catch {
+    return null;
+  }
+  const out = new Set<number>();
+  for (const fd of fds) {
+    try {
+      if (fs.readlinkSync(`/proc/self/fd/${fd}`) === "/dev/fuse") out.add(Number(fd));
+    } catch {
+      // Closed meanwhile.
+    }
+  }
+  return out;
+}
+
+/**
+ * Which mount holds each /dev/fuse descriptor of this process. A process may
+ * serve many mounts (a host daemon): mounts are made one at a time, so the
+ * one descriptor that appears during a mount is that mount's, and a number
+ * that comes back for a newer mount means the older one's connection closed.
+ */
+const descriptorOwner = new Map<number, object>();
+let mountQueue: Promise<unknown> = Promise.resolve();
 
 /**
  * The FUSE front end: a directory holding one regular file per disk, whose
@@ -364,11 +398,36 @@ export function createFuseFrontEnd(
 
   // The source /proc/mounts, findmnt and df show: the .add-cow file (the first one).
   const fuse = new AddCowFuse(mountDir, ops, libfuseOptions(opts, entries[0]?.file));
+  const token = {};
+  let ownFd: number | null = null;
+  const mountNow = async () => {
+    const before = fuseDescriptors();
+    await new Promise<void>((resolve, reject) => {
+      fuse.mount((err) => (err ? reject(err) : resolve()));
+    });
+    const after = fuseDescriptors();
+    const fresh = before && after ? [...after].filter((fd) => !before.has(fd)) : [];
+    if (fresh.length === 1) {
+      ownFd = fresh[0]!;
+      descriptorOwner.set(ownFd, token);
+    }
+    log.fuse("mounted %s (connection fd %s)", mountDir, ownFd ?? "unknown");
+  };
   return {
-    mount: () =>
-      new Promise<void>((resolve, reject) => {
-        fuse.mount((err) => (err ? reject(err) : resolve()));
-      }),
+    mount: () => {
+      const done = mountQueue.then(mountNow);
+      mountQueue = done.catch(() => undefined);
+      return done;
+    },
     openFiles: () => openFiles,
+    connectionOpen: () => {
+      if (ownFd === null) return (fuseDescriptors()?.size ?? 1) > 0;
+      if (descriptorOwner.get(ownFd) !== token) return false;
+      try {
+        return fs.readlinkSync(`/proc/self/fd/${ownFd}`) === "/dev/fuse";
+      } catch {
+        return false;
+      }
+    },
   };
 }

@@ -29,10 +29,12 @@ export interface MountOptions {
   debug: boolean;
   /** -o auto_unmount: fusermount unmounts the directory if the daemon dies (even by SIGKILL). */
   autoUnmount: boolean;
+  /** -o host=NAME: serve the disks in the running host daemon NAME (addcow-mount --serve NAME). */
+  host: string | undefined;
 }
 
 export const KNOWN_OPTIONS =
-  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, copy-on-read, log=syslog|stderr|FILE, confine, allow_dir=DIR, allow_url, fsname=NAME, debug, auto_unmount";
+  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, copy-on-read, log=syslog|stderr|FILE, confine, allow_dir=DIR, allow_url, fsname=NAME, debug, auto_unmount, host=NAME";
 
 /**
  * Generic options mount(8) and mount.fuse hand every filesystem (from fstab or
@@ -94,7 +96,18 @@ export function defaultMountOptions(): MountOptions {
     fsname: undefined,
     debug: false,
     autoUnmount: false,
+    host: undefined,
   };
+}
+
+/** A host daemon's name: it names its control socket, so a plain word. */
+export function checkHostName(name: string): string {
+  if (!/^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$/.test(name)) {
+    throw new AddCowError(
+      `invalid host daemon name ${JSON.stringify(name)}: use letters, digits, '_', '.' and '-' (at most 64, not starting with '.' or '-')`,
+    );
+  }
+  return name;
 }
 
 function idValue(name: string, value: string): number {
@@ -105,21 +118,25 @@ function idValue(name: string, value: string): number {
 }
 
 /** `log=syslog`, `log=syslog:SOCKET`, `log=stderr`, or `log=FILE` (relative to the working directory). */
-function logDestination(value: string): LogDestination {
+function logDestination(value: string, cwd: string): LogDestination {
   if (value === "syslog") return { kind: "syslog" };
   if (value.startsWith("syslog:")) {
     const socket = value.slice("syslog:".length);
     if (socket === "") {
       throw new AddCowError(`invalid -o log=${value}: give the socket, e.g. log=syslog:/dev/log`);
     }
-    return { kind: "syslog", socket: path.resolve(socket) };
+    return { kind: "syslog", socket: path.resolve(cwd, socket) };
   }
   if (value === "stderr") return { kind: "stderr" };
-  return { kind: "file", path: path.resolve(value) };
+  return { kind: "file", path: path.resolve(cwd, value) };
 }
 
-/** Parses one or more `-o` arguments (comma-separated, mount style), later ones winning. */
-export function parseMountOptions(args: string[]): MountOptions {
+/**
+ * Parses one or more `-o` arguments (comma-separated, mount style), later ones
+ * winning. Relative paths are relative to `cwd` (a host daemon parses an
+ * attaching client's options with the client's directory).
+ */
+export function parseMountOptions(args: string[], cwd: string = process.cwd()): MountOptions {
   const opts = defaultMountOptions();
   for (const arg of args) {
     for (const item of arg.split(",")) {
@@ -183,7 +200,7 @@ export function parseMountOptions(args: string[]): MountOptions {
           opts.copyOnRead = true;
           break;
         case "log":
-          opts.log = logDestination(needValue());
+          opts.log = logDestination(needValue(), cwd);
           break;
         case "confine":
           flag();
@@ -192,7 +209,7 @@ export function parseMountOptions(args: string[]): MountOptions {
         case "allow_dir":
           // Implies confine. Resolved now: the background daemon later leaves the working directory.
           opts.confine ??= { allowDirs: [], allowUrls: false };
-          opts.confine.allowDirs.push(path.resolve(needValue()));
+          opts.confine.allowDirs.push(path.resolve(cwd, needValue()));
           break;
         case "allow_url":
           flag();
@@ -214,6 +231,9 @@ export function parseMountOptions(args: string[]): MountOptions {
         case "auto_unmount":
           flag();
           opts.autoUnmount = true;
+          break;
+        case "host":
+          opts.host = checkHostName(needValue());
           break;
         default:
           if (IGNORED_OPTIONS.has(name) && value === undefined) break;

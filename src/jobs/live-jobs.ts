@@ -1,8 +1,16 @@
 import { AddCowError } from "../util/errors";
 import type { CopyOptions } from "./copy-engine";
 import { Job, type JobKind, type JobStatus } from "./job";
-import { type LiveDisk, checkLiveJob, liveCommit, liveSnapshot } from "./live";
-import { streamDisk } from "./stream";
+import type { LiveDisk } from "./live";
+
+/**
+ * The jobs themselves are loaded when the first one starts: a daemon that
+ * never runs a job (most of them) does not pay for their code at mount time.
+ */
+const jobCode = () => ({
+  ...(require("./live") as typeof import("./live")),
+  ...(require("./stream") as typeof import("./stream")),
+});
 
 /** What a live job is asked to do: the control protocol's job options, as they travel. */
 export interface LiveJobRequest extends CopyOptions {
@@ -20,6 +28,8 @@ interface Served {
   /** The .add-cow file on top of the mounted disk (changes with a live snapshot). */
   topFile: string;
   job: Job | null;
+  /** Keys of the files that were its top before a live snapshot. */
+  retiredKeys: string[];
 }
 
 /** Finished jobs stay listed a while so `addcow jobs` can show how they ended. */
@@ -28,9 +38,10 @@ const KEEP_FINISHED = 16;
 /**
  * The jobs of one daemon: at most one per mounted disk at a time, found by
  * id; disks are named by their top .add-cow file (by real path, `keyOf`).
+ * A host daemon adds and removes disks while it runs.
  */
 export class LiveJobs {
-  private readonly served: Served[];
+  private readonly served: Served[] = [];
   private readonly byKey = new Map<string, Served>();
   /** Keys of files that were the top before a live snapshot: now only read. */
   private readonly retired = new Map<string, string>();
@@ -41,15 +52,36 @@ export class LiveJobs {
     disks: readonly LiveDisk[],
     private readonly keyOf: (file: string) => string,
     /** Called when a live snapshot put a new file on top of a disk. */
-    private readonly onNewTop: (newFile: string) => Promise<void>,
+    private readonly onNewTop: (newFile: string, disk: LiveDisk) => Promise<void>,
   ) {
-    this.served = disks.map((live) => ({ live, topFile: live.file, job: null }));
-    for (const s of this.served) this.byKey.set(keyOf(s.topFile), s);
+    this.add(disks);
   }
 
-  /** The top file of every disk. */
-  tops(): string[] {
-    return this.served.map((s) => s.topFile);
+  /** Serves more disks (a host daemon attached them). */
+  add(disks: readonly LiveDisk[]): void {
+    for (const live of disks) {
+      const s: Served = { live, topFile: live.file, job: null, retiredKeys: [] };
+      this.served.push(s);
+      this.byKey.set(this.keyOf(s.topFile), s);
+    }
+  }
+
+  /** Stops serving these disks: their running job is cancelled and waited for (it flushes). */
+  async remove(disks: readonly LiveDisk[]): Promise<void> {
+    const gone = this.served.filter((s) => disks.includes(s.live));
+    const running = gone.map((s) => s.job).filter((j): j is Job => j !== null && !j.finished);
+    for (const job of running) job.cancel();
+    await Promise.all(running.map((job) => job.wait()));
+    for (const s of gone) {
+      this.served.splice(this.served.indexOf(s), 1);
+      this.byKey.delete(this.keyOf(s.topFile));
+      for (const key of s.retiredKeys) this.retired.delete(key);
+    }
+  }
+
+  /** The top file of every disk, or of the given ones. */
+  tops(disks?: readonly LiveDisk[]): string[] {
+    return this.served.filter((s) => !disks || disks.includes(s.live)).map((s) => s.topFile);
   }
 
   list(): JobStatus[] {
@@ -96,7 +128,7 @@ export class LiveJobs {
         { code: "EBUSY", reason: "invalid" },
       );
     }
-    checkLiveJob(kind, served.live, served.topFile);
+    jobCode().checkLiveJob(kind, served.live, served.topFile);
     const job = new Job(kind, served.topFile, `${kind}-${process.pid}-${++this.counter}`);
     served.job = job;
     this.jobs.set(job.id, job);
@@ -107,6 +139,7 @@ export class LiveJobs {
 
   private async run(kind: JobKind, served: Served, job: Job, req: LiveJobRequest) {
     const { keep, newFile, image, clusterSize, relative, ...copy } = req;
+    const { streamDisk, liveCommit, liveSnapshot } = jobCode();
     switch (kind) {
       case "stream":
         // Copies run beside user writes; the allocation lock keeps user data winning.
@@ -120,10 +153,13 @@ export class LiveJobs {
           ...(clusterSize === undefined ? {} : { clusterSize }),
           ...(relative === undefined ? {} : { relative }),
         });
-        this.retired.set(this.keyOf(served.topFile), newFile);
+        const oldKey = this.keyOf(served.topFile);
+        this.retired.set(oldKey, newFile);
+        served.retiredKeys.push(oldKey);
+        this.byKey.delete(oldKey);
         served.topFile = newFile;
         this.byKey.set(this.keyOf(newFile), served);
-        await this.onNewTop(newFile);
+        await this.onNewTop(newFile, served.live);
         return msg;
       }
       case "rebase":

@@ -2,7 +2,6 @@ import { log } from "../util/log";
 import { HttpSource } from "./http-source";
 import { type RemoteSettings, remoteSettingsFromEnv } from "./options";
 import { DEFAULT_REMOTE_OPTIONS, RemoteDevice } from "./remote-device";
-import { S3Source } from "./s3-source";
 import type { RangeSource } from "./source";
 import { parseRemoteName } from "./url";
 
@@ -12,9 +11,10 @@ export async function openRemoteDevice(
   settings: RemoteSettings = remoteSettingsFromEnv(),
 ): Promise<RemoteDevice> {
   const loc = parseRemoteName(stored);
+  // The AWS SDK is loaded for s3:// only: it costs an http(s) base more start-up time than all the rest.
   const source: RangeSource =
     loc.scheme === "s3"
-      ? new S3Source(loc.bucket, loc.key, loc.name, settings.env)
+      ? new (await import("./s3-source")).S3Source(loc.bucket, loc.key, loc.name, settings.env)
       : new HttpSource(loc.url, loc.name, settings.env);
   try {
     const warn = settings.device.warn ?? DEFAULT_REMOTE_OPTIONS.warn;

@@ -31,14 +31,3 @@ export function register(program: Command): void {
     }),
   );
 }
-
-/**
- * `addcow resize FILE -512M`: a negative size looks like an option, as in
- * qemu-img, which takes it out before parsing. Here a `--` goes in front of it.
- */
-export function protectNegativeSize(args: string[]): string[] {
-  if (args[0] !== "resize" || args.includes("--")) return args;
-  const last = args[args.length - 1];
-  if (last === undefined || !/^-\d/.test(last)) return args;
-  return [...args.slice(0, -1), "--", last];
-}
