@@ -2,6 +2,7 @@ import type { BackingFormat } from "../block/chain-opener";
 import type { BlockDevice } from "../block/block-device";
 import { AddCowError } from "../util/errors";
 import type { RemoteSettings } from "../remote/options";
+import type { RemoteOpenOptions } from "../remote/open-remote-device";
 import { displayName } from "../remote/url";
 
 /**
@@ -15,6 +16,7 @@ export async function openRemoteBacking(
   writable: boolean,
   namedIn: string | undefined,
   settings?: RemoteSettings,
+  opts: RemoteOpenOptions = {},
 ): Promise<BlockDevice> {
   const where = namedIn ? ` (named in ${namedIn})` : "";
   const name = displayName(url);
@@ -33,5 +35,5 @@ export async function openRemoteBacking(
   // Loaded only when a disk needs it: the HTTP and S3 clients cost more start-up
   // time than the rest of addcow, and most disks never use them.
   const { openRemoteDevice } = await import("../remote/open-remote-device");
-  return settings ? openRemoteDevice(url, settings) : openRemoteDevice(url);
+  return settings ? openRemoteDevice(url, settings, opts) : openRemoteDevice(url, undefined, opts);
 }

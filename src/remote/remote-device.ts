@@ -3,6 +3,8 @@ import { checkRange } from "../block/range";
 import { AddCowError } from "../util/errors";
 import { log } from "../util/log";
 import type { BlockCache } from "./block-cache";
+import { type RemoteIdentity, pinnableText } from "../block/layer-identity";
+import type { FoundManifest } from "./manifest";
 import {
   type ObjectIdentity,
   type RangeSource,
@@ -31,6 +33,10 @@ export interface RemoteDeviceOptions {
   cache: BlockCache | null;
   /** Where the one line about a changed object or a failing server goes. */
   warn: (message: string) => void;
+  /** s3: the endpoint requests go to (part of the identity an overlay pins); null for http(s). */
+  endpoint: string | null;
+  /** The manifest of per-block digests the overlay was pinned with (remote/manifest.ts). */
+  manifest: FoundManifest | null;
 }
 
 export const DEFAULT_REMOTE_OPTIONS: RemoteDeviceOptions = {
@@ -43,6 +49,8 @@ export const DEFAULT_REMOTE_OPTIONS: RemoteDeviceOptions = {
   memoryBlocks: 32,
   cache: null,
   warn: (m) => process.stderr.write(`addcow: ${m}\n`),
+  endpoint: null,
+  manifest: null,
 };
 
 export interface RemoteStats {
@@ -88,11 +96,11 @@ export class RemoteDevice extends DeviceBase {
 
   private constructor(
     private readonly source: RangeSource,
-    readonly identity: ObjectIdentity,
+    readonly objectIdentity: ObjectIdentity,
     private readonly opts: RemoteDeviceOptions,
   ) {
     super();
-    this.size = identity.size;
+    this.size = objectIdentity.size;
   }
 
   /** Probes the object (with retries) and fixes its identity. */
@@ -286,9 +294,9 @@ export class RemoteDevice extends DeviceBase {
       this.stats,
       async (signal) => {
         const answer = await this.source.fetch(start, end, signal);
-        if (!sameIdentity(this.identity, answer.identity)) {
+        if (!sameIdentity(this.objectIdentity, answer.identity)) {
           throw new RemoteFailure(
-            `${this.name} changed since the disk was opened (was ${describeIdentity(this.identity)}, now ${describeIdentity(answer.identity)})`,
+            `${this.name} changed since the disk was opened (was ${describeIdentity(this.objectIdentity)}, now ${describeIdentity(answer.identity)})`,
             false,
             true,
           );
@@ -345,8 +353,8 @@ export class RemoteDevice extends DeviceBase {
       details: {
         remote: true,
         size: this.size,
-        etag: this.identity.etag,
-        lastModified: this.identity.lastModified,
+        etag: this.objectIdentity.etag,
+        lastModified: this.objectIdentity.lastModified,
         blockSize: this.opts.blockSize,
         cacheDir: this.opts.cache?.dir ?? null,
         blocks: Math.ceil(this.size / this.opts.blockSize),
@@ -360,6 +368,20 @@ export class RemoteDevice extends DeviceBase {
         retries: s.retries,
       },
     };
+  }
+
+  /** What an overlay pins of this object: size, validators, endpoint, manifest. */
+  override identity(): Promise<RemoteIdentity> {
+    const id = this.objectIdentity;
+    const m = this.opts.manifest;
+    return Promise.resolve({
+      kind: "remote",
+      size: id.size,
+      etag: pinnableText(id.etag),
+      lastModified: pinnableText(id.lastModified),
+      endpoint: pinnableText(this.opts.endpoint),
+      manifest: m === null ? null : { location: m.location, sha256: m.sha256 },
+    });
   }
 
   write(): Promise<void> {
