@@ -200,7 +200,7 @@ export async function writePinSlot(
 
 /** The advice every refusal of a pin ends with: how to accept the backing on purpose. */
 export function repinAdvice(file: string, backing: string, format: string): string {
-  return `if the backing is the base this disk belongs on, accept it on purpose with: addcow rebase -u -b ${backing} -F ${format} ${file}`;
+  return `if it is meant to be the base now, accept it on purpose (guest data may not match it) with: addcow rebase -u -b ${backing} -F ${format} ${file}`;
 }
 
 /**
@@ -241,7 +241,7 @@ export function checkPin(
   const changes = identityChanges(rec.identity, now);
   if (changes.length > 0) {
     throw fail(
-      `backing file ${backingPath} is not the one this disk was made on (${changes.join("; ")}): the disk's own clusters were written over the other one, so it is not opened`,
+      `backing file ${backingPath} is not the one this disk was made on (${changes.join("; ")}): the guest data in the disk was written over the other one, so the disk is not opened`,
     );
   }
 }

@@ -14,6 +14,7 @@ import * as jobs from "./commands/jobs";
 import * as job from "./commands/job";
 import * as resize from "./commands/resize";
 import * as rebase from "./commands/rebase";
+import * as manifest from "./commands/manifest";
 
 /** Every subcommand is a module exporting register(program); add new ones here. */
 const COMMANDS: Array<{ register(program: Command): void }> = [
@@ -28,6 +29,7 @@ const COMMANDS: Array<{ register(program: Command): void }> = [
   job,
   rebase,
   resize,
+  manifest,
 ];
 
 export function buildProgram(): Command {
