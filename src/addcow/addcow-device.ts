@@ -53,6 +53,8 @@ export interface AddCowDeviceParts {
   backingPath: string | null;
   /** The backing pin read at open (pin.ts). */
   pin?: PinState;
+  /** How the .add-cow file is rewritten when the pin moves (resize); tests record it. */
+  replacer?: FileReplacer;
   cacheMode?: CacheMode;
   bitmapCacheBytes?: number;
   /** Reads from the backing disk also land in the image file (mount -o copy-on-read). */
@@ -99,6 +101,7 @@ export class AddCowDevice extends DeviceBase implements AddCowLayer {
   /** Copy-on-write buffers not in use (as many as ever ran concurrently). */
   private readonly spareBuffers: Buffer[] = [];
   private pinState: PinState;
+  private readonly replacer: FileReplacer;
 
   constructor(parts: AddCowDeviceParts) {
     super();
@@ -112,6 +115,7 @@ export class AddCowDevice extends DeviceBase implements AddCowLayer {
     this.imagePath = parts.imagePath;
     this.backingPath = parts.backingPath;
     this.pinState = parts.pin ?? NO_PIN;
+    this.replacer = parts.replacer ?? posixReplacer;
     this.cacheMode = parts.cacheMode ?? "writeback";
     this.copyingOnRead = parts.copyOnRead === true && !this.readOnly;
     this.onClose = parts.onClose;
@@ -730,7 +734,7 @@ export class AddCowDevice extends DeviceBase implements AddCowLayer {
   /** A new .add-cow file in place of this one (switch-backing.ts), keeping or changing the pin. */
   private async rewrite(
     rw: Partial<MetaRewrite> & { copyEnd: number },
-    replacer: FileReplacer = posixReplacer,
+    replacer: FileReplacer = this.replacer,
   ): Promise<void> {
     const p = this.pinState;
     const next = await rewriteMetaFile(
@@ -774,7 +778,7 @@ export class AddCowDevice extends DeviceBase implements AddCowLayer {
   async switchBacking(
     name: string | null,
     format: BackingFormat | null,
-    replacer: FileReplacer = posixReplacer,
+    replacer: FileReplacer = this.replacer,
     identity: LayerIdentity | null = null,
   ): Promise<void> {
     if (this.readOnly) throw readOnlyError(this.path);
