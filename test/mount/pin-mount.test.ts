@@ -254,6 +254,37 @@ describe("a changed base, through the mount", () => {
     await m.unmount();
   });
 
+  it("a live snapshot pins the mounted disk (by its id) in the new top, which then refuses a replaced lower disk", async () => {
+    const dir = tempDir();
+    writePatternFile(path.join(dir, "base.raw"), BASE, 71);
+    const disk = path.join(dir, "vm.add-cow");
+    expect((await addcow({}, dir, "create", "-q", "-b", "base.raw", "-F", "raw", disk)).code).toBe(
+      0,
+    );
+    const lower = JSON.parse((await addcow({}, dir, "info", "--json", disk)).stdout).pin;
+    const m = await mountDisk(disk, path.join(dir, "mnt"));
+    const s = await addcow({}, dir, "snapshot", disk, path.join(dir, "top.add-cow"));
+    expect(s.code, s.stderr).toBe(0);
+    expect(s.stdout).toMatch(/mounted file switched to it/);
+    await m.unmount();
+    const top = path.join(dir, "top.add-cow");
+    const pin = JSON.parse((await addcow({}, dir, "info", "--json", top)).stdout).pin;
+    expect(pin).toMatchObject({
+      state: "pinned",
+      identity: { kind: "add-cow", size: BASE, disk: lower.disk },
+    });
+    // vm.add-cow made again over the same base: same names, same size, another disk.
+    fs.rmSync(disk);
+    fs.rmSync(path.join(dir, "vm.raw"));
+    expect((await addcow({}, dir, "create", "-q", "-b", "base.raw", "-F", "raw", disk)).code).toBe(
+      0,
+    );
+    const refused = await mountFails(top, path.join(dir, "mnt"), {});
+    expect(refused).toMatch(
+      /vm\.add-cow is not the one this disk was made on \(disk id was [0-9a-f]{32}, now [0-9a-f]{32}\)/,
+    );
+  });
+
   it("s3: the endpoint is part of the pin, a replaced object refused", async () => {
     const dir = tempDir();
     const s3 = await startS3(path.join(dir, "s3"), ["golden"]);
