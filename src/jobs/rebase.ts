@@ -188,6 +188,6 @@ export async function rebaseUnsafe(
   const warning = repinWarning(dev, target.path, target.identity);
   if (warning) warn(warning);
   await dev.switchBacking(target.name, target.format, replacer, target.identity);
-  const pinned = target.identity ? ", and its identity is pinned" : "";
-  return `${dev.path} now names ${target.path} (${target.format}) as its backing file${pinned}; nothing was copied (-u)${note}`;
+  const pinned = target.identity ? "; its identity is pinned as it is now" : "";
+  return `${dev.path} now names ${target.path} (${target.format}) as its backing file; nothing was copied (-u)${note}${pinned}`;
 }
