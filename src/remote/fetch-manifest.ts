@@ -7,6 +7,9 @@ import type { RemoteSettings } from "./options";
 import { type RangeSource, RemoteFailure, networkFailure } from "./source";
 import { parseRemoteName } from "./url";
 
+/** How a range source is made for a URL (open-remote-device.ts sourceFor). */
+export type SourceFor = (stored: string, env: NodeJS.ProcessEnv) => Promise<RangeSource>;
+
 /** A manifest is a few hundred KiB; anything much larger is not one. */
 const MAX_MANIFEST_BYTES = 256 << 20;
 
@@ -18,9 +21,9 @@ const MAX_MANIFEST_BYTES = 256 << 20;
 export async function fetchWhole(
   location: string,
   settings: RemoteSettings,
-  sourceFor: (stored: string, env: NodeJS.ProcessEnv) => RangeSource,
+  sourceFor: SourceFor,
 ): Promise<Buffer | null> {
-  const source = sourceFor(location, settings.env);
+  const source = await sourceFor(location, settings.env);
   const timeoutMs = settings.device.timeoutMs ?? DEFAULT_REMOTE_OPTIONS.timeoutMs;
   const retries = settings.device.retries ?? DEFAULT_REMOTE_OPTIONS.retries;
   try {
@@ -66,7 +69,7 @@ export async function findManifest(
   location: string | null,
   baseSize: number | null,
   settings: RemoteSettings,
-  sourceFor: (stored: string, env: NodeJS.ProcessEnv) => RangeSource,
+  sourceFor: SourceFor,
 ): Promise<FoundManifest | null> {
   const where = parseRemoteName(location ?? defaultManifestLocation(baseUrl)).name;
   const bytes = await fetchWhole(where, settings, sourceFor);
@@ -97,7 +100,7 @@ export async function loadPinnedManifest(
   baseUrl: string,
   pinned: PinnedManifest,
   settings: RemoteSettings,
-  sourceFor: (stored: string, env: NodeJS.ProcessEnv) => RangeSource,
+  sourceFor: SourceFor,
 ): Promise<FoundManifest> {
   // Its size is not compared here: a base of another size is the pin check's to report.
   const found = await findManifest(baseUrl, pinned.location, null, settings, sourceFor);

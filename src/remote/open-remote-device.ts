@@ -5,7 +5,6 @@ import type { FoundManifest } from "./manifest";
 import { HttpSource } from "./http-source";
 import { type RemoteSettings, remoteSettingsFromEnv } from "./options";
 import { RemoteDevice } from "./remote-device";
-import { S3Source } from "./s3-source";
 import type { RangeSource } from "./source";
 import { parseRemoteName } from "./url";
 
@@ -15,12 +14,15 @@ export interface RemoteOpenOptions {
   manifest?: PinnedManifest | null;
 }
 
-/** One range source for a stored URL (http, https, s3), with credentials from `env`. */
-export function sourceFor(stored: string, env: NodeJS.ProcessEnv): RangeSource {
+/**
+ * One range source for a stored URL (http, https, s3), with credentials from
+ * `env`. The AWS SDK is loaded for s3:// only.
+ */
+export async function sourceFor(stored: string, env: NodeJS.ProcessEnv): Promise<RangeSource> {
   const loc = parseRemoteName(stored);
-  return loc.scheme === "s3"
-    ? new S3Source(loc.bucket, loc.key, loc.name, env)
-    : new HttpSource(loc.url, loc.name, env);
+  if (loc.scheme !== "s3") return new HttpSource(loc.url, loc.name, env);
+  const { S3Source } = await import("./s3-source");
+  return new S3Source(loc.bucket, loc.key, loc.name, env);
 }
 
 /**
@@ -43,7 +45,7 @@ export async function openRemoteDevice(
   const manifest = opts.manifest
     ? await loadPinnedManifest(loc.name, opts.manifest, settings, sourceFor)
     : null;
-  const source = sourceFor(stored, settings.env);
+  const source = await sourceFor(stored, settings.env);
   const device = { ...settings.device, endpoint: s3Endpoint(stored, settings.env), manifest };
   try {
     return await RemoteDevice.open(source, device, (identity) => {
