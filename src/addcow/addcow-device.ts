@@ -18,7 +18,9 @@ import {
 import { BitmapCache, DEFAULT_BITMAP_CACHE_BYTES } from "./bitmap-cache";
 import { writeZeros } from "./bitmap-space";
 import { writeBitmapTail } from "./bitmap-tail";
-import { rewriteWithBacking } from "./switch-backing";
+import { type MetaRewrite, rewriteMetaFile, withBacking } from "./switch-backing";
+import { NO_PIN, type PinState, type PinStatus, newDiskId, pinRecord, writePinSlot } from "./pin";
+import type { AddCowIdentity, LayerIdentity } from "../block/layer-identity";
 import type { AddCowLayer } from "./addcow-layer";
 import type { BackingFormat } from "../block/chain-opener";
 import { type FileReplacer, posixReplacer } from "../block/replace-file";
@@ -49,6 +51,10 @@ export interface AddCowDeviceParts {
   /** Resolved paths, for info. */
   imagePath: string;
   backingPath: string | null;
+  /** The backing pin read at open (pin.ts). */
+  pin?: PinState;
+  /** How the .add-cow file is rewritten when the pin moves (resize); tests record it. */
+  replacer?: FileReplacer;
   cacheMode?: CacheMode;
   bitmapCacheBytes?: number;
   /** Reads from the backing disk also land in the image file (mount -o copy-on-read). */
@@ -94,6 +100,8 @@ export class AddCowDevice extends DeviceBase implements AddCowLayer {
   private readonly onClose: (() => Promise<void> | void) | undefined;
   /** Copy-on-write buffers not in use (as many as ever ran concurrently). */
   private readonly spareBuffers: Buffer[] = [];
+  private pinState: PinState;
+  private readonly replacer: FileReplacer;
 
   constructor(parts: AddCowDeviceParts) {
     super();
@@ -106,6 +114,8 @@ export class AddCowDevice extends DeviceBase implements AddCowLayer {
     this.backing = parts.backing;
     this.imagePath = parts.imagePath;
     this.backingPath = parts.backingPath;
+    this.pinState = parts.pin ?? NO_PIN;
+    this.replacer = parts.replacer ?? posixReplacer;
     this.cacheMode = parts.cacheMode ?? "writeback";
     this.copyingOnRead = parts.copyOnRead === true && !this.readOnly;
     this.onClose = parts.onClose;
@@ -136,6 +146,26 @@ export class AddCowDevice extends DeviceBase implements AddCowLayer {
 
   get backingFormat(): BackingFormat | null {
     return this.header.backingFormat;
+  }
+
+  /** The backing pin: what the backing must be (docs/specs/add-cow.md, "The backing pin"). */
+  get pin(): PinState {
+    return this.pinState;
+  }
+
+  /** What a layer above pins of this one: its size and the id its pin gives it. */
+  override identity(): Promise<AddCowIdentity> {
+    const p = this.pinState;
+    return Promise.resolve({
+      kind: "add-cow",
+      size: this.size,
+      disk: p.kind === "pinned" ? p.record.disk : null,
+    });
+  }
+
+  /** Where the bitmap area ends: at the pin extension, or at the end of the file. */
+  private async bitmapEnd(): Promise<number> {
+    return this.pinState.kind === "pinned" ? this.pinState.areaStart : this.meta.size();
   }
 
   /** Compatible bit 0: the image file holds every cluster; bitmap and backing are not used. */
@@ -519,6 +549,7 @@ export class AddCowDevice extends DeviceBase implements AddCowLayer {
       backingInUse: this.backing !== null,
       backingDetails: this.backing?.describe().details,
       chainDepth,
+      pin: this.pinState,
     });
   }
 
@@ -610,7 +641,10 @@ export class AddCowDevice extends DeviceBase implements AddCowLayer {
     await this.flush();
     if (this.allocating.size > 0) throw new Error("clearAllocation while clusters are allocated");
     const total = bitmapBytes(this.numClusters, this.clusterBits).padded;
-    await writeZeros(this.meta, this.header.headerSize, this.header.headerSize + total);
+    let end = this.header.headerSize + total;
+    // Never into the pin extension after the bitmap.
+    if (this.pinState.kind === "pinned") end = Math.min(end, this.pinState.areaStart);
+    await writeZeros(this.meta, this.header.headerSize, end);
     await this.meta.sync();
     this.bitmap.reset();
     log.engine("%s: bitmap emptied", this.path);
@@ -638,7 +672,15 @@ export class AddCowDevice extends DeviceBase implements AddCowLayer {
       await this.copyFromBacking(this.numClusters - 1, this.numClusters);
     }
     await this.flush();
-    await this.writeTail(newSize);
+    if (this.pinState.kind === "pinned") {
+      // The pin extension follows the bitmap: a new file with the longer bitmap and the pin after it.
+      await this.rewrite({
+        copyEnd: this.pinState.areaStart,
+        editBitmap: (aside) => this.writeTail(newSize, aside),
+      });
+    } else {
+      await this.writeTail(newSize, this.meta);
+    }
     await this.image.truncate(newSize);
     await this.image.sync();
     log.engine("%s: grown from %d to %d bytes", this.path, this.size, newSize);
@@ -655,35 +697,77 @@ export class AddCowDevice extends DeviceBase implements AddCowLayer {
     await this.image.truncate(newSize);
     await this.image.sync();
     const padded = bitmapBytes(Math.ceil(newSize / this.clusterSize), this.clusterBits).padded;
-    await this.meta.truncate(this.header.headerSize + padded);
-    await this.meta.sync();
+    if (this.pinState.kind === "pinned") {
+      await this.rewrite({ copyEnd: this.header.headerSize + padded });
+    } else {
+      await this.meta.truncate(this.header.headerSize + padded);
+      await this.meta.sync();
+    }
     log.engine("%s: shrunk from %d to %d bytes", this.path, this.size, newSize);
   }
 
   /** Clears the bits past the disk's last cluster that a crashed grow may have left. */
   async clearBitsPastEnd(): Promise<void> {
     if (this.readOnly) throw readOnlyError(this.path);
-    await this.writeTail(this.size);
+    await this.writeTail(this.size, this.meta);
   }
 
   /**
    * The bitmap from the first cluster past this disk to the end of a disk of
    * `size` bytes: bits set where new clusters must hide a longer backing.
    */
-  private async writeTail(size: number): Promise<void> {
+  private async writeTail(size: number, meta: FileIO): Promise<void> {
     const cs = this.clusterSize;
     const clusters = Math.ceil(size / cs);
     const backingEnd = this.allAllocated || !this.backing ? 0 : this.backing.size;
     const setEnd = this.allAllocated ? clusters : Math.min(clusters, Math.ceil(backingEnd / cs));
     const from = this.numClusters;
-    await writeBitmapTail(
+    // In place on a pinned file the tail stops at the pin; elsewhere it may lengthen the file.
+    const inPlacePin = meta === this.meta && this.pinState.kind === "pinned";
+    const areaEnd = inPlacePin ? await this.bitmapEnd() : await meta.size();
+    await writeBitmapTail(meta, this.header.headerSize, this.clusterBits, from, setEnd, clusters, {
+      end: areaEnd,
+      grow: !inPlacePin,
+    });
+  }
+
+  /** A new .add-cow file in place of this one (switch-backing.ts), keeping or changing the pin. */
+  private async rewrite(
+    rw: Partial<MetaRewrite> & { copyEnd: number },
+    replacer: FileReplacer = this.replacer,
+  ): Promise<void> {
+    const p = this.pinState;
+    const next = await rewriteMetaFile(
       this.meta,
-      this.header.headerSize,
-      this.clusterBits,
-      from,
-      setEnd,
-      clusters,
+      this.path,
+      {
+        header: rw.header ?? this.header,
+        pin: rw.pin !== undefined ? rw.pin : p.kind === "pinned" ? p.record : null,
+        previous: p,
+        copyEnd: rw.copyEnd,
+        ...(rw.editBitmap ? { editBitmap: rw.editBitmap } : {}),
+      },
+      replacer,
     );
+    Object.assign(this.header, next.header);
+    this.pinState = next.pin;
+  }
+
+  /**
+   * Pins the backing's identity anew, in place (a commit changed the backing,
+   * so the disk reads the same on the new bytes): the slot not holding the
+   * current pin is written and synced (pin.ts). Only a pinned disk.
+   */
+  async repin(identity: LayerIdentity, status: PinStatus = "pinned"): Promise<void> {
+    if (this.readOnly) throw readOnlyError(this.path);
+    const p = this.pinState;
+    if (p.kind !== "pinned") throw new Error(`${this.path} has no pin to replace`);
+    this.pinState = await writePinSlot(
+      this.meta,
+      p,
+      pinRecord(this.header, identity, p.record.disk, status),
+    );
+    log.engine("%s: backing pinned again (%s)", this.path, status);
   }
 
   /**
@@ -694,19 +778,23 @@ export class AddCowDevice extends DeviceBase implements AddCowLayer {
   async switchBacking(
     name: string | null,
     format: BackingFormat | null,
-    replacer: FileReplacer = posixReplacer,
+    replacer: FileReplacer = this.replacer,
+    identity: LayerIdentity | null = null,
   ): Promise<void> {
     if (this.readOnly) throw readOnlyError(this.path);
     await this.flush();
-    const next = await rewriteWithBacking(
-      this.meta,
-      this.path,
-      this.header,
-      name,
-      format,
+    const header = withBacking(this.header, name, format);
+    const p = this.pinState;
+    // The disk keeps its id across pins: layers above pinned it by that id.
+    const disk = p.kind === "pinned" ? p.record.disk : newDiskId();
+    await this.rewrite(
+      {
+        header,
+        copyEnd: await this.bitmapEnd(),
+        pin: identity && name !== null ? pinRecord(header, identity, disk) : null,
+      },
       replacer,
     );
-    Object.assign(this.header, next);
     log.engine("%s: backing file is now %s (%s)", this.path, name, format);
   }
 

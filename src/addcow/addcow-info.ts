@@ -1,4 +1,38 @@
 import { type AddCowHeader, FEATURE_ALL_ALLOCATED, KNOWN_COMPATIBLE, bitmapBytes } from "./header";
+import { type LayerIdentity, describeLayerIdentity } from "../block/layer-identity";
+import type { PinState } from "./pin";
+
+/**
+ * The backing pin as info shows it: none (a disk made before pins, or
+ * without a backing), the identity the backing must have, or why it cannot
+ * be read.
+ */
+export type PinInfo =
+  | { state: "none" }
+  | {
+      /** committing: a commit into the backing was interrupted; running it again re-pins. */
+      state: "pinned" | "committing";
+      /** This disk's own id, what a layer above pins of it. */
+      disk: string;
+      pinnedAt: string;
+      identity: LayerIdentity;
+      /** The identity in words. */
+      description: string;
+    }
+  | { state: "unreadable"; reason: string };
+
+export function describePin(p: PinState): PinInfo {
+  if (p.kind === "none") return { state: "none" };
+  if (p.kind === "unreadable") return { state: "unreadable", reason: p.why };
+  const r = p.record;
+  return {
+    state: r.status,
+    disk: r.disk,
+    pinnedAt: r.pinnedAt,
+    identity: r.identity,
+    description: describeLayerIdentity(r.identity),
+  };
+}
 
 /**
  * What `addcow info` says about one add-cow layer. The JSON form of these
@@ -39,6 +73,8 @@ export interface AddCowInfo {
     | null;
   /** Backing layers in use below this disk: 0 without a backing file or when all allocated. */
   chainDepth: number;
+  /** The identity its backing must have (docs/specs/add-cow.md, "The backing pin"). */
+  pin: PinInfo;
   features: {
     allAllocated: boolean;
     /** Bit numbers set in the compatible / incompatible feature fields. */
@@ -61,6 +97,7 @@ export interface AddCowFacts {
   backingInUse: boolean;
   backingDetails?: Record<string, unknown>;
   chainDepth: number;
+  pin: PinState;
 }
 
 function setBits(value: bigint): number[] {
@@ -98,6 +135,7 @@ export function describeAddCow(f: AddCowFacts): AddCowInfo {
             ...(f.backingDetails ? { details: f.backingDetails } : {}),
           },
     chainDepth: f.chainDepth,
+    pin: describePin(f.pin),
     features: {
       allAllocated: (h.compatibleFeatures & FEATURE_ALL_ALLOCATED) !== 0n,
       compatibleBits: setBits(h.compatibleFeatures),

@@ -1,6 +1,8 @@
 import type { BlockDevice } from "../block/block-device";
 import type { BackingFormat } from "../block/chain-opener";
 import type { FileReplacer } from "../block/replace-file";
+import type { LayerIdentity } from "../block/layer-identity";
+import type { PinState, PinStatus } from "./pin";
 
 /**
  * What commands and jobs may ask of an add-cow layer beyond the block-device
@@ -40,12 +42,20 @@ export interface AddCowLayer extends BlockDevice {
   shrink(newSize: number): Promise<void>;
   /** Clears bits past the last cluster that a crashed grow left. */
   clearBitsPastEnd(): Promise<void>;
-  /** Names another backing file (or none) in the header, by one rename. */
+  /** The backing pin read at open (docs/specs/add-cow.md, "The backing pin"). */
+  readonly pin: PinState;
+  /**
+   * Names another backing file (or none) in the header, by one rename, with
+   * `identity` pinned for it (null: no pin; the disk keeps its id).
+   */
   switchBacking(
     name: string | null,
     format: BackingFormat | null,
     replacer?: FileReplacer,
+    identity?: LayerIdentity | null,
   ): Promise<void>;
+  /** Replaces the pin of a pinned disk in place, crash-safely (commit changed the backing). */
+  repin(identity: LayerIdentity, status?: PinStatus): Promise<void>;
   /** It became another layer's backing: flushed, then only read from now on. */
   retire(): Promise<void>;
 }

@@ -3,10 +3,11 @@ import { bitmapBytes } from "./header";
 
 /**
  * Writes the bitmap from the first bit of cluster `from` to its end (the
- * longer of the file and the padded bitmap of `clusters`): bits [from,
- * setEnd) set, every other one 0 (this also clears bits a crashed grow to
- * another size left). Bits below `from` are kept. Written bytes, never holes,
- * then synced: setting a bit later must never need a new block.
+ * longer of `area.end`, where the bitmap area ends now, and the padded bitmap
+ * of `clusters`; only up to `area.end` unless `area.grow`: a pin extension
+ * follows): bits [from, setEnd) set, every other one 0 (this also clears bits
+ * a crashed grow to another size left). Bits below `from` are kept. Written
+ * bytes, never holes, then synced: setting a bit later must never need a new block.
  */
 export async function writeBitmapTail(
   meta: FileIO,
@@ -15,9 +16,11 @@ export async function writeBitmapTail(
   from: number,
   setEnd: number,
   clusters: number,
+  area: { end: number; grow: boolean },
 ): Promise<void> {
   const metaSize = await meta.size();
-  const end = Math.max(metaSize, headerSize + bitmapBytes(clusters, clusterBits).padded);
+  const padded = headerSize + bitmapBytes(clusters, clusterBits).padded;
+  const end = area.grow ? Math.max(area.end, padded) : area.end;
   const first = headerSize + Math.floor(from / 8);
   // The byte holding the bits below `from` keeps those.
   const head = Buffer.alloc(1);

@@ -17,7 +17,12 @@ export const FORMAT_FIELD_SIZE = 16;
 
 /** Compatible feature bit 0: every cluster is in the image file; bitmap and backing unused. */
 export const FEATURE_ALL_ALLOCATED = 1n;
-export const KNOWN_COMPATIBLE = FEATURE_ALL_ALLOCATED;
+/**
+ * Compatible feature bit 1: the backing's identity is pinned in an extension
+ * at the end of the file, after the bitmap (pin.ts). Older readers ignore it.
+ */
+export const FEATURE_BACKING_PIN = 2n;
+export const KNOWN_COMPATIBLE = FEATURE_ALL_ALLOCATED | FEATURE_BACKING_PIN;
 export const KNOWN_INCOMPATIBLE = 0n;
 
 const OFF = {

@@ -13,6 +13,7 @@ import {
   decodeFixedHeader,
   decodeHeader,
 } from "./header";
+import { type PinState, checkPin, readPinState } from "./pin";
 
 /** How one add-cow layer is opened; the chain fills it in. */
 export interface AddCowOpenRequest {
@@ -61,6 +62,7 @@ export async function openAddCow(
   // Names in this header are this file's owner's words: judged for that user too.
   const layer = layerFile.owner;
   const header = await readHeader(meta, file);
+  const pin = await readPinState(meta, header, await meta.size());
   log.open(
     "%s: cluster_bits %d, image %s, backing %s",
     file,
@@ -82,18 +84,27 @@ export async function openAddCow(
     } else if (req.backing !== "none" && !allAllocated) {
       // With every cluster allocated the backing file is never read: it may be gone.
       const writableBacking = writable && req.backing === "open-writable";
-      backing = await chain.openBacking(backingPath, header.backingFormat!, layer, writableBacking);
+      const pinned = pin.kind === "pinned" ? pin.record.identity : null;
+      backing = await chain.openBacking(
+        backingPath,
+        header.backingFormat!,
+        layer,
+        writableBacking,
+        pinned,
+      );
     }
+    // Never put this disk on another base than the one it was made on without being told.
+    if (backing) checkPin(file, header, backingPath, pin, await backing.identity());
   }
 
   const image = await imageFile.open();
   if (writable) meta = await layerFile.reopenForWriting();
   const imageSize = await image.size();
   if (!allAllocated) {
-    const metaSize = await meta.size();
-    checkBitmapLength(file, header, metaSize, imagePath, imageSize);
+    const bitmapEnd = bitmapAreaEnd(pin, await meta.size());
+    checkBitmapLength(file, header, bitmapEnd, imagePath, imageSize);
     // Setting bits must never need new blocks: fill holes in the bitmap before any use.
-    if (writable) await reserveBitmap(meta, file, header.headerSize, metaSize);
+    if (writable) await reserveBitmap(meta, file, header.headerSize, bitmapEnd);
   }
 
   return new AddCowDevice({
@@ -105,10 +116,16 @@ export async function openAddCow(
     backing,
     imagePath,
     backingPath,
+    pin,
     cacheMode: req.cacheMode,
     bitmapCacheBytes: req.bitmapCacheBytes,
     copyOnRead: writable && req.copyOnRead === true,
   });
+}
+
+/** Where the bitmap ends: at the pin extension, or at the end of the file. */
+export function bitmapAreaEnd(pin: PinState, metaSize: number): number {
+  return pin.kind === "pinned" ? pin.areaStart : metaSize;
 }
 
 /**
@@ -120,13 +137,13 @@ export async function openAddCow(
 function checkBitmapLength(
   file: string,
   header: AddCowHeader,
-  metaSize: number,
+  bitmapEnd: number,
   imagePath: string,
   imageSize: number,
 ): void {
   const numClusters = Math.ceil(imageSize / 2 ** header.clusterBits);
   const { needed } = bitmapBytes(numClusters, header.clusterBits);
-  const have = metaSize - header.headerSize;
+  const have = bitmapEnd - header.headerSize;
   if (have < needed) {
     throw new AddCowError(
       `${file}: bitmap is ${have} bytes, shorter than the ${needed} bytes the disk needs for image file ${imagePath} (${imageSize} bytes, ${numClusters} clusters); the .add-cow file is truncated or the image file was grown: restore the original files`,

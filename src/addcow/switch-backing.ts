@@ -1,32 +1,60 @@
 import type { BackingFormat } from "../block/chain-opener";
 import type { FileIO } from "../block/file-io";
 import type { FileReplacer } from "../block/replace-file";
-import { type AddCowHeader, encodeHeader } from "./header";
+import { type AddCowHeader, FEATURE_BACKING_PIN, HEADER_ALIGN, encodeHeader } from "./header";
+import { type PinRecord, type PinState, encodePinArea } from "./pin";
+
+/** A new version of an .add-cow file: its header, how much of the old bitmap, its pin. */
+export interface MetaRewrite {
+  header: AddCowHeader;
+  /** The old file's bitmap [HEADER_SIZE, copyEnd) is copied as it is on disk. */
+  copyEnd: number;
+  /** Changes the new file's bitmap after the copy (a grow writes its new bits). */
+  editBitmap?: (aside: FileIO) => Promise<void>;
+  /** The pin written after the bitmap (null: none, and feature bit 1 cleared). */
+  pin: PinRecord | null;
+  /** The current pin, whose generation the new one follows. */
+  previous: PinState;
+}
 
 /**
- * A new .add-cow file beside the old one with another backing name (or
- * none): the new header, then the bitmap as it is on disk, synced, renamed
- * over the old one; after a crash it is the old file or the new one, never a
- * mix of the two names. Returns the new header.
+ * Writes a new .add-cow file beside the old one: the header, the bitmap as it
+ * is on disk, the pin extension (at a 4096-aligned offset after the bitmap),
+ * synced, then renamed over the old one; after a crash it is the old file or
+ * the new one, whole. Returns the new header and pin.
  */
-export async function rewriteWithBacking(
+export async function rewriteMetaFile(
   meta: FileIO,
   file: string,
-  header: AddCowHeader,
-  name: string | null,
-  format: BackingFormat | null,
+  rw: MetaRewrite,
   replacer: FileReplacer,
-): Promise<AddCowHeader> {
-  const next: AddCowHeader = { ...header, backingName: name, backingFormat: format };
-  const encoded = encodeHeader(next);
+): Promise<{ header: AddCowHeader; pin: PinState }> {
+  const features = rw.pin
+    ? rw.header.compatibleFeatures | FEATURE_BACKING_PIN
+    : rw.header.compatibleFeatures & ~FEATURE_BACKING_PIN;
+  const header: AddCowHeader = { ...rw.header, compatibleFeatures: features };
+  const encoded = encodeHeader(header);
   const aside = await replacer.createBeside(file);
+  let pin: PinState = { kind: "none" };
   try {
     await aside.write(encoded, 0);
-    const size = await meta.size();
-    const chunk = Buffer.alloc(Math.min(1 << 20, Math.max(1, size - encoded.length)));
-    for (let at = encoded.length; at < size; at += chunk.length) {
-      const n = await meta.read(chunk.subarray(0, Math.min(chunk.length, size - at)), at);
-      await aside.write(chunk.subarray(0, n), at);
+    const end = rw.copyEnd;
+    const chunk = Buffer.alloc(Math.min(1 << 20, Math.max(1, end - encoded.length)));
+    for (let at = encoded.length; at < end; at += chunk.length) {
+      const n = await meta.read(chunk.subarray(0, Math.min(chunk.length, end - at)), at);
+      // A bitmap shorter than the copy asked for (a file cut short) reads as zeros.
+      if (n < Math.min(chunk.length, end - at)) chunk.fill(0, n);
+      await aside.write(chunk.subarray(0, Math.min(chunk.length, end - at)), at);
+    }
+    if (rw.editBitmap) await rw.editBitmap(aside);
+    if (rw.pin) {
+      const size = await aside.size();
+      const areaStart = Math.ceil(size / HEADER_ALIGN) * HEADER_ALIGN;
+      const generation = rw.previous.kind === "pinned" ? rw.previous.generation + 1n : 1n;
+      // Zeros up to the aligned start are written, never left a hole: they are bitmap bytes.
+      await aside.write(Buffer.alloc(areaStart - size), size);
+      await aside.write(encodePinArea(rw.pin, generation), areaStart);
+      pin = { kind: "pinned", record: rw.pin, generation, slot: 0, areaStart };
     }
     await aside.sync();
     await replacer.replace(aside, file);
@@ -35,5 +63,14 @@ export async function rewriteWithBacking(
     throw err;
   }
   await aside.close();
-  return next;
+  return { header, pin };
+}
+
+/** The same file with another backing name (or none) and that backing's pin (or none). */
+export function withBacking(
+  header: AddCowHeader,
+  name: string | null,
+  format: BackingFormat | null,
+): AddCowHeader {
+  return { ...header, backingName: name, backingFormat: format };
 }

@@ -1,4 +1,5 @@
 import type * as fs from "node:fs";
+import type { LayerIdentity } from "./layer-identity";
 
 /**
  * The one interface every layer meets at: raw files, add-cow disks, qcow2 and
@@ -40,14 +41,20 @@ export interface BlockDevice {
   info(): Promise<object>;
   /** fstat of the local file holding this layer's own bytes (the mount's st_blocks and times). */
   storageStat(): fs.BigIntStats | null;
+  /**
+   * What this layer is, cheaply (a few reads, no more): what an overlay pins
+   * of its backing and compares at every open (block/layer-identity.ts).
+   * Null for a device that cannot tell.
+   */
+  identity(): Promise<LayerIdentity | null>;
   /** Flushes (when writable) and releases the underlying files. */
   close(): Promise<void>;
 }
 
 /**
  * The defaults of the optional parts of a device, in one place: a device
- * that keeps no metadata of its own, whose info is its description's details
- * and that has no local storage file. Formats override what they have.
+ * that keeps no metadata of its own, whose info is its description's details,
+ * that has no local storage file and cannot tell its identity. Formats override what they have.
  */
 export abstract class DeviceBase implements BlockDevice {
   abstract readonly size: number;
@@ -70,6 +77,10 @@ export abstract class DeviceBase implements BlockDevice {
 
   storageStat(): fs.BigIntStats | null {
     return null;
+  }
+
+  identity(): Promise<LayerIdentity | null> {
+    return Promise.resolve(null);
   }
 }
 

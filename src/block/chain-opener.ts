@@ -1,5 +1,6 @@
 import type { BlockDevice } from "./block-device";
 import type { FileIO } from "./file-io";
+import type { LayerIdentity } from "./layer-identity";
 import type { LockKind } from "../os/file-lock";
 
 /** The formats a backing name can be opened as; a format is recorded, never guessed. */
@@ -59,11 +60,16 @@ export interface ChainOpener {
   resolve(file: string, stored: string): string;
   /** A stored backing name: a URL as it is (under the URL rules), a path resolved. */
   backingName(file: string, stored: string): string;
-  /** Opens a backing layer of a known format, and its own chain; read-only unless `writable`. */
+  /**
+   * Opens a backing layer of a known format, and its own chain; read-only
+   * unless `writable`. `pinned` is what the header's pin says it is (a remote
+   * base fetches the manifest it was pinned with); the caller compares.
+   */
   openBacking(
     name: string,
     format: BackingFormat,
     namer: Namer,
     writable?: boolean,
+    pinned?: LayerIdentity | null,
   ): Promise<BlockDevice>;
 }

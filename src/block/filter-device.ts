@@ -1,5 +1,6 @@
 import type * as fs from "node:fs";
 import type { BlockDevice, Extent, LayerDescription } from "./block-device";
+import type { LayerIdentity } from "./layer-identity";
 
 /**
  * A device in front of another that changes some of what it does (a filter,
@@ -41,6 +42,9 @@ export class FilterDevice implements BlockDevice {
   }
   storageStat(): fs.BigIntStats | null {
     return this.inner.storageStat();
+  }
+  identity(): Promise<LayerIdentity | null> {
+    return this.inner.identity();
   }
   close(): Promise<void> {
     return this.inner.close();

@@ -4,6 +4,8 @@ import * as fs from "node:fs";
 import { DeviceBase, type Extent, type LayerDescription } from "./block-device";
 import { checkRange } from "./range";
 import { pushExtent } from "./extents";
+import { fingerprintFile } from "./fingerprint";
+import type { LayerIdentity } from "./layer-identity";
 
 /** A raw disk image: the virtual disk is the file's bytes. */
 export class RawDevice extends DeviceBase {
@@ -54,6 +56,18 @@ export class RawDevice extends DeviceBase {
 
   override storageStat(): fs.BigIntStats | null {
     return statOf(this.file);
+  }
+
+  /** Its size and a fingerprint of sampled bytes (fingerprint.ts). */
+  override async identity(): Promise<LayerIdentity> {
+    const fileSize = await this.file.size();
+    return {
+      kind: "file",
+      format: "raw",
+      size: this.size,
+      fileSize,
+      fingerprint: await fingerprintFile(this.file, fileSize),
+    };
   }
 
   read(buf: Buffer, offset: number): Promise<void> {

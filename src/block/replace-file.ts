@@ -10,7 +10,7 @@ import { type FileIO, PosixFile } from "./file-io";
  * sync of the directory). Tests record these steps to cut the power between them.
  */
 export interface FileReplacer {
-  /** A new, empty file in `target`'s directory, open for writing. */
+  /** A new, empty file in `target`'s directory, open for writing (and reading back). */
   createBeside(target: string): Promise<FileIO>;
   /** Renames `aside` (written and synced by the caller) over `target`, durably. */
   replace(aside: FileIO, target: string): Promise<void>;
@@ -35,7 +35,7 @@ export const posixReplacer: FileReplacer = {
     const tmp = asideName(target);
     let fd: number;
     try {
-      fd = fs.openSync(tmp, "wx", st.mode & 0o7777);
+      fd = fs.openSync(tmp, "wx+", st.mode & 0o7777);
     } catch (err) {
       const why = errnoCode(err) === "EACCES" ? "permission denied" : (err as Error).message;
       throw new AddCowError(

@@ -4,6 +4,7 @@ import type { BlockDevice } from "../block/block-device";
 import { RawDevice } from "../block/raw-device";
 import { AddCowError, describeError, errnoCode } from "../util/errors";
 import type { Access, BackingFormat, ChainOpener, LayerFile, Namer } from "../block/chain-opener";
+import type { LayerIdentity } from "../block/layer-identity";
 import { type FileIO, type FileOpener, openPosixFile } from "../block/file-io";
 import type { AddCowDevice, CacheMode } from "../addcow/addcow-device";
 import { type AddCowOpenRequest, openAddCow } from "../addcow/open-addcow";
@@ -59,6 +60,11 @@ export interface OpenOptions {
    * and its owner (`addcow check` opens a disk's backing chain this way).
    */
   namedBy?: Namer;
+  /**
+   * openBacking only: what the pin of the disk naming it says it is (a remote
+   * base then fetches the manifest it was pinned with); the caller compares.
+   */
+  pinned?: LayerIdentity | null;
   /** Remote backings: block size, timeouts, cache (default: from the environment). */
   remote?: RemoteSettings;
   /** Reads from the backing chain also fill the top disk's image file (copy-on-read). */
@@ -111,7 +117,7 @@ export function openBacking(
   const namer = opts.namedBy;
   return openChain(namer?.file ?? file, opts, opts.layersAbove ?? 0, (state) => {
     if (namer) state.policy.setDiskOwner(namer);
-    return openLayer(file, format, state, "backing file", namer);
+    return openLayer(file, format, state, "backing file", namer, false, opts.pinned ?? null);
   });
 }
 
@@ -345,9 +351,13 @@ async function openLayer(
   role: string,
   namer?: Namer,
   writable = false,
+  pinned: LayerIdentity | null = null,
 ): Promise<BlockDevice> {
   if (isUrlName(file)) {
-    const dev = await openRemoteBacking(file, format, writable, namer?.file, state.opts.remote);
+    const manifest = pinned?.kind === "remote" ? pinned.manifest : null;
+    const dev = await openRemoteBacking(file, format, writable, namer?.file, state.opts.remote, {
+      manifest,
+    });
     state.cleanup.push(() => dev.close());
     return dev;
   }
@@ -479,8 +489,8 @@ function chainOpener(state: ChainState): ChainOpener {
       if (isUrlName(stored)) state.policy.checkUrl(stored, "backing file", file);
       return resolveBackingName(file, stored);
     },
-    openBacking: (name, format, namer, writable) =>
-      openLayer(name, format, state, "backing file", namer, writable),
+    openBacking: (name, format, namer, writable, pinned) =>
+      openLayer(name, format, state, "backing file", namer, writable, pinned),
   };
 }
 

@@ -2,6 +2,7 @@ import type { BackingFormat } from "../block/chain-opener";
 import type { BlockDevice } from "../block/block-device";
 import { AddCowError } from "../util/errors";
 import type { RemoteSettings } from "../remote/options";
+import type { RemoteOpenOptions } from "../remote/open-remote-device";
 import { displayName } from "../remote/url";
 
 /**
@@ -15,6 +16,7 @@ export async function openRemoteBacking(
   writable: boolean,
   namedIn: string | undefined,
   settings?: RemoteSettings,
+  opts: RemoteOpenOptions = {},
 ): Promise<BlockDevice> {
   const where = namedIn ? ` (named in ${namedIn})` : "";
   const name = displayName(url);
@@ -34,5 +36,7 @@ export async function openRemoteBacking(
   // time than the rest of addcow, and most disks never use them. Disks of one
   // process over the same base share its device (fetches and memory cache).
   const { openSharedRemoteDevice } = await import("../remote/shared-remote");
-  return settings ? openSharedRemoteDevice(url, settings) : openSharedRemoteDevice(url);
+  return settings
+    ? openSharedRemoteDevice(url, settings, opts)
+    : openSharedRemoteDevice(url, undefined, opts);
 }

@@ -25,6 +25,7 @@ const COMMANDS: ReadonlyArray<[string, () => CommandModule]> = [
   ["job", () => require("./commands/job") as CommandModule],
   ["rebase", () => require("./commands/rebase") as CommandModule],
   ["resize", () => require("./commands/resize") as CommandModule],
+  ["manifest", () => require("./commands/manifest") as CommandModule],
 ];
 
 /** The subcommand names (the mount helper tells a command from a disk by them). */

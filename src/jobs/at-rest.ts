@@ -98,7 +98,13 @@ export async function rebaseAtRest(
     const target = format === null ? null : await openTarget(dev, req.backing, format, open);
     try {
       if (req.unsafe)
-        return await rebaseUnsafe(dev, target, await oldBacking(dev, open), opts.replacer);
+        return await rebaseUnsafe(
+          dev,
+          target,
+          await oldBacking(dev, open),
+          opts.replacer,
+          opts.warn,
+        );
       return await rebaseDisk(dev, target, job, opts);
     } finally {
       await target?.device.close();

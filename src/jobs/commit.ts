@@ -87,6 +87,9 @@ export async function commitDisk(
       { file: dev.path, code: "EFBIG" },
     );
   }
+  // The backing's bytes change: its pin says so before the first write, and is taken anew at the end.
+  const pin = dev.pin;
+  if (pin.kind === "pinned") await dev.repin(pin.record.identity, "committing");
   const total = await bytesOfKind(dev, ["data"]);
   const cs = dev.clusterSize;
   const engine = new CopyEngine(
@@ -138,6 +141,9 @@ export async function commitDisk(
   };
   if (opts.quiesce) await opts.quiesce(finish);
   else await finish();
+  // The disk reads the same on the backing as it is now: that is the base it is pinned to.
+  const now = pin.kind === "pinned" ? await backing.identity() : null;
+  if (now) await dev.repin(now);
   if (opts.keep) {
     return `committed ${formatSize(total)} of ${dev.path} into ${dev.backingPath}; the overlay was kept as it is (--keep)`;
   }

@@ -79,6 +79,7 @@ export async function liveSnapshot(
       ...opts,
       image,
       backingSize: old.size,
+      backingIdentity: await old.identity(),
       confine: live.openOptions.confine,
     });
     let dev: AddCowLayer;

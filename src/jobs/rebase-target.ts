@@ -9,6 +9,8 @@ import { isUrlName } from "../chain/access-policy";
 import { storedName } from "../ops/create";
 import { sharedFile } from "../chain/loops";
 import type { OldBacking, RebaseTarget } from "./rebase";
+import { identityToPin } from "../ops/backing-identity";
+import { manifestForRebase } from "./rebase-pin";
 
 /** What `addcow rebase` was asked: a backing file ("" for none), its format, -u. */
 export interface RebaseRequest {
@@ -98,13 +100,21 @@ export async function openTarget(
     await probe.close();
   }
   const device = await openBacking(file, format, how);
-  return {
-    name: storedName(dev.path, given),
-    format,
-    device,
-    path: file,
-    sameAsCurrent: format === dev.backingFormat && sameFile(file, dev.backingPath),
-  };
+  const name = storedName(dev.path, given);
+  try {
+    const sameName = file === dev.backingPath;
+    return {
+      name,
+      format,
+      device,
+      path: file,
+      sameAsCurrent: format === dev.backingFormat && sameFile(file, dev.backingPath),
+      identity: await identityToPin(device, file, manifestForRebase(dev, sameName)),
+    };
+  } catch (err) {
+    await device.close();
+    throw err;
+  }
 }
 
 /** Refuses a new backing chain that uses a file of the disk itself. */

@@ -10,6 +10,8 @@ import { CopyEngine, type CopyOptions } from "./copy-engine";
 import type { Job } from "./job";
 import { findRun } from "./scan";
 import { streamDisk } from "./stream";
+import type { LayerIdentity } from "../block/layer-identity";
+import { repinWarning, warnOnStderr } from "./rebase-pin";
 
 /** Where a disk is rebased to: a backing disk, opened read-only, or none. */
 export interface RebaseTarget {
@@ -21,11 +23,15 @@ export interface RebaseTarget {
   path: string;
   /** It is the disk's current backing, by another name: nothing can differ. */
   sameAsCurrent?: boolean;
+  /** What the disk pins of it (docs/specs/add-cow.md, "The backing pin"). */
+  identity: LayerIdentity | null;
 }
 
 export interface RebaseOptions extends CopyOptions {
   /** How the .add-cow file is replaced (tests record it). */
   replacer?: FileReplacer;
+  /** Where `-u`'s warning about a re-pinned base goes (default stderr). */
+  warn?: (message: string) => void;
 }
 
 /**
@@ -56,7 +62,7 @@ export async function rebaseDisk(
       return `rebase of ${dev.path} stopped; it still reads from its old backing file, and the ${formatSize(copied)} copied so far are kept: run it again to finish`;
     }
   }
-  await dev.switchBacking(target.name, target.format, replacer);
+  await dev.switchBacking(target.name, target.format, replacer, target.identity);
   const what =
     copied > 0
       ? `${formatSize(copied)} that read differently from it were copied into image file ${dev.imagePath}`
@@ -153,6 +159,7 @@ export async function rebaseUnsafe(
   target: RebaseTarget | null,
   old: OldBacking,
   replacer: FileReplacer = posixReplacer,
+  warn: (message: string) => void = warnOnStderr,
 ): Promise<string> {
   if (dev.readOnly) throw readOnlyError(dev.path);
   if (target === null) {
@@ -178,6 +185,9 @@ export async function rebaseUnsafe(
   } else if (old !== null) {
     note = ` (the current backing file ${dev.backingPath} ${old.unreadable}, so its size was not compared)`;
   }
-  await dev.switchBacking(target.name, target.format, replacer);
-  return `${dev.path} now names ${target.path} (${target.format}) as its backing file; nothing was copied (-u)${note}`;
+  const warning = repinWarning(dev, target.path, target.identity);
+  if (warning) warn(warning);
+  await dev.switchBacking(target.name, target.format, replacer, target.identity);
+  const pinned = target.identity ? "; its identity is pinned as it is now" : "";
+  return `${dev.path} now names ${target.path} (${target.format}) as its backing file; nothing was copied (-u)${note}${pinned}`;
 }

@@ -2,6 +2,7 @@ import * as fs from "node:fs";
 import { AddCowError } from "../util/errors";
 import { createDisk, defaultImageName } from "../ops/create";
 import type { Confinement } from "../chain/access-policy";
+import type { LayerIdentity } from "../block/layer-identity";
 
 export interface SnapshotOptions {
   /** Image file of the new overlay (default NEW with .add-cow replaced by .raw). */
@@ -9,6 +10,8 @@ export interface SnapshotOptions {
   clusterSize?: number;
   /** Size of the current disk when it is open in this process (live snapshot). */
   backingSize?: number;
+  /** Its identity then (live snapshot), pinned in the new overlay. */
+  backingIdentity?: LayerIdentity | null;
   /** Confinement for the names in FILE's chain (docs/security.md). */
   confine?: Confinement | null;
   /** Which names the user gave relative (live: the paths arrive absolute); stored relative. */
@@ -44,6 +47,7 @@ export async function snapshotDisk(
     image,
     ...(opts.clusterSize === undefined ? {} : { clusterSize: opts.clusterSize }),
     ...(opts.backingSize === undefined ? {} : { backingSize: opts.backingSize }),
+    ...(opts.backingIdentity === undefined ? {} : { backingIdentity: opts.backingIdentity }),
     confine: opts.confine,
     ...(opts.relative ? { relative: opts.relative } : {}),
   });

@@ -1,4 +1,6 @@
 import type { AddCowHeader } from "../addcow/header";
+import type { PinState } from "../addcow/pin";
+import type { FileIO } from "../block/file-io";
 import type { Confinement, Namer } from "../chain/access-policy";
 
 /**
@@ -25,7 +27,12 @@ export interface CheckContext {
   file: string;
   path: string;
   fd: number;
+  /** The same open file, for readers that take a FileIO. */
+  io: FileIO;
   fileSize: number;
+  /** The backing pin (feature bit 1) and where the bitmap ends: at the pin, else at fileSize. */
+  pin: PinState;
+  bitmapEnd: number;
   forceShare: boolean;
   /** The .add-cow file and its owner: the names in its header are judged for that user. */
   namer: Namer;

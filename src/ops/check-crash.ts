@@ -60,7 +60,7 @@ export const checkShrunkImage: CheckStep = {
     if (!h || ctx.numClusters === null || ctx.allAllocated) return;
     const cs = 2 ** h.clusterBits;
     const padded = bitmapBytes(ctx.numClusters, h.clusterBits).padded;
-    const present = ctx.fileSize - h.headerSize;
+    const present = ctx.bitmapEnd - h.headerSize;
     if (present <= padded) return;
     const describes = Math.floor(present / cs) * cs * 8 * cs;
     ctx.report({

@@ -20,6 +20,9 @@ import {
 } from "../addcow/header";
 import { PosixFile } from "../block/file-io";
 import { checkCreateLeftovers, checkShrunkImage } from "./check-crash";
+import { checkPin, readPinState } from "../addcow/pin";
+import { bitmapAreaEnd } from "../addcow/open-addcow";
+import type { BlockDevice } from "../block/block-device";
 
 import type { CheckContext, CheckStep, Finding } from "./check-context";
 
@@ -59,7 +62,7 @@ function headerFinding(ctx: CheckContext, err: AddCowError): void {
 
 export const checkHeader: CheckStep = {
   name: "header",
-  run(ctx) {
+  async run(ctx) {
     const head = readAt(ctx.fd, Math.min(ctx.fileSize, MAX_HEADER_SIZE), 0);
     try {
       const fixed = decodeFixedHeader(head.subarray(0, FIXED_HEADER_SIZE), ctx.file, ctx.fileSize);
@@ -69,6 +72,8 @@ export const checkHeader: CheckStep = {
       throw err;
     }
     ctx.allAllocated = (ctx.header.compatibleFeatures & FEATURE_ALL_ALLOCATED) !== 0n;
+    ctx.pin = await readPinState(ctx.io, ctx.header, ctx.fileSize);
+    ctx.bitmapEnd = bitmapAreaEnd(ctx.pin, ctx.fileSize);
     const unknown = ctx.header.compatibleFeatures & ~KNOWN_COMPATIBLE;
     if (unknown !== 0n) {
       ctx.report({
@@ -146,13 +151,14 @@ export const checkBitmapLength: CheckStep = {
     const h = ctx.header;
     if (!h || ctx.numClusters === null) return;
     const { needed, padded } = bitmapBytes(ctx.numClusters, h.clusterBits);
-    const have = Math.max(0, ctx.fileSize - h.headerSize);
+    const have = Math.max(0, ctx.bitmapEnd - h.headerSize);
     ctx.bitmapPresent = Math.min(have, needed);
-    const sizes = `the file has ${ctx.fileSize} bytes, ${h.headerSize + needed} are needed for ${ctx.numClusters} clusters of ${ctx.imageSize} bytes`;
+    const pinned = ctx.bitmapEnd < ctx.fileSize ? ` before its pin at byte ${ctx.bitmapEnd}` : "";
+    const sizes = `the file has ${ctx.bitmapEnd} bytes${pinned}, ${h.headerSize + needed} are needed for ${ctx.numClusters} clusters of ${ctx.imageSize} bytes`;
     if (have < needed) {
       ctx.report({
         severity: ctx.allAllocated ? "warning" : "corruption",
-        offset: ctx.fileSize,
+        offset: ctx.bitmapEnd,
         field: "bitmap",
         message: ctx.allAllocated
           ? `bitmap is truncated (${sizes}); harmless while the all-allocated feature is set`
@@ -161,9 +167,9 @@ export const checkBitmapLength: CheckStep = {
     } else if (have < padded) {
       ctx.report({
         severity: "warning",
-        offset: ctx.fileSize,
+        offset: ctx.bitmapEnd,
         field: "bitmap",
-        message: `bitmap padding is missing: the file ends at byte ${ctx.fileSize}, the padded bitmap ends at ${h.headerSize + padded} (harmless)`,
+        message: `bitmap padding is missing: the bitmap ends at byte ${ctx.bitmapEnd}, the padded bitmap ends at ${h.headerSize + padded} (harmless)`,
       });
     }
   },
@@ -189,10 +195,10 @@ export const checkPaddingBits: CheckStep = {
     if (!h || ctx.numClusters === null) return;
     const n = ctx.numClusters;
     const firstByte = h.headerSize + Math.floor(n / 8);
-    if (firstByte >= ctx.fileSize) return;
+    if (firstByte >= ctx.bitmapEnd) return;
     let count = 0;
     let first = -1;
-    forEachChunk(ctx, firstByte, ctx.fileSize, (chunk, pos) => {
+    forEachChunk(ctx, firstByte, ctx.bitmapEnd, (chunk, pos) => {
       for (let i = 0; i < chunk.length; i++) {
         let byte = chunk[i]!;
         // In the byte holding the last cluster's bit, only the bits after it are padding.
@@ -320,6 +326,7 @@ export const checkBacking: CheckStep = {
       return;
     }
     try {
+      await verifyPin(ctx, backingPath, backing);
       const same = sharedFile(backing, ctx.imagePath ? [ctx.path, ctx.imagePath] : [ctx.path]);
       if (same) {
         ctx.report({
@@ -344,7 +351,10 @@ async function checkRemoteBacking(ctx: CheckContext, url: string, named: string)
   if (ctx.allAllocated) return;
   let backing;
   try {
-    backing = await openBacking(url, ctx.header!.backingFormat!, { layersAbove: 1 });
+    backing = await openBacking(url, ctx.header!.backingFormat!, {
+      layersAbove: 1,
+      pinned: ctx.pin.kind === "pinned" ? ctx.pin.record.identity : null,
+    });
   } catch (err) {
     if (!(err instanceof AddCowError) || (err.code !== "ENOENT" && err.code !== "EINVAL")) {
       throw err;
@@ -357,7 +367,40 @@ async function checkRemoteBacking(ctx: CheckContext, url: string, named: string)
     });
     return;
   }
-  await backing.close();
+  try {
+    await verifyPin(ctx, url, backing);
+  } finally {
+    await backing.close();
+  }
+}
+
+/**
+ * The backing against the disk's pin, as every open compares it: a pin that
+ * cannot be read, was taken for another backing, or names another identity
+ * is corruption (the disk would be refused); an interrupted commit a warning.
+ */
+async function verifyPin(ctx: CheckContext, backingPath: string, backing: BlockDevice) {
+  const h = ctx.header!;
+  if (ctx.pin.kind === "pinned" && ctx.pin.record.status === "committing") {
+    ctx.report({
+      severity: "warning",
+      offset: ctx.pin.areaStart,
+      field: "backing pin",
+      message: `a commit into backing file ${backingPath} was interrupted: the disk reads as before, but its pin waits for the commit to finish: run addcow commit ${ctx.file} again`,
+    });
+    return;
+  }
+  try {
+    checkPin(ctx.file, h, backingPath, ctx.pin, await backing.identity());
+  } catch (err) {
+    if (!(err instanceof AddCowError) || err.reason !== "changed-backing") throw err;
+    ctx.report({
+      severity: "corruption",
+      offset: ctx.pin.kind === "pinned" ? ctx.pin.areaStart : ctx.bitmapEnd,
+      field: "backing pin",
+      message: err.message.slice(`${ctx.file}: `.length),
+    });
+  }
 }
 
 /** The checks, in order. Later helpers append steps here (e.g. crash leftovers). */
@@ -405,7 +448,10 @@ export async function checkDisk(file: string, opts: CheckOptions = {}): Promise<
       file,
       path: abs,
       fd,
+      io: handle,
       fileSize: own.size,
+      pin: { kind: "none" },
+      bitmapEnd: own.size,
       forceShare: opts.forceShare ?? false,
       namer: { file: abs, uid: own.uid, gid: own.gid },
       confine: opts.confine ?? null,

@@ -16,6 +16,10 @@ import { sharedFile } from "../chain/loops";
 import { isRemoteName, parseRemoteName } from "../remote/url";
 import type { Confinement } from "../chain/access-policy";
 import { writeZeros } from "../addcow/bitmap-space";
+import { FEATURE_BACKING_PIN } from "../addcow/header";
+import { encodePinArea, pinRecord } from "../addcow/pin";
+import type { LayerIdentity } from "../block/layer-identity";
+import { AUTO_MANIFEST, type ManifestChoice, identityToPin } from "./backing-identity";
 import { PosixFile } from "../block/file-io";
 
 /** A new file (O_EXCL) as FileIO. */
@@ -40,6 +44,10 @@ export interface CreateOptions {
    * file is then not opened again to validate it.
    */
   backingSize?: number;
+  /** The identity of that open backing, pinned in the new disk (with backingSize). */
+  backingIdentity?: LayerIdentity | null;
+  /** A remote base's manifest to pin (default: the one at URL.manifest, if there is one). */
+  manifest?: ManifestChoice;
   /** Confinement for the names in the backing disk's headers (docs/security.md). */
   confine?: Confinement | null;
   /** Store these names relative to FILE's directory even though they are given absolute. */
@@ -53,6 +61,8 @@ export interface CreateResult {
   size: number;
   clusterSize: number;
   backingPath: string | null;
+  /** What was pinned of the backing (null: no backing, or it cannot tell). */
+  pinned: LayerIdentity | null;
 }
 
 export function defaultImageName(file: string): string {
@@ -144,12 +154,18 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
   }
 
   let backingSize: number | null = null;
+  let pinned: LayerIdentity | null = opts.backingIdentity ?? null;
+  const manifest = opts.manifest ?? AUTO_MANIFEST;
   if (opts.backing !== undefined && isRemoteName(opts.backing)) {
     // A URL is never a path: nothing local to compare; opening it checks it answers.
     parseRemoteName(opts.backing);
     const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat);
-    backingSize = backing.size;
-    await backing.close();
+    try {
+      backingSize = backing.size;
+      pinned = await identityToPin(backing, opts.backing, manifest);
+    } finally {
+      await backing.close();
+    }
   } else if (opts.backing !== undefined) {
     const bst = statOrNull(opts.backing);
     if (!bst)
@@ -172,6 +188,7 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
       });
       try {
         backingSize = backing.size;
+        pinned = await identityToPin(backing, opts.backing, manifest);
         // Writing the new disk must never modify a file its backing chain reads.
         const same = imageStat ? sharedFile(backing, [imageGiven]) : null;
         if (same) {
@@ -208,19 +225,27 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
   }
 
   const headerSize = headerSizeFor(clusterBits);
+  const backingName =
+    opts.backing === undefined ? null : storedName(file, opts.backing, opts.relative?.backing);
+  const backingFormat = (opts.backingFormat as BackingFormat | undefined) ?? null;
+  if (backingName === null) pinned = null;
   const header = encodeHeader({
     clusterBits,
     headerSize,
     incompatibleFeatures: 0n,
-    compatibleFeatures: 0n,
-    backingName:
-      opts.backing === undefined ? null : storedName(file, opts.backing, opts.relative?.backing),
-    backingFormat: (opts.backingFormat as BackingFormat | undefined) ?? null,
+    // The backing's identity, pinned after the bitmap: no other base is ever taken silently.
+    compatibleFeatures: pinned ? FEATURE_BACKING_PIN : 0n,
+    backingName,
+    backingFormat,
     imageName: storedName(file, imageGiven, opts.relative?.image),
     imageFormat: "raw",
   });
   const numClusters = Math.ceil(size / 2 ** clusterBits);
-  const metaSize = headerSize + bitmapBytes(numClusters, clusterBits).padded;
+  const bitmapEnd = headerSize + bitmapBytes(numClusters, clusterBits).padded;
+  const pinArea = pinned
+    ? encodePinArea(pinRecord({ backingName, backingFormat }, pinned), 1n)
+    : null;
+  const metaSize = bitmapEnd + (pinArea?.length ?? 0);
 
   // 1. The image file: created sparse, or grown (never shrunk) to the size asked for.
   let imageCreated = false;
@@ -259,7 +284,8 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     const io = openNewFile(tmp);
     try {
       await io.write(header, 0);
-      await writeZeros(io, header.length, metaSize);
+      await writeZeros(io, header.length, bitmapEnd);
+      if (pinArea) await io.write(pinArea, bitmapEnd);
       await io.sync();
     } finally {
       await io.close();
@@ -293,6 +319,7 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     size,
     clusterSize: 2 ** clusterBits,
     backingPath: opts.backing ?? null,
+    pinned,
   };
 }
 

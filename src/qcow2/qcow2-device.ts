@@ -8,6 +8,8 @@ import {
 import { pushExtent } from "../block/extents";
 import { type FileIO, statOf } from "../block/file-io";
 import { checkRange } from "../block/range";
+import { fingerprintFile } from "../block/fingerprint";
+import type { LayerIdentity } from "../block/layer-identity";
 import { AddCowError } from "../util/errors";
 import { log } from "../util/log";
 import { type Piece, ClusterMap } from "./cluster-map";
@@ -240,6 +242,28 @@ export class Qcow2Device extends DeviceBase {
 
   override storageStat(): fs.BigIntStats | null {
     return statOf(this.parts.dataFile ?? this.parts.io);
+  }
+
+  /**
+   * Its disk size and a fingerprint of the qcow2 file's samples, its active
+   * L1 table (where every guest cluster lives), the samples of an external
+   * data file, and its own backing's identity.
+   */
+  override async identity(): Promise<LayerIdentity> {
+    const p = this.parts;
+    const extra = [Buffer.from(p.l1.buffer, p.l1.byteOffset, p.l1.byteLength)];
+    if (p.dataFile) {
+      extra.push(Buffer.from(await fingerprintFile(p.dataFile, await p.dataFile.size()), "hex"));
+    }
+    if (this.backing) extra.push(Buffer.from(JSON.stringify(await this.backing.identity())));
+    const fileSize = await p.io.size();
+    return {
+      kind: "file",
+      format: "qcow2",
+      size: this.size,
+      fileSize,
+      fingerprint: await fingerprintFile(p.io, fileSize, extra),
+    };
   }
 
   async close(): Promise<void> {

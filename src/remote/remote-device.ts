@@ -4,6 +4,8 @@ import { AddCowError } from "../util/errors";
 import { log } from "../util/log";
 import { attempts, outOfTime, waitBoundMs } from "./attempts";
 import type { BlockCache } from "./block-cache";
+import { type RemoteIdentity, pinnableText } from "../block/layer-identity";
+import type { FoundManifest } from "./manifest";
 import { ReadAround, SequentialDetector } from "./readahead";
 import { RequestQueue, Ticket } from "./request-queue";
 import {
@@ -35,6 +37,10 @@ export interface RemoteDeviceOptions {
   cache: BlockCache | null;
   /** Where the one line about a changed object, a failing server or a full cache goes. */
   warn: (message: string) => void;
+  /** s3: the endpoint requests go to (part of the identity an overlay pins); null for http(s). */
+  endpoint: string | null;
+  /** The manifest of per-block digests the overlay was pinned with (remote/manifest.ts). */
+  manifest: FoundManifest | null;
 }
 
 const KiB = 1024;
@@ -53,6 +59,8 @@ export const DEFAULT_REMOTE_OPTIONS: RemoteDeviceOptions = {
   memoryBytes: 32 * MiB,
   cache: null,
   warn: (m) => process.stderr.write(`addcow: ${m}\n`),
+  endpoint: null,
+  manifest: null,
 };
 
 export interface RemoteStats {
@@ -114,11 +122,11 @@ export class RemoteDevice extends DeviceBase {
 
   private constructor(
     private readonly source: RangeSource,
-    readonly identity: ObjectIdentity,
+    readonly objectIdentity: ObjectIdentity,
     private readonly opts: RemoteDeviceOptions,
   ) {
     super();
-    this.size = identity.size;
+    this.size = objectIdentity.size;
     this.piece = opts.minRequestBytes;
     this.memoryPieces = Math.max(1, Math.floor(opts.memoryBytes / this.piece));
     this.waitBoundMs = waitBoundMs(opts);
@@ -355,9 +363,9 @@ export class RemoteDevice extends DeviceBase {
       ticket.deadline,
       async (signal) => {
         const answer = await this.source.fetch(start, end, signal);
-        if (!sameIdentity(this.identity, answer.identity)) {
+        if (!sameIdentity(this.objectIdentity, answer.identity)) {
           throw new RemoteFailure(
-            `${this.name} changed since the disk was opened (was ${describeIdentity(this.identity)}, now ${describeIdentity(answer.identity)})`,
+            `${this.name} changed since the disk was opened (was ${describeIdentity(this.objectIdentity)}, now ${describeIdentity(answer.identity)})`,
             false,
             true,
           );
@@ -421,8 +429,8 @@ export class RemoteDevice extends DeviceBase {
       details: {
         remote: true,
         size: this.size,
-        etag: this.identity.etag,
-        lastModified: this.identity.lastModified,
+        etag: this.objectIdentity.etag,
+        lastModified: this.objectIdentity.lastModified,
         blockSize: this.opts.blockSize,
         minRequest: this.piece,
         maxRequest: this.opts.maxRequestBytes,
@@ -444,6 +452,20 @@ export class RemoteDevice extends DeviceBase {
         cacheStoreFailures: cache?.stats.storeFailures ?? 0,
       },
     };
+  }
+
+  /** What an overlay pins of this object: size, validators, endpoint, manifest. */
+  override identity(): Promise<RemoteIdentity> {
+    const id = this.objectIdentity;
+    const m = this.opts.manifest;
+    return Promise.resolve({
+      kind: "remote",
+      size: id.size,
+      etag: pinnableText(id.etag),
+      lastModified: pinnableText(id.lastModified),
+      endpoint: pinnableText(this.opts.endpoint),
+      manifest: m === null ? null : { location: m.location, sha256: m.sha256 },
+    });
   }
 
   write(): Promise<void> {

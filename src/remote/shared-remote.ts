@@ -1,7 +1,7 @@
 import type { BlockDevice } from "../block/block-device";
 import { FilterDevice } from "../block/filter-device";
 import { log } from "../util/log";
-import { openRemoteDevice } from "./open-remote-device";
+import { type RemoteOpenOptions, openRemoteDevice } from "./open-remote-device";
 import { type RemoteSettings, remoteSettingsFromEnv } from "./options";
 import type { RemoteDevice } from "./remote-device";
 import { sameIdentity } from "./source";
@@ -18,12 +18,16 @@ const open: Shared[] = [];
 const envIds = new WeakMap<NodeJS.ProcessEnv, number>();
 let nextEnvId = 0;
 
-/** What must be equal for two opens to share a device: the object, how it is read, the credentials. */
-function sharingKey(name: string, settings: RemoteSettings): string {
+/**
+ * What must be equal for two opens to share a device: the object, how it is
+ * read, the credentials, and the manifest its disk was pinned with (blocks
+ * are checked against it).
+ */
+function sharingKey(name: string, settings: RemoteSettings, opts: RemoteOpenOptions): string {
   let envId = envIds.get(settings.env);
   if (envId === undefined) envIds.set(settings.env, (envId = nextEnvId++));
   const { cache: _cache, warn: _warn, ...tuning } = settings.device;
-  return JSON.stringify([name, tuning, settings.cache?.dir ?? null, envId]);
+  return JSON.stringify([name, tuning, settings.cache?.dir ?? null, envId, opts.manifest ?? null]);
 }
 
 /**
@@ -39,10 +43,13 @@ function sharingKey(name: string, settings: RemoteSettings): string {
 export async function openSharedRemoteDevice(
   stored: string,
   settings: RemoteSettings = remoteSettingsFromEnv(),
+  opts: RemoteOpenOptions = {},
 ): Promise<BlockDevice> {
-  const fresh = await openRemoteDevice(stored, settings);
-  const key = sharingKey(fresh.name, settings);
-  const same = open.find((s) => s.key === key && sameIdentity(s.device.identity, fresh.identity));
+  const fresh = await openRemoteDevice(stored, settings, opts);
+  const key = sharingKey(fresh.name, settings, opts);
+  const same = open.find(
+    (s) => s.key === key && sameIdentity(s.device.objectIdentity, fresh.objectIdentity),
+  );
   if (same) {
     await fresh.close();
     same.refs++;

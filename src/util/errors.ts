@@ -23,7 +23,9 @@ export type ErrorReason =
    */
   | "sync-failed"
   /** The file system holding `file` is full (ENOSPC, EDQUOT). */
-  | "no-space";
+  | "no-space"
+  /** A backing is not the one the disk's pin names (docs/specs/add-cow.md, "The backing pin"). */
+  | "changed-backing";
 
 export interface ErrorFields {
   /** errno-style code for the FUSE layer and exit decisions (EIO, EROFS, EBUSY, ...). */

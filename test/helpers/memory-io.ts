@@ -7,7 +7,13 @@ import {
   type CacheMode,
 } from "../../src/addcow/addcow-device";
 import { resolveStoredName } from "../../src/chain/open-chain";
-import { bitmapBytes, encodeHeader, headerSizeFor } from "../../src/addcow/header";
+import {
+  FEATURE_BACKING_PIN,
+  bitmapBytes,
+  encodeHeader,
+  headerSizeFor,
+} from "../../src/addcow/header";
+import { checkPin, encodePinArea, pinRecord, readPinState } from "../../src/addcow/pin";
 import type { FileIO, FileOpener, OpenMode } from "../../src/block/file-io";
 import type { FileReplacer } from "../../src/block/replace-file";
 
@@ -242,6 +248,25 @@ export function createMemoryDisk(mfs: MemoryFs, spec: MemoryDiskSpec): MemoryDis
   return paths;
 }
 
+/**
+ * Pins a memory disk's raw backing as `addcow create` does: feature bit 1 and
+ * the pin extension after the bitmap, with the backing's identity now.
+ */
+export async function pinMemoryDisk(mfs: MemoryFs, paths: MemoryDiskPaths): Promise<void> {
+  const metaIo = await mfs.opener(paths.addcow, "read");
+  const header = await readHeader(metaIo, paths.addcow);
+  const backing = await RawDevice.open(await mfs.opener(paths.backing!, "read"));
+  const identity = await backing.identity();
+  await backing.close();
+  const meta = mfs.get(paths.addcow);
+  const fixed = encodeHeader({
+    ...header,
+    compatibleFeatures: header.compatibleFeatures | FEATURE_BACKING_PIN,
+  });
+  meta.write(fixed, 0);
+  meta.write(encodePinArea(pinRecord(header, identity), 1n), meta.length);
+}
+
 export type DeviceClass = new (parts: AddCowDeviceParts) => AddCowDevice;
 
 /**
@@ -260,11 +285,14 @@ export async function openDiskVia(
     /** Open the raw backing file for writing too (commit writes into it). */
     writableBacking?: boolean;
     copyOnRead?: boolean;
+    /** How the .add-cow file is rewritten (a pinned disk's resize). */
+    replacer?: FileReplacer;
   },
 ): Promise<AddCowDevice> {
   const mode = opts.writable ? "write" : "read";
   const meta = await opener(addcowPath, mode);
   const header = await readHeader(meta, addcowPath);
+  const pin = await readPinState(meta, header, await meta.size());
   const imagePath = resolveStoredName(addcowPath, header.imageName);
   const image = await opener(imagePath, mode);
   let backing: RawDevice | null = null;
@@ -274,6 +302,8 @@ export async function openDiskVia(
     backing = await RawDevice.open(
       await opener(backingPath, opts.writableBacking ? "write" : "read"),
     );
+    // As openAddCow does: a pinned disk opens only on the backing it was made on.
+    checkPin(addcowPath, header, backingPath, pin, await backing.identity());
   }
   const Device = opts.Device ?? AddCowDevice;
   return new Device({
@@ -285,6 +315,8 @@ export async function openDiskVia(
     backing,
     imagePath,
     backingPath,
+    pin,
+    replacer: opts.replacer,
     cacheMode: opts.cacheMode,
     bitmapCacheBytes: opts.bitmapCacheBytes,
     copyOnRead: opts.copyOnRead,

@@ -30,6 +30,7 @@ function fileDevice(file: string): BlockDevice & { fd: number } {
     hasUnsavedMetadata: () => false,
     info: async () => ({}),
     storageStat: () => null,
+    identity: async () => null,
     async read(buf: Buffer, offset: number) {
       let done = 0;
       while (done < buf.length) {

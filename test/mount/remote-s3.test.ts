@@ -176,7 +176,7 @@ describe("the block cache key", () => {
     const b = await open(two.env, cache);
     try {
       // Identity alone cannot tell them apart.
-      expect(b.identity).toEqual(a.identity);
+      expect(b.objectIdentity).toEqual(a.objectIdentity);
       const all = Buffer.alloc(SIZE);
       await a.read(all, 0);
       expect(all.equals(fs.readFileSync(one.base))).toBe(true);

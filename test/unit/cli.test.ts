@@ -46,8 +46,8 @@ describe("addcow create", () => {
     expect(r.stdout).toMatch(/^Formatting 'disk.add-cow', size 8 MiB \(8388608 bytes\)/);
     expect(r.stderr).toBe("");
     expect(fs.statSync(path.join(dir, "disk.raw")).size).toBe(8 << 20);
-    // Header + one 64 KiB bitmap cluster.
-    expect(fs.statSync(path.join(dir, "disk.add-cow")).size).toBe(65536 + 65536);
+    // Header + one 64 KiB bitmap cluster + the backing pin (two 4 KiB slots).
+    expect(fs.statSync(path.join(dir, "disk.add-cow")).size).toBe(65536 + 65536 + 8192);
     // The image file is sparse.
     expect(fs.statSync(path.join(dir, "disk.raw")).blocks).toBe(0);
   });
@@ -240,7 +240,9 @@ describe("addcow info and map", () => {
       chainDepth: 1,
       image: { stored: "disk.raw", path: path.join(dir, "disk.raw"), format: "raw" },
       backing: { stored: "base.raw", path: path.join(dir, "base.raw"), format: "raw" },
-      features: { allAllocated: false, compatibleBits: [], incompatibleBits: [] },
+      // Bit 1: the backing's identity is pinned.
+      features: { allAllocated: false, compatibleBits: [1], incompatibleBits: [] },
+      pin: { state: "pinned", identity: { kind: "file", format: "raw", size: 2 * 2 ** 30 } },
     });
     expect(info.backingChain).toBeUndefined();
     // The backing file is one hole: block status knows it reads as zeros (SEEK_HOLE).
@@ -251,6 +253,9 @@ describe("addcow info and map", () => {
     const fd = fs.openSync(path.join(dir, "base.raw"), "r+");
     fs.writeSync(fd, Buffer.alloc(8192, 1), 0, 8192, 1 << 20);
     fs.closeSync(fd);
+    // The base changed under the disk: its pin refuses it until that is accepted.
+    expect(addcow(dir, "map", "disk.add-cow").stderr).toMatch(/fingerprint was .*, now /);
+    expect(addcow(dir, "rebase", "-u", "-b", "base.raw", "-F", "raw", "disk.add-cow").code).toBe(0);
     expect(json<MapExtent[]>(["map", "--json", "disk.add-cow"])).toEqual([
       { start: 0, length: 1 << 20, source: "zero", depth: null, file: null },
       {
@@ -407,6 +412,8 @@ describe("addcow check", () => {
     const { report } = checkCorrupt();
     expect(report.findings).toEqual([
       expect.objectContaining({ severity: "corruption", offset: 4106, field: "bitmap" }),
+      // The pin at the end of the file went with it.
+      expect.objectContaining({ severity: "corruption", field: "backing pin" }),
     ]);
     expect(report.findings[0]!.message).toMatch(/bitmap is truncated/);
   });
@@ -429,7 +436,7 @@ describe("addcow check", () => {
   it("finds the all-allocated feature set while bits are 0", () => {
     setup();
     const fd = fs.openSync(path.join(dir, "d.add-cow"), "r+");
-    fs.writeSync(fd, Buffer.from([1]), 0, 1, 32);
+    fs.writeSync(fd, Buffer.from([1 | 2]), 0, 1, 32); // all allocated; the pin (bit 1) stays
     fs.closeSync(fd);
     const { report } = checkCorrupt();
     expect(report.findings).toEqual([
@@ -447,7 +454,7 @@ describe("addcow check", () => {
       clusterBits: 12,
       headerSize: 4096,
       incompatibleFeatures: 0n,
-      compatibleFeatures: 0n,
+      compatibleFeatures: 2n, // its pin stays (for base.raw: stale, but the loop comes first)
       backingName: "top.add-cow",
       backingFormat: "add-cow",
       imageName: "d.raw",
@@ -498,7 +505,7 @@ describe("addcow check", () => {
       allocatedPercent: 100,
       chainDepth: 0,
       backing: { stored: "base.raw", inUse: false },
-      features: { allAllocated: true, compatibleBits: [0] },
+      features: { allAllocated: true, compatibleBits: [0, 1] },
     });
     expect(json<MapExtent[]>(["map", "--json", "d.add-cow"])).toEqual([
       { start: 0, length: 1 << 20, source: "image", depth: 0, file: path.join(dir, "d.raw") },

@@ -47,6 +47,8 @@ describe("copy-on-read in the engine", () => {
     let release!: () => void;
     const gate = new Promise<void>((r) => (release = r));
     let held = false;
+    // Armed once the disk is open: opening reads the base too (its pin's fingerprint).
+    let armed = false;
     const { dev } = await disk({
       copyOnRead: true,
       opener: (inner) => async (p, mode) => {
@@ -54,7 +56,7 @@ describe("copy-on-read in the engine", () => {
         if (!p.endsWith("base.raw")) return f;
         const read = f.read.bind(f);
         f.read = async (b, pos) => {
-          if (!held) {
+          if (armed && !held) {
             held = true;
             await gate;
           }
@@ -63,6 +65,7 @@ describe("copy-on-read in the engine", () => {
         return f;
       },
     });
+    armed = true;
     const reading = dev.read(Buffer.alloc(CS), 2 * CS);
     await new Promise((r) => setTimeout(r, 10));
     const mine = Buffer.alloc(CS, 0xab);

@@ -20,6 +20,7 @@ function fakeDevice(unsaved: { bits: boolean }) {
     hasUnsavedMetadata: () => unsaved.bits,
     info: async () => ({}),
     storageStat: () => null,
+    identity: async () => null,
   };
   return { dev, calls };
 }

@@ -47,6 +47,7 @@ async function target(mfs: MemoryFs): Promise<RebaseTarget> {
     format: "raw",
     device: await RawDevice.open(await mfs.opener(NEW_BACKING, "read")),
     path: NEW_BACKING,
+    identity: null,
   };
 }
 

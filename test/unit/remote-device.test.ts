@@ -70,8 +70,8 @@ describe("remote device over real servers", () => {
     const { dir, base, url } = await served();
     const dev = await open(url, dir);
     try {
-      expect(dev.identity.etag).toMatch(/^"/);
-      expect(dev.identity.lastModified).not.toBeNull();
+      expect(dev.objectIdentity.etag).toMatch(/^"/);
+      expect(dev.objectIdentity.lastModified).not.toBeNull();
       await readsLikeFile(dev, base);
       const d = dev.describe();
       expect(d).toMatchObject({ format: "raw", name: url, files: [] });

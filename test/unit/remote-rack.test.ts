@@ -57,7 +57,7 @@ describe("a rack tier: nginx proxy_cache + slice in front of the origin", () => 
     const direct = await host(origin.url, "none");
     const a = await host(url, path.join(tempDir(), "host-a"));
     try {
-      expect(a.identity).toEqual(direct.identity);
+      expect(a.objectIdentity).toEqual(direct.objectIdentity);
       await bootLike(a, local);
     } finally {
       await a.close();
@@ -65,7 +65,7 @@ describe("a rack tier: nginx proxy_cache + slice in front of the origin", () => 
     }
     const b = await host(url, path.join(tempDir(), "host-b"));
     try {
-      expect(b.identity.etag).toBe(a.identity.etag);
+      expect(b.objectIdentity.etag).toBe(a.objectIdentity.etag);
       await bootLike(b, local);
       expect(b.stats.bytesFetched).toBeGreaterThan(0); // its own cache was empty: it asked the rack
     } finally {

@@ -55,7 +55,7 @@ describe("redirects", () => {
     const direct = await open(url);
     const dev = await open(`${a.origin}/chain/a`);
     try {
-      expect(dev.identity).toEqual(direct.identity);
+      expect(dev.objectIdentity).toEqual(direct.objectIdentity);
       await readsLike(dev, base);
       // Temporary redirects are asked again for every request.
       expect(a.seen.filter((r) => r.path === "/chain/a").length).toBeGreaterThanOrEqual(4);

@@ -1,5 +1,6 @@
 import type { Command } from "commander";
 import { createDisk, describeCreate } from "../../ops/create";
+import { parseCreateOptions } from "../../ops/backing-identity";
 import { parseSize } from "../../util/size";
 import { action } from "../run-cli";
 import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
@@ -9,6 +10,7 @@ interface CreateFlags extends ConfineFlags {
   backingFormat?: string;
   image?: string;
   clusterSize?: string;
+  options?: string[];
   quiet?: boolean;
 }
 
@@ -27,6 +29,11 @@ export function register(program: Command): void {
     .option("-F, --backing-format <format>", "format of the backing file: raw, qcow2 or add-cow")
     .option("-i, --image <file>", "image file (default: FILE with .add-cow replaced by .raw)")
     .option("-c, --cluster-size <size>", "cluster size, a power of two from 4K to 2M", "64K")
+    .option(
+      "-o, --options <list>",
+      "manifest=URL (the remote base's manifest to pin; default: URL.manifest when it exists) or manifest=none",
+      (value: string, prev: string[] = []) => [...prev, value],
+    )
     .option("-q, --quiet", "print nothing on success");
   addConfineOptions(cmd).action(
     action(async (file: string, size: string | undefined, flags: CreateFlags) => {
@@ -38,6 +45,7 @@ export function register(program: Command): void {
         clusterSize: parseSize(flags.clusterSize ?? "64K", "cluster size"),
         size: size === undefined ? undefined : parseSize(size, "size"),
         confine: confinementFromFlags(flags),
+        ...parseCreateOptions(flags.options ?? []),
       });
       if (!flags.quiet) process.stdout.write(describeCreate(result) + "\n");
     }),

@@ -36,6 +36,7 @@ export function formatAddCowInfo(info: AddCowInfo): string {
   } else {
     lines.push(`backing file: none`);
   }
+  if (info.backing) lines.push(`backing pin: ${formatPin(info.pin)}`);
   lines.push(`backing chain depth: ${info.chainDepth}`);
   lines.push(
     `allocated: ${info.allocatedClusters} of ${info.clusters} clusters (${info.allocatedPercent.toFixed(2)}%)`,
@@ -48,6 +49,20 @@ export function formatAddCowInfo(info: AddCowInfo): string {
       (f.incompatibleBits.length ? `, incompatible bits ${f.incompatibleBits.join(" ")}` : ""),
   );
   return lines.join("\n");
+}
+
+/** What the disk pinned of its backing (docs/specs/add-cow.md, "The backing pin"). */
+function formatPin(pin: AddCowInfo["pin"]): string {
+  switch (pin.state) {
+    case "none":
+      return "not pinned (made before pins: rebase -u -b SAME -F FORMAT pins it)";
+    case "unreadable":
+      return `cannot be read: ${pin.reason}`;
+    case "committing":
+      return `${pin.description}; a commit into the backing was interrupted: run commit again`;
+    default:
+      return `${pin.description} (pinned ${pin.pinnedAt})`;
+  }
 }
 
 /** Lines about a remote backing: identity, block size, the shared cache. */
