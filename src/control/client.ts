@@ -12,9 +12,19 @@ import {
 import { allSockets, checkRuntimeDir, socketPathFor } from "./paths";
 import { readMountTable } from "../os/mount-table";
 
+/**
+ * How long a daemon may take to answer one request. Every request is
+ * answered at once (a job starts in the background), so a daemon silent for
+ * this long is stopped or stuck: the command says so instead of hanging.
+ */
+export const ANSWER_TIMEOUT_MS = 10_000;
+
 /** Talks to one daemon's control socket; one connection per request. */
 export class ControlClient {
-  constructor(readonly socketPath: string) {}
+  constructor(
+    readonly socketPath: string,
+    private readonly answerTimeoutMs = ANSWER_TIMEOUT_MS,
+  ) {}
 
   private open(): Promise<net.Socket> {
     return new Promise((resolve, reject) => {
@@ -28,21 +38,37 @@ export class ControlClient {
     });
   }
 
-  /** Sends a request; resolves with the single response line. */
+  /** Sends a request; resolves with the single response line, or fails after the answer timeout. */
   async request(req: ControlRequest): Promise<ControlResponse> {
     const sock = await this.open();
     return new Promise((resolve, reject) => {
       let done = false;
+      const timer = setTimeout(() => {
+        done = true;
+        sock.destroy();
+        reject(
+          new AddCowError(
+            `the daemon at ${this.socketPath} did not answer within ${this.answerTimeoutMs / 1000} s (stopped or stuck?); check it with ps, or stop it`,
+            { code: "ETIMEDOUT" },
+          ),
+        );
+      }, this.answerTimeoutMs);
       const parser = new LineParser((msg) => {
         done = true;
+        clearTimeout(timer);
         sock.end();
         resolve(msg as ControlResponse);
       });
       sock.on("data", (chunk: string) => parser.push(chunk));
-      sock.on("error", (err) => (done ? undefined : reject(err)));
+      sock.on("error", (err) => {
+        if (done) return;
+        clearTimeout(timer);
+        reject(err);
+      });
       sock.on("close", () => {
-        if (!done)
-          reject(new AddCowError(`the daemon at ${this.socketPath} closed the connection`));
+        if (done) return;
+        clearTimeout(timer);
+        reject(new AddCowError(`the daemon at ${this.socketPath} closed the connection`));
       });
       sock.write(JSON.stringify(req) + "\n");
     });
@@ -117,14 +143,17 @@ export async function findDaemon(
   }
 }
 
-/** Every live daemon in the runtime directory. */
+const LIST_TIMEOUT_MS = 2_000;
+
+/** Every live daemon in the runtime directory that answers. */
 export async function allDaemons(): Promise<
   Array<{ client: ControlClient; hello: HelloResponse }>
 > {
   const out: Array<{ client: ControlClient; hello: HelloResponse }> = [];
   const seen = new Set<number>();
   for (const socketPath of allSockets()) {
-    const client = new ControlClient(socketPath);
+    // A listing does not wait long for a stopped daemon: it is left out.
+    const client = new ControlClient(socketPath, LIST_TIMEOUT_MS);
     try {
       const hello = await client.call<HelloResponse>({ op: "hello" });
       // A daemon serving several disks has one socket per disk.
