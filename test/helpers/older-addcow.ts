@@ -5,19 +5,26 @@
  * dist/ of another older version instead.
  */
 import { execFileSync } from "node:child_process";
+import * as crypto from "node:crypto";
 import * as fs from "node:fs";
 import * as os from "node:os";
 import * as path from "node:path";
 
-/** The last commit before feature bit 1 (the backing pin) existed. */
-export const BEFORE_PIN = "952be54bf6d51ec5c5c45a153bb4224f6b3abf5f";
+/**
+ * The last commit of main before feature bit 1 (the backing pin) existed, and
+ * after the runtime moved to Node.js 24 (so it runs on the node_modules of
+ * this checkout: koffi, not fs-ext).
+ */
+export const BEFORE_PIN = "4c5aa4a8bccd6ef6124cd8ab0975d74494563900";
 
 const REPO = path.resolve(__dirname, "../..");
 
 export function olderAddcow(): string {
   const given = process.env.ADDCOW_OLDER_DIST;
   if (given) return path.join(given, "src/cli/addcow.js");
-  const dir = path.join(os.tmpdir(), `addcow-older-${BEFORE_PIN.slice(0, 12)}`);
+  // Its node_modules is a link to this checkout's: one build per checkout.
+  const repoId = crypto.createHash("sha256").update(REPO).digest("hex").slice(0, 8);
+  const dir = path.join(os.tmpdir(), `addcow-older-${BEFORE_PIN.slice(0, 12)}-${repoId}`);
   const cli = path.join(dir, "dist/src/cli/addcow.js");
   if (fs.existsSync(cli)) return cli;
   const work = fs.mkdtempSync(`${dir}.build-`);
