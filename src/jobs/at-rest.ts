@@ -20,8 +20,8 @@ export function jobOpener(opts: CopyOptions, open: OpenOptions): FileOpener | un
   if (open.opener || process.env.ADDCOW_IO || (opts.inFlight ?? DEFAULT_IN_FLIGHT) <= 1) {
     return open.opener;
   }
-  return async (file, mode) =>
-    new PosixFile(file, await openRegularFile(file, mode), mode === "write", "async");
+  return async (file, mode, at) =>
+    new PosixFile(file, await openRegularFile(at ?? file, mode), mode === "write", "async");
 }
 
 export function streamAtRest(

@@ -25,6 +25,8 @@ export interface CheckContext {
   file: string;
   path: string;
   fd: number;
+  /** Device and inode of the .add-cow file opened. */
+  selfId: string;
   fileSize: number;
   forceShare: boolean;
   /** The .add-cow file and its owner: the names in its header are judged for that user. */

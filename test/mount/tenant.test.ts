@@ -1,0 +1,431 @@
+/**
+ * Tenant disks, second round (issue 19): root mounts and inspects disks of
+ * tenants who control every path component they own, may run servers, and
+ * can signal their own processes. Each finding of the issue is a test here,
+ * run as root with real tenant users (nobody, and uids without accounts),
+ * real mounts and stand-in servers on 127.0.0.x; the checksums of every file
+ * of root's and of the golden directory are taken before and after, and
+ * commands run bounded in time. The legitimate layouts keep working.
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+import * as fs from "node:fs";
+import * as path from "node:path";
+import { afterEach, describe, expect, it } from "vitest";
+import { type FileIO, openPosixFile } from "../../src/block/file-io";
+import { openDisk } from "../../src/chain/open-chain";
+import { snapshotTree, writeDisk, writeRaw } from "../helpers/bad-files";
+import {
+  MOUNT_BIN,
+  cleanupAll,
+  deferCleanup,
+  mountDisk,
+  processAlive,
+  sh,
+  tempDir,
+  trackMount,
+} from "../helpers/mount";
+import {
+  ADDCOW,
+  KiB,
+  NOBODY,
+  addcow,
+  asNobody,
+  chownTo,
+  env,
+  mountRefused,
+  mountedAt,
+  oneLine,
+  rootFile,
+  spawnOk,
+} from "../helpers/trust";
+import { fingerprint } from "../helpers/cli";
+
+afterEach(cleanupAll);
+
+/** A uid without an account: a second tenant. */
+const OTHER = 4242;
+
+interface Host {
+  root: string;
+  /** Root's own directories (0700 and 0755) and the shared golden images (0755, files 0644). */
+  rootOnly: string;
+  rootShared: string;
+  golden: string;
+  /** The tenants' directories. */
+  tenant: string;
+  other: string;
+  mnt: string;
+}
+
+/** A temp tree laid out like a host serving tenants (docs/security.md). */
+function host(): Host {
+  const root = tempDir("addcow-tenant-");
+  fs.chmodSync(root, 0o755);
+  const h: Host = {
+    root,
+    rootOnly: path.join(root, "root-only"),
+    rootShared: path.join(root, "root-shared"),
+    golden: path.join(root, "golden"),
+    tenant: path.join(root, "tenant"),
+    other: path.join(root, "other"),
+    mnt: path.join(root, "mnt"),
+  };
+  fs.mkdirSync(h.rootOnly, { mode: 0o700 });
+  for (const d of [h.rootShared, h.golden, h.tenant, h.other]) fs.mkdirSync(d, { mode: 0o755 });
+  fs.chmodSync(h.other, 0o700);
+  chownTo(NOBODY, h.tenant);
+  chownTo(OTHER, h.other);
+  return h;
+}
+
+/** Everything root's and the golden directory hold, to compare before and after. */
+function rootState(h: Host): string {
+  return [h.rootOnly, h.rootShared, h.golden, h.other]
+    .map((d) => `${d}\n${[...snapshotTree(d)].join("\n")}`)
+    .join("\n---\n");
+}
+
+/** A symbolic link owned by uid (as that user would make it). */
+function linkAs(uid: number, target: string, link: string): string {
+  fs.symlinkSync(target, link);
+  chownTo(uid, link);
+  return link;
+}
+
+/** A disk of uid's in dir (its .add-cow and image files theirs). */
+function diskOf(uid: number, dir: string, name: string, spec: Parameters<typeof writeDisk>[2]) {
+  const d = writeDisk(dir, name, spec);
+  chownTo(uid, d.addcow, ...(spec.noImage ? [] : [d.image]));
+  return d;
+}
+
+/** info, map and check as root all refuse with one line matching `pattern`. */
+async function inspectRefused(file: string, pattern: RegExp, flags: string[] = []): Promise<void> {
+  for (const command of ["info", "map", "check"]) {
+    const r = await addcow([command, ...flags, file], { timeoutMs: 30_000 });
+    expect(oneLine(r, "addcow"), command).toMatch(pattern);
+  }
+}
+
+describe("who controls the way to a disk judges it (findings 1 and 3)", () => {
+  it("finding 1: a tenant's link to root's disk with relative names, and the tenant's links beside it", async () => {
+    const h = host();
+    // Root's own VM disk in a 0700 directory: relative names vm.raw (image) and base.raw.
+    const secret = rootFile(path.join(h.rootOnly, "secret"), 128 * KiB, 0o600, 0x5e);
+    const target = rootFile(path.join(h.rootOnly, "target"), 128 * KiB, 0o600, 0x7a);
+    const vm = path.join(h.rootOnly, "vm");
+    fs.mkdirSync(vm, { mode: 0o700 });
+    rootFile(path.join(vm, "base.raw"), 128 * KiB, 0o600, 0x11);
+    const rootDisk = writeDisk(vm, "vm", {
+      size: 128 * KiB,
+      backingName: "base.raw",
+      backingFormat: "raw",
+    });
+    // The tenant's plants: the disk is a link to root's; vm.raw and base.raw beside it lead to root's secrets.
+    const disk = linkAs(NOBODY, rootDisk.addcow, path.join(h.tenant, "disk.add-cow"));
+    linkAs(NOBODY, target, path.join(h.tenant, "vm.raw"));
+    linkAs(NOBODY, secret, path.join(h.tenant, "base.raw"));
+    const before = rootState(h);
+
+    const refusal =
+      /^add-cow file .*tenant\/disk\.add-cow is refused: uid 65534, who owns directory .*tenant, may not read (and write )?it \(EACCES\)/;
+    await inspectRefused(disk, refusal);
+    expect(
+      await mountRefused(["-o", `uid=${NOBODY},allow_other`, disk], h.mnt, { timeoutMs: 30_000 }),
+    ).toMatch(refusal);
+    expect(rootState(h)).toBe(before);
+  });
+
+  it("finding 1 under confinement: the tenant's vm.raw beside a link to root's disk leads to the golden base", async () => {
+    const h = host();
+    const golden = rootFile(path.join(h.golden, "base.raw"), 128 * KiB, 0o644, 0x22);
+    // Root's disk in a directory the tenant may read: its image is root's vm.raw there.
+    const rootDisk = writeDisk(h.rootShared, "vm", { size: 128 * KiB, fill: 0x44, allSet: true });
+    const disk = linkAs(NOBODY, rootDisk.addcow, path.join(h.tenant, "disk.add-cow"));
+    linkAs(NOBODY, golden, path.join(h.tenant, "vm.raw"));
+    const before = rootState(h);
+
+    const options = `confine,allow_dir=${h.golden},uid=${NOBODY},allow_other`;
+    expect(await mountRefused(["-o", options, disk], h.mnt)).toMatch(
+      /^add-cow file .*tenant\/disk\.add-cow is refused: uid 65534, who owns directory .*tenant, may not read and write it \(EACCES\)/,
+    );
+    expect(rootState(h)).toBe(before);
+
+    // Read-only, the tenant gets what it could read anyway: root's own image file,
+    // named relative to the directory of the file actually opened, never the tenant's vm.raw.
+    const m = await mountDisk(disk, h.mnt, { options: `ro,confine,allow_dir=${h.golden}` });
+    expect(fs.readFileSync(m.file).equals(fs.readFileSync(rootDisk.image))).toBe(true);
+    await m.unmount();
+    expect(rootState(h)).toBe(before);
+  });
+
+  it("finding 3: a link to another tenant's disk in that tenant's 0700 directory", async () => {
+    const h = host();
+    const victim = diskOf(OTHER, h.other, "private", {
+      size: 128 * KiB,
+      imageName: path.join(h.other, "private.raw"),
+      fill: 0x66,
+    });
+    const disk = linkAs(NOBODY, victim.addcow, path.join(h.tenant, "stolen.add-cow"));
+    const before = rootState(h);
+    const refusal =
+      /^add-cow file .*tenant\/stolen\.add-cow is refused: uid 65534, who owns directory .*tenant, may not read (and write )?it \(EACCES\)/;
+    await inspectRefused(disk, refusal);
+    expect(await mountRefused(["-o", `uid=${NOBODY},allow_other`, disk], h.mnt)).toMatch(refusal);
+    expect(rootState(h)).toBe(before);
+  });
+
+  it("root's own disk in a tenant's directory is the tenant's disk", async () => {
+    const h = host();
+    const secret = rootFile(path.join(h.rootOnly, "secret"), 128 * KiB, 0o600);
+    // Left behind by an older addcow create run as root: root's files, in the tenant's directory.
+    const d = writeDisk(h.tenant, "old", { size: 128 * KiB, backingName: "base.raw" });
+    linkAs(NOBODY, secret, path.join(h.tenant, "base.raw"));
+    const before = rootState(h);
+    expect(await mountRefused(["-o", "ro", d.addcow], h.mnt)).toMatch(
+      /^backing file .*tenant\/base\.raw \(named in .*old\.add-cow\) is refused: uid 65534, who owns directory .*tenant, may not read it \(EACCES\)/,
+    );
+    await inspectRefused(d.addcow, /^backing file .*tenant\/base\.raw .*is refused: uid 65534/);
+    expect(rootState(h)).toBe(before);
+  });
+
+  it("a directory on the way that its group or everyone may change (no sticky bit) is refused", async () => {
+    const h = host();
+    const shared = path.join(h.rootShared, "drop");
+    fs.mkdirSync(shared);
+    fs.chmodSync(shared, 0o777);
+    const d = writeDisk(shared, "d", { size: 128 * KiB });
+    const before = rootState(h);
+    await inspectRefused(
+      d.addcow,
+      /^add-cow file .*drop\/d\.add-cow is refused: directory .*drop \(mode 0777\) may be changed by every user without the sticky bit/,
+    );
+    expect(rootState(h)).toBe(before);
+    fs.chmodSync(shared, 0o1777);
+    const r = await addcow(["info", d.addcow]);
+    expect(r.code, r.stderr).toBe(0);
+  });
+});
+
+describe("smaller findings (point 8)", () => {
+  it("a name swapped after it was judged: the file opened is the one judged, never the one swapped in", async () => {
+    const h = host();
+    const victim = rootFile(path.join(h.rootOnly, "victim"), 128 * KiB, 0o600, 0x31);
+    const victimIno = fs.statSync(victim).ino;
+    const d = diskOf(NOBODY, h.tenant, "d", { size: 128 * KiB, fill: 0x42 });
+    const imageIno = fs.statSync(d.image).ino;
+    const before = rootState(h);
+    const opened: Array<{ name: string; mode: string; ino: number }> = [];
+    // The tenant swaps its image file for a link to root's file between the check and the open.
+    const swapping = async (p: string, mode: "read" | "write", at?: string): Promise<FileIO> => {
+      if (
+        path.basename(p) === "d.raw" &&
+        mode === "write" &&
+        !fs.lstatSync(d.image).isSymbolicLink()
+      ) {
+        fs.renameSync(d.image, `${d.image}.moved`);
+        linkAs(NOBODY, victim, d.image);
+      }
+      const io = await openPosixFile(p, mode, at);
+      opened.push({ name: path.basename(p), mode, ino: Number(io.stat().ino) });
+      return io;
+    };
+    const dev = await openDisk(d.addcow, { writable: true, opener: swapping }).catch(
+      (e: unknown) => e,
+    );
+    if (!(dev instanceof Error)) {
+      await (dev as { close(): Promise<void> }).close();
+      expect(opened.find((o) => o.name === "d.raw" && o.mode === "write")?.ino).toBe(imageIno);
+    }
+    expect(opened.filter((o) => o.ino === victimIno)).toEqual([]);
+    expect(rootState(h)).toBe(before);
+  });
+
+  it("a uid without an account is judged with nogroup, not the group a setgid directory gave its file", async () => {
+    const h = host();
+    const uid = 4243;
+    const shadowGroup = Number(fs.statSync("/etc/shadow").gid);
+    const dir = path.join(h.root, "setgid");
+    fs.mkdirSync(dir);
+    fs.chownSync(dir, uid, shadowGroup);
+    fs.chmodSync(dir, 0o2755);
+    const d = writeDisk(dir, "d", { size: 128 * KiB, backingName: "/etc/shadow" });
+    for (const f of [d.addcow, d.image]) fs.chownSync(f, uid, shadowGroup);
+    expect(fs.statSync(d.addcow).gid).toBe(shadowGroup);
+    const before = `${rootState(h)}\n${fingerprint("/etc/shadow")}`;
+    await inspectRefused(
+      d.addcow,
+      /^backing file \/etc\/shadow \(named in .*setgid\/d\.add-cow\) is refused: uid 4243, who owns .*d\.add-cow, may not read it \(EACCES\)/,
+    );
+    expect(await mountRefused(["-o", "ro,allow_other,umask=022", d.addcow], h.mnt)).toMatch(
+      /^backing file \/etc\/shadow .*is refused: uid 4243/,
+    );
+    expect(`${rootState(h)}\n${fingerprint("/etc/shadow")}`).toBe(before);
+  });
+
+  it("refusals do not tell whether a file exists where the tenant cannot look, nor where root's links point", async () => {
+    const h = host();
+    rootFile(path.join(h.rootOnly, "exists.raw"), 128 * KiB, 0o600);
+    fs.symlinkSync("/very/secret/place-of-root", path.join(h.rootOnly, "dangling"));
+    fs.symlinkSync("exists.raw", path.join(h.rootOnly, "link.raw"));
+    spawnOk("mkfifo", [path.join(h.rootOnly, "fifo")]);
+    const messages: string[] = [];
+    for (const name of ["exists.raw", "missing.raw", "dangling", "link.raw", "fifo", "no/dir"]) {
+      const stem = name.replace(/\W/g, "-");
+      const d = diskOf(NOBODY, h.tenant, stem, {
+        size: 128 * KiB,
+        backingName: path.join(h.rootOnly, name),
+        backingFormat: "raw",
+      });
+      for (const command of ["info", "check"]) {
+        const msg = oneLine(await addcow([command, d.addcow]), "addcow");
+        messages.push(msg.replace(name, "NAME").replace(new RegExp(stem, "g"), "DISK"));
+      }
+      const mount = await mountRefused(["-o", "ro", d.addcow], h.mnt);
+      messages.push(mount.replace(name, "NAME").replace(new RegExp(stem, "g"), "DISK"));
+    }
+    for (const m of messages) {
+      expect(m).toMatch(
+        /^backing file .*root-only\/NAME .*is refused: uid 65534, .* may not read it \(EACCES\)/,
+      );
+      expect(m).not.toMatch(/exist|FIFO|place-of-root|symbolic link/);
+    }
+    expect(new Set(messages).size).toBe(1);
+  });
+});
+
+/** Pids of the processes whose parent is pid (any of its threads). */
+function childrenOf(pid: number): number[] {
+  const out: number[] = [];
+  try {
+    for (const tid of fs.readdirSync(`/proc/${pid}/task`)) {
+      const text = fs.readFileSync(`/proc/${pid}/task/${tid}/children`, "utf8").trim();
+      if (text) out.push(...text.split(" ").map(Number));
+    }
+  } catch {
+    // Gone meanwhile.
+  }
+  return out;
+}
+
+/**
+ * Runs a command whose access helper gets stopped the moment it exists. Root
+ * stands in for the tenant here (the helper runs as the tenant, who may send
+ * it SIGSTOP once it has changed ids; catching it then would be a race).
+ */
+async function withHelperStopped(
+  program: string,
+  args: string[],
+  timeoutMs: number,
+): Promise<{ code: number | null; stderr: string; ms: number; helpers: number[] }> {
+  const started = Date.now();
+  const child: ChildProcess = spawn(process.execPath, [program, ...args], {
+    env: { ...env, ADDCOW_ACCESS_TIMEOUT: "3" },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  let stderr = "";
+  child.stderr!.setEncoding("utf8").on("data", (c: string) => (stderr += c));
+  const helpers = new Set<number>();
+  // The command's only child is its helper: stopped as soon as it runs its program (not
+  // between fork and exec, where the parent waits for the exec: the tenant cannot reach it there).
+  const stopper = setInterval(() => {
+    for (const p of childrenOf(child.pid!)) {
+      if (helpers.has(p)) continue;
+      let cmd = "";
+      try {
+        cmd = fs.readFileSync(`/proc/${p}/cmdline`, "utf8");
+      } catch {
+        continue;
+      }
+      if (!cmd.includes("\0-e\0")) continue;
+      helpers.add(p);
+      process.kill(p, "SIGSTOP");
+    }
+  }, 1);
+  deferCleanup(() => {
+    for (const p of helpers) if (processAlive(p)) process.kill(p, "SIGKILL");
+  });
+  const code = await new Promise<number | null>((resolve) => {
+    const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
+    child.on("exit", (c) => {
+      clearTimeout(timer);
+      resolve(c);
+    });
+  });
+  clearInterval(stopper);
+  return { code, stderr, ms: Date.now() - started, helpers: [...helpers] };
+}
+
+describe("the access helper has a deadline (finding 7)", () => {
+  it("a stopped helper: info and mount are refused in one line within the deadline, and the helper is killed", async () => {
+    const h = host();
+    writeRaw(path.join(h.tenant, "base.raw"), 128 * KiB);
+    chownTo(NOBODY, path.join(h.tenant, "base.raw"));
+    const d = diskOf(NOBODY, h.tenant, "d", { size: 128 * KiB, backingName: "base.raw" });
+    for (const [program, args] of [
+      [ADDCOW, ["info", d.addcow]],
+      [MOUNT_BIN, ["-f", d.addcow, h.mnt]],
+    ] as const) {
+      trackMount(h.mnt);
+      const r = await withHelperStopped(program, [...args], 25_000);
+      expect(r.helpers.length, `${program}: ${r.stderr}`).toBeGreaterThan(0);
+      expect(r.code, r.stderr).toBe(1);
+      const lines = r.stderr.trim().split("\n");
+      expect(lines, r.stderr).toHaveLength(1);
+      expect(lines[0]).toMatch(
+        /^addcow(-mount)?: cannot check whether uid 65534 may open .*d\.raw \(named in .*d\.add-cow\): the helper process running as uid 65534 did not answer within 3 s \(that user can stop it\); the disk is refused/,
+      );
+      expect(r.ms).toBeLessThan(15_000);
+      for (const p of r.helpers) expect(processAlive(p), `helper ${p}`).toBe(false);
+    }
+    expect(mountedAt(h.mnt)).toBe(false);
+  });
+});
+
+describe("legitimate tenant layouts keep working", () => {
+  it("a tenant's chain with relative names over a golden base, mounted confined for the tenant", async () => {
+    const h = host();
+    const golden = rootFile(path.join(h.golden, "base.raw"), 256 * KiB, 0o644, 0x5a);
+    diskOf(NOBODY, h.tenant, "mid", { size: 256 * KiB, backingName: golden, backingFormat: "raw" });
+    const top = diskOf(NOBODY, h.tenant, "top", {
+      size: 256 * KiB,
+      backingName: "mid.add-cow",
+      backingFormat: "add-cow",
+    });
+    const before = rootState(h);
+    for (const command of ["info", "map", "check"]) {
+      const r = await addcow([command, "--allow-dir", h.golden, top.addcow]);
+      expect(r.code, `${command}: ${r.stderr}`).toBe(0);
+    }
+    const m = await mountDisk(top.addcow, h.mnt, {
+      options: `confine,allow_dir=${h.golden},uid=${NOBODY},allow_other`,
+    });
+    await sh("cmp", [m.file, golden]);
+    const w = await asNobody("dd", [
+      "if=/dev/zero",
+      `of=${m.file}`,
+      "bs=4k",
+      "count=2",
+      "conv=notrunc,fsync",
+    ]);
+    expect(w.code, w.stderr).toBe(0);
+    await m.unmount();
+    expect(fs.readFileSync(top.image).subarray(0, 8192).equals(Buffer.alloc(8192))).toBe(true);
+    expect(rootState(h)).toBe(before);
+  });
+
+  it("a tenant's own link to its own disk in its own directory, and a uid without an account", async () => {
+    const h = host();
+    const dir = path.join(h.root, "acct-less");
+    fs.mkdirSync(dir);
+    chownTo(OTHER, dir);
+    writeRaw(path.join(dir, "base.raw"), 128 * KiB, 0x12);
+    chownTo(OTHER, path.join(dir, "base.raw"));
+    const d = diskOf(OTHER, dir, "d", { size: 128 * KiB, backingName: "base.raw" });
+    const link = linkAs(OTHER, "d.add-cow", path.join(dir, "current.add-cow"));
+    const m = await mountDisk(link, h.mnt, { options: `uid=${OTHER}` });
+    await sh("cmp", [m.file, path.join(dir, "base.raw")]);
+    await m.unmount();
+    expect((await addcow(["check", d.addcow])).code).toBe(0);
+  });
+});
