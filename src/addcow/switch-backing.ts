@@ -19,7 +19,7 @@ export async function rewriteWithBacking(
 ): Promise<AddCowHeader> {
   const next: AddCowHeader = { ...header, backingName: name, backingFormat: format };
   const encoded = encodeHeader(next);
-  const aside = await replacer.createBeside(file);
+  const aside = await replacer.createBeside(file, meta);
   try {
     await aside.write(encoded, 0);
     const size = await meta.size();

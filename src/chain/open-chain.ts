@@ -636,6 +636,21 @@ export async function openDiskFile(
 }
 
 /**
+ * A file a new disk's header is about to name (create's existing image
+ * file), judged as openDisk will judge it and opened for `n.access` through
+ * its descriptor, unlocked.
+ */
+export async function openNamedFile(n: NamedFile, confine?: Confinement | null): Promise<FileIO> {
+  let io!: FileIO;
+  await openChain({ confine, lock: false }, 0, async (state) => {
+    if (n.namer) state.policy.setDisk(n.namer);
+    const at = await locateJudged(givenName(n.file), n, state);
+    io = await openLocated(n, at, n.access, state, false);
+  });
+  return io;
+}
+
+/**
  * For `addcow check`: judges a file named in the header of `namer` as
  * openDisk would, and throws the same refusal (a judged user who cannot see
  * it is the refusal; a missing file that they could see is "cannot-open").

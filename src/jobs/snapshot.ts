@@ -1,6 +1,6 @@
 import * as fs from "node:fs";
 import { AddCowError } from "../util/errors";
-import { createDisk, defaultImageName } from "../ops/create";
+import { type MadeFile, createDisk, defaultImageName } from "../ops/create";
 import type { Confinement } from "../chain/access-policy";
 
 export interface SnapshotOptions {
@@ -13,6 +13,8 @@ export interface SnapshotOptions {
   confine?: Confinement | null;
   /** Which names the user gave relative (live: the paths arrive absolute); stored relative. */
   relative?: { backing: boolean; image: boolean };
+  /** Filled with the files made, for a caller that may have to take them away again. */
+  made?: MadeFile[];
 }
 
 /**
@@ -30,15 +32,16 @@ export async function snapshotDisk(
     ["", newFile],
     ["image file ", image],
   ] as const) {
-    if (fs.existsSync(p)) {
+    if (exists(p)) {
       throw new AddCowError(
         `${what}${p} already exists; a snapshot never reuses a file: remove it or choose another name`,
         { file: p, code: "EEXIST" },
       );
     }
   }
-  await createDisk({
+  const result = await createDisk({
     file: newFile,
+    freshImage: true,
     backing: file,
     backingFormat: "add-cow",
     image,
@@ -47,5 +50,16 @@ export async function snapshotDisk(
     confine: opts.confine,
     ...(opts.relative ? { relative: opts.relative } : {}),
   });
+  opts.made?.push(...result.made);
   return `created ${newFile} (image file ${image}) over ${file}; from now on use ${newFile}: ${file} and its chain are only read`;
+}
+
+/** Anything under the name, a dangling link included. */
+function exists(p: string): boolean {
+  try {
+    fs.lstatSync(p);
+    return true;
+  } catch {
+    return false;
+  }
 }

@@ -207,6 +207,115 @@ describe("who controls the way to a disk judges it (findings 1 and 3)", () => {
   });
 });
 
+describe("what addcow creates for a tenant is the tenant's (finding 2)", () => {
+  /** uid and gid of a file (not following a link). */
+  const ownerOf = (f: string) => {
+    const st = fs.lstatSync(f);
+    return [st.uid, st.gid];
+  };
+
+  it("create in a tenant's directory: the .add-cow and image files are the tenant's", async () => {
+    const h = host();
+    const golden = rootFile(path.join(h.golden, "base.raw"), 256 * KiB, 0o644, 0x5a);
+    const disk = path.join(h.tenant, "disk.add-cow");
+    const r = await addcow(["create", "-q", "-b", golden, "-F", "raw", disk]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(ownerOf(disk)).toEqual([NOBODY, NOBODY]);
+    expect(ownerOf(path.join(h.tenant, "disk.raw"))).toEqual([NOBODY, NOBODY]);
+    // The tenant's disk opens as the tenant's (names judged for the tenant).
+    const info = await asNobody(process.execPath, [ADDCOW, "info", disk]);
+    expect(info.code, info.stderr).toBe(0);
+  });
+
+  it("create never follows a link the tenant planted at the image file's name", async () => {
+    const h = host();
+    const golden = rootFile(path.join(h.golden, "base.raw"), 256 * KiB, 0o644);
+    const small = rootFile(path.join(h.rootOnly, "twelve"), 12, 0o600, 0x61);
+    linkAs(NOBODY, small, path.join(h.tenant, "disk.raw"));
+    const before = rootState(h);
+    const disk = path.join(h.tenant, "disk.add-cow");
+    expect(
+      oneLine(await addcow(["create", "-b", golden, "-F", "raw", disk, "1M"]), "addcow"),
+    ).toMatch(
+      /^image file .*tenant\/disk\.raw \(named in .*tenant\/disk\.add-cow\) is refused: uid 65534, who owns .*disk\.add-cow, may not read and write it \(EACCES\)/,
+    );
+    expect(fs.statSync(small).size).toBe(12);
+    expect(rootState(h)).toBe(before);
+    expect(fs.existsSync(disk)).toBe(false);
+  });
+
+  it("create judges the backing file for the tenant whose disk it makes", async () => {
+    const h = host();
+    const disk = path.join(h.tenant, "disk.add-cow");
+    expect(
+      oneLine(await addcow(["create", "-b", "/etc/shadow", "-F", "raw", disk]), "addcow"),
+    ).toMatch(
+      /^backing file \/etc\/shadow \(named in .*tenant\/disk\.add-cow\) is refused: uid 65534/,
+    );
+    expect(fs.readdirSync(h.tenant)).toEqual([]);
+  });
+
+  it("snapshot at rest: the new layer is the tenant's, and its swapped image file cannot reach the golden base", async () => {
+    const h = host();
+    const golden = rootFile(path.join(h.golden, "base.raw"), 256 * KiB, 0o644, 0x5a);
+    const d = diskOf(NOBODY, h.tenant, "disk", {
+      size: 256 * KiB,
+      backingName: golden,
+      backingFormat: "raw",
+    });
+    const snap = path.join(h.tenant, "snap.add-cow");
+    const r = await addcow(["snapshot", "-q", "--allow-dir", h.golden, d.addcow, snap]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(ownerOf(snap)).toEqual([NOBODY, NOBODY]);
+    expect(ownerOf(path.join(h.tenant, "snap.raw"))).toEqual([NOBODY, NOBODY]);
+    // The tenant swaps the new image file for a link to the golden base.
+    fs.rmSync(path.join(h.tenant, "snap.raw"));
+    linkAs(NOBODY, golden, path.join(h.tenant, "snap.raw"));
+    const before = rootState(h);
+    expect(
+      await mountRefused(["-o", `confine,allow_dir=${h.golden},uid=${NOBODY}`, snap], h.mnt),
+    ).toMatch(
+      /^image file .*tenant\/snap\.raw \(named in .*snap\.add-cow\) is refused: uid 65534, who owns .*snap\.add-cow, may not read and write it \(EACCES\)/,
+    );
+    expect(rootState(h)).toBe(before);
+  });
+
+  it("snapshot never follows a link planted at the new files' names", async () => {
+    const h = host();
+    const d = diskOf(NOBODY, h.tenant, "disk", { size: 128 * KiB });
+    // Dangling: a plain existence check would not see them.
+    linkAs(NOBODY, path.join(h.rootOnly, "new.raw"), path.join(h.tenant, "snap.raw"));
+    linkAs(NOBODY, path.join(h.golden, "new.add-cow"), path.join(h.tenant, "snap2.add-cow"));
+    const before = rootState(h);
+    expect(
+      oneLine(await addcow(["snapshot", d.addcow, path.join(h.tenant, "snap.add-cow")]), "addcow"),
+    ).toMatch(/^image file .*snap\.raw already exists; a snapshot never reuses a file/);
+    expect(
+      oneLine(await addcow(["snapshot", d.addcow, path.join(h.tenant, "snap2.add-cow")]), "addcow"),
+    ).toMatch(/snap2\.add-cow already exists/);
+    expect(rootState(h)).toBe(before);
+  });
+
+  it("live snapshot of a mounted tenant disk: the new layer is the tenant's", async () => {
+    const h = host();
+    const golden = rootFile(path.join(h.golden, "base.raw"), 256 * KiB, 0o644, 0x5a);
+    const d = diskOf(NOBODY, h.tenant, "disk", {
+      size: 256 * KiB,
+      backingName: golden,
+      backingFormat: "raw",
+    });
+    const m = await mountDisk(d.addcow, h.mnt, {
+      options: `confine,allow_dir=${h.golden},uid=${NOBODY}`,
+    });
+    const snap = path.join(h.tenant, "live.add-cow");
+    const r = await addcow(["snapshot", "-q", d.addcow, snap]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(ownerOf(snap)).toEqual([NOBODY, NOBODY]);
+    expect(ownerOf(path.join(h.tenant, "live.raw"))).toEqual([NOBODY, NOBODY]);
+    await m.unmount();
+  });
+});
+
 describe("smaller findings (point 8)", () => {
   it("a name swapped after it was judged: the file opened is the one judged, never the one swapped in", async () => {
     const h = host();
