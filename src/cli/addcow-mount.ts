@@ -92,12 +92,13 @@ async function mountAction(
 
   const foreground = !opts.daemonChild;
   // A background daemon has no terminal: its problems go to syslog unless -o log= says otherwise.
-  const reporter = new DaemonLog(
-    PROGRAM,
-    options.log ?? (foreground ? { kind: "stderr" } : { kind: "syslog" }),
-  );
+  let reporter!: DaemonLog;
   let daemon: MountDaemon;
   try {
+    reporter = new DaemonLog(
+      PROGRAM,
+      options.log ?? (foreground ? { kind: "stderr" } : { kind: "syslog" }),
+    );
     daemon = await MountDaemon.start({
       disks,
       mountDir,

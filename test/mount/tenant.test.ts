@@ -316,6 +316,119 @@ describe("what addcow creates for a tenant is the tenant's (finding 2)", () => {
   });
 });
 
+describe("log files (finding 6)", () => {
+  /** addcow-mount whose daemon opens its files through a fault injector (test/helpers). */
+  const FAULTY = path.resolve(__dirname, "../../dist/test/helpers/faulty-addcow-mount.js");
+
+  /**
+   * Mounts the tenant's disk with -o log=LOG. When the daemon starts, it is
+   * made to log a line (a failed data sync of the image file, said in the log)
+   * and unmounted. Returns the one-line refusal, or null when it mounted.
+   */
+  async function mountLogging(h: Host, log: string): Promise<string | null> {
+    const d = diskOf(NOBODY, h.tenant, `d${Math.random().toString(36).slice(2, 8)}`, {
+      size: 128 * KiB,
+    });
+    const faults = path.join(h.root, "faults.json");
+    fs.writeFileSync(faults, "[]");
+    let m;
+    try {
+      m = await mountDisk(d.addcow, h.mnt, {
+        bin: FAULTY,
+        foreground: true,
+        options: `log=${log}`,
+        env: { ...env, ADDCOW_TEST_FAULTS: faults },
+      });
+    } catch (err) {
+      const text = (err as Error).message;
+      expect(text.split("\n"), text).toHaveLength(1);
+      return text.replace(/^addcow-mount -f exited 1: addcow-mount: /, "");
+    }
+    // Bounded: a daemon stuck writing its log (to a FIFO) would hang these calls.
+    const daemon = m;
+    let timer: NodeJS.Timeout | undefined;
+    const hung = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        if (processAlive(daemon.pid)) process.kill(daemon.pid, "SIGKILL");
+        reject(new Error("the daemon hung while writing its log"));
+      }, 10_000);
+    });
+    const drive = async () => {
+      const fh = await fs.promises.open(daemon.file, "r+");
+      try {
+        await fh.write(Buffer.alloc(4096, 0x61), 0, 4096, 0);
+        fs.writeFileSync(
+          faults,
+          JSON.stringify([{ file: path.basename(d.image), op: "sync", code: "EIO", times: 1 }]),
+        );
+        await expect(fh.datasync()).rejects.toThrow(/EIO/);
+      } finally {
+        // The failed disk fails the close's flush too.
+        await fh.close().catch(() => undefined);
+      }
+      fs.writeFileSync(faults, "[]");
+      await sh("fusermount", ["-u", daemon.dir]);
+      await daemon.exited;
+    };
+    try {
+      await Promise.race([drive(), hung]);
+    } finally {
+      clearTimeout(timer);
+    }
+    return null;
+  }
+
+  it("a link the tenant planted at the log file's name: refused, root's file untouched", async () => {
+    const h = host();
+    const secret = rootFile(path.join(h.rootOnly, "secret"), 4096, 0o600);
+    const log = linkAs(NOBODY, secret, path.join(h.tenant, "addcow.log"));
+    const before = rootState(h);
+    const refusal = await mountLogging(h, log);
+    expect(rootState(h)).toBe(before);
+    expect(refusal).toMatch(
+      /^log file .*tenant\/addcow\.log is refused: directory .*tenant on the way to it belongs to uid 65534/,
+    );
+  });
+
+  it("a new log file is created 0600 and gets the daemon's lines", async () => {
+    const h = host();
+    const logs = path.join(h.root, "logs");
+    fs.mkdirSync(logs, { mode: 0o755 });
+    const log = path.join(logs, "addcow.log");
+    expect(await mountLogging(h, log)).toBe(null);
+    expect(fs.statSync(log).mode & 0o777).toBe(0o600);
+    expect(fs.readFileSync(log, "utf8")).toMatch(/addcow-mount\[\d+\]: err: DISK FAILED/);
+  });
+
+  it("a FIFO, another user's file, a hard link or a tenant's directory on the way: refused", async () => {
+    const h = host();
+    const logs = path.join(h.root, "logs");
+    fs.mkdirSync(logs, { mode: 0o755 });
+    spawnOk("mkfifo", [path.join(logs, "fifo")]);
+    const theirs = path.join(logs, "theirs.log");
+    fs.writeFileSync(theirs, "");
+    chownTo(NOBODY, theirs);
+    const secret = rootFile(path.join(h.rootOnly, "secret"), 4096, 0o600);
+    fs.linkSync(secret, path.join(logs, "hard.log"));
+    const before = rootState(h);
+    expect(await mountLogging(h, path.join(logs, "fifo"))).toMatch(
+      /^log file .*logs\/fifo is refused: it is not a regular file/,
+    );
+    expect(await mountLogging(h, theirs)).toMatch(
+      /^log file .*theirs\.log is refused: it belongs to uid 65534/,
+    );
+    expect(await mountLogging(h, path.join(logs, "hard.log"))).toMatch(
+      /^log file .*hard\.log is refused: it has 2 hard links/,
+    );
+    expect(await mountLogging(h, path.join(h.tenant, "new.log"))).toMatch(
+      /^log file .*tenant\/new\.log is refused: directory .*tenant on the way to it belongs to uid 65534/,
+    );
+    expect(fs.existsSync(path.join(h.tenant, "new.log"))).toBe(false);
+    expect(rootState(h)).toBe(before);
+    expect(fs.readFileSync(theirs, "utf8")).toBe("");
+  });
+});
+
 describe("smaller findings (point 8)", () => {
   it("a name swapped after it was judged: the file opened is the one judged, never the one swapped in", async () => {
     const h = host();
