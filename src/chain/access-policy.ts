@@ -67,7 +67,7 @@ export interface Located {
 }
 
 /** A user whose rights bound a file, and why (for messages). */
-interface Principal {
+export interface Principal {
   uid: number;
   /** What they own that leads here: a file, "directory D", "symbolic link L". */
   owns: string;
@@ -115,26 +115,6 @@ export function confinementOf(
   return { dirs: [...new Set(dirs)], urls: confine.allowUrls };
 }
 
-/**
- * The hook every opener calls before it reaches a URL backing name: under
- * confinement a URL is refused unless URLs were allowed explicitly.
- */
-export function checkUrlName(
-  confine: Confinement | null | undefined,
-  name: string,
-  role: string,
-  namedIn: string,
-): void {
-  if (confine && !confine.allowUrls) throw urlRefused(name, role, namedIn);
-}
-
-function urlRefused(name: string, role: string, namedIn: string): AddCowError {
-  return new AddCowError(
-    `${role} ${name} (named in ${namedIn}) is refused: it is a URL, and a confined disk may use URL backings only with --allow-url (-o allow_url)`,
-    { reason: "forbidden", file: name, code: "EACCES", mode: "read" },
-  );
-}
-
 function verb(access: Access): string {
   return access === "write" ? "read and write" : "read";
 }
@@ -180,9 +160,10 @@ export class AccessPolicy {
     return this.disk.principals.find((p) => p.uid !== this.runner) ?? null;
   }
 
-  /** A URL backing under confinement needs an explicit allow. */
-  checkUrl(name: string, role: string, namedIn: string): void {
-    if (this.confine && !this.confine.allowUrls) throw urlRefused(name, role, namedIn);
+  /** Users other than the runner whose words a name in namer's header is (chain/url-policy.ts). */
+  writersOf(namer?: Namer): Principal[] {
+    if (!namer) return [];
+    return this.judgesFor({ file: namer.file, role: "backing file", access: "read", namer }, []);
   }
 
   /**

@@ -31,6 +31,7 @@ import {
 } from "./access-policy";
 import type { RemoteSettings } from "../remote/options";
 import { openRemoteBacking } from "./open-remote";
+import { NO_URL_RULES, type UrlRules, judgeUrl } from "./url-policy";
 import { openQcow2 } from "../qcow2/open-qcow2";
 
 /** Longest backing chain we follow; deeper chains are refused as hostile. */
@@ -76,6 +77,11 @@ export interface OpenOptions {
   namedBy?: Namer;
   /** Remote backings: block size, timeouts, cache (default: from the environment). */
   remote?: RemoteSettings;
+  /**
+   * The operator's URL rules (chain/url-policy.ts): which origins another
+   * user's (or a confined) disk may name, and which get credentials.
+   */
+  urls?: UrlRules;
   /** Reads from the backing chain also fill the top disk's image file (copy-on-read). */
   copyOnRead?: boolean;
 }
@@ -457,12 +463,19 @@ async function openLayer(
   writable = false,
 ): Promise<BlockDevice> {
   if (name.url) {
+    const decision = await judgeUrl(state.opts.urls ?? NO_URL_RULES, name.path, {
+      writers: state.policy.writersOf(namer),
+      confined: state.opts.confine != null,
+      role,
+      ...(namer ? { namedIn: namer.file } : {}),
+    });
     const dev = await openRemoteBacking(
       name.path,
       format,
       writable,
       namer?.file,
       state.opts.remote,
+      decision,
     );
     state.cleanup.push(() => dev.close());
     return dev;
@@ -600,10 +613,8 @@ function chainOpener(state: ChainState): ChainOpener {
     },
     resolve: (namer, stored) => storedName(state.places.get(namer), namer, stored),
     backingName: (namer, stored) => {
-      if (isUrlName(stored)) {
-        state.policy.checkUrl(stored, "backing file", namer.file);
-        return new ChainName(stored, true, stored, null, stored);
-      }
+      // A URL is judged when it is opened (chain/url-policy.ts).
+      if (isUrlName(stored)) return new ChainName(stored, true, stored, null, stored);
       return storedName(state.places.get(namer), namer, stored);
     },
     openBacking: (name, format, namer, writable) =>

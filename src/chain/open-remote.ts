@@ -3,6 +3,8 @@ import type { BlockDevice } from "../block/block-device";
 import { AddCowError } from "../util/errors";
 import type { RemoteSettings } from "../remote/options";
 import { displayName } from "../remote/url";
+import { log } from "../util/log";
+import type { UrlDecision } from "./url-policy";
 
 /**
  * A backing name that is a URL: a read-only remote device. Only raw remote
@@ -14,7 +16,8 @@ export async function openRemoteBacking(
   format: BackingFormat,
   writable: boolean,
   namedIn: string | undefined,
-  settings?: RemoteSettings,
+  settings: RemoteSettings | undefined,
+  decision: UrlDecision,
 ): Promise<BlockDevice> {
   const where = namedIn ? ` (named in ${namedIn})` : "";
   const name = displayName(url);
@@ -33,5 +36,16 @@ export async function openRemoteBacking(
   // Loaded only when a disk needs it: the HTTP and S3 clients cost more start-up
   // time than the rest of addcow, and most disks never use them.
   const { openRemoteDevice } = await import("../remote/open-remote-device");
-  return settings ? openRemoteDevice(url, settings) : openRemoteDevice(url);
+  try {
+    // No settings: openRemoteDevice's default, from the environment.
+    return await openRemoteDevice(url, settings, decision.access);
+  } catch (err) {
+    if (!decision.quiet || !(err instanceof AddCowError) || err.reason !== "remote") throw err;
+    // Allowed by the wildcard only: how a server a tenant named answered is not for the tenant.
+    log.remote("%s: %s", name, err.message);
+    throw new AddCowError(
+      `remote backing ${name}${where} cannot be used; what its server answered is not shown for another user's disk (list its origin with --allow-url ORIGIN to see it, or trace with DEBUG=addcow:remote)`,
+      { code: "EIO", reason: "remote", file: name },
+    );
+  }
 }

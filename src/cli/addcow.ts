@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import { spellBareAllowUrl } from "./confine-options";
 import { Command } from "commander";
 import { packageVersion, runCli } from "./run-cli";
 import { helperMain, isHelperCall } from "./mount-helper";
@@ -49,6 +50,9 @@ if (require.main === module) {
     // mount.fuse runs `addcow SOURCE DIR -o OPTIONS` for mount -t fuse.addcow (and fstab).
     helperMain("addcow", args);
   } else {
-    void runCli(program, [...process.argv.slice(0, 2), ...resize.protectNegativeSize(args)]);
+    void runCli(program, [
+      ...process.argv.slice(0, 2),
+      ...resize.protectNegativeSize(spellBareAllowUrl(args)),
+    ]);
   }
 }

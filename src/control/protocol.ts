@@ -1,6 +1,7 @@
 import type { JobKind, JobStatus } from "../jobs/job";
 import type { LiveJobRequest } from "../jobs/live-jobs";
 import type { Confinement } from "../chain/access-policy";
+import type { UrlRules } from "../chain/url-policy";
 
 /**
  * The control protocol: one JSON object per line over a unix socket. A client
@@ -22,6 +23,8 @@ export interface HelloResponse {
   mountDir: string;
   /** The mount's confinement (-o confine); null without. */
   confine: Confinement | null;
+  /** The mount's URL rules (older daemons: absent). */
+  urls?: UrlRules;
 }
 
 export type ControlResponse =

@@ -5,6 +5,7 @@ import { type LiveJobRequest, LiveJobs } from "../jobs/live-jobs";
 import type { Job, JobStatus } from "../jobs/job";
 import { AddCowError, describeError } from "../util/errors";
 import type { Confinement } from "../chain/access-policy";
+import type { UrlRules } from "../chain/url-policy";
 import { log } from "../util/log";
 import { diskKey, ensureRuntimeDir, socketPathFor } from "./paths";
 import { type ControlRequest, type ControlResponse, LineParser, type WatchEvent } from "./protocol";
@@ -14,6 +15,8 @@ export interface ControlHost {
   readonly mountDir: string;
   /** The mount's confinement: every reopen of a disk's files applies it too. */
   readonly confine: Confinement | null;
+  /** The mount's URL rules (-o allow_url=, url_auth=). */
+  readonly urls: UrlRules;
 }
 
 /**
@@ -104,6 +107,7 @@ export class ControlServer {
           disks: this.jobs.tops(),
           mountDir: this.host.mountDir,
           confine: this.host.confine,
+          urls: this.host.urls,
         });
       case "list":
         return reply(sock, { ok: true, jobs: this.jobs.list() });

@@ -86,6 +86,7 @@ export async function liveSnapshot(
       image,
       backingSize: old.size,
       confine: live.openOptions.confine,
+      ...(live.openOptions.urls ? { urls: live.openOptions.urls } : {}),
       made,
     });
     let dev: AddCowLayer;

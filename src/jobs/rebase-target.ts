@@ -86,6 +86,7 @@ export async function openTarget(
   checkNotAnImage(file, format);
   const how = {
     confine: open.confine,
+    ...(open.urls ? { urls: open.urls } : {}),
     namedBy: namerOf(dev),
     ...(open.opener ? { opener: open.opener } : {}),
   };
@@ -144,6 +145,7 @@ export async function oldBacking(dev: AddCowLayer, open: OpenOptions): Promise<O
   try {
     const old = await openBacking(dev.backingPath, dev.backingFormat, {
       confine: open.confine,
+      ...(open.urls ? { urls: open.urls } : {}),
       namedBy: namerOf(dev),
     });
     const size = old.size;

@@ -2,6 +2,7 @@ import * as fs from "node:fs";
 import { AddCowError } from "../util/errors";
 import { type MadeFile, createDisk, defaultImageName } from "../ops/create";
 import type { Confinement } from "../chain/access-policy";
+import type { UrlRules } from "../chain/url-policy";
 
 export interface SnapshotOptions {
   /** Image file of the new overlay (default NEW with .add-cow replaced by .raw). */
@@ -11,6 +12,8 @@ export interface SnapshotOptions {
   backingSize?: number;
   /** Confinement for the names in FILE's chain (docs/security.md). */
   confine?: Confinement | null;
+  /** The operator's URL rules (chain/url-policy.ts). */
+  urls?: UrlRules;
   /** Which names the user gave relative (live: the paths arrive absolute); stored relative. */
   relative?: { backing: boolean; image: boolean };
   /** Filled with the files made, for a caller that may have to take them away again. */
@@ -48,6 +51,7 @@ export async function snapshotDisk(
     ...(opts.clusterSize === undefined ? {} : { clusterSize: opts.clusterSize }),
     ...(opts.backingSize === undefined ? {} : { backingSize: opts.backingSize }),
     confine: opts.confine,
+    ...(opts.urls ? { urls: opts.urls } : {}),
     ...(opts.relative ? { relative: opts.relative } : {}),
   });
   opts.made?.push(...result.made);

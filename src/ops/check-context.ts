@@ -1,5 +1,6 @@
 import type { AddCowHeader } from "../addcow/header";
 import type { Confinement, Namer } from "../chain/access-policy";
+import type { UrlRules } from "../chain/url-policy";
 
 /**
  * The shared parts of `addcow check` (ops/check.ts): verifies an add-cow disk without modifying anything. The
@@ -32,6 +33,8 @@ export interface CheckContext {
   /** The .add-cow file and its owner: the names in its header are judged for that user. */
   namer: Namer;
   confine: Confinement | null;
+  /** The operator's URL rules (chain/url-policy.ts). */
+  urls?: UrlRules;
   header: AddCowHeader | null;
   allAllocated: boolean;
   imagePath: string | null;

@@ -2,7 +2,8 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { sharedFile } from "../chain/loops";
 import { judgeNamedFile, openBacking, openDiskFile, resolveName } from "../chain/open-chain";
-import { type Confinement, checkUrlName, isUrlName } from "../chain/access-policy";
+import { type Confinement, isUrlName } from "../chain/access-policy";
+import type { UrlRules } from "../chain/url-policy";
 import { AddCowError } from "../util/errors";
 import {
   FEATURE_ALL_ALLOCATED,
@@ -251,9 +252,6 @@ export const checkBacking: CheckStep = {
   async run(ctx) {
     const h = ctx.header;
     if (!h || h.backingName === null) return;
-    if (isUrlName(h.backingName)) {
-      checkUrlName(ctx.confine, h.backingName, "backing file", ctx.path);
-    }
     const backingPath = resolveName(ctx.namer, h.backingName);
     const named = `backing file ${backingPath} (stored as ${JSON.stringify(h.backingName)})`;
     if (isUrlName(h.backingName)) {
@@ -289,6 +287,7 @@ export const checkBacking: CheckStep = {
         layersAbove: 1,
         namedBy: ctx.namer,
         confine: ctx.confine,
+        ...(ctx.urls ? { urls: ctx.urls } : {}),
       });
     } catch (err) {
       // A layer in use by a writer cannot be checked now: that is not corruption.
@@ -346,7 +345,13 @@ async function checkRemoteBacking(ctx: CheckContext, url: string, named: string)
   if (ctx.allAllocated) return;
   let backing;
   try {
-    backing = await openBacking(url, ctx.header!.backingFormat!, { layersAbove: 1 });
+    // Judged as the disk names it: the URL rules for its owner (chain/url-policy.ts).
+    backing = await openBacking(url, ctx.header!.backingFormat!, {
+      layersAbove: 1,
+      namedBy: ctx.namer,
+      confine: ctx.confine,
+      ...(ctx.urls ? { urls: ctx.urls } : {}),
+    });
   } catch (err) {
     if (!(err instanceof AddCowError) || (err.code !== "ENOENT" && err.code !== "EINVAL")) {
       throw err;
@@ -380,6 +385,8 @@ export interface CheckOptions {
   steps?: CheckStep[];
   /** Confinement for the names in headers (docs/security.md). */
   confine?: Confinement | null;
+  /** The operator's URL rules (chain/url-policy.ts). */
+  urls?: UrlRules;
 }
 
 /**
@@ -411,6 +418,7 @@ export async function checkDisk(file: string, opts: CheckOptions = {}): Promise<
       forceShare: opts.forceShare ?? false,
       namer,
       confine: opts.confine ?? null,
+      ...(opts.urls ? { urls: opts.urls } : {}),
       header: null,
       allAllocated: false,
       imagePath: null,

@@ -15,6 +15,7 @@ import { openBacking, openNamedFile } from "../chain/open-chain";
 import { sharedFile } from "../chain/loops";
 import { isRemoteName, parseRemoteName } from "../remote/url";
 import type { Confinement } from "../chain/access-policy";
+import type { UrlRules } from "../chain/url-policy";
 import { writeZeros } from "../addcow/bitmap-space";
 import { type FileIO, PosixFile } from "../block/file-io";
 import { asideName } from "../block/replace-file";
@@ -40,6 +41,8 @@ export interface CreateOptions {
   backingSize?: number;
   /** Confinement for the names in the backing disk's headers (docs/security.md). */
   confine?: Confinement | null;
+  /** The operator's URL rules (chain/url-policy.ts), for a URL backing of another user's disk. */
+  urls?: UrlRules;
   /** Store these names relative to FILE's directory even though they are given absolute. */
   relative?: { backing: boolean; image: boolean };
   /** The image file must be new too (a snapshot never reuses a file). */
@@ -250,6 +253,8 @@ async function writeNewDisk(opts: CreateOptions, m: Making): Promise<CreateResul
     parseRemoteName(opts.backing);
     const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat, {
       namedBy: m.namer,
+      confine: opts.confine,
+      ...(opts.urls ? { urls: opts.urls } : {}),
     });
     backingSize = backing.size;
     await backing.close();

@@ -11,6 +11,7 @@ import {
 } from "./source";
 import { HTTP_AUTH_HELP, authorizationFor } from "./http-auth";
 import { AddCowError } from "../util/errors";
+import { OPERATOR_ACCESS, type RemoteAccess } from "./access";
 
 /** Connections kept open to one server (several range requests in flight). */
 const CONNECTIONS = 8;
@@ -31,14 +32,18 @@ export class HttpSource implements RangeSource {
     private readonly url: URL,
     readonly name: string,
     env: NodeJS.ProcessEnv = process.env,
+    access: RemoteAccess = OPERATOR_ACCESS,
   ) {
     const ca = env.ADDCOW_CA_FILE ? readCaFile(env.ADDCOW_CA_FILE) : null;
-    this.agent = new Agent({
-      connections: CONNECTIONS,
-      keepAliveTimeout: 30_000,
-      ...(ca ? { connect: { ca: [ca] } } : {}),
-    });
-    this.authorization = authorizationFor(url.toString(), env);
+    // Every connection resolves its host through the access's checked lookup, when it has one.
+    const connect = {
+      ...(ca ? { ca: [ca] } : {}),
+      ...(access.lookup ? { lookup: access.lookup } : {}),
+    };
+    this.agent = new Agent({ connections: CONNECTIONS, keepAliveTimeout: 30_000, connect });
+    const hop = access.hop(url);
+    this.authorization =
+      hop.allowed && hop.credentials ? authorizationFor(url.toString(), env) : null;
   }
 
   /** A one-byte range request: proves range support and gives size and identity in one round trip. */

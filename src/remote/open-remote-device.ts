@@ -1,4 +1,5 @@
 import { log } from "../util/log";
+import { OPERATOR_ACCESS, type RemoteAccess } from "./access";
 import { HttpSource } from "./http-source";
 import { type RemoteSettings, remoteSettingsFromEnv } from "./options";
 import { RemoteDevice } from "./remote-device";
@@ -6,16 +7,21 @@ import { S3Source } from "./s3-source";
 import type { RangeSource } from "./source";
 import { parseRemoteName } from "./url";
 
-/** Opens a remote object (http://, https://, s3://) as a read-only block device. */
+/**
+ * Opens a remote object (http://, https://, s3://) as a read-only block
+ * device, under `access`: what the chain decided may be contacted and with
+ * which credentials (remote/access.ts).
+ */
 export async function openRemoteDevice(
   stored: string,
   settings: RemoteSettings = remoteSettingsFromEnv(),
+  access: RemoteAccess = OPERATOR_ACCESS,
 ): Promise<RemoteDevice> {
   const loc = parseRemoteName(stored);
   const source: RangeSource =
     loc.scheme === "s3"
-      ? new S3Source(loc.bucket, loc.key, loc.name, settings.env)
-      : new HttpSource(loc.url, loc.name, settings.env);
+      ? new S3Source(loc.bucket, loc.key, loc.name, settings.env, access)
+      : new HttpSource(loc.url, loc.name, settings.env, access);
   try {
     return await RemoteDevice.open(source, settings.device, (identity) => {
       if (!settings.cache) return null;

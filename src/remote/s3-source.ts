@@ -10,6 +10,7 @@ import {
   parseContentRange,
   statusFailure,
 } from "./source";
+import { OPERATOR_ACCESS, type RemoteAccess } from "./access";
 
 export const S3_AUTH_HELP =
   "check the AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials) and the bucket policy";
@@ -30,6 +31,7 @@ export class S3Source implements RangeSource {
     private readonly key: string,
     readonly name: string,
     env: NodeJS.ProcessEnv = process.env,
+    access: RemoteAccess = OPERATOR_ACCESS,
   ) {
     const endpoint = env.ADDCOW_S3_ENDPOINT || undefined;
     const customEndpoint = endpoint ?? env.AWS_ENDPOINT_URL_S3 ?? env.AWS_ENDPOINT_URL;
@@ -39,8 +41,15 @@ export class S3Source implements RangeSource {
     // The SDK prints a multi-line notice about future Node versions on Node 20;
     // a user of addcow sees one-line messages only.
     process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= "true";
-    const keys =
-      env !== process.env && env.AWS_ACCESS_KEY_ID && env.AWS_SECRET_ACCESS_KEY
+    // Unsigned: static empty keys (the credential chain, instance metadata included, is never
+    // asked) and a signer that leaves requests as they are.
+    const unsigned = {
+      credentials: { accessKeyId: "", secretAccessKey: "" },
+      signer: { sign: async <T>(request: T) => request },
+    };
+    const keys = !access.signed
+      ? unsigned
+      : env !== process.env && env.AWS_ACCESS_KEY_ID && env.AWS_SECRET_ACCESS_KEY
         ? {
             credentials: {
               accessKeyId: env.AWS_ACCESS_KEY_ID,

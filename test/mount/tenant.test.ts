@@ -39,6 +39,7 @@ import {
   spawnOk,
 } from "../helpers/trust";
 import { fingerprint } from "../helpers/cli";
+import { closedPort, standIn } from "../helpers/stand-ins";
 
 afterEach(cleanupAll);
 
@@ -313,6 +314,199 @@ describe("what addcow creates for a tenant is the tenant's (finding 2)", () => {
     expect(ownerOf(snap)).toEqual([NOBODY, NOBODY]);
     expect(ownerOf(path.join(h.tenant, "live.raw"))).toEqual([NOBODY, NOBODY]);
     await m.unmount();
+  });
+});
+
+describe("URLs and credentials are the operator's (finding 4)", () => {
+  const IMAGE = Buffer.alloc(128 * KiB, 0x3c);
+  const TOKEN = "root-token-0123";
+
+  /** Root's environment for remote backings: no shared cache, one attempt, short timeouts. */
+  function remoteEnv(h: Host, extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
+    return {
+      ...env,
+      ADDCOW_CACHE_DIR: "none",
+      ADDCOW_REMOTE_RETRIES: "0",
+      ADDCOW_REMOTE_TIMEOUT: "5",
+      ADDCOW_HTTP_AUTH_FILE: path.join(h.root, "no-auth-file.json"),
+      ...extra,
+    };
+  }
+
+  /** The tenant's disk whose backing file is `url` (raw). */
+  function tenantUrlDisk(h: Host, name: string, url: string) {
+    return diskOf(NOBODY, h.tenant, name, { size: 128 * KiB, backingName: url }).addcow;
+  }
+
+  async function refusedEverywhere(
+    h: Host,
+    disk: string,
+    pattern: RegExp,
+    e: NodeJS.ProcessEnv,
+    flags: string[] = [],
+    mountOptions?: string,
+  ): Promise<void> {
+    for (const command of ["info", "map", "check"]) {
+      const r = await addcow([command, ...flags, disk], { env: e, timeoutMs: 30_000 });
+      expect(oneLine(r, "addcow"), command).toMatch(pattern);
+    }
+    const o = mountOptions ? ["-o", mountOptions] : [];
+    expect(await mountRefused([...o, disk], h.mnt, { env: e, timeoutMs: 30_000 })).toMatch(pattern);
+  }
+
+  it("a tenant's disk naming a 'metadata service' only root may ask: refused, nothing reaches it", async () => {
+    const h = host();
+    const metadata = await standIn("127.0.0.2", IMAGE);
+    const disk = tenantUrlDisk(h, "meta", `${metadata.origin}/latest/meta-data/iam/credentials`);
+    await refusedEverywhere(
+      h,
+      disk,
+      /^backing file http:\/\/127\.0\.0\.2:\d+\/latest\/meta-data\/iam\/credentials \(named in .*meta\.add-cow\) is refused: it is a URL in a disk of uid 65534, who owns .*meta\.add-cow, and another user's disk may name only the origins the operator allows/,
+      remoteEnv(h),
+    );
+    // Any origin allowed (the old bare --allow-url): loopback and link-local still need their name.
+    const link = tenantUrlDisk(h, "link", "http://169.254.169.254/latest/meta-data/");
+    await refusedEverywhere(
+      h,
+      link,
+      /^backing file http:\/\/169\.254\.169\.254\/latest\/meta-data\/ .*is refused: 169\.254\.169\.254 is a loopback, link-local or unspecified address/,
+      remoteEnv(h),
+      ["--allow-url"],
+      "allow_url",
+    );
+    const named = tenantUrlDisk(h, "named", `http://localhost:${metadata.port}/latest/meta-data/`);
+    await refusedEverywhere(
+      h,
+      named,
+      /^backing file http:\/\/localhost:\d+\/latest\/meta-data\/ .*is refused: localhost resolves to (127\.0\.0\.1|::1), which is a loopback, link-local or unspecified address/,
+      remoteEnv(h),
+      ["--allow-url"],
+      "allow_url",
+    );
+    expect(metadata.requests).toEqual([]);
+  });
+
+  it("a refusal does not tell how a server answered: an open port and a closed one read the same", async () => {
+    const h = host();
+    const open = await standIn("127.0.0.2", IMAGE, "whole");
+    const closed = await closedPort("127.0.0.2");
+    const messages: string[] = [];
+    for (const [name, url] of [
+      ["open", `${open.origin}/x.raw`],
+      ["closed", `http://127.0.0.2:${closed}/x.raw`],
+    ] as const) {
+      const disk = tenantUrlDisk(h, name, url);
+      const r = await addcow(["info", disk], { env: remoteEnv(h) });
+      const msg = oneLine(r, "addcow").replaceAll(url, "URL").replaceAll(`${name}.add-cow`, "DISK");
+      messages.push(msg.replace(/127\.0\.0\.2:\d+/g, "ORIGIN"));
+    }
+    expect(messages[0]).toBe(messages[1]);
+    expect(messages[0]).not.toMatch(/200|range|refused \(|connection/);
+    expect(open.requests).toEqual([]);
+  });
+
+  it("ADDCOW_HTTP_TOKEN goes only to the origins the operator lends it to", async () => {
+    const h = host();
+    const theirs = await standIn("127.0.0.3", IMAGE);
+    const disk = tenantUrlDisk(h, "t", `${theirs.origin}/x.raw`);
+    const e = remoteEnv(h, { ADDCOW_HTTP_TOKEN: TOKEN });
+    // Not allowed: refused, nothing sent.
+    expect(oneLine(await addcow(["info", disk], { env: e }), "addcow")).toMatch(
+      /is refused: it is a URL in a disk of uid 65534/,
+    );
+    expect(theirs.requests).toEqual([]);
+    // Allowed, without credentials: the server gets anonymous requests.
+    const allowed = await addcow(["info", "--allow-url", theirs.origin, disk], { env: e });
+    expect(allowed.code, allowed.stderr).toBe(0);
+    expect(theirs.requests.length).toBeGreaterThan(0);
+    expect(theirs.requests.map((r) => r.authorization)).toEqual(
+      theirs.requests.map(() => undefined),
+    );
+    // Lent: the token goes with them (a mount reads the image through it).
+    theirs.requests.length = 0;
+    const lent = await addcow(["info", "--url-auth", theirs.origin, disk], { env: e });
+    expect(lent.code, lent.stderr).toBe(0);
+    expect(theirs.requests.every((r) => r.authorization === `Bearer ${TOKEN}`)).toBe(true);
+    const m = await mountDisk(disk, h.mnt, {
+      options: `url_auth=${theirs.origin},uid=${NOBODY}`,
+      env: e,
+    });
+    // Read asynchronously: the stand-in server answers the daemon from this very process.
+    expect((await fs.promises.readFile(m.file)).equals(IMAGE)).toBe(true);
+    await m.unmount();
+  });
+
+  it("the auth file's entry goes only to an origin the operator lends it to", async () => {
+    const h = host();
+    const theirs = await standIn("127.0.0.3", IMAGE);
+    const authFile = path.join(h.rootOnly, "http-auth.json");
+    fs.writeFileSync(authFile, JSON.stringify({ [theirs.origin]: { token: "file-token" } }));
+    const e = remoteEnv(h, { ADDCOW_HTTP_AUTH_FILE: authFile });
+    const disk = tenantUrlDisk(h, "t", `${theirs.origin}/x.raw`);
+    expect(oneLine(await addcow(["info", disk], { env: e }), "addcow")).toMatch(
+      /is refused: it is a URL in a disk of uid 65534/,
+    );
+    expect(theirs.requests).toEqual([]);
+    expect((await addcow(["check", "--allow-url", theirs.origin, disk], { env: e })).code).toBe(0);
+    expect(theirs.requests.length).toBeGreaterThan(0);
+    expect(theirs.requests.some((r) => r.authorization !== undefined)).toBe(false);
+    theirs.requests.length = 0;
+    expect((await addcow(["check", "--url-auth", theirs.origin, disk], { env: e })).code).toBe(0);
+    expect(theirs.requests.every((r) => r.authorization === "Bearer file-token")).toBe(true);
+  });
+
+  it("root's AWS keys sign only requests for buckets the operator lends them to", async () => {
+    const h = host();
+    const s3 = await standIn("127.0.0.4", IMAGE, "s3");
+    const e = remoteEnv(h, {
+      ADDCOW_S3_ENDPOINT: s3.origin,
+      AWS_ACCESS_KEY_ID: "ROOTKEYEXAMPLE",
+      AWS_SECRET_ACCESS_KEY: "root-secret-example",
+      AWS_REGION: "us-east-1",
+    });
+    const secret = tenantUrlDisk(h, "secret", "s3://private/vm/secret.raw");
+    expect(oneLine(await addcow(["info", secret], { env: e }), "addcow")).toMatch(
+      /is refused: it is a URL in a disk of uid 65534/,
+    );
+    expect(s3.requests).toEqual([]);
+    await refusedEverywhere(
+      h,
+      secret,
+      /^backing file s3:\/\/private\/vm\/secret\.raw .*is refused: it is a URL in a disk of uid 65534/,
+      e,
+      ["--allow-url", "s3://golden"],
+      "allow_url=s3://golden",
+    );
+    expect(s3.requests).toEqual([]);
+    const golden = tenantUrlDisk(h, "golden", "s3://golden/base.raw");
+    const anon = await addcow(["info", "--allow-url", "s3://golden", golden], { env: e });
+    expect(anon.code, anon.stderr).toBe(0);
+    expect(s3.requests.length).toBeGreaterThan(0);
+    expect(
+      s3.requests.every((r) => r.path === "/golden/base.raw" && r.authorization === undefined),
+    ).toBe(true);
+    s3.requests.length = 0;
+    const signed = await addcow(["info", "--url-auth", "s3://golden", golden], { env: e });
+    expect(signed.code, signed.stderr).toBe(0);
+    expect(
+      s3.requests.every((r) => /Credential=ROOTKEYEXAMPLE\//.test(r.authorization ?? "")),
+    ).toBe(true);
+  });
+
+  it("root's own disk in root's directory names what it likes, with root's token (as before)", async () => {
+    const h = host();
+    const server = await standIn("127.0.0.2", IMAGE);
+    const d = writeDisk(h.rootShared, "own", {
+      size: 128 * KiB,
+      backingName: `${server.origin}/base.raw`,
+    });
+    const e = remoteEnv(h, { ADDCOW_HTTP_TOKEN: TOKEN });
+    const m = await mountDisk(d.addcow, h.mnt, { env: e });
+    // Read asynchronously: the stand-in server answers the daemon from this very process.
+    expect((await fs.promises.readFile(m.file)).equals(IMAGE)).toBe(true);
+    await m.unmount();
+    expect(server.requests.length).toBeGreaterThan(0);
+    expect(server.requests.every((r) => r.authorization === `Bearer ${TOKEN}`)).toBe(true);
   });
 });
 
