@@ -20,6 +20,7 @@ import {
   deferCleanup,
   mountDisk,
   processAlive,
+  run,
   sh,
   tempDir,
   trackMount,
@@ -795,6 +796,84 @@ describe("the access helper has a deadline (finding 7)", () => {
       for (const p of r.helpers) expect(processAlive(p), `helper ${p}`).toBe(false);
     }
     expect(mountedAt(h.mnt)).toBe(false);
+  });
+});
+
+describe("docs/security.md's recommended tenant setup", () => {
+  it("runs as written, end to end: the tenant's files are the tenant's, the golden base is untouched", async () => {
+    const doc = fs.readFileSync(path.resolve(__dirname, "../../docs/security.md"), "utf8");
+    const section = doc.slice(
+      doc.indexOf("## Serving tenant disks"),
+      doc.indexOf("## Where it lives"),
+    );
+    const blocks = [...section.matchAll(/^```sh\n([\s\S]*?)^```$/gm)].map((m) => m[1]!);
+    expect(blocks).toHaveLength(5);
+    const h = host();
+    const srv = path.join(h.root, "srv");
+    fs.mkdirSync(srv, { mode: 0o755 });
+    // The commands as an installed addcow provides them.
+    const bin = path.join(h.root, "bin");
+    fs.mkdirSync(bin);
+    for (const [name, file] of [
+      ["addcow", ADDCOW],
+      ["addcow-mount", MOUNT_BIN],
+    ] as const) {
+      fs.writeFileSync(path.join(bin, name), `#!/bin/sh\nexec ${process.execPath} ${file} "$@"\n`, {
+        mode: 0o755,
+      });
+    }
+    const base = Buffer.alloc(256 * KiB, 0x5a);
+    fs.writeFileSync(path.join(h.root, "base.raw"), base);
+    const e = { ...env, SRV: srv, TENANT: String(NOBODY), PATH: `${bin}:${env.PATH}` };
+    trackMount(path.join(srv, "mnt/t42"));
+    const runBlock = async (i: number) => {
+      const r = await run("bash", ["-euo", "pipefail", "-c", blocks[i]!], {
+        env: e,
+        cwd: h.root,
+        timeoutMs: 60_000,
+      });
+      expect(r.code, `block ${i + 1}: ${r.stderr}`).toBe(0);
+    };
+    for (let i = 0; i < 4; i++) await runBlock(i);
+    // The tenant's VM writes through the mounted file, as the tenant.
+    const mounted = path.join(srv, "mnt/t42/disk");
+    const w = await asNobody("dd", [
+      "if=/dev/zero",
+      `of=${mounted}`,
+      "bs=4k",
+      "count=4",
+      "conv=notrunc,fsync",
+    ]);
+    expect(w.code, w.stderr).toBe(0);
+    await runBlock(4);
+    expect(mountedAt(path.join(srv, "mnt/t42"))).toBe(false);
+    const t42 = path.join(srv, "tenants/t42");
+    expect(fs.readdirSync(t42).sort()).toEqual([
+      "disk.add-cow",
+      "disk.raw",
+      "snap1.add-cow",
+      "snap1.raw",
+    ]);
+    for (const f of fs.readdirSync(t42)) {
+      const st = fs.lstatSync(path.join(t42, f));
+      expect([f, st.uid, st.gid]).toEqual([f, NOBODY, NOBODY]);
+    }
+    expect(fs.readFileSync(path.join(srv, "golden/base.raw")).equals(base)).toBe(true);
+    expect(
+      fs
+        .readFileSync(path.join(t42, "disk.raw"))
+        .subarray(0, 16 * KiB)
+        .equals(Buffer.alloc(16 * KiB)),
+    ).toBe(true);
+    expect(fs.statSync(path.join(srv, "addcow-t42.log")).mode & 0o777).toBe(0o600);
+    const check = await asNobody(process.execPath, [
+      ADDCOW,
+      "check",
+      "--allow-dir",
+      path.join(srv, "golden"),
+      path.join(t42, "snap1.add-cow"),
+    ]);
+    expect(check.code, check.stderr).toBe(0);
   });
 });
 
