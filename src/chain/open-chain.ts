@@ -509,11 +509,6 @@ export function resolveStoredName(addcowFile: string, stored: string): string {
   return path.resolve(path.dirname(path.resolve(addcowFile)), stored);
 }
 
-/** A stored backing name: an absolute URL stays a URL, anything else is a path. */
-export function resolveBackingName(addcowFile: string, stored: string): string {
-  return isUrlName(stored) ? stored : resolveStoredName(addcowFile, stored);
-}
-
 /**
  * A name stored in namer's file, as a path: against the real directory the
  * chain opened that file in (its descriptor's path), else against its name's

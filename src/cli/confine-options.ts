@@ -81,8 +81,3 @@ export function trustFromFlags(flags: ConfineFlags): {
   const allowUrls = urls.any || urls.origins.length > 0;
   return { confine: confined ? { allowDirs, allowUrls } : null, urls };
 }
-
-/** The confinement the flags ask for; null without any of them. */
-export function confinementFromFlags(flags: ConfineFlags): Confinement | null {
-  return trustFromFlags(flags).confine;
-}

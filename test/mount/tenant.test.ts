@@ -216,6 +216,18 @@ describe("what addcow creates for a tenant is the tenant's (finding 2)", () => {
     return [st.uid, st.gid];
   };
 
+  /** The tenant's disk over a golden base. */
+  function tenantOverGolden() {
+    const h = host();
+    const golden = rootFile(path.join(h.golden, "base.raw"), 256 * KiB, 0o644, 0x5a);
+    const d = diskOf(NOBODY, h.tenant, "disk", {
+      size: 256 * KiB,
+      backingName: golden,
+      backingFormat: "raw",
+    });
+    return { h, golden, d };
+  }
+
   it("create in a tenant's directory: the .add-cow and image files are the tenant's", async () => {
     const h = host();
     const golden = rootFile(path.join(h.golden, "base.raw"), 256 * KiB, 0o644, 0x5a);
@@ -258,13 +270,7 @@ describe("what addcow creates for a tenant is the tenant's (finding 2)", () => {
   });
 
   it("snapshot at rest: the new layer is the tenant's, and its swapped image file cannot reach the golden base", async () => {
-    const h = host();
-    const golden = rootFile(path.join(h.golden, "base.raw"), 256 * KiB, 0o644, 0x5a);
-    const d = diskOf(NOBODY, h.tenant, "disk", {
-      size: 256 * KiB,
-      backingName: golden,
-      backingFormat: "raw",
-    });
+    const { h, golden, d } = tenantOverGolden();
     const snap = path.join(h.tenant, "snap.add-cow");
     const r = await addcow(["snapshot", "-q", "--allow-dir", h.golden, d.addcow, snap]);
     expect(r.code, r.stderr).toBe(0);
@@ -299,13 +305,7 @@ describe("what addcow creates for a tenant is the tenant's (finding 2)", () => {
   });
 
   it("live snapshot of a mounted tenant disk: the new layer is the tenant's", async () => {
-    const h = host();
-    const golden = rootFile(path.join(h.golden, "base.raw"), 256 * KiB, 0o644, 0x5a);
-    const d = diskOf(NOBODY, h.tenant, "disk", {
-      size: 256 * KiB,
-      backingName: golden,
-      backingFormat: "raw",
-    });
+    const { h, d } = tenantOverGolden();
     const m = await mountDisk(d.addcow, h.mnt, {
       options: `confine,allow_dir=${h.golden},uid=${NOBODY}`,
     });
