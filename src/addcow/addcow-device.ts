@@ -9,6 +9,7 @@ import { forEachExtent, pushExtent, readSparse } from "../block/extents";
 import { type AddCowInfo, describeAddCow } from "./addcow-info";
 import { checkRange } from "../block/range";
 import { AddCowError, errnoCode, readOnlyError } from "../util/errors";
+import type { Namer } from "../block/chain-opener";
 import {
   type AddCowHeader,
   COMPATIBLE_FEATURES_OFFSET,
@@ -55,6 +56,8 @@ export interface AddCowDeviceParts {
   pin?: PinState;
   /** How the .add-cow file is rewritten when the pin moves (resize); tests record it. */
   replacer?: FileReplacer;
+  /** Whose words the names in its header are (its owner, and who controls the way to it). */
+  owner?: Namer;
   cacheMode?: CacheMode;
   bitmapCacheBytes?: number;
   /** Reads from the backing disk also land in the image file (mount -o copy-on-read). */
@@ -71,6 +74,7 @@ export interface AddCowDeviceParts {
  */
 export class AddCowDevice extends DeviceBase implements AddCowLayer {
   readonly path: string;
+  readonly owner: Namer | null;
   readonly size: number;
   readonly clusterBits: number;
   readonly clusterSize: number;
@@ -106,6 +110,7 @@ export class AddCowDevice extends DeviceBase implements AddCowLayer {
   constructor(parts: AddCowDeviceParts) {
     super();
     this.path = parts.path;
+    this.owner = parts.owner ?? null;
     this.header = parts.header;
     this.meta = parts.meta;
     this.image = parts.image;

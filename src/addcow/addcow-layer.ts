@@ -1,5 +1,5 @@
 import type { BlockDevice } from "../block/block-device";
-import type { BackingFormat } from "../block/chain-opener";
+import type { BackingFormat, Namer } from "../block/chain-opener";
 import type { FileReplacer } from "../block/replace-file";
 import type { LayerIdentity } from "../block/layer-identity";
 import type { PinState, PinStatus } from "./pin";
@@ -13,6 +13,12 @@ import type { PinState, PinStatus } from "./pin";
 export interface AddCowLayer extends BlockDevice {
   /** The .add-cow file. */
   readonly path: string;
+  /**
+   * Whose words the names in its header are, as the chain found when it
+   * opened it: its owner, and who controls the way to it (null: opened
+   * outside the chain, in tests). New names are judged for them.
+   */
+  readonly owner: Namer | null;
   /** Where its clusters live (resolved), and its backing's name (resolved) and format. */
   readonly imagePath: string;
   readonly backingPath: string | null;

@@ -1,5 +1,5 @@
 import type { BlockDevice } from "../block/block-device";
-import type { ChainOpener, Namer } from "../block/chain-opener";
+import type { ChainOpener, Namer, ResolvedName } from "../block/chain-opener";
 import type { FileIO } from "../block/file-io";
 import { AddCowError } from "../util/errors";
 import { log } from "../util/log";
@@ -17,7 +17,8 @@ import { type PinState, checkPin, readPinState } from "./pin";
 
 /** How one add-cow layer is opened; the chain fills it in. */
 export interface AddCowOpenRequest {
-  file: string;
+  /** The layer's .add-cow file, as the chain resolved it. */
+  name: ResolvedName;
   writable: boolean;
   /** The file whose header names this layer (absent for the disk the user named). */
   namer?: Namer;
@@ -54,10 +55,11 @@ export async function openAddCow(
   chain: ChainOpener,
   req: AddCowOpenRequest,
 ): Promise<AddCowDevice> {
-  const { file, writable, namer } = req;
+  const { writable, namer } = req;
+  const file = req.name.path;
   chain.enterLayer(file, namer?.file);
   const access = writable ? "write" : "read";
-  const layerFile = await chain.openLayerFile(file, "add-cow file", access, namer);
+  const layerFile = await chain.openLayerFile(req.name, "add-cow file", access, namer);
   let meta = layerFile.io;
   // Names in this header are this file's owner's words: judged for that user too.
   const layer = layerFile.owner;
@@ -71,14 +73,16 @@ export async function openAddCow(
     header.backingName,
   );
 
-  const imagePath = chain.resolve(file, header.imageName);
-  const imageFile = await chain.judgeNamedFile(imagePath, "image file", access, layer);
+  const imageName = chain.resolve(layer, header.imageName);
+  const imagePath = imageName.path;
+  const imageFile = await chain.judgeNamedFile(imageName, "image file", access, layer);
 
   const allAllocated = (header.compatibleFeatures & FEATURE_ALL_ALLOCATED) !== 0n;
   let backing: BlockDevice | null = null;
   let backingPath: string | null = null;
   if (header.backingName !== null) {
-    backingPath = chain.backingName(file, header.backingName);
+    const backingName = chain.backingName(layer, header.backingName);
+    backingPath = backingName.path;
     if (typeof req.backing === "object") {
       backing = req.backing.device;
     } else if (req.backing !== "none" && !allAllocated) {
@@ -86,7 +90,7 @@ export async function openAddCow(
       const writableBacking = writable && req.backing === "open-writable";
       const pinned = pin.kind === "pinned" ? pin.record.identity : null;
       backing = await chain.openBacking(
-        backingPath,
+        backingName,
         header.backingFormat!,
         layer,
         writableBacking,
@@ -117,6 +121,7 @@ export async function openAddCow(
     imagePath,
     backingPath,
     pin,
+    owner: layer,
     cacheMode: req.cacheMode,
     bitmapCacheBytes: req.bitmapCacheBytes,
     copyOnRead: writable && req.copyOnRead === true,

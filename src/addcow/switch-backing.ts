@@ -34,7 +34,7 @@ export async function rewriteMetaFile(
     : rw.header.compatibleFeatures & ~FEATURE_BACKING_PIN;
   const header: AddCowHeader = { ...rw.header, compatibleFeatures: features };
   const encoded = encodeHeader(header);
-  const aside = await replacer.createBeside(file);
+  const aside = await replacer.createBeside(file, meta);
   let pin: PinState = { kind: "none" };
   try {
     await aside.write(encoded, 0);

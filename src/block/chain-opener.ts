@@ -2,6 +2,7 @@ import type { BlockDevice } from "./block-device";
 import type { FileIO } from "./file-io";
 import type { LayerIdentity } from "./layer-identity";
 import type { LockKind } from "../os/file-lock";
+import type { Controller } from "../os/path-walk";
 
 /** The formats a backing name can be opened as; a format is recorded, never guessed. */
 export type BackingFormat = "raw" | "add-cow" | "qcow2";
@@ -16,6 +17,24 @@ export interface Namer {
   file: string;
   uid: number;
   gid: number;
+  /**
+   * Other users who control the way to `file` (a directory of theirs it was
+   * looked up in, a symbolic link of theirs followed): its names are theirs too.
+   */
+  via?: readonly Controller[];
+  /** The real directory `file` was opened in: its relative names resolve there. */
+  dir?: string;
+}
+
+/**
+ * A name stored in a header, as the chain resolved it: a URL as it is, a
+ * path against the directory the naming file was actually opened in (its
+ * descriptor, not its name). `path` is for messages and descriptions; only
+ * the chain opens it.
+ */
+export interface ResolvedName {
+  readonly path: string;
+  readonly url: boolean;
 }
 
 export type Access = "read" | "write";
@@ -53,20 +72,30 @@ export interface ChainOpener {
    * locked for `access` (shared to read, exclusive to write). `kind` names it
    * in messages when the user named it ("add-cow file", "qcow2 file").
    */
-  openLayerFile(file: string, kind: string, access: Access, namer?: Namer): Promise<LayerFile>;
+  openLayerFile(
+    name: ResolvedName,
+    kind: string,
+    access: Access,
+    namer?: Namer,
+  ): Promise<LayerFile>;
   /** Judges a file named in a header now; it is opened later, after the layers below. */
-  judgeNamedFile(file: string, role: string, access: Access, namer: Namer): Promise<JudgedFile>;
-  /** A name stored in `file` as a local path, resolved against its directory. */
-  resolve(file: string, stored: string): string;
+  judgeNamedFile(
+    name: ResolvedName,
+    role: string,
+    access: Access,
+    namer: Namer,
+  ): Promise<JudgedFile>;
+  /** A name stored in namer's file as a local path, resolved against the directory it was opened in. */
+  resolve(namer: Namer, stored: string): ResolvedName;
   /** A stored backing name: a URL as it is (under the URL rules), a path resolved. */
-  backingName(file: string, stored: string): string;
+  backingName(namer: Namer, stored: string): ResolvedName;
   /**
    * Opens a backing layer of a known format, and its own chain; read-only
    * unless `writable`. `pinned` is what the header's pin says it is (a remote
    * base fetches the manifest it was pinned with); the caller compares.
    */
   openBacking(
-    name: string,
+    name: ResolvedName,
     format: BackingFormat,
     namer: Namer,
     writable?: boolean,

@@ -2,6 +2,7 @@ import * as fs from "node:fs";
 import { promisify } from "node:util";
 import { findHoles } from "../os/holes";
 import { type LockKind, lockDescriptor } from "../os/file-lock";
+import { O_PATH } from "../os/path-walk";
 
 const fdatasyncAsync = promisify(fs.fdatasync);
 const preadAsync = promisify(fs.read);
@@ -63,8 +64,12 @@ export function statOf(file: FileIO): fs.BigIntStats | null {
     return null;
   }
 }
-/** How files get opened; the default is {@link openPosixFile}, tests pass their own. */
-export type FileOpener = (path: string, mode: OpenMode) => Promise<FileIO>;
+/**
+ * How files get opened; the default is {@link openPosixFile}, tests pass their own.
+ * `at`, when given, names exactly the file to open (`/proc/self/fd/N` of its
+ * judged O_PATH descriptor); `path` is then its name for messages only.
+ */
+export type FileOpener = (path: string, mode: OpenMode, at?: string) => Promise<FileIO>;
 
 /**
  * Page-cache-hot I/O is 3-4x cheaper done synchronously on the JS thread than
@@ -187,9 +192,6 @@ export class PosixFile implements FileIO {
 
 const openAsync = promisify(fs.open);
 
-/** O_PATH (Linux): a descriptor naming a file without opening it for I/O. Not in fs.constants. */
-const O_PATH = 0o10000000;
-
 /**
  * Opens an existing regular file for I/O and returns its descriptor. The name
  * is looked up once, as an O_PATH descriptor, which opens nothing (no FIFO
@@ -211,6 +213,6 @@ export async function openRegularFile(path: string, mode: OpenMode): Promise<num
   }
 }
 
-/** Opens an existing regular file (see {@link openRegularFile}). */
-export const openPosixFile: FileOpener = async (path, mode) =>
-  new PosixFile(path, await openRegularFile(path, mode), mode === "write");
+/** Opens an existing regular file (see {@link openRegularFile}), at `at` when given. */
+export const openPosixFile: FileOpener = async (path, mode, at) =>
+  new PosixFile(path, await openRegularFile(at ?? path, mode), mode === "write");

@@ -2,28 +2,31 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import type { FileIO } from "../block/file-io";
 import type { Access, Namer } from "../block/chain-opener";
+import type { Controller } from "../os/path-walk";
 import { AddCowError, errnoCode } from "../util/errors";
 import { log } from "../util/log";
 import { AccessProbe } from "./access-probe";
 import { isRemoteName } from "../remote/url";
 
 /**
- * The rules for names found in headers (docs/security.md). A header is data
- * from whoever made the file; the names in it must not lead the process
- * opening the disk (usually root) to files the disk's owner could not open:
+ * The rules for the files of a disk (docs/security.md). A header is data
+ * from whoever made the file, and a path is data from whoever owns its
+ * directories and links; neither may lead the process opening the disk
+ * (usually root) to files those users could not open:
  *
- * - owner rule (always on): when the disk's .add-cow file, or the .add-cow
- *   file holding a name, belongs to another user than the one running addcow,
- *   every named file must be a regular file that user could open the same way
- *   (read for backing files, read and write for a written file), as the
- *   kernel itself judges it; the image file written must belong to the owner;
+ * - owner rule (always on): every file a header names is judged for the
+ *   users whose words lead to it: the owner of the disk's .add-cow file, the
+ *   owner of the .add-cow file holding the name, and the owners of every
+ *   directory and symbolic link on the way to the disk, to that layer and to
+ *   the file (the disk named on the command line is judged for the latter
+ *   too). Each must be able to open it the same way (read, or read and
+ *   write), as the kernel itself judges it; a written image file must belong
+ *   to the disk's owner;
  * - confinement (--confine, -o confine): every name must resolve, after
- *   symbolic links, inside the disk's directory or an allowed directory, and a
- *   URL backing needs an explicit allow.
+ *   symbolic links, inside the disk's directory or an allowed directory.
  *
- * Judged twice: by path before the open (so nothing forbidden is opened at
- * all, and a chain is judged whole before anything is opened for writing) and
- * on the descriptor after it (so a name swapped meanwhile is caught).
+ * What a judged user cannot see is never described: a name they may not
+ * look up is refused as such, whether or not it exists.
  */
 
 /** Confinement: where the names in a disk's headers may lead. */
@@ -42,16 +45,33 @@ export interface ConfinementInfo {
 
 export type { Access, Namer };
 
-/** A file about to be opened because a header names it. */
+/** A file about to be opened because a header (or the user) names it. */
 export interface NamedFile {
+  /** The name as shown: absolute, resolved against the directory it was found in. */
   file: string;
   role: string;
   access: Access;
-  namer: Namer;
+  /** The .add-cow file whose header holds the name; absent for the disk the user named. */
+  namer?: Namer;
+  /** What a judged user's helper looks up (default `file`): the same inode, by a path that user may use. */
+  probePath?: string;
 }
 
-/** The file a name led to when it was judged (stat, following symbolic links). */
-export type Judged = fs.BigIntStats;
+/** The file a name led to: its O_PATH descriptor's fstat, and who controls the way to it. */
+export interface Located {
+  st: fs.BigIntStats;
+  /** Owners of directories and links on the way, other than the runner and root. */
+  controllers: readonly Controller[];
+  /** The kernel's path of the descriptor (for confinement). */
+  realPath(): string;
+}
+
+/** A user whose rights bound a file, and why (for messages). */
+export interface Principal {
+  uid: number;
+  /** What they own that leads here: a file, "directory D", "symbolic link L". */
+  owns: string;
+}
 
 /** A backing name that is a URL (docs/specs/add-cow.md): never resolved as a path. */
 export function isUrlName(name: string): boolean {
@@ -62,106 +82,160 @@ function inside(dirs: string[], real: string): boolean {
   return dirs.some((d) => real === d || real.startsWith(d === "/" ? "/" : d + "/"));
 }
 
-/** The directories a confined disk's names must stay in: its own and the allowed ones, as real paths. */
-export function confinementOf(diskFile: string, confine: Confinement): ConfinementInfo {
-  const dirs = [path.dirname(path.resolve(diskFile)), ...confine.allowDirs].map((dir) => {
-    let real: string;
-    try {
-      real = fs.realpathSync(dir);
-    } catch (err) {
-      throw new AddCowError(`allowed directory ${dir} cannot be used: ${errnoCode(err)}`, {
-        file: dir,
-        code: errnoCode(err) ?? "EIO",
-      });
-    }
-    if (!fs.statSync(real).isDirectory()) {
-      throw new AddCowError(`allowed directory ${dir} is not a directory`, {
-        file: dir,
-        code: "ENOTDIR",
-      });
-    }
-    return real;
-  });
-  return { dirs: [...new Set(dirs)], urls: confine.allowUrls };
+function realDir(dir: string): string {
+  let real: string;
+  try {
+    real = fs.realpathSync(dir);
+  } catch (err) {
+    throw new AddCowError(`allowed directory ${dir} cannot be used: ${errnoCode(err)}`, {
+      file: dir,
+      code: errnoCode(err) ?? "EIO",
+    });
+  }
+  if (!fs.statSync(real).isDirectory()) {
+    throw new AddCowError(`allowed directory ${dir} is not a directory`, {
+      file: dir,
+      code: "ENOTDIR",
+    });
+  }
+  return real;
 }
 
 /**
- * The hook every opener calls before it reaches a URL backing name: under
- * confinement a URL is refused unless URLs were allowed explicitly.
+ * The directories a confined disk's names must stay in: its own (the real
+ * directory of the file opened, when known; else of the name) and the allowed ones.
  */
-export function checkUrlName(
-  confine: Confinement | null | undefined,
-  name: string,
-  role: string,
-  namedIn: string,
-): void {
-  if (confine && !confine.allowUrls) throw urlRefused(name, role, namedIn);
-}
-
-function urlRefused(name: string, role: string, namedIn: string): AddCowError {
-  return new AddCowError(
-    `${role} ${name} (named in ${namedIn}) is refused: it is a URL, and a confined disk may use URL backings only with --allow-url (-o allow_url)`,
-    { reason: "forbidden", file: name, code: "EACCES", mode: "read" },
-  );
+export function confinementOf(
+  diskFile: string,
+  confine: Confinement,
+  diskDir?: string,
+): ConfinementInfo {
+  const own = diskDir ?? realDir(path.dirname(path.resolve(diskFile)));
+  const dirs = [own, ...confine.allowDirs.map(realDir)];
+  return { dirs: [...new Set(dirs)], urls: confine.allowUrls };
 }
 
 function verb(access: Access): string {
   return access === "write" ? "read and write" : "read";
 }
 
+/** The users a namer's words speak for: its owner and whoever controls the way to it. */
+function principalsOf(namer: Namer): Principal[] {
+  return [
+    { uid: namer.uid, owns: namer.file },
+    ...(namer.via ?? []).map((c) => ({ uid: c.uid, owns: c.what })),
+  ];
+}
+
 export class AccessPolicy {
   /** The user addcow runs as. */
   private readonly runner = process.geteuid?.() ?? 0;
-  private owner: { uid: number; gid: number } | null = null;
+  private disk: { file: string; principals: Principal[] } | null = null;
+  private dirs: ConfinementInfo | null = null;
   private readonly probes = new Map<number, AccessProbe>();
 
-  private constructor(
-    /** The disk's own .add-cow file: named by the user, not by a header. */
-    readonly diskFile: string,
-    readonly confinement: ConfinementInfo | null,
-  ) {}
+  private constructor(private readonly confine: Confinement | null) {}
 
-  static create(diskFile: string, confine?: Confinement | null): AccessPolicy {
-    return new AccessPolicy(diskFile, confine ? confinementOf(diskFile, confine) : null);
+  static create(confine?: Confinement | null): AccessPolicy {
+    return new AccessPolicy(confine ?? null);
   }
 
-  /** The owner of the disk's .add-cow file: every named file is judged for this user too. */
-  setDiskOwner(st: { uid: number | bigint; gid: number | bigint }): void {
-    this.owner = { uid: Number(st.uid), gid: Number(st.gid) };
+  get confinement(): ConfinementInfo | null {
+    return this.dirs;
   }
 
-  get diskOwner(): Namer {
-    if (!this.owner) throw new Error("AccessPolicy: the disk owner is not known yet");
-    return { file: this.diskFile, ...this.owner };
+  /**
+   * The disk: its .add-cow file's owner and the controllers of the way to it
+   * (every name is judged for them too), and the real directory it was opened
+   * in (confinement's own directory).
+   */
+  setDisk(owner: Namer): void {
+    this.disk = { file: owner.file, principals: principalsOf(owner) };
+    if (this.confine) this.dirs = confinementOf(owner.file, this.confine, owner.dir);
   }
 
-  /** A URL backing under confinement needs an explicit allow. */
-  checkUrl(name: string, role: string, namedIn: string): void {
-    if (this.confinement && !this.confinement.urls) throw urlRefused(name, role, namedIn);
+  /** The user whose disk it is: its file's owner, or, for the runner's file, whoever controls the way to it. */
+  private get diskOwner(): Principal | null {
+    if (!this.disk) throw new Error("AccessPolicy: the disk is not known yet");
+    return this.disk.principals.find((p) => p.uid !== this.runner) ?? null;
   }
 
-  /** Before opening: confinement, then the owners' access as the kernel sees it. */
-  async judge(n: NamedFile, st: Judged): Promise<void> {
-    if (this.confinement) {
-      let real: string;
-      try {
-        real = await fs.promises.realpath(n.file);
-      } catch (err) {
-        throw this.refuse(n, `it cannot be resolved (${errnoCode(err)})`);
-      }
-      this.checkInside(n, real);
+  /** Users other than the runner whose words a name in namer's header is (chain/url-policy.ts). */
+  writersOf(namer?: Namer): Principal[] {
+    if (!namer) return [];
+    return this.judgesFor({ file: namer.file, role: "backing file", access: "read", namer }, []);
+  }
+
+  /**
+   * Users other than the runner whose rights bound this file, each once. The
+   * disk the user named is judged only for whoever controls the way to it and
+   * does not own it (its own names are judged for its owner anyway).
+   */
+  private judgesFor(
+    n: NamedFile,
+    controllers: readonly Controller[],
+    st?: fs.BigIntStats,
+  ): Principal[] {
+    const all = [
+      ...(n.namer ? (this.disk?.principals ?? []) : []),
+      ...(n.namer ? principalsOf(n.namer) : []),
+      ...controllers
+        .filter((c) => n.namer || st === undefined || c.uid !== Number(st.uid))
+        .map((c) => ({ uid: c.uid, owns: c.what })),
+    ];
+    const out: Principal[] = [];
+    for (const who of all) {
+      if (who.uid !== this.runner && !out.some((o) => o.uid === who.uid)) out.push(who);
     }
-    for (const who of this.judgedFor(n)) await this.judgeFor(who, n, st);
-    this.checkImageOwner(n, st);
+    return out;
   }
 
-  /** After opening: the descriptor is the file judged, still inside, still the owner's. */
-  async verify(n: NamedFile, judged: Judged, io: FileIO): Promise<void> {
+  /** Whether anyone besides the runner is judged for this file. */
+  judges(n: NamedFile, controllers: readonly Controller[]): boolean {
+    return this.judgesFor(n, controllers).length > 0;
+  }
+
+  /**
+   * A name that could not be looked up: when a judged user could not look it
+   * up either, that is the refusal (so nobody learns whether a file exists
+   * where that user cannot see). Returns when every judged user could.
+   */
+  async refuseUnseen(n: NamedFile, controllers: readonly Controller[]): Promise<void> {
+    if (this.runner !== 0) return;
+    for (const who of this.judgesFor(n, controllers)) {
+      const answer = await this.ask(who, n);
+      if (!answer.ok && answer.code !== "ENOENT" && answer.code !== "ENOTDIR") {
+        throw this.refuse(
+          n,
+          `${userOf(who)} may not ${verb(n.access)} it (${answer.code}), ${RULE}`,
+        );
+      }
+    }
+  }
+
+  /**
+   * Before opening, first of all: every judged user could open the file the
+   * same way, and reaches this very inode. A file that is not regular is left
+   * to the caller (it says what it is: each judged user could see it).
+   */
+  async judgeAccess(n: NamedFile, at: Located): Promise<void> {
+    for (const who of this.judgesFor(n, at.controllers, at.st)) {
+      await this.judgeFor(who, n, at.st);
+    }
+  }
+
+  /** Before opening, after the kind: confinement, and a written image file is the owner's. */
+  judgePlace(n: NamedFile, at: Located): void {
+    if (this.dirs && n.namer) this.checkInside(n, at.realPath());
+    this.checkImageOwner(n, at.st);
+  }
+
+  /** After opening: the descriptor is the file judged, still the owner's. */
+  verify(n: NamedFile, judged: fs.BigIntStats, io: FileIO): void {
     const st = io.stat();
     if (st.dev !== judged.dev || st.ino !== judged.ino) {
       throw this.refuse(n, "it was replaced while it was being opened; try again");
     }
-    if (this.confinement) this.checkInside(n, await io.realPath());
     this.checkImageOwner(n, st);
   }
 
@@ -170,62 +244,56 @@ export class AccessPolicy {
     this.probes.clear();
   }
 
-  /** Users other than the runner whose rights bound this file: the disk's owner and the name's writer. */
-  private judgedFor(n: NamedFile): Namer[] {
-    const out: Namer[] = [];
-    for (const who of [this.diskOwner, n.namer]) {
-      if (who.uid !== this.runner && !out.some((o) => o.uid === who.uid)) out.push(who);
+  private async ask(who: Principal, n: NamedFile) {
+    try {
+      const answer = await this.probeFor(who.uid).ask(n.probePath ?? n.file, n.access);
+      log.open("%s as uid %d: %o", n.probePath ?? n.file, who.uid, answer);
+      return answer;
+    } catch (err) {
+      const where = n.namer ? ` (named in ${n.namer.file})` : "";
+      throw new AddCowError(
+        `cannot check whether uid ${who.uid} may open ${n.file}${where}: ${(err as Error).message}; the disk is refused (addcow must run as root, with CAP_SETUID and CAP_SETGID, to open another user's disk)`,
+        { reason: "forbidden", file: n.file, code: "EACCES", mode: n.access },
+      );
     }
-    return out;
   }
 
-  private async judgeFor(who: Namer, n: NamedFile, st: Judged): Promise<void> {
-    const user = `uid ${who.uid}, who owns ${who.file},`;
-    const rule = "and a disk may only reach files its owner could open";
+  private async judgeFor(who: Principal, n: NamedFile, st: fs.BigIntStats): Promise<void> {
+    const user = userOf(who);
     if (this.runner !== 0) {
       // Only root can ask the kernel as another user. Exact without asking: root may
       // open any regular file, and a file's owner is judged by the owner bits alone.
-      if (who.uid === 0) return;
+      if (who.uid === 0 || !st.isFile()) return;
       if (Number(st.uid) === who.uid) {
         const need = n.access === "write" ? 0o600 : 0o400;
         if ((Number(st.mode) & need) === need) return;
-        throw this.refuse(n, `${user} may not ${verb(n.access)} it (mode ${modeOf(st)}), ${rule}`);
+        throw this.refuse(n, `${user} may not ${verb(n.access)} it (mode ${modeOf(st)}), ${RULE}`);
       }
       throw this.refuse(
         n,
         `it belongs to uid ${st.uid}, and addcow running as uid ${this.runner} cannot tell whether ${user} may ${verb(n.access)} it; run addcow as root or as uid ${who.uid}`,
       );
     }
-    let answer;
-    try {
-      answer = await this.probeFor(who).ask(n.file, n.access);
-    } catch (err) {
-      throw new AddCowError(
-        `cannot check whether uid ${who.uid} may open ${n.file} (named in ${n.namer.file}): ${(err as Error).message}; addcow must run as root (with CAP_SETUID and CAP_SETGID) to open another user's disk`,
-        { reason: "forbidden", file: n.file, code: "EIO", mode: n.access },
-      );
-    }
-    log.open("%s as uid %d: %o", n.file, who.uid, answer);
+    const answer = await this.ask(who, n);
     if (!answer.ok) {
-      throw this.refuse(n, `${user} may not ${verb(n.access)} it (${answer.code}), ${rule}`);
+      throw this.refuse(n, `${user} may not ${verb(n.access)} it (${answer.code}), ${RULE}`);
     }
-    if (!answer.regular) throw this.refuse(n, `${user} finds no regular file there`);
     if (answer.dev !== st.dev || answer.ino !== st.ino) {
       throw this.refuse(n, `${user} reaches another file under that name`);
     }
   }
 
-  private probeFor(who: Namer): AccessProbe {
-    let probe = this.probes.get(who.uid);
+  private probeFor(uid: number): AccessProbe {
+    let probe = this.probes.get(uid);
     if (!probe) {
-      probe = new AccessProbe(who.uid, who.gid);
-      this.probes.set(who.uid, probe);
+      probe = new AccessProbe(uid);
+      this.probes.set(uid, probe);
     }
     return probe;
   }
 
   private checkInside(n: NamedFile, real: string): void {
-    const c = this.confinement!;
+    const c = this.dirs!;
     if (inside(c.dirs, real)) return;
     throw this.refuse(
       n,
@@ -234,25 +302,34 @@ export class AccessPolicy {
   }
 
   /** A disk writes only into an image file its owner owns. */
-  private checkImageOwner(n: NamedFile, st: Judged): void {
+  private checkImageOwner(n: NamedFile, st: fs.BigIntStats): void {
+    if (n.role !== "image file" || n.access !== "write") return;
     const owner = this.diskOwner;
-    if (n.role !== "image file" || n.access !== "write" || owner.uid === this.runner) return;
-    if (Number(st.uid) === owner.uid) return;
+    if (!owner || Number(st.uid) === owner.uid) return;
     throw this.refuse(
       n,
-      `it belongs to uid ${st.uid}, not to uid ${owner.uid} who owns ${owner.file}, and a disk writes only into its owner's files`,
+      `it belongs to uid ${st.uid}, not to uid ${owner.uid} who owns ${owner.owns}, and a disk writes only into its owner's files`,
     );
   }
 
   private refuse(n: NamedFile, why: string): AddCowError {
-    return new AddCowError(
-      `${n.role} ${n.file} (named in ${n.namer.file}) is refused: ${why}; see docs/security.md`,
-      { reason: "forbidden", file: n.file, code: "EACCES", mode: n.access },
-    );
+    const where = n.namer ? ` (named in ${n.namer.file})` : "";
+    return new AddCowError(`${n.role} ${n.file}${where} is refused: ${why}; see docs/security.md`, {
+      reason: "forbidden",
+      file: n.file,
+      code: "EACCES",
+      mode: n.access,
+    });
   }
 }
 
-function modeOf(st: Judged): string {
+const RULE = "and a disk may only reach files its owner could open";
+
+function userOf(who: Principal): string {
+  return `uid ${who.uid}, who owns ${who.owns},`;
+}
+
+function modeOf(st: fs.BigIntStats): string {
   return (Number(st.mode) & 0o7777).toString(8).padStart(4, "0");
 }
 

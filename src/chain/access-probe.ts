@@ -6,14 +6,35 @@ export type ProbeAnswer =
   { ok: true; dev: bigint; ino: bigint; regular: boolean } | { ok: false; code: string };
 
 /**
+ * The group a uid without an account is judged with: 65534 (nogroup, the
+ * kernel's overflow gid), which owns nothing. Never the group of a file the
+ * user made: a setgid directory can give a file any group (docs/security.md).
+ */
+export const NO_ACCOUNT_GID = 65534;
+
+/**
+ * How long one question may wait for its answer, spawn included. The helper
+ * runs as the user it judges, who can stop it (SIGSTOP) or slow it down; past
+ * this the helper is killed and the open refused. ADDCOW_ACCESS_TIMEOUT
+ * (seconds, in the environment of the user running addcow) changes it.
+ */
+export function accessDeadlineMs(env: NodeJS.ProcessEnv = process.env): number {
+  const s = Number(env.ADDCOW_ACCESS_TIMEOUT);
+  return Number.isFinite(s) && s > 0 && s <= 600 ? Math.round(s * 1000) : 5000;
+}
+
+/**
  * The child's program. It starts as root, takes on the identity of `uid`
  * (its primary group and supplementary groups from the account database,
- * exactly as a login would; without an account: no supplementary groups and
- * the given fallback group), drops root for good, and then answers one JSON
+ * exactly as a login would; without an account: group NO_ACCOUNT_GID and no
+ * supplementary groups), drops root for good, and then answers one JSON
  * line per question: it looks the name up (O_PATH: nothing is opened for I/O,
  * no FIFO blocks, no device sees an open) and asks access(2) on that very
  * inode through /proc/self/fd. Mode bits, ACLs, groups, read-only mounts and
  * immutable files are all the kernel's business: nothing is emulated here.
+ * Changing its ids makes the kernel mark it non-dumpable, so the user it
+ * becomes cannot ptrace it or reach its descriptors, only signal it (the
+ * deadline covers that).
  */
 const PROBE_PROGRAM = `
 "use strict";
@@ -28,7 +49,7 @@ try {
   name = me.username;
   gid = me.gid;
 } catch {
-  // No account for uid: keep the fallback group.
+  // No account for uid: keep the fixed group.
 } finally {
   process.seteuid(0);
 }
@@ -78,13 +99,15 @@ process.stdin.on("data", (chunk) => {
 interface Waiter {
   resolve(answer: ProbeAnswer): void;
   reject(err: Error): void;
+  timer: NodeJS.Timeout;
 }
 
 /**
  * A short-lived child process that runs as another user (only root can start
  * one) and tells whether that user could open a file: the kernel's own
  * verdict, with the device and inode it judged so the caller can make sure it
- * opens that same file. One child serves every question of one open.
+ * opens that same file. One child serves every question of one open; a
+ * question unanswered within the deadline kills it and fails.
  */
 export class AccessProbe {
   private readonly child: ChildProcess;
@@ -95,14 +118,18 @@ export class AccessProbe {
 
   constructor(
     readonly uid: number,
-    fallbackGid: number,
+    private readonly deadlineMs = accessDeadlineMs(),
   ) {
-    this.child = spawn(process.execPath, ["-e", PROBE_PROGRAM, String(uid), String(fallbackGid)], {
-      stdio: ["pipe", "pipe", "pipe"],
-      // Nothing of ours leaks in; names are absolute, so the working directory does not matter.
-      env: {},
-      cwd: "/",
-    });
+    this.child = spawn(
+      process.execPath,
+      ["-e", PROBE_PROGRAM, String(uid), String(NO_ACCOUNT_GID)],
+      {
+        stdio: ["pipe", "pipe", "pipe"],
+        // Nothing of ours leaks in; names are absolute, so the working directory does not matter.
+        env: {},
+        cwd: "/",
+      },
+    );
     log.open("access probe for uid %d: pid %d", uid, this.child.pid);
     this.child.stdout!.setEncoding("utf8");
     this.child.stdout!.on("data", (chunk: string) => this.onData(chunk));
@@ -122,7 +149,16 @@ export class AccessProbe {
   ask(file: string, access: "read" | "write"): Promise<ProbeAnswer> {
     if (this.failure) return Promise.reject(this.failure);
     return new Promise<ProbeAnswer>((resolve, reject) => {
-      this.waiting.push({ resolve, reject });
+      const timer = setTimeout(() => {
+        const s = this.deadlineMs / 1000;
+        this.fail(
+          new Error(
+            `the helper process running as uid ${this.uid} did not answer within ${s} s (that user can stop it)`,
+          ),
+        );
+        this.close();
+      }, this.deadlineMs);
+      this.waiting.push({ resolve, reject, timer });
       this.child.stdin!.write(JSON.stringify({ file, access }) + "\n");
     });
   }
@@ -141,6 +177,7 @@ export class AccessProbe {
         { ok: true; dev: string; ino: string; regular: boolean } | { ok: false; code: string };
       const waiter = this.waiting.shift();
       if (!waiter) continue;
+      clearTimeout(waiter.timer);
       waiter.resolve(
         reply.ok ? { ...reply, dev: BigInt(reply.dev), ino: BigInt(reply.ino) } : reply,
       );
@@ -149,6 +186,9 @@ export class AccessProbe {
 
   private fail(err: Error): void {
     this.failure ??= err;
-    for (const w of this.waiting.splice(0)) w.reject(this.failure);
+    for (const w of this.waiting.splice(0)) {
+      clearTimeout(w.timer);
+      w.reject(this.failure);
+    }
   }
 }

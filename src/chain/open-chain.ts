@@ -3,21 +3,36 @@ import * as path from "node:path";
 import type { BlockDevice } from "../block/block-device";
 import { RawDevice } from "../block/raw-device";
 import { AddCowError, describeError, errnoCode } from "../util/errors";
-import type { Access, BackingFormat, ChainOpener, LayerFile, Namer } from "../block/chain-opener";
+import type {
+  Access,
+  BackingFormat,
+  ChainOpener,
+  LayerFile,
+  Namer,
+  ResolvedName,
+} from "../block/chain-opener";
 import type { LayerIdentity } from "../block/layer-identity";
 import { type FileIO, type FileOpener, openPosixFile } from "../block/file-io";
 import type { AddCowDevice, CacheMode } from "../addcow/addcow-device";
 import { type AddCowOpenRequest, openAddCow } from "../addcow/open-addcow";
 import type { LockKind } from "../os/file-lock";
 import {
+  type Controller,
+  OpenDirectoryError,
+  type PathFd,
+  WalkError,
+  walkPath,
+} from "../os/path-walk";
+import {
   AccessPolicy,
   type Confinement,
-  type Judged,
+  type Located,
   type NamedFile,
   isUrlName,
 } from "./access-policy";
 import type { RemoteSettings } from "../remote/options";
 import { openRemoteBacking } from "./open-remote";
+import { NO_URL_RULES, type UrlRules, judgeUrl } from "./url-policy";
 
 /** Longest backing chain we follow; deeper chains are refused as hostile. */
 export const MAX_CHAIN_DEPTH = 64;
@@ -67,6 +82,11 @@ export interface OpenOptions {
   pinned?: LayerIdentity | null;
   /** Remote backings: block size, timeouts, cache (default: from the environment). */
   remote?: RemoteSettings;
+  /**
+   * The operator's URL rules (chain/url-policy.ts): which origins another
+   * user's (or a confined) disk may name, and which get credentials.
+   */
+  urls?: UrlRules;
   /** Reads from the backing chain also fill the top disk's image file (copy-on-read). */
   copyOnRead?: boolean;
 }
@@ -74,38 +94,106 @@ export interface OpenOptions {
 /** Identity of a file across paths, symlinks and hard links. */
 type FileId = string;
 
+/** Where a layer's relative names resolve: the directory its file was actually opened in. */
+interface Place {
+  dir: PathFd;
+  /** The kernel's path of that directory, for messages and for the judged users' helpers. */
+  real: string;
+}
+
+/**
+ * A name as the chain resolved it: shown as `path`, reached by walking
+ * `walk` from the directory descriptor `from` (or from "/"), never through
+ * the naming file's path again.
+ */
+class ChainName implements ResolvedName {
+  constructor(
+    readonly path: string,
+    readonly url: boolean,
+    readonly walk: string,
+    readonly from: PathFd | null,
+    /** What a judged user's helper looks up: the same inode, by a path that user may use. */
+    readonly probePath: string,
+  ) {}
+}
+
+/** A name the user gave (the command line): relative to the working directory. */
+function givenName(file: string): ChainName {
+  if (isUrlName(file)) return new ChainName(file, true, file, null, file);
+  const abs = path.resolve(file);
+  return new ChainName(file, false, abs, null, abs);
+}
+
+/** A local name stored in a header, resolved against the directory its file was opened in. */
+function storedName(place: Place | undefined, namer: Namer, stored: string): ChainName {
+  if (path.isAbsolute(stored)) {
+    return new ChainName(path.normalize(stored), false, stored, null, stored);
+  }
+  if (!place) {
+    const abs = resolveName(namer, stored);
+    return new ChainName(abs, false, abs, null, abs);
+  }
+  const raw = `${place.real === "/" ? "" : place.real}/${stored}`;
+  return new ChainName(path.normalize(raw), false, stored, place.dir, raw);
+}
+
+function chainName(name: ResolvedName): ChainName {
+  if (!(name instanceof ChainName)) throw new Error("a name must be resolved by the chain");
+  return name;
+}
+
+/** A walked name: its O_PATH descriptor, what fstat said, who controls the way, its directory. */
+interface ChainLocated extends Located {
+  fd: PathFd;
+  place: Place;
+}
+
 interface ChainState {
   /** Every file opened so far, with the role it was opened in. */
   seen: Map<FileId, { role: string; file: string }>;
   depth: number;
   opts: OpenOptions;
   cleanup: Array<() => Promise<void>>;
-  /** Judges every file a header names before and after it is opened. */
+  /** Judges every file before it is opened, and the descriptor after. */
   policy: AccessPolicy;
+  /** Descriptors of walked names, held until the chain is open. */
+  held: Array<{ close(): void }>;
+  /** The directory each layer's file was opened in. */
+  places: WeakMap<Namer, Place>;
 }
 
 /** Runs one open of a chain; on failure closes whatever it opened, innermost last. */
 async function openChain<T>(
-  diskFile: string,
   opts: OpenOptions,
   depth: number,
   open: (state: ChainState) => Promise<T>,
 ): Promise<T> {
-  const policy = AccessPolicy.create(diskFile, opts.confine);
-  const state: ChainState = { seen: new Map(), depth, opts, cleanup: [], policy };
+  const policy = AccessPolicy.create(opts.confine);
+  const state: ChainState = {
+    seen: new Map(),
+    depth,
+    opts,
+    cleanup: [],
+    policy,
+    held: [],
+    places: new WeakMap(),
+  };
   try {
     return await open(state);
   } catch (err) {
     for (const undo of state.cleanup.reverse()) await undo().catch(() => undefined);
     throw err;
   } finally {
+    for (const h of state.held) h.close();
     policy.close();
   }
 }
 
 /** Opens an add-cow disk and its backing chain. */
 export function openDisk(file: string, opts: OpenOptions = {}): Promise<AddCowDevice> {
-  return openChain(file, opts, 0, (state) => openAddCowLayer(file, opts.writable ?? false, state));
+  return openChain(opts, 0, (state) =>
+    openAddCowLayer(givenName(file), opts.writable ?? false, state),
+  );
 }
 
 /** Opens a disk of a known format read-only (raw file or add-cow chain), for backing use. */
@@ -115,9 +203,17 @@ export function openBacking(
   opts: OpenOptions = {},
 ): Promise<BlockDevice> {
   const namer = opts.namedBy;
-  return openChain(namer?.file ?? file, opts, opts.layersAbove ?? 0, (state) => {
-    if (namer) state.policy.setDiskOwner(namer);
-    return openLayer(file, format, state, "backing file", namer, false, opts.pinned ?? null);
+  return openChain(opts, opts.layersAbove ?? 0, (state) => {
+    if (namer) state.policy.setDisk(namer);
+    return openLayer(
+      givenName(file),
+      format,
+      state,
+      "backing file",
+      namer,
+      false,
+      opts.pinned ?? null,
+    );
   });
 }
 
@@ -135,13 +231,17 @@ function fileKind(st: fs.BigIntStats): string {
   return "not a regular file";
 }
 
-/** Why a stat or open failed, in words, from its errno code. */
-function reason(err: unknown, file: string): string {
+/**
+ * Why a lookup or open failed, in words, from its errno code. A dangling
+ * symbolic link's target is shown only when `showLinks` (no other user is
+ * judged: nobody learns where a link they could not read points).
+ */
+function reason(err: unknown, file: string, showLinks = true): string {
   const code = errnoCode(err);
   switch (code) {
     case "ENOENT": {
       try {
-        if (fs.lstatSync(file).isSymbolicLink()) {
+        if (showLinks && fs.lstatSync(file).isSymbolicLink()) {
           return `is a symbolic link to ${JSON.stringify(fs.readlinkSync(file))}, which does not exist`;
         }
       } catch {
@@ -162,6 +262,8 @@ function reason(err: unknown, file: string): string {
       return "is a directory";
     case "EROFS":
       return "is on a read-only file system";
+    case "EAGAIN":
+      return "cannot be opened: a symbolic link on its path changed while it was being followed; try again";
     case "EFTYPE":
       return "cannot be opened: it is not a regular file (it changed while being opened)";
     default:
@@ -178,32 +280,71 @@ function fixAdvice(role: string, file: string, namedIn?: string): string {
   return `restore the backing file at ${file}, or point ${namedIn} at where it is now (addcow rebase -u -b NEW -F FORMAT ${namedIn})`;
 }
 
-async function statExisting(file: string, role: string, namedIn?: string): Promise<Judged> {
-  const where = namedIn ? ` (named in ${namedIn})` : "";
-  let st: Judged;
+/**
+ * Looks a name up through descriptors (os/path-walk.ts): the file found, who
+ * controls the way to it, and the directory it is in. When it cannot be
+ * found, a user it is judged for who could not look it up either is the
+ * refusal, so the answer does not tell whether something exists there.
+ */
+async function locate(name: ChainName, n: NamedFile, state: ChainState): Promise<ChainLocated> {
+  let walked;
   try {
-    st = await fs.promises.stat(file, { bigint: true });
+    walked = walkPath(name.walk, name.from);
   } catch (err) {
+    const where = n.namer ? ` (named in ${n.namer.file})` : "";
+    if (err instanceof OpenDirectoryError) {
+      throw new AddCowError(`${n.role} ${n.file}${where} is refused: ${err.message}`, {
+        reason: "forbidden",
+        file: n.file,
+        code: "EACCES",
+        mode: n.access,
+      });
+    }
+    const controllers: readonly Controller[] = err instanceof WalkError ? err.controllers : [];
+    await state.policy.refuseUnseen(n, controllers);
     const code = errnoCode(err);
+    const why = reason(err, n.file, !state.policy.judges(n, controllers));
     throw new AddCowError(
-      `${role} ${file}${where} ${reason(err, file)}; ${fixAdvice(role, file, namedIn)}`,
-      { file, code: code ?? "EIO", reason: "cannot-open" },
+      `${n.role} ${n.file}${where} ${why}; ${fixAdvice(n.role, n.file, n.namer?.file)}`,
+      { file: n.file, code: code ?? "EIO", reason: "cannot-open" },
     );
   }
-  if (!st.isFile()) {
-    // Only regular files: a FIFO would block, a device or a directory is not a disk's file.
-    throw new AddCowError(
-      `${role} ${file}${where} is ${fileKind(st)}, not a regular file; ${fixAdvice(role, file, namedIn)}`,
-      { file, code: "EINVAL", reason: namedIn ? "forbidden" : "cannot-open" },
-    );
-  }
-  return st;
+  state.held.push(walked);
+  const file = walked.file;
+  return {
+    fd: file,
+    st: file.st,
+    controllers: walked.controllers,
+    place: { dir: walked.dir, real: walked.dir.realPath() },
+    realPath: () => file.realPath(),
+  };
 }
 
 /**
- * Opens a file; `check` judges the descriptor before the file is locked (a
- * file that fails it is closed again without ever being locked). The lock is
- * shared for reading, exclusive for writing, unless `lock` says otherwise.
+ * Everything decided about a file before it is opened, in this order: every
+ * user it is judged for could open it (before anything is said about it),
+ * it is a regular file, it is where confinement allows, it is new to the chain.
+ */
+async function judgeLocated(n: NamedFile, at: ChainLocated, state: ChainState): Promise<void> {
+  await state.policy.judgeAccess(n, at);
+  if (!at.st.isFile()) {
+    // Only regular files: a FIFO would block, a device or a directory is not a disk's file.
+    const where = n.namer ? ` (named in ${n.namer.file})` : "";
+    throw new AddCowError(
+      `${n.role} ${n.file}${where} is ${fileKind(at.st)}, not a regular file; ${fixAdvice(n.role, n.file, n.namer?.file)}`,
+      { file: n.file, code: "EINVAL", reason: n.namer ? "forbidden" : "cannot-open" },
+    );
+  }
+  state.policy.judgePlace(n, at);
+  remember(state, at.st, n.file, n.role, n.namer?.file);
+}
+
+/**
+ * Opens a file for I/O through its judged O_PATH descriptor (the very inode
+ * judged: the name is not looked up again). `check` judges the descriptor
+ * before the file is locked (a file that fails it is closed again without
+ * ever being locked). The lock is shared for reading, exclusive for writing,
+ * unless `lock` says otherwise.
  */
 async function openFile(
   file: string,
@@ -211,12 +352,12 @@ async function openFile(
   role: string,
   state: ChainState,
   namedIn?: string,
-  opts: { lock?: LockKind | false; check?: (io: FileIO) => Promise<void> } = {},
+  opts: { lock?: LockKind | false; check?: (io: FileIO) => void; at?: string } = {},
 ): Promise<FileIO> {
   const opener = state.opts.opener ?? openPosixFile;
   let io: FileIO;
   try {
-    io = await opener(file, mode);
+    io = await opener(file, mode, opts.at);
   } catch (err) {
     const code = errnoCode(err);
     const advice =
@@ -224,12 +365,12 @@ async function openFile(
         ? "open the disk read-only, or make the file writable"
         : "check the file and its permissions";
     throw new AddCowError(
-      `${role} ${file}${namedIn ? ` (named in ${namedIn})` : ""} cannot be opened for ${mode === "write" ? "writing" : "reading"}: ${reason(err, file).replace(/^cannot be (accessed|opened): /, "")}; ${advice}`,
+      `${role} ${file}${namedIn ? ` (named in ${namedIn})` : ""} cannot be opened for ${mode === "write" ? "writing" : "reading"}: ${reason(err, file, false).replace(/^cannot be (accessed|opened): /, "")}; ${advice}`,
       { file, code: code ?? "EIO", reason: "cannot-open", mode },
     );
   }
   state.cleanup.push(() => io.close());
-  if (opts.check) await opts.check(io);
+  if (opts.check) opts.check(io);
   if (opts.lock !== false) lock(io, opts.lock ?? lockFor(mode), role, state);
   return io;
 }
@@ -267,7 +408,7 @@ async function reopenForWriting(
 
 function remember(
   state: ChainState,
-  st: Judged,
+  st: fs.BigIntStats,
   file: string,
   role: string,
   namedIn?: string,
@@ -291,61 +432,43 @@ function remember(
   state.seen.set(id, { role, file });
 }
 
-/** Everything decided about a named file before it is opened: it exists, is new to the chain, is allowed. */
-async function judgeNamed(n: NamedFile, state: ChainState): Promise<Judged> {
-  const st = await statExisting(n.file, n.role, n.namer.file);
-  remember(state, st, n.file, n.role, n.namer.file);
-  await state.policy.judge(n, st);
-  return st;
+/** Looks a name up and judges it: ready to be opened by openLocated. */
+async function locateJudged(
+  name: ChainName,
+  n: NamedFile,
+  state: ChainState,
+): Promise<ChainLocated> {
+  const at = await locate(name, n, state);
+  await judgeLocated(n, at, state);
+  return at;
 }
 
-/** Opens a judged file; its descriptor must be the file judged. */
-function openJudged(
+/** Opens a judged file through its descriptor; the file opened must be the one judged. */
+function openLocated(
   n: NamedFile,
-  judged: Judged,
+  at: ChainLocated,
+  mode: Access,
   state: ChainState,
   lockAs?: LockKind | false,
 ): Promise<FileIO> {
-  return openFile(n.file, n.access, n.role, state, n.namer.file, {
+  return openFile(n.file, mode, n.role, state, n.namer?.file, {
     lock: lockAs,
-    check: (io) => state.policy.verify(n, judged, io),
+    at: at.fd.proc,
+    check: (io) => state.policy.verify(n, at.st, io),
   });
 }
 
-/** Opens a file the user named (not a header): exists, new to the chain. */
-async function openGiven(
-  file: string,
-  mode: "read" | "write",
-  role: string,
-  state: ChainState,
-  lockAs?: LockKind,
-): Promise<{ io: FileIO; st: Judged }> {
-  const st = await statExisting(file, role);
-  remember(state, st, file, role);
-  const io = await openFile(file, mode, role, state, undefined, { lock: lockAs });
-  // The descriptor's own identity: the owner of what was opened, not of what a path names now.
-  return { io, st: io.stat() };
-}
-
-/** Opens a file the user named again, for writing (unlocked): it must still be the file read. */
-function reopenGiven(file: string, st: Judged, role: string, state: ChainState): Promise<FileIO> {
-  return openFile(file, "write", role, state, undefined, {
-    lock: false,
-    check: async (io) => {
-      const now = io.stat();
-      if (now.dev !== st.dev || now.ino !== st.ino) {
-        throw new AddCowError(`${role} ${file} was replaced while it was being opened; try again`, {
-          file,
-          code: "EBUSY",
-          reason: "cannot-open",
-        });
-      }
-    },
-  });
+function namedFile(name: ChainName, role: string, access: Access, namer?: Namer): NamedFile {
+  return {
+    file: name.path,
+    role,
+    access,
+    ...(namer ? { namer, probePath: name.probePath } : {}),
+  };
 }
 
 async function openLayer(
-  file: string,
+  name: ChainName,
   format: BackingFormat,
   state: ChainState,
   role: string,
@@ -353,44 +476,65 @@ async function openLayer(
   writable = false,
   pinned: LayerIdentity | null = null,
 ): Promise<BlockDevice> {
-  if (isUrlName(file)) {
-    const manifest = pinned?.kind === "remote" ? pinned.manifest : null;
-    const dev = await openRemoteBacking(file, format, writable, namer?.file, state.opts.remote, {
-      manifest,
+  if (name.url) {
+    const decision = await judgeUrl(state.opts.urls ?? NO_URL_RULES, name.path, {
+      writers: state.policy.writersOf(namer),
+      confined: state.opts.confine != null,
+      role,
+      ...(namer ? { namedIn: namer.file } : {}),
     });
+    const manifest = pinned?.kind === "remote" ? pinned.manifest : null;
+    const dev = await openRemoteBacking(
+      name.path,
+      format,
+      writable,
+      namer?.file,
+      state.opts.remote,
+      decision,
+      { manifest },
+    );
     state.cleanup.push(() => dev.close());
     return dev;
   }
-  if (format === "add-cow") return openAddCowLayer(file, writable, state, namer);
+  if (format === "add-cow") return openAddCowLayer(name, writable, state, namer);
   if (format === "qcow2") {
     if (writable) {
       throw new AddCowError(
-        `backing file ${file} is a qcow2 image, which addcow opens read-only: it cannot be written (commit into it is not supported)`,
-        { file, code: "EROFS", reason: "invalid" },
+        `backing file ${name.path} is a qcow2 image, which addcow opens read-only: it cannot be written (commit into it is not supported)`,
+        { file: name.path, code: "EROFS", reason: "invalid" },
       );
     }
     // Loaded only for a qcow2 layer (with its zlib and zstd decoders): most disks have none.
     const { openQcow2 } = await import("../qcow2/open-qcow2");
-    return openQcow2(chainOpener(state), file, namer);
+    return openQcow2(chainOpener(state), name, namer);
   }
   const mode = writable ? "write" : "read";
-  if (!namer) return RawDevice.open((await openGiven(file, mode, role, state)).io);
-  const n: NamedFile = { file, role, access: mode, namer };
-  return RawDevice.open(await openJudged(n, await judgeNamed(n, state), state));
+  const n = namedFile(name, role, mode, namer);
+  const at = await locateJudged(name, n, state);
+  return RawDevice.open(await openLocated(n, at, mode, state));
 }
 
 function lockFor(mode: "read" | "write"): LockKind {
   return mode === "write" ? "exclusive" : "shared";
 }
 
-/** Resolves a name stored in an .add-cow file: relative names are relative to its directory. */
+/**
+ * Resolves a name stored in an .add-cow file by path: relative names are
+ * relative to its directory. Only for showing and comparing names; the chain
+ * itself resolves them against the directory the file was opened in.
+ */
 export function resolveStoredName(addcowFile: string, stored: string): string {
   return path.resolve(path.dirname(path.resolve(addcowFile)), stored);
 }
 
-/** A stored backing name: an absolute URL stays a URL, anything else is a path. */
-export function resolveBackingName(addcowFile: string, stored: string): string {
-  return isUrlName(stored) ? stored : resolveStoredName(addcowFile, stored);
+/**
+ * A name stored in namer's file, as a path: against the real directory the
+ * chain opened that file in (its descriptor's path), else against its name's
+ * directory; a URL as it is.
+ */
+export function resolveName(namer: Namer, stored: string): string {
+  if (isUrlName(stored)) return stored;
+  return namer.dir ? path.resolve(namer.dir, stored) : resolveStoredName(namer.file, stored);
 }
 
 /** Counts one more layer of the chain; a chain deeper than MAX_CHAIN_DEPTH is refused. */
@@ -405,45 +549,39 @@ function enterLayer(state: ChainState, file: string, namedIn?: string): void {
 }
 
 /**
- * A layer's own file: named by the user (the disk) or by a header (judged
- * first). Read-only and locked for `access` until reopenForWriting.
+ * A layer's own file: named by the user (the disk) or by a header. Looked up
+ * once, judged (for whoever controls the way to it too), opened read-only
+ * and locked for `access` through its descriptor; reopenForWriting opens
+ * that same descriptor's inode again, never the name.
  */
 async function openLayerFile(
-  file: string,
+  name: ChainName,
   kind: string,
   access: Access,
   state: ChainState,
   namer?: Namer,
 ): Promise<LayerFile> {
-  const lockAs = lockFor(access);
-  if (namer) {
-    const role = "backing file";
-    const self: NamedFile = { file, role, access, namer };
-    const st = await judgeNamed(self, state);
-    let io = await openJudged({ ...self, access: "read" }, st, state, lockAs);
-    return {
-      io,
-      owner: ownerOf(file, st),
-      reopenForWriting: async () =>
-        (io = await reopenForWriting(io, role, state, () => openJudged(self, st, state, false))),
-    };
-  }
-  const role = kind;
-  const given = await openGiven(file, "read", role, state, lockAs);
-  state.policy.setDiskOwner(given.st);
-  let io = given.io;
+  const role = namer ? "backing file" : kind;
+  const n = namedFile(name, role, access, namer);
+  const at = await locateJudged(name, n, state);
+  const owner: Namer = {
+    file: name.path,
+    uid: Number(at.st.uid),
+    gid: Number(at.st.gid),
+    via: at.controllers,
+    dir: at.place.real,
+  };
+  state.places.set(owner, at.place);
+  if (!namer) state.policy.setDisk(owner);
+  let io = await openLocated({ ...n, access: "read" }, at, "read", state, lockFor(access));
   return {
     io,
-    owner: ownerOf(file, given.st),
+    owner,
     reopenForWriting: async () =>
       (io = await reopenForWriting(io, role, state, () =>
-        reopenGiven(file, given.st, role, state),
+        openLocated(n, at, "write", state, false),
       )),
   };
-}
-
-function ownerOf(file: string, st: Judged): Namer {
-  return { file, uid: Number(st.uid), gid: Number(st.gid) };
 }
 
 /**
@@ -452,7 +590,7 @@ function ownerOf(file: string, st: Judged): Namer {
  * open read-only with their backing opened by the chain.
  */
 function openAddCowLayer(
-  file: string,
+  name: ChainName,
   writable: boolean,
   state: ChainState,
   namer?: Namer,
@@ -464,7 +602,7 @@ function openAddCowLayer(
   else if (top && o.withoutBacking) backing = "none";
   else if (top && o.writableBacking) backing = "open-writable";
   return openAddCow(chainOpener(state), {
-    file,
+    name,
     writable,
     ...(namer ? { namer } : {}),
     backing,
@@ -478,33 +616,79 @@ function openAddCowLayer(
 function chainOpener(state: ChainState): ChainOpener {
   return {
     enterLayer: (file, namedIn) => enterLayer(state, file, namedIn),
-    openLayerFile: (file, kind, access, namer) => openLayerFile(file, kind, access, state, namer),
-    judgeNamedFile: async (file, role, access, namer) => {
-      const n: NamedFile = { file, role, access, namer };
-      const st = await judgeNamed(n, state);
-      return { file, open: (lockAs) => openJudged(n, st, state, lockAs) };
+    openLayerFile: (name, kind, access, namer) =>
+      openLayerFile(chainName(name), kind, access, state, namer),
+    judgeNamedFile: async (resolved, role, access, namer) => {
+      const name = chainName(resolved);
+      const n = namedFile(name, role, access, namer);
+      const at = await locateJudged(name, n, state);
+      return { file: name.path, open: (lockAs) => openLocated(n, at, access, state, lockAs) };
     },
-    resolve: resolveStoredName,
-    backingName: (file, stored) => {
-      if (isUrlName(stored)) state.policy.checkUrl(stored, "backing file", file);
-      return resolveBackingName(file, stored);
+    resolve: (namer, stored) => storedName(state.places.get(namer), namer, stored),
+    backingName: (namer, stored) => {
+      // A URL is judged when it is opened (chain/url-policy.ts).
+      if (isUrlName(stored)) return new ChainName(stored, true, stored, null, stored);
+      return storedName(state.places.get(namer), namer, stored);
     },
     openBacking: (name, format, namer, writable, pinned) =>
-      openLayer(name, format, state, "backing file", namer, writable, pinned),
+      openLayer(chainName(name), format, state, "backing file", namer, writable, pinned),
   };
 }
 
 /**
  * For `addcow check`, which reads a disk's files without opening it as a
- * device: judges a file named in the header of `namer` as openDisk would,
- * and throws the same refusal.
+ * device: its .add-cow file opened read-only as openDisk opens it (looked up
+ * once, judged for whoever controls the way to it), locked shared unless
+ * `lock` is false, and the namer its header's names are judged for.
  */
-export async function judgeNamedFile(n: NamedFile, confine?: Confinement | null): Promise<void> {
-  const policy = AccessPolicy.create(n.namer.file, confine);
-  try {
-    policy.setDiskOwner(n.namer);
-    await policy.judge(n, await statExisting(n.file, n.role, n.namer.file));
-  } finally {
-    policy.close();
-  }
+export async function openDiskFile(
+  file: string,
+  opts: { lock?: boolean; opener?: FileOpener } = {},
+): Promise<{ io: FileIO; namer: Namer }> {
+  let io!: FileIO;
+  let namer!: Namer;
+  const how: OpenOptions = {
+    lock: opts.lock ?? true,
+    ...(opts.opener ? { opener: opts.opener } : {}),
+  };
+  await openChain(how, 0, async (state) => {
+    const layer = await openLayerFile(givenName(file), "add-cow file", "read", state);
+    io = layer.io;
+    namer = layer.owner;
+  });
+  return { io, namer };
+}
+
+/**
+ * A file a new disk's header is about to name (create's existing image
+ * file), judged as openDisk will judge it and opened for `n.access` through
+ * its descriptor, unlocked.
+ */
+export async function openNamedFile(n: NamedFile, confine?: Confinement | null): Promise<FileIO> {
+  let io!: FileIO;
+  await openChain({ confine, lock: false }, 0, async (state) => {
+    if (n.namer) state.policy.setDisk(n.namer);
+    const at = await locateJudged(givenName(n.file), n, state);
+    io = await openLocated(n, at, n.access, state, false);
+  });
+  return io;
+}
+
+/**
+ * For `addcow check`: judges a file named in the header of `namer` as
+ * openDisk would, and throws the same refusal (a judged user who cannot see
+ * it is the refusal; a missing file that they could see is "cannot-open").
+ * Returns what it is; a file that is not regular is the caller's to report.
+ */
+export async function judgeNamedFile(
+  n: NamedFile,
+  confine?: Confinement | null,
+): Promise<fs.BigIntStats> {
+  return openChain({ confine }, 0, async (state) => {
+    if (n.namer) state.policy.setDisk(n.namer);
+    const at = await locate(givenName(n.file), n, state);
+    await state.policy.judgeAccess(n, at);
+    if (at.st.isFile()) state.policy.judgePlace(n, at);
+    return at.st;
+  });
 }

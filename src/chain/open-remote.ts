@@ -4,6 +4,8 @@ import { AddCowError } from "../util/errors";
 import type { RemoteSettings } from "../remote/options";
 import type { RemoteOpenOptions } from "../remote/open-remote-device";
 import { displayName } from "../remote/url";
+import { log } from "../util/log";
+import type { UrlDecision } from "./url-policy";
 
 /**
  * A backing name that is a URL: a read-only remote device. Only raw remote
@@ -15,8 +17,9 @@ export async function openRemoteBacking(
   format: BackingFormat,
   writable: boolean,
   namedIn: string | undefined,
-  settings?: RemoteSettings,
-  opts: RemoteOpenOptions = {},
+  settings: RemoteSettings | undefined,
+  decision: UrlDecision,
+  pinned: Pick<RemoteOpenOptions, "manifest"> = {},
 ): Promise<BlockDevice> {
   const where = namedIn ? ` (named in ${namedIn})` : "";
   const name = displayName(url);
@@ -36,7 +39,16 @@ export async function openRemoteBacking(
   // time than the rest of addcow, and most disks never use them. Disks of one
   // process over the same base share its device (fetches and memory cache).
   const { openSharedRemoteDevice } = await import("../remote/shared-remote");
-  return settings
-    ? openSharedRemoteDevice(url, settings, opts)
-    : openSharedRemoteDevice(url, undefined, opts);
+  try {
+    // No settings: the default, from the environment.
+    return await openSharedRemoteDevice(url, settings, { ...pinned, access: decision.access });
+  } catch (err) {
+    if (!decision.quiet || !(err instanceof AddCowError) || err.reason !== "remote") throw err;
+    // Allowed by the wildcard only: how a server a tenant named answered is not for the tenant.
+    log.remote("%s: %s", name, err.message);
+    throw new AddCowError(
+      `remote backing ${name}${where} cannot be used; what its server answered is not shown for another user's disk (list its origin with --allow-url ORIGIN to see it, or trace with DEBUG=addcow:remote)`,
+      { code: "EIO", reason: "remote", file: name },
+    );
+  }
 }

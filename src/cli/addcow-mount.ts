@@ -113,14 +113,16 @@ async function mountAction(
   }
 
   const foreground = !opts.daemonChild;
-  const reporter = daemonReporter(options, foreground);
   // The daemon's code (FUSE, the chain, the control socket) is loaded only here:
   // the process that starts the background daemon and waits for it never needs it.
   const { MountDaemon: Daemon } = require("../daemon/daemon") as typeof import("../daemon/daemon");
   const { startControlService } =
     require("../control/server") as typeof import("../control/server");
+  let reporter!: DaemonLog;
   let daemon: MountDaemon;
   try {
+    // A log file is judged as it is opened (docs/security.md): a refusal fails the start.
+    reporter = daemonReporter(options, foreground);
     daemon = await Daemon.start({
       disks,
       mountDir,
@@ -171,10 +173,11 @@ async function serveAction(
     return;
   }
   const foreground = !opts.daemonChild;
-  const reporter = daemonReporter(options, foreground);
   const { serveHost } = require("./mount-host") as typeof import("./mount-host");
+  let reporter!: DaemonLog;
   let served: Awaited<ReturnType<typeof serveHost>>;
   try {
+    reporter = daemonReporter(options, foreground);
     served = await serveHost(name, PROGRAM, reporter, deps.opener);
   } catch (err) {
     return startFailed(err, foreground);

@@ -1,4 +1,5 @@
 #!/usr/bin/env node
+import { spellBareAllowUrl } from "./confine-options";
 import { Command } from "commander";
 import { packageVersion, runCli } from "./run-cli";
 import { applyOutputOption } from "./qemu-options";
@@ -75,6 +76,9 @@ if (require.main === module) {
     helperMain("addcow", args);
   } else {
     const program = buildProgram(commandsFor(args));
-    void runCli(program, [...process.argv.slice(0, 2), ...protectNegativeSize(args)]);
+    void runCli(program, [
+      ...process.argv.slice(0, 2),
+      ...protectNegativeSize(spellBareAllowUrl(args)),
+    ]);
   }
 }

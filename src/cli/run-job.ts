@@ -8,7 +8,8 @@ import type { CopyOptions } from "../jobs/copy-engine";
 import { DEFAULT_BUF_SIZE, DEFAULT_IN_FLIGHT } from "../jobs/copy-engine";
 import { Job, type JobKind, type JobStatus } from "../jobs/job";
 import { ProgressOutput, chooseMode } from "./progress-output";
-import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "./confine-options";
+import { type ConfineFlags, addConfineOptions, trustFromFlags } from "./confine-options";
+import { NO_URL_RULES, urlRulesCover } from "../chain/url-policy";
 import { confinementCovers } from "../chain/access-policy";
 import { addFormatOption, addJsonOption } from "./qemu-options";
 
@@ -128,7 +129,15 @@ export async function runLiveIfMounted(
   const daemon = await findDaemon(disk);
   if (!daemon) return null;
   const { client } = daemon;
-  const wanted = confinementFromFlags(flags);
+  const trust = trustFromFlags(flags);
+  const wanted = trust.confine;
+  const askedUrls = (flags.allowUrl ?? []).length + (flags.urlAuth ?? []).length > 0;
+  if (askedUrls && !urlRulesCover(daemon.hello.urls ?? NO_URL_RULES, trust.urls)) {
+    throw new AddCowError(
+      `${disk} is mounted (daemon pid ${daemon.hello.pid}) with wider URL rules (-o allow_url=, url_auth=) than asked for, and a live job runs under the mount's rules; remount it with the same rules, or run the job without --allow-url and --url-auth`,
+      { file: disk, reason: "forbidden" },
+    );
+  }
   if (wanted && !confinementCovers(daemon.hello.confine ?? null, wanted)) {
     // The job would run under the mount's rules, which are looser than asked for.
     throw new AddCowError(

@@ -1,6 +1,7 @@
 import type { JobKind, JobStatus } from "../jobs/job";
 import type { LiveJobRequest } from "../jobs/live-jobs";
 import type { Confinement } from "../chain/access-policy";
+import type { UrlRules } from "../chain/url-policy";
 
 /**
  * The control protocol: one JSON object per line over a unix socket. A client
@@ -46,6 +47,8 @@ export interface HelloResponse {
   confine: Confinement | null;
   /** A host daemon's socket: its name and every mount it serves (mountDir is then ""). */
   host?: { name: string; mounts: HostMount[] };
+  /** The mount's URL rules (older daemons: absent). */
+  urls?: UrlRules;
 }
 
 export type ControlResponse =

@@ -5,6 +5,7 @@ import { type LiveJobRequest, LiveJobs } from "../jobs/live-jobs";
 import type { Job, JobStatus } from "../jobs/job";
 import { AddCowError, describeError } from "../util/errors";
 import type { Confinement } from "../chain/access-policy";
+import type { UrlRules } from "../chain/url-policy";
 import { log } from "../util/log";
 import { diskKey, ensureRuntimeDir, socketPathFor } from "./paths";
 import {
@@ -21,6 +22,8 @@ export interface ControlHost {
   readonly mountDir: string;
   /** The mount's confinement: every reopen of a disk's files applies it too. */
   readonly confine: Confinement | null;
+  /** The mount's URL rules (-o allow_url=, url_auth=). */
+  readonly urls: UrlRules;
 }
 
 /** What a host daemon's own socket does besides jobs: attach and detach mounts. */
@@ -172,6 +175,7 @@ export class ControlServer {
           disks: this.jobs.tops(mount?.entries),
           mountDir: mount?.mountDir ?? "",
           confine: mount?.confine ?? null,
+          ...(mount?.urls ? { urls: mount.urls } : {}),
           ...(host && !mount ? { host: { name: host.name, mounts: host.mounts() } } : {}),
         });
       }

@@ -1,6 +1,8 @@
 import * as fs from "node:fs";
 import { type ChildProcess, spawn } from "node:child_process";
+import { AddCowError, describeError } from "../util/errors";
 import { log } from "../util/log";
+import { O_PATH, type WalkedParent, walkParent } from "../os/path-walk";
 
 /**
  * Where a daemon's warnings and errors go besides stderr: syslog (through
@@ -13,6 +15,59 @@ export type LogLevel = "warning" | "err";
 
 /** How long stop waits for logger(1) to hand over the last messages. */
 const DRAIN_MS = 3000;
+
+/** The user the daemon runs as: a log file must be its own. */
+const RUNNER = process.geteuid?.() ?? 0;
+
+function refused(file: string, why: string): AddCowError {
+  return new AddCowError(
+    `log file ${file} is refused: ${why}; give -o log= a file of the daemon's user (uid ${RUNNER}) in its own directory`,
+    { file, code: "EACCES", reason: "forbidden" },
+  );
+}
+
+/**
+ * Opens a log file for appending, or creates it (mode 0600). Whoever else can
+ * change the way to it could point it at a file of the daemon's user (root)
+ * and have lines appended there: every directory and link on the way must be
+ * the daemon user's (os/path-walk.ts), the name is never followed as a link
+ * (O_NOFOLLOW), and an existing file must be a regular file of the daemon's
+ * user with no other hard link. Opened by O_PATH first, so a FIFO or a device
+ * is never opened for writing (nothing waits, nothing sees an open).
+ */
+export function openLogFile(file: string): number {
+  let place: WalkedParent;
+  try {
+    place = walkParent(file);
+  } catch (err) {
+    throw refused(file, describeError(err));
+  }
+  try {
+    const foreign = place.controllers[0];
+    if (foreign)
+      throw refused(file, `${foreign.what} on the way to it belongs to uid ${foreign.uid}`);
+    const at = `${place.dir.proc}/${place.base}`;
+    const { O_WRONLY, O_APPEND, O_CREAT, O_EXCL, O_NOFOLLOW } = fs.constants;
+    try {
+      return fs.openSync(at, O_WRONLY | O_APPEND | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw refused(file, describeError(err));
+    }
+    const pathFd = fs.openSync(at, O_PATH | O_NOFOLLOW);
+    try {
+      const st = fs.fstatSync(pathFd);
+      if (st.isSymbolicLink()) throw refused(file, "it is a symbolic link");
+      if (!st.isFile()) throw refused(file, "it is not a regular file");
+      if (st.uid !== RUNNER) throw refused(file, `it belongs to uid ${st.uid}`);
+      if (st.nlink !== 1) throw refused(file, `it has ${st.nlink} hard links`);
+      return fs.openSync(`/proc/self/fd/${pathFd}`, O_WRONLY | O_APPEND);
+    } finally {
+      fs.closeSync(pathFd);
+    }
+  } finally {
+    place.close();
+  }
+}
 
 /**
  * A daemon's messages for people: warnings and errors, one line each. They
@@ -28,11 +83,14 @@ export class DaemonLog {
   private readonly pending = new Set<ChildProcess>();
   private loggerMissing = false;
 
+  /** Throws, in one line, when a log file cannot be used (see openLogFile). */
   constructor(
     private readonly program: string,
     private readonly destination: LogDestination,
     private readonly stderr: (line: string) => void = (line) => process.stderr.write(line),
-  ) {}
+  ) {
+    if (destination.kind === "file") fs.closeSync(openLogFile(destination.path));
+  }
 
   warn(message: string): void {
     this.emit("warning", message);
@@ -49,10 +107,16 @@ export class DaemonLog {
     const d = this.destination;
     if (d.kind === "file") {
       const line = `${new Date().toISOString()} ${this.program}[${process.pid}]: ${level}: ${text}\n`;
+      // Opened again for every line, with every check: a rotated log file is followed.
       try {
-        fs.appendFileSync(d.path, line);
+        const fd = openLogFile(d.path);
+        try {
+          fs.writeSync(fd, line);
+        } finally {
+          fs.closeSync(fd);
+        }
       } catch (err) {
-        this.stderr(`${this.program}: cannot write to log file ${d.path}: ${String(err)}\n`);
+        this.stderr(`${this.program}: cannot write to log file ${d.path}: ${describeError(err)}\n`);
       }
     } else if (d.kind === "syslog" && !this.loggerMissing) {
       this.syslog(level, text, d.socket);

@@ -9,6 +9,7 @@ import { DiskEntry } from "./disk-entry";
 import { type FuseFrontEnd, createFuseFrontEnd } from "./fuse-fs";
 import type { MountOptions } from "./mount-options";
 import type { Confinement } from "../chain/access-policy";
+import type { UrlRules } from "../chain/url-policy";
 import { log } from "../util/log";
 import {
   type MountEntry,
@@ -87,6 +88,10 @@ export class MountDaemon {
   get confine(): Confinement | null {
     return this.config.options.confine;
   }
+  /** The mount's URL rules (-o allow_url=, url_auth=): reopens apply them too. */
+  get urls(): UrlRules {
+    return this.config.options.urls;
+  }
   private readonly services: DaemonService[] = [];
   private timers: NodeJS.Timeout[] = [];
   private unwatch: (() => void) | null = null;
@@ -130,6 +135,7 @@ export class MountDaemon {
         cacheMode: config.options.cacheMode,
         copyOnRead: config.options.copyOnRead,
         confine: config.options.confine,
+        urls: config.options.urls,
         ...(config.opener ? { opener: config.opener } : {}),
       };
       for (const disk of config.disks) {

@@ -1,6 +1,7 @@
 import * as path from "node:path";
 import { AddCowError } from "../util/errors";
 import type { Confinement } from "../chain/access-policy";
+import { NO_URL_RULES, type UrlRules, parseOrigins, withOrigins } from "../chain/url-policy";
 import type { CacheMode } from "../addcow/addcow-device";
 import type { LogDestination } from "./daemon-log";
 
@@ -23,6 +24,8 @@ export interface MountOptions {
   log: LogDestination | undefined;
   /** confine, allow_dir=DIR, allow_url: where names in headers may lead (docs/security.md). */
   confine: Confinement | null;
+  /** allow_url=ORIGIN,..., url_auth=ORIGIN,...: the URL rules for other users' disks (chain/url-policy.ts). */
+  urls: UrlRules;
   /** What /proc/mounts, findmnt and df show as the source; default the (first) .add-cow file. */
   fsname: string | undefined;
   /** -o debug (or -d): stay in the foreground and trace every request (DEBUG=addcow:*). */
@@ -34,7 +37,7 @@ export interface MountOptions {
 }
 
 export const KNOWN_OPTIONS =
-  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, copy-on-read, log=syslog|stderr|FILE, confine, allow_dir=DIR, allow_url, fsname=NAME, debug, auto_unmount, host=NAME";
+  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, copy-on-read, log=syslog|stderr|FILE, confine, allow_dir=DIR, allow_url[=ORIGIN,...], url_auth=ORIGIN,..., fsname=NAME, debug, auto_unmount, host=NAME";
 
 /**
  * Generic options mount(8) and mount.fuse hand every filesystem (from fstab or
@@ -93,6 +96,7 @@ export function defaultMountOptions(): MountOptions {
     copyOnRead: false,
     log: undefined,
     confine: null,
+    urls: NO_URL_RULES,
     fsname: undefined,
     debug: false,
     autoUnmount: false,
@@ -131,6 +135,10 @@ function logDestination(value: string, cwd: string): LogDestination {
   return { kind: "file", path: path.resolve(cwd, value) };
 }
 
+function addOrigins(opts: MountOptions, option: "allow_url" | "url_auth", text: string): void {
+  opts.urls = withOrigins(opts.urls, parseOrigins(text, `-o ${option}=`), option === "url_auth");
+}
+
 /**
  * Parses one or more `-o` arguments (comma-separated, mount style), later ones
  * winning. Relative paths are relative to `cwd` (a host daemon parses an
@@ -138,9 +146,16 @@ function logDestination(value: string, cwd: string): LogDestination {
  */
 export function parseMountOptions(args: string[], cwd: string = process.cwd()): MountOptions {
   const opts = defaultMountOptions();
+  // allow_url= and url_auth= take comma-separated lists: an item that is a URL continues them.
+  let list: "allow_url" | "url_auth" | null = null;
   for (const arg of args) {
     for (const item of arg.split(",")) {
       if (item === "") continue;
+      if (list !== null && /^[a-z][a-z0-9+.-]*:\/\//i.test(item)) {
+        addOrigins(opts, list, item);
+        continue;
+      }
+      list = null;
       const eq = item.indexOf("=");
       const name = eq < 0 ? item : item.slice(0, eq);
       const value = eq < 0 ? undefined : item.slice(eq + 1);
@@ -212,9 +227,19 @@ export function parseMountOptions(args: string[], cwd: string = process.cwd()): 
           opts.confine.allowDirs.push(path.resolve(cwd, needValue()));
           break;
         case "allow_url":
-          flag();
-          opts.confine ??= { allowDirs: [], allowUrls: false };
-          opts.confine.allowUrls = true;
+          if (value === undefined) {
+            // The old spelling: any origin, under confinement (as before).
+            opts.confine ??= { allowDirs: [], allowUrls: false };
+            opts.confine.allowUrls = true;
+            opts.urls = { ...opts.urls, any: true };
+          } else {
+            list = "allow_url";
+            addOrigins(opts, list, needValue());
+          }
+          break;
+        case "url_auth":
+          list = "url_auth";
+          addOrigins(opts, list, needValue());
           break;
         case "sync":
           // mount(8)'s "every write synchronous": the same promise as cache=writethrough.
@@ -244,6 +269,8 @@ export function parseMountOptions(args: string[], cwd: string = process.cwd()): 
       }
     }
   }
+  // A confined disk may use URLs when any are allowed (info shows it).
+  if (opts.confine && opts.urls.origins.length > 0) opts.confine.allowUrls = true;
   if (opts.copyOnRead && opts.readOnly) {
     throw new AddCowError(
       "-o copy-on-read writes what is read into the image file: it cannot be combined with -o ro",

@@ -1,9 +1,9 @@
 import { readHeader } from "../addcow/open-addcow";
 import * as path from "node:path";
 import { AddCowError } from "../util/errors";
-import { type OpenOptions, resolveStoredName } from "../chain/open-chain";
+import { type OpenOptions, openDiskFile, resolveName } from "../chain/open-chain";
 import { withDiskAtRest } from "../chain/at-rest";
-import { type FileOpener, PosixFile, openPosixFile, openRegularFile } from "../block/file-io";
+import { type FileOpener, PosixFile, openRegularFile } from "../block/file-io";
 import { type CommitOptions, commitDisk, readOnlyBackingError } from "./commit";
 import { type CopyOptions, DEFAULT_IN_FLIGHT } from "./copy-engine";
 import type { Job } from "./job";
@@ -20,8 +20,8 @@ export function jobOpener(opts: CopyOptions, open: OpenOptions): FileOpener | un
   if (open.opener || process.env.ADDCOW_IO || (opts.inFlight ?? DEFAULT_IN_FLIGHT) <= 1) {
     return open.opener;
   }
-  return async (file, mode) =>
-    new PosixFile(file, await openRegularFile(file, mode), mode === "write", "async");
+  return async (file, mode, at) =>
+    new PosixFile(file, await openRegularFile(at ?? file, mode), mode === "write", "async");
 }
 
 export function streamAtRest(
@@ -57,12 +57,13 @@ export async function explainReadOnlyBacking(file: string, err: unknown): Promis
   const code = err.code;
   if (code !== "EACCES" && code !== "EROFS" && code !== "EPERM") return err;
   if (err.reason !== "cannot-open" || err.mode !== "write") return err;
-  // The overlay's own files are not the backing: their error stands as it is.
+  // The overlay's own files are not the backing: their error stands as it is. The disk's
+  // header is read as the chain reads it (judged, through its descriptor).
   const own = [path.resolve(file)];
   try {
-    const meta = await openPosixFile(file, "read");
+    const { io: meta, namer } = await openDiskFile(file, { lock: false });
     try {
-      own.push(resolveStoredName(file, (await readHeader(meta, file)).imageName));
+      own.push(resolveName(namer, (await readHeader(meta, file)).imageName));
     } finally {
       await meta.close();
     }

@@ -1,11 +1,10 @@
-import * as fs from "node:fs";
 import type { BlockDevice } from "../block/block-device";
 import type { AddCowLayer } from "../addcow/addcow-layer";
 import { type OpenOptions, openDisk } from "../chain/open-chain";
 import { AddCowError } from "../util/errors";
 import { CommitMirror } from "./commit-mirror";
 import { type CommitOptions, checkBackingWritable, checkCommittable, commitDisk } from "./commit";
-import { defaultImageName } from "../ops/create";
+import { type MadeFile, defaultImageName, removeMade } from "../ops/create";
 import type { Job, JobKind } from "./job";
 import { explainReadOnlyBacking } from "./at-rest";
 import { type SnapshotOptions, snapshotDisk } from "./snapshot";
@@ -75,20 +74,22 @@ export async function liveSnapshot(
     const old = live.top;
     await old.flush();
     const image = opts.image ?? defaultImageName(newFile);
+    const made: MadeFile[] = [];
     const message = await snapshotDisk(topFile, newFile, {
       ...opts,
       image,
       backingSize: old.size,
       backingIdentity: await old.identity(),
       confine: live.openOptions.confine,
+      ...(live.openOptions.urls ? { urls: live.openOptions.urls } : {}),
+      made,
     });
     let dev: AddCowLayer;
     try {
       dev = await openDisk(newFile, { ...live.openOptions, writable: true, backingDevice: old });
     } catch (err) {
-      // Nothing switched: take the new files away again.
-      fs.rmSync(newFile, { force: true });
-      fs.rmSync(image, { force: true });
+      // Nothing switched: take the new files away again (only those, through their directory).
+      removeMade(made);
       throw err;
     }
     await old.retire();

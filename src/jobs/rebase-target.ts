@@ -1,4 +1,4 @@
-import { type BackingFormat, BACKING_FORMATS } from "../block/chain-opener";
+import { type BackingFormat, BACKING_FORMATS, type Namer } from "../block/chain-opener";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import type { AddCowLayer } from "../addcow/addcow-layer";
@@ -86,10 +86,10 @@ export async function openTarget(
 ): Promise<RebaseTarget> {
   const file = isUrlName(given) ? given : path.resolve(given);
   checkNotAnImage(file, format);
-  const st = fs.statSync(dev.path);
   const how = {
     confine: open.confine,
-    namedBy: { file: dev.path, uid: st.uid, gid: st.gid },
+    ...(open.urls ? { urls: open.urls } : {}),
+    namedBy: namerOf(dev),
     ...(open.opener ? { opener: open.opener } : {}),
   };
   // First without locks: a chain leading back to this disk would meet its own lock.
@@ -117,6 +117,16 @@ export async function openTarget(
   }
 }
 
+/**
+ * Whose words the disk's header speaks: as the chain found when it opened
+ * the disk (its owner, and who controls the way to it).
+ */
+function namerOf(dev: AddCowLayer): Namer {
+  if (dev.owner) return dev.owner;
+  const st = fs.statSync(dev.path);
+  return { file: dev.path, uid: st.uid, gid: st.gid };
+}
+
 /** Refuses a new backing chain that uses a file of the disk itself. */
 function checkNoLoop(dev: AddCowLayer, chain: BlockDevice, file: string): void {
   const same = sharedFile(chain, dev.describe().files);
@@ -142,11 +152,11 @@ function sameFile(a: string, b: string | null): boolean {
 /** The current backing's size, when it can still be opened (-u compares it). */
 export async function oldBacking(dev: AddCowLayer, open: OpenOptions): Promise<OldBacking> {
   if (dev.backingPath === null || dev.backingFormat === null) return null;
-  const st = fs.statSync(dev.path);
   try {
     const old = await openBacking(dev.backingPath, dev.backingFormat, {
       confine: open.confine,
-      namedBy: { file: dev.path, uid: st.uid, gid: st.gid },
+      ...(open.urls ? { urls: open.urls } : {}),
+      namedBy: namerOf(dev),
     });
     const size = old.size;
     await old.close();

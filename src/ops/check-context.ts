@@ -2,6 +2,7 @@ import type { AddCowHeader } from "../addcow/header";
 import type { PinState } from "../addcow/pin";
 import type { FileIO } from "../block/file-io";
 import type { Confinement, Namer } from "../chain/access-policy";
+import type { UrlRules } from "../chain/url-policy";
 
 /**
  * The shared parts of `addcow check` (ops/check.ts): verifies an add-cow disk without modifying anything. The
@@ -29,6 +30,8 @@ export interface CheckContext {
   fd: number;
   /** The same open file, for readers that take a FileIO. */
   io: FileIO;
+  /** Device and inode of the .add-cow file opened. */
+  selfId: string;
   fileSize: number;
   /** The backing pin (feature bit 1) and where the bitmap ends: at the pin, else at fileSize. */
   pin: PinState;
@@ -37,6 +40,8 @@ export interface CheckContext {
   /** The .add-cow file and its owner: the names in its header are judged for that user. */
   namer: Namer;
   confine: Confinement | null;
+  /** The operator's URL rules (chain/url-policy.ts). */
+  urls?: UrlRules;
   header: AddCowHeader | null;
   allAllocated: boolean;
   imagePath: string | null;

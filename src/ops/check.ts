@@ -1,14 +1,10 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { sharedFile } from "../chain/loops";
-import {
-  judgeNamedFile,
-  openBacking,
-  resolveBackingName,
-  resolveStoredName,
-} from "../chain/open-chain";
-import { type Confinement, checkUrlName, isUrlName } from "../chain/access-policy";
-import { AddCowError, errnoCode } from "../util/errors";
+import { judgeNamedFile, openBacking, openDiskFile, resolveName } from "../chain/open-chain";
+import { type Confinement, isUrlName } from "../chain/access-policy";
+import type { UrlRules } from "../chain/url-policy";
+import { AddCowError } from "../util/errors";
 import {
   FEATURE_ALL_ALLOCATED,
   FIXED_HEADER_SIZE,
@@ -18,7 +14,7 @@ import {
   decodeFixedHeader,
   decodeHeader,
 } from "../addcow/header";
-import { PosixFile } from "../block/file-io";
+import { PosixFile, openRegularFile } from "../block/file-io";
 import { checkCreateLeftovers, checkShrunkImage } from "./check-crash";
 import { checkPin, readPinState } from "../addcow/pin";
 import { bitmapAreaEnd } from "../addcow/open-addcow";
@@ -91,18 +87,17 @@ export const checkImageFile: CheckStep = {
   async run(ctx) {
     const h = ctx.header;
     if (!h) return;
-    const imagePath = resolveStoredName(ctx.path, h.imageName);
+    const imagePath = resolveName(ctx.namer, h.imageName);
     const named = `image file ${imagePath} (stored as ${JSON.stringify(h.imageName)})`;
-    let st: fs.Stats;
-    try {
-      st = fs.statSync(imagePath);
-    } catch (err) {
-      const why = errnoCode(err) === "ENOENT" ? "does not exist" : (err as Error).message;
+    // Judged first, as any command judges it: a name the disk may not use is refused (exit 1),
+    // whether or not something is there.
+    const st = await lookUp(ctx, imagePath, "image file");
+    if (typeof st === "string") {
       ctx.report({
         severity: "corruption",
         offset: null,
         field: "image file",
-        message: `${named} ${why}`,
+        message: `${named} ${st}`,
       });
       return;
     }
@@ -115,13 +110,7 @@ export const checkImageFile: CheckStep = {
       });
       return;
     }
-    // A name the disk may not use is refused, as any command refuses it (exit 1).
-    await judgeNamedFile(
-      { file: imagePath, role: "image file", access: "read", namer: ctx.namer },
-      ctx.confine,
-    );
-    const self = fs.statSync(ctx.path);
-    if (self.dev === st.dev && self.ino === st.ino) {
+    if (ctx.selfId === `${st.dev}:${st.ino}`) {
       ctx.report({
         severity: "corruption",
         offset: null,
@@ -131,10 +120,10 @@ export const checkImageFile: CheckStep = {
       return;
     }
     ctx.imagePath = imagePath;
-    ctx.imageSize = st.size;
+    ctx.imageSize = Number(st.size);
     ctx.imageId = `${st.dev}:${st.ino}`;
-    ctx.numClusters = Math.ceil(st.size / 2 ** h.clusterBits);
-    if (st.size === 0) {
+    ctx.numClusters = Math.ceil(ctx.imageSize / 2 ** h.clusterBits);
+    if (st.size === 0n) {
       ctx.report({
         severity: "warning",
         offset: null,
@@ -269,29 +258,23 @@ export const checkBacking: CheckStep = {
   async run(ctx) {
     const h = ctx.header;
     if (!h || h.backingName === null) return;
-    if (isUrlName(h.backingName)) {
-      checkUrlName(ctx.confine, h.backingName, "backing file", ctx.path);
-    }
-    const backingPath = resolveBackingName(ctx.path, h.backingName);
+    const backingPath = resolveName(ctx.namer, h.backingName);
     const named = `backing file ${backingPath} (stored as ${JSON.stringify(h.backingName)})`;
     if (isUrlName(h.backingName)) {
       return checkRemoteBacking(ctx, backingPath, named);
     }
-    let st: fs.Stats;
-    try {
-      st = fs.statSync(backingPath);
-    } catch (err) {
+    const st = await lookUp(ctx, backingPath, "backing file");
+    if (typeof st === "string") {
       if (ctx.allAllocated) return; // Never read once every cluster is in the image file.
-      const why = errnoCode(err) === "ENOENT" ? "does not exist" : (err as Error).message;
       ctx.report({
         severity: "corruption",
         offset: null,
         field: "backing file",
-        message: `${named} ${why}`,
+        message: `${named} ${st}`,
       });
       return;
     }
-    const ownIds = new Set([`${fs.statSync(ctx.path).dev}:${fs.statSync(ctx.path).ino}`]);
+    const ownIds = new Set([ctx.selfId]);
     if (ctx.imageId) ownIds.add(ctx.imageId);
     if (ownIds.has(`${st.dev}:${st.ino}`)) {
       ctx.report({
@@ -310,6 +293,7 @@ export const checkBacking: CheckStep = {
         layersAbove: 1,
         namedBy: ctx.namer,
         confine: ctx.confine,
+        ...(ctx.urls ? { urls: ctx.urls } : {}),
       });
     } catch (err) {
       // A layer in use by a writer cannot be checked now: that is not corruption.
@@ -343,6 +327,23 @@ export const checkBacking: CheckStep = {
 };
 
 /**
+ * A name of the header looked up and judged for the users it speaks for (a
+ * refusal throws); a file that cannot be found is a finding, in words.
+ */
+async function lookUp(
+  ctx: CheckContext,
+  file: string,
+  role: string,
+): Promise<fs.BigIntStats | string> {
+  try {
+    return await judgeNamedFile({ file, role, access: "read", namer: ctx.namer }, ctx.confine);
+  } catch (err) {
+    if (!(err instanceof AddCowError) || err.reason !== "cannot-open") throw err;
+    return err.code === "ENOENT" ? "does not exist" : (err.detail ?? err.message);
+  }
+}
+
+/**
  * A remote backing (URL) must answer with a usable object: a missing object or
  * a refused format is corruption of the disk's naming; a server that cannot be
  * reached now (network, timeouts, 5xx, access) means the check cannot finish.
@@ -351,8 +352,12 @@ async function checkRemoteBacking(ctx: CheckContext, url: string, named: string)
   if (ctx.allAllocated) return;
   let backing;
   try {
+    // Judged as the disk names it: the URL rules for its owner (chain/url-policy.ts).
     backing = await openBacking(url, ctx.header!.backingFormat!, {
       layersAbove: 1,
+      namedBy: ctx.namer,
+      confine: ctx.confine,
+      ...(ctx.urls ? { urls: ctx.urls } : {}),
       pinned: ctx.pin.kind === "pinned" ? ctx.pin.record.identity : null,
     });
   } catch (err) {
@@ -421,6 +426,8 @@ export interface CheckOptions {
   steps?: CheckStep[];
   /** Confinement for the names in headers (docs/security.md). */
   confine?: Confinement | null;
+  /** The operator's URL rules (chain/url-policy.ts). */
+  urls?: UrlRules;
 }
 
 /**
@@ -429,32 +436,33 @@ export interface CheckOptions {
  */
 export async function checkDisk(file: string, opts: CheckOptions = {}): Promise<CheckReport> {
   const abs = path.resolve(file);
-  let fd: number;
+  let handle!: PosixFile;
+  // Read synchronously through the descriptor: the steps read the bitmap in chunks.
+  const opener = async (p: string, mode: "read" | "write", at?: string) =>
+    (handle = new PosixFile(p, await openRegularFile(at ?? p, mode), false, "sync"));
+  let namer;
   try {
-    const st = fs.statSync(abs);
-    if (!st.isFile()) throw new AddCowError(`${file} is not a regular file`, { file });
-    fd = fs.openSync(abs, "r");
+    ({ namer } = await openDiskFile(abs, { lock: !opts.forceShare, opener }));
   } catch (err) {
-    if (err instanceof AddCowError) throw err;
-    const code = errnoCode(err);
-    const why = code === "ENOENT" ? "does not exist" : (err as Error).message;
-    throw new AddCowError(`cannot check ${file}: it ${why}`, { file, code });
+    if (!(err instanceof AddCowError) || err.code !== "ENOENT") throw err;
+    throw new AddCowError(`cannot check ${file}: it does not exist`, { file, code: err.code });
   }
-  const handle = new PosixFile(abs, fd, false, "sync");
+  const fd = handle.fd;
   try {
-    if (!opts.forceShare) handle.lock("shared", "add-cow file");
-    const own = fs.fstatSync(fd);
+    const own = handle.stat();
     const ctx: CheckContext = {
       file,
       path: abs,
       fd,
       io: handle,
-      fileSize: own.size,
+      selfId: `${own.dev}:${own.ino}`,
+      fileSize: Number(own.size),
       pin: { kind: "none" },
-      bitmapEnd: own.size,
+      bitmapEnd: Number(own.size),
       forceShare: opts.forceShare ?? false,
-      namer: { file: abs, uid: own.uid, gid: own.gid },
+      namer,
       confine: opts.confine ?? null,
+      ...(opts.urls ? { urls: opts.urls } : {}),
       header: null,
       allAllocated: false,
       imagePath: null,

@@ -1,7 +1,7 @@
-import { type BackingFormat, BACKING_FORMATS } from "../block/chain-opener";
+import { type BackingFormat, BACKING_FORMATS, type Namer } from "../block/chain-opener";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { AddCowError, errnoCode, isNoSpace } from "../util/errors";
+import { AddCowError, describeError, errnoCode, isNoSpace } from "../util/errors";
 import {
   DEFAULT_CLUSTER_BITS,
   MAX_CLUSTER_BITS,
@@ -11,21 +11,20 @@ import {
   headerSizeFor,
 } from "../addcow/header";
 import { formatSize } from "../util/size";
-import { openBacking } from "../chain/open-chain";
+import { openBacking, openNamedFile } from "../chain/open-chain";
 import { sharedFile } from "../chain/loops";
 import { isRemoteName, parseRemoteName } from "../remote/url";
 import type { Confinement } from "../chain/access-policy";
+import type { UrlRules } from "../chain/url-policy";
 import { writeZeros } from "../addcow/bitmap-space";
 import { FEATURE_BACKING_PIN } from "../addcow/header";
 import { encodePinArea, pinRecord } from "../addcow/pin";
 import type { LayerIdentity } from "../block/layer-identity";
 import { AUTO_MANIFEST, type ManifestChoice, identityToPin } from "./backing-identity";
-import { PosixFile } from "../block/file-io";
-
-/** A new file (O_EXCL) as FileIO. */
-function openNewFile(file: string): PosixFile {
-  return new PosixFile(file, fs.openSync(file, "wx"), true);
-}
+import { type FileIO, PosixFile } from "../block/file-io";
+import { asideName } from "../block/replace-file";
+import { OpenDirectoryError, type PathFd, type WalkedParent, walkParent } from "../os/path-walk";
+import { type FileOwner, createIn, linkIn, ownerOfDir, syncDir, unlinkIn } from "../os/dir-ops";
 
 export interface CreateOptions {
   /** Path of the new .add-cow file. */
@@ -50,8 +49,12 @@ export interface CreateOptions {
   manifest?: ManifestChoice;
   /** Confinement for the names in the backing disk's headers (docs/security.md). */
   confine?: Confinement | null;
+  /** The operator's URL rules (chain/url-policy.ts), for a URL backing of another user's disk. */
+  urls?: UrlRules;
   /** Store these names relative to FILE's directory even though they are given absolute. */
   relative?: { backing: boolean; image: boolean };
+  /** The image file must be new too (a snapshot never reuses a file). */
+  freshImage?: boolean;
 }
 
 export interface CreateResult {
@@ -63,6 +66,16 @@ export interface CreateResult {
   backingPath: string | null;
   /** What was pinned of the backing (null: no backing, or it cannot tell). */
   pinned: LayerIdentity | null;
+  /** The files made, to take away again (a live snapshot that cannot switch). */
+  made: MadeFile[];
+}
+
+/** A file createDisk made: its directory and name, and the inode it got. */
+export interface MadeFile {
+  dir: string;
+  dirId: string;
+  base: string;
+  id: string;
 }
 
 export function defaultImageName(file: string): string {
@@ -75,10 +88,15 @@ export function defaultImageName(file: string): string {
  * absolute paths over the control socket), else as given; a URL as it is
  * (checked to carry no credentials).
  */
-export function storedName(addcowFile: string, given: string, relative = false): string {
+export function storedName(
+  addcowFile: string,
+  given: string,
+  relative = false,
+  fromDir = path.dirname(path.resolve(addcowFile)),
+): string {
   if (isRemoteName(given)) return parseRemoteName(given).name;
   if (path.isAbsolute(given) && !relative) return given;
-  return path.relative(path.dirname(path.resolve(addcowFile)), path.resolve(given)) || ".";
+  return path.relative(fromDir, path.resolve(given)) || ".";
 }
 
 function statOrNull(file: string): fs.Stats | null {
@@ -100,10 +118,57 @@ function clusterBitsOf(size: number): number {
   return bits;
 }
 
+/** The directory a new file goes in, walked (os/path-walk.ts); one line when it cannot be used. */
+function placeFor(file: string, what: string): WalkedParent {
+  try {
+    return walkParent(path.resolve(file));
+  } catch (err) {
+    if (err instanceof OpenDirectoryError) {
+      throw new AddCowError(`cannot create ${what} ${file}: ${err.message}`, {
+        file,
+        code: err.code,
+        reason: "forbidden",
+      });
+    }
+    const dir = path.dirname(path.resolve(file));
+    const code = errnoCode(err);
+    const why = code === "ENOENT" || code === "ENOTDIR" ? "does not exist" : describeError(err);
+    throw new AddCowError(`directory ${dir} for ${file} ${why}`, { file: dir, code });
+  }
+}
+
+function entryOf(dir: PathFd, base: string): fs.BigIntStats | null {
+  try {
+    return fs.lstatSync(`${dir.proc}/${base}`, { bigint: true });
+  } catch (err) {
+    if (errnoCode(err) === "ENOENT") return null;
+    throw err;
+  }
+}
+
+function idOf(st: { dev: bigint | number; ino: bigint | number }): string {
+  return `${st.dev}:${st.ino}`;
+}
+
+function alreadyExists(file: string): AddCowError {
+  return new AddCowError(`${file} already exists; remove it first or choose another name`, {
+    file,
+    code: "EEXIST",
+  });
+}
+
 /**
  * Creates an add-cow disk. Never overwrites an .add-cow file and never shrinks
  * an image file; a missing image file is created sparse. The .add-cow file
  * appears atomically (written aside, synced, then linked into place).
+ *
+ * Everything happens in the directory FILE's name leads to, through its
+ * descriptor: new files are created there with O_EXCL|O_NOFOLLOW (a link
+ * planted under the name is never followed) and belong to that directory's
+ * owner (root making a disk in a tenant's directory makes the tenant's
+ * disk: docs/security.md). The disk is then that owner's, so an existing
+ * image file and the backing chain are judged for them, and for whoever
+ * controls the way to the directory, exactly as opening the disk later will.
  */
 export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
   const file = opts.file;
@@ -128,38 +193,81 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
   if (opts.size !== undefined && opts.size <= 0) {
     throw new AddCowError(`invalid size ${opts.size}: the disk size must be greater than 0`);
   }
-  if (statOrNull(file)) {
-    throw new AddCowError(`${file} already exists; remove it first or choose another name`, {
-      file,
-      code: "EEXIST",
-    });
-  }
-  const dir = path.dirname(path.resolve(file));
-  if (!statOrNull(dir)?.isDirectory()) {
-    throw new AddCowError(`directory ${dir} for ${file} does not exist`, { file: dir });
-  }
-
   const imageGiven = opts.image ?? defaultImageName(file);
-  const imageStat = statOrNull(imageGiven);
-  if (imageStat && !imageStat.isFile()) {
-    throw new AddCowError(`image file ${imageGiven} exists and is not a regular file`, {
-      file: imageGiven,
-    });
-  }
-
   if (path.resolve(imageGiven) === path.resolve(file)) {
     throw new AddCowError(
       `image file ${imageGiven} is the .add-cow file itself; choose another image file with -i`,
     );
   }
+  const held: Array<{ close(): void }> = [];
+  try {
+    const place = placeFor(file, "disk");
+    held.push(place);
+    if (entryOf(place.dir, place.base)) throw alreadyExists(file);
+    const owner = ownerOfDir(place.dir);
+    const realDir = place.dir.realPath();
+    // The new disk's words are its owner's, as when it is opened later.
+    const namer: Namer = {
+      file: path.resolve(file),
+      uid: owner.uid,
+      gid: owner.gid,
+      via: place.controllers,
+      dir: realDir,
+    };
+    const imagePlace = placeFor(imageGiven, "image file");
+    held.push(imagePlace);
+    let image: FileIO | null = null;
+    if (entryOf(imagePlace.dir, imagePlace.base)) {
+      if (opts.freshImage) throw alreadyExists(imageGiven);
+      image = await openNamedFile(
+        { file: path.resolve(imageGiven), role: "image file", access: "write", namer },
+        opts.confine,
+      );
+      held.push({ close: () => void image!.close() });
+    }
+    return await writeNewDisk(opts, {
+      file,
+      clusterBits,
+      imageGiven,
+      place,
+      imagePlace,
+      realDir,
+      owner,
+      namer,
+      image,
+    });
+  } finally {
+    for (const h of held.reverse()) h.close();
+  }
+}
 
+interface Making {
+  file: string;
+  clusterBits: number;
+  imageGiven: string;
+  place: WalkedParent;
+  imagePlace: WalkedParent;
+  realDir: string;
+  owner: FileOwner;
+  namer: Namer;
+  /** The existing image file, judged and open for writing; null when it is to be made. */
+  image: FileIO | null;
+}
+
+async function writeNewDisk(opts: CreateOptions, m: Making): Promise<CreateResult> {
+  const { file, imageGiven, clusterBits } = m;
+  const imageStat = m.image ? m.image.stat() : null;
   let backingSize: number | null = null;
   let pinned: LayerIdentity | null = opts.backingIdentity ?? null;
   const manifest = opts.manifest ?? AUTO_MANIFEST;
   if (opts.backing !== undefined && isRemoteName(opts.backing)) {
     // A URL is never a path: nothing local to compare; opening it checks it answers.
     parseRemoteName(opts.backing);
-    const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat);
+    const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat, {
+      namedBy: m.namer,
+      confine: opts.confine,
+      ...(opts.urls ? { urls: opts.urls } : {}),
+    });
     try {
       backingSize = backing.size;
       pinned = await identityToPin(backing, opts.backing, manifest);
@@ -170,7 +278,7 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     const bst = statOrNull(opts.backing);
     if (!bst)
       throw new AddCowError(`backing file ${opts.backing} does not exist`, { file: opts.backing });
-    if (imageStat && bst.dev === imageStat.dev && bst.ino === imageStat.ino) {
+    if (imageStat && idOf(bst) === idOf(imageStat)) {
       throw new AddCowError(
         `image file ${imageGiven} and backing file ${opts.backing} are the same file; choose another image file with -i`,
       );
@@ -182,15 +290,17 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
       // The caller has the backing open (a live snapshot) and vouches for it.
       backingSize = opts.backingSize;
     } else {
-      // Opening validates the backing disk (and its whole chain) and gives its size.
+      // Opening validates the backing disk (and its whole chain, judged as the new
+      // disk's header will name it) and gives its size.
       const backing = await openBacking(opts.backing, opts.backingFormat as BackingFormat, {
         confine: opts.confine,
+        namedBy: m.namer,
       });
       try {
         backingSize = backing.size;
         pinned = await identityToPin(backing, opts.backing, manifest);
         // Writing the new disk must never modify a file its backing chain reads.
-        const same = imageStat ? sharedFile(backing, [imageGiven]) : null;
+        const same = m.image ? sharedFile(backing, [m.image.path]) : null;
         if (same) {
           throw new AddCowError(
             `image file ${imageGiven} is ${same.used}, a file of the backing chain of ${opts.backing}; choose another image file with -i`,
@@ -203,11 +313,12 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
   }
 
   let size: number;
-  if (imageStat) {
-    size = imageStat.size;
-    if (opts.size !== undefined && opts.size < imageStat.size) {
+  const imageSize = imageStat ? Number(imageStat.size) : null;
+  if (imageSize !== null) {
+    size = imageSize;
+    if (opts.size !== undefined && opts.size < imageSize) {
       throw new AddCowError(
-        `image file ${imageGiven} has ${imageStat.size} bytes, more than the size ${opts.size} asked for; an image file is never shrunk: omit SIZE or give at least ${imageStat.size}`,
+        `image file ${imageGiven} has ${imageSize} bytes, more than the size ${opts.size} asked for; an image file is never shrunk: omit SIZE or give at least ${imageSize}`,
       );
     }
     if (opts.size !== undefined) size = opts.size;
@@ -226,7 +337,9 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
 
   const headerSize = headerSizeFor(clusterBits);
   const backingName =
-    opts.backing === undefined ? null : storedName(file, opts.backing, opts.relative?.backing);
+    opts.backing === undefined
+      ? null
+      : storedName(file, opts.backing, opts.relative?.backing, m.realDir);
   const backingFormat = (opts.backingFormat as BackingFormat | undefined) ?? null;
   if (backingName === null) pinned = null;
   const header = encodeHeader({
@@ -237,7 +350,7 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     compatibleFeatures: pinned ? FEATURE_BACKING_PIN : 0n,
     backingName,
     backingFormat,
-    imageName: storedName(file, imageGiven, opts.relative?.image),
+    imageName: storedName(file, imageGiven, opts.relative?.image, m.realDir),
     imageFormat: "raw",
   });
   const numClusters = Math.ceil(size / 2 ** clusterBits);
@@ -246,42 +359,47 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     ? encodePinArea(pinRecord({ backingName, backingFormat }, pinned), 1n)
     : null;
   const metaSize = bitmapEnd + (pinArea?.length ?? 0);
+  const made: MadeFile[] = [];
 
-  // 1. The image file: created sparse, or grown (never shrunk) to the size asked for.
-  let imageCreated = false;
+  // 1. The image file: created sparse (the disk owner's), or grown (never shrunk) to the size asked for.
+  let image = m.image;
+  const imageCreated = image === null;
   try {
-    const imageFd = fs.openSync(imageGiven, imageStat ? "r+" : "wx");
-    imageCreated = !imageStat;
-    try {
-      if (!imageStat || size > imageStat.size) fs.ftruncateSync(imageFd, size);
-      fs.fsyncSync(imageFd);
-    } finally {
-      fs.closeSync(imageFd);
+    if (!image) {
+      const fd = createIn(m.imagePlace.dir, m.imagePlace.base, m.owner);
+      image = new PosixFile(imageGiven, fd, true);
+      made.push(madeFile(m.imagePlace, image.stat()));
     }
+    if (imageSize === null || size > imageSize) await image.truncate(size);
+    await image.sync();
   } catch (err) {
     // Leave nothing behind: a half-made image file would block the next attempt.
-    if (imageCreated) fs.rmSync(imageGiven, { force: true });
-    else if (imageStat && size > imageStat.size) fs.truncateSync(imageGiven, imageStat.size);
+    removeMade(made);
+    if (!imageCreated && imageSize !== null && size > imageSize) {
+      await image!.truncate(imageSize).catch(() => undefined);
+    }
     const code = errnoCode(err);
     const why =
       code === "EFBIG"
         ? `${size} bytes is more than this filesystem allows in one file`
-        : (err as Error).message;
+        : code === "EEXIST"
+          ? "it appeared meanwhile"
+          : (err as Error).message;
     throw new AddCowError(
-      `cannot ${imageStat ? "grow" : "create"} image file ${imageGiven}: ${why}`,
-      {
-        file: imageGiven,
-        code,
-      },
+      `cannot ${imageCreated ? "create" : "grow"} image file ${imageGiven}: ${why}`,
+      { file: imageGiven, code },
     );
+  } finally {
+    if (imageCreated && image) await image.close().catch(() => undefined);
   }
 
   // 2. The .add-cow file: written aside, synced, then linked into place without replacing anything.
   // The bitmap is written as zeros, not left a hole, so that setting bits later never needs
   // new blocks (a full file system must not turn acknowledged writes into lost ones).
-  const tmp = path.join(dir, `.${path.basename(file)}.${process.pid}.tmp`);
+  const tmpBase = path.basename(asideName(path.resolve(file)));
   try {
-    const io = openNewFile(tmp);
+    const fd = createIn(m.place.dir, tmpBase, m.owner);
+    const io = new PosixFile(path.join(path.dirname(file), tmpBase), fd, true);
     try {
       await io.write(header, 0);
       await writeZeros(io, header.length, bitmapEnd);
@@ -290,12 +408,11 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     } finally {
       await io.close();
     }
-    fs.linkSync(tmp, file);
+    linkIn(m.place.dir, tmpBase, m.place.base);
+    made.push(madeFile(m.place, entryOf(m.place.dir, m.place.base)!));
   } catch (err) {
-    if (imageCreated) fs.rmSync(imageGiven, { force: true });
-    if (errnoCode(err) === "EEXIST") {
-      throw new AddCowError(`${file} already exists; remove it first or choose another name`);
-    }
+    removeMade(made);
+    if (errnoCode(err) === "EEXIST") throw alreadyExists(file);
     if (isNoSpace(err)) {
       throw new AddCowError(
         `cannot create ${file}: it needs ${formatSize(metaSize)} (${metaSize} bytes) for its header and bitmap, more than the file system holding it has free; free some space and try again`,
@@ -304,14 +421,9 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     }
     throw err;
   } finally {
-    fs.rmSync(tmp, { force: true });
+    unlinkIn(m.place.dir, tmpBase);
   }
-  const dirFd = fs.openSync(dir, "r");
-  try {
-    fs.fsyncSync(dirFd);
-  } finally {
-    fs.closeSync(dirFd);
-  }
+  syncDir(m.place.dir);
   return {
     file,
     imagePath: imageGiven,
@@ -320,7 +432,33 @@ export async function createDisk(opts: CreateOptions): Promise<CreateResult> {
     clusterSize: 2 ** clusterBits,
     backingPath: opts.backing ?? null,
     pinned,
+    made,
   };
+}
+
+function madeFile(place: WalkedParent, st: fs.BigIntStats): MadeFile {
+  return { dir: place.dir.realPath(), dirId: idOf(place.dir.st), base: place.base, id: idOf(st) };
+}
+
+/**
+ * Takes away files createDisk made, through their directory (walked again and
+ * checked to be the same directory), and only while the name is still the
+ * file made: nothing else is ever removed.
+ */
+export function removeMade(made: MadeFile[]): void {
+  for (const f of made) {
+    let place: WalkedParent | null = null;
+    try {
+      place = walkParent(path.join(f.dir, f.base));
+      if (idOf(place.dir.st) !== f.dirId) continue;
+      const st = entryOf(place.dir, f.base);
+      if (st && idOf(st) === f.id) unlinkIn(place.dir, f.base);
+    } catch {
+      // Gone already, or its directory moved: leave it.
+    } finally {
+      place?.close();
+    }
+  }
 }
 
 export function describeCreate(r: CreateResult): string {

@@ -3,6 +3,7 @@ import type { AddCowInfo } from "../addcow/addcow-info";
 import { waitingForExitingDaemon } from "../chain/exiting-daemon";
 import { type OpenOptions, openDisk } from "../chain/open-chain";
 import { type Confinement, type ConfinementInfo, confinementOf } from "../chain/access-policy";
+import type { UrlRules } from "../chain/url-policy";
 
 export type { AddCowInfo, FileRef } from "../addcow/addcow-info";
 
@@ -43,17 +44,24 @@ export interface InfoOptions {
   forceShare?: boolean;
   /** Confinement for the names in headers (docs/security.md). */
   confine?: Confinement | null;
+  /** The operator's URL rules (chain/url-policy.ts). */
+  urls?: UrlRules;
 }
 
 /** Opens the disk read-only and describes it (and, when asked, every layer below it). */
 export async function diskInfo(file: string, opts: InfoOptions = {}): Promise<DiskInfo> {
-  const open: OpenOptions = { writable: false, lock: !opts.forceShare, confine: opts.confine };
+  const open: OpenOptions = {
+    writable: false,
+    lock: !opts.forceShare,
+    confine: opts.confine,
+    ...(opts.urls ? { urls: opts.urls } : {}),
+  };
   const dev = await waitingForExitingDaemon(file, () => openDisk(file, open), { forceShare: true });
   try {
     const info: DiskInfo = {
       ...(await dev.info()),
       file,
-      confinement: opts.confine ? confinementOf(file, opts.confine) : null,
+      confinement: opts.confine ? confinementOf(file, opts.confine, dev.owner?.dir) : null,
     };
     if (opts.backingChain) {
       info.backingChain = [];

@@ -3,6 +3,7 @@ import { resolveExtents } from "../block/extents";
 import { waitingForExitingDaemon } from "../chain/exiting-daemon";
 import { openDisk } from "../chain/open-chain";
 import type { Confinement } from "../chain/access-policy";
+import type { UrlRules } from "../chain/url-policy";
 
 /** Where the bytes of an extent come from, seen from the top disk. */
 export type ExtentSource = "image" | "backing" | "zero";
@@ -53,13 +54,15 @@ export async function mapDevice(dev: BlockDevice): Promise<MapExtent[]> {
 
 export async function mapDisk(
   file: string,
-  opts: { forceShare?: boolean; confine?: Confinement | null } = {},
+  opts: { forceShare?: boolean; confine?: Confinement | null; urls?: UrlRules } = {},
 ) {
-  const dev = await waitingForExitingDaemon(
-    file,
-    () => openDisk(file, { writable: false, lock: !opts.forceShare, confine: opts.confine }),
-    { forceShare: true },
-  );
+  const open = {
+    writable: false,
+    lock: !opts.forceShare,
+    confine: opts.confine,
+    ...(opts.urls ? { urls: opts.urls } : {}),
+  };
+  const dev = await waitingForExitingDaemon(file, () => openDisk(file, open), { forceShare: true });
   try {
     return await mapDevice(dev);
   } finally {

@@ -1,5 +1,10 @@
 import type { BlockDevice } from "../block/block-device";
-import { type ChainOpener, type Namer, isBackingFormat } from "../block/chain-opener";
+import {
+  type ChainOpener,
+  type Namer,
+  type ResolvedName,
+  isBackingFormat,
+} from "../block/chain-opener";
 import type { FileIO } from "../block/file-io";
 import { BACKING_FORMATS } from "../block/chain-opener";
 import { AddCowError } from "../util/errors";
@@ -19,12 +24,13 @@ function isProtocolName(name: string): boolean {
  */
 export async function openQcow2(
   chain: ChainOpener,
-  file: string,
+  name: ResolvedName,
   namer?: Namer,
 ): Promise<Qcow2Device> {
+  const file = name.path;
   chain.enterLayer(file, namer?.file);
   // Names in this header are this file's owner's words: judged for that user.
-  const { io, owner } = await chain.openLayerFile(file, "qcow2 file", "read", namer);
+  const { io, owner } = await chain.openLayerFile(name, "qcow2 file", "read", namer);
   const { header, l1, fileSize } = await loadQcow2(io, file);
   log.open(
     "%s: qcow2 v%d, cluster %d, size %d, compression %s, backing %s (%s), data file %s",
@@ -47,8 +53,9 @@ export async function openQcow2(
         { file, field: "data file name extension", reason: "bad-field", code: "EINVAL" },
       );
     }
-    dataFilePath = chain.resolve(file, header.dataFileName);
-    dataFile = await (await chain.judgeNamedFile(dataFilePath, "data file", "read", owner)).open();
+    const name = chain.resolve(owner, header.dataFileName);
+    dataFilePath = name.path;
+    dataFile = await (await chain.judgeNamedFile(name, "data file", "read", owner)).open();
   }
 
   let backing: BlockDevice | null = null;
@@ -80,8 +87,9 @@ export async function openQcow2(
         { file, field: "backing format extension", reason: "bad-field", code: "EINVAL" },
       );
     }
-    backingPath = chain.resolve(file, name);
-    backing = await chain.openBacking(backingPath, format, owner);
+    const resolved = chain.resolve(owner, name);
+    backingPath = resolved.path;
+    backing = await chain.openBacking(resolved, format, owner);
   }
   return new Qcow2Device({
     path: file,

@@ -11,6 +11,7 @@ import {
 } from "./source";
 import { HTTP_AUTH_HELP, HttpCredentials } from "./http-auth";
 import { AddCowError } from "../util/errors";
+import { OPERATOR_ACCESS, type RemoteAccess } from "./access";
 
 /** Connections kept open to one server (several range requests in flight). */
 const CONNECTIONS = 8;
@@ -48,10 +49,15 @@ interface Answer {
  * no Authorization header (a presigned URL carries its own), and https never
  * redirects to plain http. Permanent redirects (301, 308) from the start are
  * remembered for later requests; temporary ones are asked again every time.
+ * Every hop is first asked of the access the chain decided (a tenant's disk:
+ * allowed origins, no internal addresses), which also says whether the
+ * operator's credentials may go there.
  */
 export class HttpSource implements RangeSource {
   private readonly agent: Agent;
   private readonly credentials: HttpCredentials;
+  /** What the chain allowed for this disk's URL: every hop is asked (remote/access.ts). */
+  private readonly access: RemoteAccess;
   /** Where requests start: the disk's URL, or where its permanent redirects led. */
   private start: URL;
   readonly cacheKey: string;
@@ -60,13 +66,16 @@ export class HttpSource implements RangeSource {
     private readonly url: URL,
     readonly name: string,
     env: NodeJS.ProcessEnv = process.env,
+    access: RemoteAccess = OPERATOR_ACCESS,
   ) {
     const ca = env.ADDCOW_CA_FILE ? readCaFile(env.ADDCOW_CA_FILE) : null;
-    this.agent = new Agent({
-      connections: CONNECTIONS,
-      keepAliveTimeout: 30_000,
-      ...(ca ? { connect: { ca: [ca] } } : {}),
-    });
+    // Every connection resolves its host through the access's checked lookup, when it has one.
+    const connect = {
+      ...(ca ? { ca: [ca] } : {}),
+      ...(access.lookup ? { lookup: access.lookup } : {}),
+    };
+    this.agent = new Agent({ connections: CONNECTIONS, keepAliveTimeout: 30_000, connect });
+    this.access = access;
     this.credentials = HttpCredentials.fromEnv(env);
     this.start = url;
     this.cacheKey = JSON.stringify(["http", url.toString()]);
@@ -195,12 +204,19 @@ export class HttpSource implements RangeSource {
     if (seen.length > MAX_REDIRECTS) {
       throw refuse(`more than ${MAX_REDIRECTS} redirects: not followed further`);
     }
+    const hop = this.access.hop(next);
+    if (!hop.allowed) throw refuse(`HTTP ${status} to ${shown(next)}: ${hop.why}`);
     return next;
   }
 
-  /** Credentials for the disk's own origin only: a redirect elsewhere carries none. */
+  /**
+   * Credentials for the disk's own origin only (a redirect elsewhere carries
+   * none), and only where the access lends them.
+   */
   private authorization(url: URL): { authorization?: string } {
     if (url.origin !== this.url.origin) return {};
+    const hop = this.access.hop(url);
+    if (!hop.allowed || !hop.credentials) return {};
     const value = this.credentials.headerFor(url);
     return value === null ? {} : { authorization: value };
   }

@@ -10,6 +10,7 @@ import {
   parseContentRange,
 } from "./source";
 import { s3Failure } from "./s3-errors";
+import { OPERATOR_ACCESS, type RemoteAccess } from "./access";
 
 /**
  * s3://BUCKET/KEY through the official AWS SDK v3: credentials, region and
@@ -29,14 +30,22 @@ export class S3Source implements RangeSource {
     private readonly key: string,
     readonly name: string,
     env: NodeJS.ProcessEnv = process.env,
+    access: RemoteAccess = OPERATOR_ACCESS,
   ) {
     const endpoint = env.ADDCOW_S3_ENDPOINT || undefined;
     const customEndpoint = endpoint ?? env.AWS_ENDPOINT_URL_S3 ?? env.AWS_ENDPOINT_URL;
     const pathStyle = env.ADDCOW_S3_PATH_STYLE
       ? env.ADDCOW_S3_PATH_STYLE !== "0"
       : customEndpoint !== undefined;
-    const keys =
-      env !== process.env && env.AWS_ACCESS_KEY_ID && env.AWS_SECRET_ACCESS_KEY
+    // Unsigned: static empty keys (the credential chain, instance metadata included, is never
+    // asked) and a signer that leaves requests as they are.
+    const unsigned = {
+      credentials: { accessKeyId: "", secretAccessKey: "" },
+      signer: { sign: async <T>(request: T) => request },
+    };
+    const keys = !access.signed
+      ? unsigned
+      : env !== process.env && env.AWS_ACCESS_KEY_ID && env.AWS_SECRET_ACCESS_KEY
         ? {
             credentials: {
               accessKeyId: env.AWS_ACCESS_KEY_ID,
@@ -45,15 +54,17 @@ export class S3Source implements RangeSource {
             },
           }
         : {};
+    const lookup = access.lookup ? { lookup: access.lookup } : {};
     this.client = new S3Client({
       ...keys,
       ...(endpoint ? { endpoint } : {}),
       region: env.AWS_REGION || env.AWS_DEFAULT_REGION || "us-east-1",
       forcePathStyle: pathStyle,
       maxAttempts: 1,
+      // Connections resolve the endpoint through the access's checked lookup, when it has one.
       requestHandler: {
-        httpAgent: new http.Agent({ keepAlive: true, maxSockets: 8 }),
-        httpsAgent: new https.Agent({ keepAlive: true, maxSockets: 8 }),
+        httpAgent: new http.Agent({ keepAlive: true, maxSockets: 8, ...lookup }),
+        httpsAgent: new https.Agent({ keepAlive: true, maxSockets: 8, ...lookup }),
       },
     });
     // The endpoint may come from the SDK's own configuration (environment,

@@ -1,6 +1,7 @@
 import type { BlockDevice } from "../block/block-device";
 import { FilterDevice } from "../block/filter-device";
 import { log } from "../util/log";
+import { OPERATOR_ACCESS } from "./access";
 import { type RemoteOpenOptions, openRemoteDevice } from "./open-remote-device";
 import { type RemoteSettings, remoteSettingsFromEnv } from "./options";
 import type { RemoteDevice } from "./remote-device";
@@ -46,6 +47,9 @@ export async function openSharedRemoteDevice(
   opts: RemoteOpenOptions = {},
 ): Promise<BlockDevice> {
   const fresh = await openRemoteDevice(stored, settings, opts);
+  // A tenant's URL is reached under its own decision (origins, credentials, addresses):
+  // only the operator's own URLs share a device.
+  if (opts.access !== undefined && opts.access !== OPERATOR_ACCESS) return fresh;
   const key = sharingKey(fresh.name, settings, opts);
   const same = open.find(
     (s) => s.key === key && sameIdentity(s.device.objectIdentity, fresh.objectIdentity),

@@ -40,7 +40,7 @@ describe("a daemon that does not answer", () => {
     fs.mkdirSync(runtime, { mode: 0o700 });
     const disk = path.join(dir, "d.add-cow");
     await createDisk({ file: disk, size: 1 << 20 });
-    const env = { ...process.env, ADDCOW_RUNTIME_DIR: runtime };
+    const env: NodeJS.ProcessEnv = { ...process.env, ADDCOW_RUNTIME_DIR: runtime };
     delete env.DEBUG;
     process.env.ADDCOW_RUNTIME_DIR = runtime;
     try {

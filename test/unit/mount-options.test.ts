@@ -20,6 +20,7 @@ describe("addcow-mount -o parsing", () => {
       copyOnRead: false,
       log: undefined,
       confine: null,
+      urls: { any: false, origins: [], auth: [] },
       fsname: undefined,
       debug: false,
       autoUnmount: false,
@@ -53,6 +54,38 @@ describe("addcow-mount -o parsing", () => {
     );
     expect(parseMountOptions(["allow_url"]).confine).toEqual({ allowDirs: [], allowUrls: true });
     expect(() => parseMountOptions(["allow_dir="])).toThrow(/needs a value/);
+    // The bare allow_url (any origin) keeps its old meaning, confinement included.
+    expect(parseMountOptions(["allow_url"]).urls).toEqual({ any: true, origins: [], auth: [] });
+  });
+
+  it("allow_url=ORIGIN,... and url_auth=ORIGIN,... take lists (without implying confine)", () => {
+    const o = parseMountOptions([
+      "ro,allow_url=https://Images.Example.com:443,s3://golden,http://127.0.0.2:8080/,allow_other",
+      "url_auth=https://private.example.com",
+    ]);
+    expect(o.urls).toEqual({
+      any: false,
+      origins: [
+        "https://images.example.com",
+        "s3://golden",
+        "http://127.0.0.2:8080",
+        "https://private.example.com",
+      ],
+      auth: ["https://private.example.com"],
+    });
+    expect(o.confine).toBe(null);
+    expect(o.readOnly && o.allowOther).toBe(true);
+    expect(parseMountOptions(["confine,allow_url=s3://golden"]).confine).toEqual({
+      allowDirs: [],
+      allowUrls: true,
+    });
+    expect(() => parseMountOptions(["allow_url=https://a.example/path"])).toThrow(
+      /invalid -o allow_url= "https:\/\/a\.example\/path": an origin has no path/,
+    );
+    expect(() => parseMountOptions(["allow_url=ftp://x"])).toThrow(
+      /use http:\/\/, https:\/\/ or s3:\/\//,
+    );
+    expect(() => parseMountOptions(["url_auth=https://u:p@x"])).toThrow(/credentials/);
     expect(() => parseMountOptions(["confine=1"])).toThrow(/takes no value/);
   });
 

@@ -3,7 +3,7 @@ import type { Command } from "commander";
 import { type CheckReport, type Finding, checkDisk } from "../../ops/check";
 import { action } from "../run-cli";
 import { addFormatOption, addJsonOption } from "../qemu-options";
-import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
+import { type ConfineFlags, addConfineOptions, trustFromFlags } from "../confine-options";
 
 interface CheckFlags extends ConfineFlags {
   json?: boolean;
@@ -47,8 +47,7 @@ export function register(program: Command): void {
     action(async (file: string, flags: CheckFlags) => {
       const report = await waitingForExitingDaemon(
         file,
-        () =>
-          checkDisk(file, { forceShare: flags.forceShare, confine: confinementFromFlags(flags) }),
+        () => checkDisk(file, { forceShare: flags.forceShare, ...trustFromFlags(flags) }),
         { forceShare: true },
       );
       if (flags.json) process.stdout.write(JSON.stringify(report, null, 2) + "\n");

@@ -9,7 +9,7 @@ import {
   wireOptions,
 } from "../run-job";
 import { action } from "../run-cli";
-import { confinementFromFlags } from "../confine-options";
+import { trustFromFlags } from "../confine-options";
 
 export function register(program: Command): void {
   addCopyOptions(
@@ -29,7 +29,7 @@ export function register(program: Command): void {
       });
       if (live !== null) return live;
       return runAtRest("commit", file, flags, (job) =>
-        commitAtRest(file, job, opts, { confine: confinementFromFlags(flags) }),
+        commitAtRest(file, job, opts, trustFromFlags(flags)),
       );
     }),
   );

@@ -3,7 +3,7 @@ import { createDisk, describeCreate } from "../../ops/create";
 import { parseCreateOptions } from "../../ops/backing-identity";
 import { parseSize } from "../../util/size";
 import { action } from "../run-cli";
-import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
+import { type ConfineFlags, addConfineOptions, trustFromFlags } from "../confine-options";
 
 interface CreateFlags extends ConfineFlags {
   backing?: string;
@@ -44,7 +44,7 @@ export function register(program: Command): void {
         image: flags.image,
         clusterSize: parseSize(flags.clusterSize ?? "64K", "cluster size"),
         size: size === undefined ? undefined : parseSize(size, "size"),
-        confine: confinementFromFlags(flags),
+        ...trustFromFlags(flags),
         ...parseCreateOptions(flags.options ?? []),
       });
       if (!flags.quiet) process.stdout.write(describeCreate(result) + "\n");

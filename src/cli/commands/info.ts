@@ -4,7 +4,7 @@ import type { ConfinementInfo } from "../../chain/access-policy";
 import { formatSize } from "../../util/size";
 import { action } from "../run-cli";
 import { addFormatOption, addJsonOption } from "../qemu-options";
-import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
+import { type ConfineFlags, addConfineOptions, trustFromFlags } from "../confine-options";
 
 interface InfoFlags extends ConfineFlags {
   json?: boolean;
@@ -130,7 +130,7 @@ export function register(program: Command): void {
       const info = await diskInfo(file, {
         backingChain: flags.backingChain,
         forceShare: flags.forceShare,
-        confine: confinementFromFlags(flags),
+        ...trustFromFlags(flags),
       });
       if (flags.json) {
         process.stdout.write(JSON.stringify(info, null, 2) + "\n");

@@ -2,7 +2,7 @@ import type { Command } from "commander";
 import { type MapExtent, mapDisk } from "../../ops/map";
 import { action } from "../run-cli";
 import { addFormatOption, addJsonOption } from "../qemu-options";
-import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
+import { type ConfineFlags, addConfineOptions, trustFromFlags } from "../confine-options";
 
 interface MapFlags extends ConfineFlags {
   json?: boolean;
@@ -46,7 +46,7 @@ export function register(program: Command): void {
     action(async (file: string, flags: MapFlags) => {
       const extents = await mapDisk(file, {
         forceShare: flags.forceShare,
-        confine: confinementFromFlags(flags),
+        ...trustFromFlags(flags),
       });
       if (flags.json) {
         process.stdout.write(JSON.stringify(extents, null, 2) + "\n");

@@ -2,7 +2,7 @@ import type { Command } from "commander";
 import { rebaseAtRest } from "../../jobs/at-rest";
 import { type CopyFlags, addCopyOptions, parseCopyFlags, runAtRest } from "../run-job";
 import { action } from "../run-cli";
-import { confinementFromFlags } from "../confine-options";
+import { trustFromFlags } from "../confine-options";
 
 interface RebaseFlags extends CopyFlags {
   backing: string;
@@ -38,7 +38,7 @@ export function register(program: Command): void {
           },
           job,
           opts,
-          { confine: confinementFromFlags(flags) },
+          trustFromFlags(flags),
         ),
       );
     }),

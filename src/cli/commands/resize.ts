@@ -1,7 +1,7 @@
 import type { Command } from "commander";
 import { resizeAtRest } from "../../ops/resize";
 import { action } from "../run-cli";
-import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
+import { type ConfineFlags, addConfineOptions, trustFromFlags } from "../confine-options";
 import { addFormatOption } from "../qemu-options";
 
 interface ResizeFlags extends ConfineFlags {
@@ -25,7 +25,7 @@ export function register(program: Command): void {
         file,
         size,
         { shrink: flags.shrink === true },
-        { confine: confinementFromFlags(flags) },
+        trustFromFlags(flags),
       );
       if (!flags.quiet) process.stdout.write(message + "\n");
     }),

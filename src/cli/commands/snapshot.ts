@@ -5,7 +5,7 @@ import { snapshotDisk } from "../../jobs/snapshot";
 import { parseSize } from "../../util/size";
 import { action } from "../run-cli";
 import { addFormatOption, addJsonOption } from "../qemu-options";
-import { type ConfineFlags, addConfineOptions, confinementFromFlags } from "../confine-options";
+import { type ConfineFlags, addConfineOptions, trustFromFlags } from "../confine-options";
 
 interface SnapshotFlags extends ConfineFlags {
   image?: string;
@@ -50,7 +50,7 @@ export function register(program: Command): void {
         snapshotDisk(file, newFile, {
           ...(flags.image === undefined ? {} : { image: flags.image }),
           ...(clusterSize === undefined ? {} : { clusterSize }),
-          confine: confinementFromFlags(flags),
+          ...trustFromFlags(flags),
         }),
       );
     }),

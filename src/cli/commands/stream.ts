@@ -9,7 +9,7 @@ import {
   wireOptions,
 } from "../run-job";
 import { action } from "../run-cli";
-import { confinementFromFlags } from "../confine-options";
+import { trustFromFlags } from "../confine-options";
 
 export function register(program: Command): void {
   addCopyOptions(
@@ -25,7 +25,7 @@ export function register(program: Command): void {
       const live = await runLiveIfMounted("stream", file, flags, wireOptions(opts));
       if (live !== null) return live;
       return runAtRest("stream", file, flags, (job) =>
-        streamAtRest(file, job, opts, { confine: confinementFromFlags(flags) }),
+        streamAtRest(file, job, opts, trustFromFlags(flags)),
       );
     }),
   );
