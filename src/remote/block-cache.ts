@@ -12,6 +12,8 @@ import type { ObjectIdentity } from "./source";
  *
  *   v3/<k[0..2]>/<k>/object.json      what the entry is (source, identity, block size), for people
  *   v3/<k[0..2]>/<k>/<index>.blk      one block of the object, possibly in part
+ *   v3/sha256/<d[0..2]>/<d>.blk       a block of a base with a manifest, named by its SHA-256
+ *                                     (digest-store.ts), whichever bases and versions hold it
  *
  * k = sha256(the source's cache key (URL; for S3 the endpoint it reached,
  * bucket and key), size, ETag, Last-Modified, block size): a changed object or
@@ -35,9 +37,10 @@ const MAGIC = Buffer.from("ACOWBLK3");
 const FIXED = 32;
 /** Checksum and presence granularity. */
 export const CHUNK = 4096;
-const ENTRY = 8;
+/** A chunk's entry: its CRC-32, then PRESENT once its bytes are stored. */
+export const ENTRY = 8;
 /** The second half of a chunk's entry once its bytes are stored ("CHNK"). */
-const PRESENT = 0x4b4e4843;
+export const PRESENT = 0x4b4e4843;
 /** Block files kept open per object, with their checked headers. */
 const OPEN_FILES = 256;
 /** Kept block files are checked this often for having been deleted (evicted) by another process. */
@@ -47,7 +50,7 @@ const TOUCH_AFTER_MS = 60_000;
 /** Temp files older than this are leftovers of a killed writer. */
 const STALE_TMP_MS = 10 * 60_000;
 export const DEFAULT_CACHE_BYTES = 8 * 2 ** 30;
-const LAYOUT = "v3";
+export const LAYOUT = "v3";
 
 /** The header page: the fixed part and the chunk entries, rounded up to 4 KiB. */
 export function headerSize(length: number): number {
@@ -70,7 +73,28 @@ export interface CacheStats {
   evicted: number;
 }
 
-function preadFull(fd: number, buf: Buffer, pos: number): number {
+/**
+ * What a remote device needs of its persistent cache, addressed by byte
+ * offsets of the object: this file's per-object entries, or a base's view of
+ * the blocks stored by digest (digest-store.ts).
+ */
+export interface ObjectCache {
+  /** Where it lives, for info. */
+  readonly dir: string;
+  readonly stats: CacheStats;
+  /** Fills target from `offset` when every byte is cached and checks; false on a miss. */
+  read(offset: number, target: Buffer): boolean;
+  /** Every byte of the range is cached (not checked: for readahead decisions). */
+  has(offset: number, length: number): boolean;
+  /** Stores bytes of the object (best effort: a cache that cannot store says so once). */
+  put(offset: number, data: Buffer): void;
+  close(): void;
+  /** Files holding some of the object, and the object's bytes held (for info). */
+  countBlocks(): number;
+  cachedBytes(): number;
+}
+
+export function preadFull(fd: number, buf: Buffer, pos: number): number {
   let done = 0;
   while (done < buf.length) {
     const n = fs.readSync(fd, buf, done, buf.length - done, pos + done);
@@ -81,7 +105,7 @@ function preadFull(fd: number, buf: Buffer, pos: number): number {
 }
 
 /** Writes all of buf or throws: a write that stops short (a full disk) is an error. */
-function pwriteFull(fd: number, buf: Buffer, pos: number): void {
+export function pwriteFull(fd: number, buf: Buffer, pos: number): void {
   let done = 0;
   while (done < buf.length) {
     const n = fs.writeSync(fd, buf, done, buf.length - done, pos + done);
@@ -107,7 +131,7 @@ interface OpenBlock {
 }
 
 /** One object's blocks in a {@link CacheRoot}, addressed by byte offsets of the object. */
-export class BlockCache {
+export class BlockCache implements ObjectCache {
   readonly stats: CacheStats = {
     hits: 0,
     misses: 0,
@@ -120,8 +144,7 @@ export class BlockCache {
   /** Open block files, least recently used first. */
   private readonly open = new Map<number, OpenBlock>();
   private warned = false;
-  private sweptAt = 0;
-  private sweptEvictions = 0;
+  private readonly swept = { at: 0, evictions: 0 };
 
   constructor(
     private readonly root: CacheRoot,
@@ -297,14 +320,10 @@ export class BlockCache {
   /** A store failed: said once per object (per mount), then only traced. */
   private cannotStore(err: unknown): void {
     this.stats.storeFailures++;
-    const e = err as NodeJS.ErrnoException;
-    const why = e.code === "ENOSPC" ? "the file system is full" : (e.code ?? e.message);
-    log.remote("cache %s: cannot store: %s", this.dir, e.message);
+    log.remote("cache %s: cannot store: %s", this.dir, (err as Error).message);
     if (this.warned) return;
     this.warned = true;
-    this.warn(
-      `block cache ${this.root.dir} cannot store fetched blocks (${why}): reads go to the server instead; free space there or set ADDCOW_CACHE_SIZE below its free space (said once per mount)`,
-    );
+    this.warn(cannotStoreMessage(this.root.dir, err));
   }
 
   /**
@@ -419,18 +438,7 @@ export class BlockCache {
    * cached any more.
    */
   private sweep(): void {
-    const now = Date.now();
-    if (now - this.sweptAt < SWEEP_MS && this.root.evictions === this.sweptEvictions) return;
-    this.sweptAt = now;
-    this.sweptEvictions = this.root.evictions;
-    for (const [index, block] of [...this.open]) {
-      try {
-        if (fs.fstatSync(block.fd).nlink > 0) continue;
-      } catch {
-        // Unusable descriptor: forget it too.
-      }
-      this.forget(index);
-    }
+    sweepDeleted(this.open, this.swept, this.root, (index) => this.forget(index));
   }
 
   private forget(index: number): void {
@@ -481,19 +489,54 @@ export class BlockCache {
     return total;
   }
 
-  /** Refreshes the block's mtime (its age for eviction) at most once a minute per open file. */
   private touch(block: OpenBlock): void {
-    const now = Date.now();
-    if (now - block.touchedAt < TOUCH_AFTER_MS) return;
-    block.touchedAt = now;
+    touchFile(block);
+  }
+}
+
+/**
+ * Forgets the kept files whose name was deleted (evicted, by this process or
+ * another), at most once a second unless this process evicted since.
+ */
+export function sweepDeleted<K>(
+  open: Map<K, { fd: number }>,
+  swept: { at: number; evictions: number },
+  root: CacheRoot,
+  forget: (key: K) => void,
+): void {
+  const now = Date.now();
+  if (now - swept.at < SWEEP_MS && root.evictions === swept.evictions) return;
+  swept.at = now;
+  swept.evictions = root.evictions;
+  for (const [key, file] of [...open]) {
     try {
-      if (now - fs.fstatSync(block.fd).mtimeMs > TOUCH_AFTER_MS) {
-        const date = new Date(now);
-        fs.futimesSync(block.fd, date, date);
-      }
+      if (fs.fstatSync(file.fd).nlink > 0) continue;
     } catch {
-      // Read-only cache: ages stay as they are.
+      // Unusable descriptor: forget it too.
     }
+    forget(key);
+  }
+}
+
+/** The one line a cache that cannot store says (once per object and mount). */
+export function cannotStoreMessage(rootDir: string, err: unknown): string {
+  const e = err as NodeJS.ErrnoException;
+  const why = e.code === "ENOSPC" ? "the file system is full" : (e.code ?? e.message);
+  return `block cache ${rootDir} cannot store fetched blocks (${why}): reads go to the server instead; free space there or set ADDCOW_CACHE_SIZE below its free space (said once per mount)`;
+}
+
+/** Refreshes an open file's mtime (its age for eviction) at most once a minute. */
+export function touchFile(file: { fd: number; touchedAt: number }): void {
+  const now = Date.now();
+  if (now - file.touchedAt < TOUCH_AFTER_MS) return;
+  file.touchedAt = now;
+  try {
+    if (now - fs.fstatSync(file.fd).mtimeMs > TOUCH_AFTER_MS) {
+      const date = new Date(now);
+      fs.futimesSync(file.fd, date, date);
+    }
+  } catch {
+    // Read-only cache: ages stay as they are.
   }
 }
 
@@ -581,7 +624,11 @@ export class CacheRoot {
     return removed;
   }
 
-  /** Every block file with the space it takes (sparse: its allocated blocks), stale temp files deleted. */
+  /**
+   * Every block file with the space it takes (sparse: its allocated blocks),
+   * stale temp files deleted. Entries by digest (v3/sha256/DD/) are at the
+   * same depth and are counted and evicted with the others.
+   */
   private scan(): Array<{ path: string; size: number; mtimeMs: number }> {
     const out: Array<{ path: string; size: number; mtimeMs: number }> = [];
     const base = path.join(this.dir, LAYOUT);
@@ -609,7 +656,7 @@ export class CacheRoot {
   }
 }
 
-function readdir(dir: string): string[] {
+export function readdir(dir: string): string[] {
   try {
     return fs.readdirSync(dir);
   } catch {
