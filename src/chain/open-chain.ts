@@ -17,6 +17,7 @@ import {
   isUrlName,
 } from "./access-policy";
 import type { RemoteSettings } from "../remote/options";
+import type { VerifyMode } from "../remote/verify";
 import { openRemoteBacking } from "./open-remote";
 
 /** Longest backing chain we follow; deeper chains are refused as hostile. */
@@ -67,6 +68,8 @@ export interface OpenOptions {
   pinned?: LayerIdentity | null;
   /** Remote backings: block size, timeouts, cache (default: from the environment). */
   remote?: RemoteSettings;
+  /** Remote backings: whether a manifest is required (-o verify=; default ADDCOW_VERIFY, else auto). */
+  verify?: VerifyMode;
   /** Reads from the backing chain also fill the top disk's image file (copy-on-read). */
   copyOnRead?: boolean;
 }
@@ -357,6 +360,7 @@ async function openLayer(
     const manifest = pinned?.kind === "remote" ? pinned.manifest : null;
     const dev = await openRemoteBacking(file, format, writable, namer?.file, state.opts.remote, {
       manifest,
+      ...(state.opts.verify ? { verify: state.opts.verify } : {}),
     });
     state.cleanup.push(() => dev.close());
     return dev;

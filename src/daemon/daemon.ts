@@ -130,6 +130,7 @@ export class MountDaemon {
         cacheMode: config.options.cacheMode,
         copyOnRead: config.options.copyOnRead,
         confine: config.options.confine,
+        ...(config.options.verify ? { verify: config.options.verify } : {}),
         ...(config.opener ? { opener: config.opener } : {}),
       };
       for (const disk of config.disks) {

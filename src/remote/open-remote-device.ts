@@ -1,17 +1,23 @@
 import type { PinnedManifest } from "../block/layer-identity";
+import { AddCowError } from "../util/errors";
 import { log } from "../util/log";
+import type { ObjectCache } from "./block-cache";
+import { openDigestCache } from "./digest-store";
 import { findManifest, loadPinnedManifest } from "./fetch-manifest";
-import type { FoundManifest } from "./manifest";
+import { type FoundManifest, defaultManifestLocation } from "./manifest";
 import { HttpSource } from "./http-source";
 import { type RemoteSettings, remoteSettingsFromEnv } from "./options";
 import { DEFAULT_REMOTE_OPTIONS, RemoteDevice } from "./remote-device";
-import type { RangeSource } from "./source";
+import type { ObjectIdentity, RangeSource } from "./source";
 import { parseRemoteName } from "./url";
+import { BlockVerifier, type VerifyMode } from "./verify";
 
 /** What the overlay's pin says about the object (docs/specs/add-cow.md, "The backing pin"). */
 export interface RemoteOpenOptions {
   /** The manifest the overlay was pinned with: fetched at open, its digest compared by the pin. */
   manifest?: PinnedManifest | null;
+  /** Whether a manifest is required (default: settings.verify, from ADDCOW_VERIFY; else auto). */
+  verify?: VerifyMode;
 }
 
 /**
@@ -35,6 +41,27 @@ export function s3Endpoint(stored: string, env: NodeJS.ProcessEnv): string | nul
   return custom || `aws:${env.AWS_REGION || env.AWS_DEFAULT_REGION || "us-east-1"}`;
 }
 
+/**
+ * The manifest blocks are checked against: the pinned one (fetched again,
+ * it must be there), else with verify=required the one at `URL.manifest`,
+ * which must exist; else none.
+ */
+async function manifestToCheck(
+  name: string,
+  settings: RemoteSettings,
+  opts: RemoteOpenOptions,
+): Promise<FoundManifest | null> {
+  if (opts.manifest) return loadPinnedManifest(name, opts.manifest, settings, sourceFor);
+  if ((opts.verify ?? settings.verify ?? "auto") !== "required") return null;
+  const found = await findManifest(name, null, null, settings, sourceFor);
+  if (found !== null) return found;
+  const where = parseRemoteName(defaultManifestLocation(name)).name;
+  throw new AddCowError(
+    `remote backing ${name}: verification is required (verify=required) but it has no manifest: none is pinned in the disk and none is published at ${where} (HTTP 404); publish one there (addcow manifest ${name}), or open without verify=required`,
+    { code: "ENOENT", reason: "remote", file: where },
+  );
+}
+
 /** Opens a remote object (http://, https://, s3://) as a read-only block device. */
 export async function openRemoteDevice(
   stored: string,
@@ -42,27 +69,48 @@ export async function openRemoteDevice(
   opts: RemoteOpenOptions = {},
 ): Promise<RemoteDevice> {
   const loc = parseRemoteName(stored);
-  const manifest = opts.manifest
-    ? await loadPinnedManifest(loc.name, opts.manifest, settings, sourceFor)
-    : null;
+  const checked = await manifestToCheck(loc.name, settings, opts);
+  const pinned = opts.manifest ? checked : null;
   const source = await sourceFor(stored, settings.env);
-  const device = { ...settings.device, endpoint: s3Endpoint(stored, settings.env), manifest };
+  const warn = settings.device.warn ?? DEFAULT_REMOTE_OPTIONS.warn;
+  const verifier = checked === null ? null : new BlockVerifier(checked, source.name, warn);
+  const device = {
+    ...settings.device,
+    endpoint: s3Endpoint(stored, settings.env),
+    manifest: pinned,
+    verifier,
+  };
   try {
-    const warn = settings.device.warn ?? DEFAULT_REMOTE_OPTIONS.warn;
-    return await RemoteDevice.open(source, device, (identity) => {
-      if (!settings.cache) return null;
-      const blockSize = settings.device.blockSize ?? DEFAULT_REMOTE_OPTIONS.blockSize;
-      try {
-        return settings.cache.open(source.cacheKey, identity, blockSize, warn);
-      } catch (err) {
-        // A cache that cannot be used costs speed, not correctness.
-        log.remote("cache %s unusable: %s", settings.cache.dir, (err as Error).message);
-        return null;
-      }
-    });
+    return await RemoteDevice.open(source, device, (identity) =>
+      cacheFor(source, identity, settings, verifier, warn),
+    );
   } catch (err) {
     await source.close().catch(() => undefined);
     throw err;
+  }
+}
+
+/**
+ * The persistent cache of an object: with a manifest, its blocks by digest
+ * (shared with every base and version that holds them); else the entry of
+ * this source and identity.
+ */
+function cacheFor(
+  source: RangeSource,
+  identity: ObjectIdentity,
+  settings: RemoteSettings,
+  verifier: BlockVerifier | null,
+  warn: (message: string) => void,
+): ObjectCache | null {
+  if (!settings.cache) return null;
+  try {
+    if (verifier) return openDigestCache(settings.cache, verifier.found.manifest, warn);
+    const blockSize = settings.device.blockSize ?? DEFAULT_REMOTE_OPTIONS.blockSize;
+    return settings.cache.open(source.cacheKey, identity, blockSize, warn);
+  } catch (err) {
+    // A cache that cannot be used costs speed, not correctness.
+    log.remote("cache %s unusable: %s", settings.cache.dir, (err as Error).message);
+    return null;
   }
 }
 

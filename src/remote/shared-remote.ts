@@ -20,14 +20,25 @@ let nextEnvId = 0;
 
 /**
  * What must be equal for two opens to share a device: the object, how it is
- * read, the credentials, and the manifest its disk was pinned with (blocks
- * are checked against it).
+ * read, the credentials, the manifest its disk was pinned with (what the
+ * device says it is) and the one its blocks are checked against.
  */
-function sharingKey(name: string, settings: RemoteSettings, opts: RemoteOpenOptions): string {
+function sharingKey(
+  device: RemoteDevice,
+  settings: RemoteSettings,
+  opts: RemoteOpenOptions,
+): string {
   let envId = envIds.get(settings.env);
   if (envId === undefined) envIds.set(settings.env, (envId = nextEnvId++));
   const { cache: _cache, warn: _warn, ...tuning } = settings.device;
-  return JSON.stringify([name, tuning, settings.cache?.dir ?? null, envId, opts.manifest ?? null]);
+  return JSON.stringify([
+    device.name,
+    tuning,
+    settings.cache?.dir ?? null,
+    envId,
+    opts.manifest ?? null,
+    device.verifiedBy?.sha256 ?? null,
+  ]);
 }
 
 /**
@@ -46,7 +57,7 @@ export async function openSharedRemoteDevice(
   opts: RemoteOpenOptions = {},
 ): Promise<BlockDevice> {
   const fresh = await openRemoteDevice(stored, settings, opts);
-  const key = sharingKey(fresh.name, settings, opts);
+  const key = sharingKey(fresh, settings, opts);
   const same = open.find(
     (s) => s.key === key && sameIdentity(s.device.objectIdentity, fresh.objectIdentity),
   );
