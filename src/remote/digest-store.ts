@@ -125,15 +125,14 @@ export class DigestStore {
   ): boolean {
     const data = digestHeaderSize(length);
     if (this.verified.get(hex) !== f.ino) {
-      // First use here: the whole block, its digest and every chunk's CRC.
-      const block = Buffer.allocUnsafe(length);
+      // First use here: the whole block and its digest (which vouches for every chunk).
+      const whole = at === 0 && target.length === length;
+      const block = whole ? target : Buffer.allocUnsafe(length);
       const good =
-        preadFull(f.fd, block, data) === length &&
-        sha256(block).equals(f.header.subarray(8, 40)) &&
-        chunksMatch(f.header, block, 0);
+        preadFull(f.fd, block, data) === length && sha256(block).equals(f.header.subarray(8, 40));
       if (!good) return this.damaged(hex, f);
       this.remember(hex, f.ino);
-      block.copy(target, 0, at, at + target.length);
+      if (!whole) block.copy(target, 0, at, at + target.length);
       return true;
     }
     const c0 = Math.floor(at / CHUNK);
