@@ -86,6 +86,15 @@ export interface RemoteStats {
   verifyFailures: number;
 }
 
+/**
+ * What the device learns of one reader (a disk of a shared device has its
+ * own): its sequential streams, and whether read-around pays off for it.
+ */
+export interface Reader {
+  readonly detector: SequentialDetector;
+  readonly around: ReadAround;
+}
+
 /** One request's pieces waiting for their bytes, and its place in the queue. */
 interface Pending {
   data: Promise<Buffer>;
@@ -125,8 +134,8 @@ export class RemoteDevice extends DeviceBase {
   private readonly memoryPieces: number;
   private readonly inflight = new Map<number, Pending>();
   private readonly queue: RequestQueue;
-  private readonly detector: SequentialDetector;
-  private readonly around: ReadAround;
+  /** The reader of plain read() calls. */
+  private readonly reader: Reader;
   private changed: AddCowError | null = null;
   private lastWarning = "";
   private closed = false;
@@ -143,13 +152,25 @@ export class RemoteDevice extends DeviceBase {
     this.memoryPieces = Math.max(1, Math.floor(opts.memoryBytes / this.piece));
     this.waitBoundMs = waitBoundMs(opts);
     this.queue = new RequestQueue(opts.maxInFlight, () => outOfTime(source.name, opts));
-    this.detector = new SequentialDetector({
-      maxBytes: opts.readaheadBytes,
-      minBytes: this.piece,
-      size: this.size,
-    });
-    // Read-around is readahead too: ADDCOW_REMOTE_READAHEAD=0 turns both off.
-    this.around = new ReadAround(opts.readaheadBytes > 0 ? READ_AROUND_PIECES : 0);
+    this.reader = this.newReader();
+  }
+
+  /**
+   * A reader with a pattern of its own: the disks sharing this device
+   * (shared-remote.ts) each read through one, so one disk's random reads do
+   * not turn read-around off for another, nor do many disks' streams push
+   * each other out of the detector.
+   */
+  newReader(): Reader {
+    return {
+      detector: new SequentialDetector({
+        maxBytes: this.opts.readaheadBytes,
+        minBytes: this.piece,
+        size: this.size,
+      }),
+      // Read-around is readahead too: ADDCOW_REMOTE_READAHEAD=0 turns both off.
+      around: new ReadAround(this.opts.readaheadBytes > 0 ? READ_AROUND_PIECES : 0),
+    };
   }
 
   /** Probes the object (with retries, within the wait bound) and fixes its identity. */
@@ -194,6 +215,11 @@ export class RemoteDevice extends DeviceBase {
   }
 
   read(buf: Buffer, offset: number): Promise<void> {
+    return this.readAs(this.reader, buf, offset);
+  }
+
+  /** A read of `reader`: its pattern decides readahead and read-around. */
+  readAs(reader: Reader, buf: Buffer, offset: number): Promise<void> {
     try {
       checkRange(this, buf.length, offset);
       if (this.changed) throw this.changed;
@@ -217,7 +243,7 @@ export class RemoteDevice extends DeviceBase {
     const waits: Array<Promise<void>> = [];
     const missing: number[] = [];
     for (let p = p0; p < p1; p++) {
-      this.around.read(p);
+      reader.around.read(p);
       const start = p * ps;
       const from = Math.max(offset, start);
       const to = Math.min(end, start + this.pieceLength(p));
@@ -230,8 +256,8 @@ export class RemoteDevice extends DeviceBase {
         missing.push(p);
       }
     }
-    const ahead = new Set(this.aheadOf(offset, buf.length, p1));
-    if (missing.length > 0) for (const p of this.aroundOf(missing, p1)) ahead.add(p);
+    const ahead = new Set(this.aheadOf(reader, offset, buf.length, p1));
+    if (missing.length > 0) for (const p of this.aroundOf(reader, missing, p1)) ahead.add(p);
     const fetched = this.fetch(missing, [...ahead], deadline);
     for (const p of missing) waits.push(fetched.get(p)!.then((d) => into(p, d)));
     if (waits.length === 0) return Promise.resolve();
@@ -242,8 +268,8 @@ export class RemoteDevice extends DeviceBase {
   }
 
   /** The pieces the sequential detector wants fetched ahead of this read, not here yet. */
-  private aheadOf(offset: number, length: number, after: number): number[] {
-    const range = this.detector.observe(offset, length);
+  private aheadOf(reader: Reader, offset: number, length: number, after: number): number[] {
+    const range = reader.detector.observe(offset, length);
     if (range === null) return [];
     const out: number[] = [];
     const last = Math.ceil(range.end / this.piece);
@@ -266,13 +292,13 @@ export class RemoteDevice extends DeviceBase {
    * The pieces read-around fetches after a miss, joined to its request: only
    * when the read's last piece is missing, up to the first piece that is here.
    */
-  private aroundOf(missing: number[], after: number): number[] {
-    const n = this.around.missed();
+  private aroundOf(reader: Reader, missing: number[], after: number): number[] {
+    const n = reader.around.missed();
     if (missing[missing.length - 1] !== after - 1) return [];
     const out: number[] = [];
     const last = Math.ceil(this.size / this.piece);
     for (let p = after; p < Math.min(last, after + n) && !this.present(p); p++) {
-      this.around.fetched(p);
+      reader.around.fetched(p);
       out.push(p);
     }
     return out;

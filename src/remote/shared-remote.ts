@@ -3,7 +3,7 @@ import { FilterDevice } from "../block/filter-device";
 import { log } from "../util/log";
 import { type RemoteOpenOptions, openRemoteDevice } from "./open-remote-device";
 import { type RemoteSettings, remoteSettingsFromEnv } from "./options";
-import type { RemoteDevice } from "./remote-device";
+import type { Reader, RemoteDevice } from "./remote-device";
 import { sameIdentity } from "./source";
 
 /** A remote device open for one or more disks of this process. */
@@ -72,12 +72,22 @@ export async function openSharedRemoteDevice(
   return new SharedRemote(shared);
 }
 
-/** One disk's handle on a shared remote device; closing it closes the device only if it was the last. */
+/**
+ * One disk's handle on a shared remote device: its reads have a pattern of
+ * their own (streams, read-around); closing it closes the device only if it
+ * was the last.
+ */
 class SharedRemote extends FilterDevice {
   private closed = false;
+  private readonly reader: Reader;
 
   constructor(private readonly shared: Shared) {
     super(shared.device);
+    this.reader = shared.device.newReader();
+  }
+
+  override read(buf: Buffer, offset: number): Promise<void> {
+    return this.shared.device.readAs(this.reader, buf, offset);
   }
 
   override async close(): Promise<void> {
