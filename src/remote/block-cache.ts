@@ -94,6 +94,10 @@ export interface ObjectCache {
   cachedBytes(): number;
 }
 
+export function emptyStats(): CacheStats {
+  return { hits: 0, misses: 0, stored: 0, storeFailures: 0, corrupt: 0, evicted: 0 };
+}
+
 export function preadFull(fd: number, buf: Buffer, pos: number): number {
   let done = 0;
   while (done < buf.length) {
@@ -132,19 +136,11 @@ interface OpenBlock {
 
 /** One object's blocks in a {@link CacheRoot}, addressed by byte offsets of the object. */
 export class BlockCache implements ObjectCache {
-  readonly stats: CacheStats = {
-    hits: 0,
-    misses: 0,
-    stored: 0,
-    storeFailures: 0,
-    corrupt: 0,
-    evicted: 0,
-  };
+  readonly stats: CacheStats = emptyStats();
   private readonly keyBytes: Buffer;
   /** Open block files, least recently used first. */
-  private readonly open = new Map<number, OpenBlock>();
-  private warned = false;
-  private readonly swept = { at: 0, evictions: 0 };
+  private readonly open: OpenFiles<number, OpenBlock>;
+  private readonly failures: StoreFailures;
 
   constructor(
     private readonly root: CacheRoot,
@@ -153,9 +149,11 @@ export class BlockCache implements ObjectCache {
     readonly size: number,
     readonly blockSize: number,
     /** Where the one line per object about a cache that cannot store goes. */
-    private readonly warn: (message: string) => void = () => undefined,
+    warn: (message: string) => void = () => undefined,
   ) {
     this.keyBytes = Buffer.from(key.slice(0, 32), "hex");
+    this.open = new OpenFiles(root);
+    this.failures = new StoreFailures(root.dir, warn);
   }
 
   private file(index: number): string {
@@ -187,7 +185,7 @@ export class BlockCache implements ObjectCache {
    * touch is cached and checks; false on a miss (target may be partly written).
    */
   read(offset: number, target: Buffer): boolean {
-    this.sweep();
+    this.open.sweep();
     const ok = this.eachBlock(offset, target.length, (b, at, from, to) =>
       this.readBlock(b, at, target.subarray(from, to)),
     );
@@ -317,13 +315,8 @@ export class BlockCache implements ObjectCache {
     return true;
   }
 
-  /** A store failed: said once per object (per mount), then only traced. */
   private cannotStore(err: unknown): void {
-    this.stats.storeFailures++;
-    log.remote("cache %s: cannot store: %s", this.dir, (err as Error).message);
-    if (this.warned) return;
-    this.warned = true;
-    this.warn(cannotStoreMessage(this.root.dir, err));
+    this.failures.note(this.stats, this.dir, err);
   }
 
   /**
@@ -333,12 +326,8 @@ export class BlockCache implements ObjectCache {
    */
   private openBlock(index: number, create: boolean): OpenBlock | "damaged" | null {
     const kept = this.open.get(index);
-    if (kept !== undefined && (!create || this.stillNamed(index, kept))) {
-      this.open.delete(index);
-      this.open.set(index, kept);
-      return kept;
-    }
-    if (kept !== undefined) this.forget(index);
+    if (kept !== undefined && (!create || this.stillNamed(index, kept))) return kept;
+    if (kept !== undefined) this.open.forget(index);
     const file = this.file(index);
     let fd: number;
     let writable = true;
@@ -365,8 +354,7 @@ export class BlockCache implements ObjectCache {
     const header = Buffer.alloc(headerSize(length));
     const ino = fs.fstatSync(fd).ino;
     const block: OpenBlock = { fd, writable, ino, header, fresh: false, touchedAt: 0 };
-    this.open.set(index, block);
-    if (this.open.size > OPEN_FILES) this.forget(this.open.keys().next().value as number);
+    this.open.keep(index, block);
     const good =
       preadFull(fd, header, 0) === header.length &&
       header.subarray(0, 8).equals(MAGIC) &&
@@ -429,28 +417,12 @@ export class BlockCache implements ObjectCache {
     if (block !== undefined && this.stillNamed(index, block)) {
       fs.rmSync(this.file(index), { force: true });
     }
-    this.forget(index);
-  }
-
-  /**
-   * Closes kept block files that were deleted (evicted, by this process or
-   * another): their space comes free, and their bytes are not served as
-   * cached any more.
-   */
-  private sweep(): void {
-    sweepDeleted(this.open, this.swept, this.root, (index) => this.forget(index));
-  }
-
-  private forget(index: number): void {
-    const block = this.open.get(index);
-    if (block === undefined) return;
-    this.open.delete(index);
-    fs.closeSync(block.fd);
+    this.open.forget(index);
   }
 
   /** Closes the block files kept open. */
   close(): void {
-    for (const index of [...this.open.keys()]) this.forget(index);
+    this.open.closeAll();
   }
 
   /** Block files of this object on disk now, whole or in part (for info). */
@@ -495,34 +467,87 @@ export class BlockCache implements ObjectCache {
 }
 
 /**
- * Forgets the kept files whose name was deleted (evicted, by this process or
- * another), at most once a second unless this process evicted since.
+ * Files kept open by key with what was read of them, least recently used
+ * first and at most OPEN_FILES of them; a file dropped is closed.
  */
-export function sweepDeleted<K>(
-  open: Map<K, { fd: number }>,
-  swept: { at: number; evictions: number },
-  root: CacheRoot,
-  forget: (key: K) => void,
-): void {
-  const now = Date.now();
-  if (now - swept.at < SWEEP_MS && root.evictions === swept.evictions) return;
-  swept.at = now;
-  swept.evictions = root.evictions;
-  for (const [key, file] of [...open]) {
-    try {
-      if (fs.fstatSync(file.fd).nlink > 0) continue;
-    } catch {
-      // Unusable descriptor: forget it too.
+export class OpenFiles<K, F extends { fd: number }> {
+  private readonly files = new Map<K, F>();
+  private sweptAt = 0;
+  private sweptEvictions = 0;
+
+  constructor(private readonly root: CacheRoot) {}
+
+  /** The kept file of `key`, now the most recently used. */
+  get(key: K): F | undefined {
+    const f = this.files.get(key);
+    if (f !== undefined) {
+      this.files.delete(key);
+      this.files.set(key, f);
     }
-    forget(key);
+    return f;
+  }
+
+  has(key: K): boolean {
+    return this.files.has(key);
+  }
+
+  keep(key: K, f: F): void {
+    this.files.set(key, f);
+    if (this.files.size > OPEN_FILES) this.forget(this.files.keys().next().value as K);
+  }
+
+  forget(key: K): void {
+    const f = this.files.get(key);
+    if (f === undefined) return;
+    this.files.delete(key);
+    fs.closeSync(f.fd);
+  }
+
+  closeAll(): void {
+    for (const key of [...this.files.keys()]) this.forget(key);
+  }
+
+  /**
+   * Closes kept files whose name was deleted (evicted, by this process or
+   * another): their space comes free, and their bytes are not served as
+   * cached any more. At most once a second, unless this process evicted since.
+   */
+  sweep(): void {
+    const now = Date.now();
+    if (now - this.sweptAt < SWEEP_MS && this.root.evictions === this.sweptEvictions) return;
+    this.sweptAt = now;
+    this.sweptEvictions = this.root.evictions;
+    for (const [key, f] of [...this.files]) {
+      try {
+        if (fs.fstatSync(f.fd).nlink > 0) continue;
+      } catch {
+        // Unusable descriptor: forget it too.
+      }
+      this.forget(key);
+    }
   }
 }
 
-/** The one line a cache that cannot store says (once per object and mount). */
-export function cannotStoreMessage(rootDir: string, err: unknown): string {
-  const e = err as NodeJS.ErrnoException;
-  const why = e.code === "ENOSPC" ? "the file system is full" : (e.code ?? e.message);
-  return `block cache ${rootDir} cannot store fetched blocks (${why}): reads go to the server instead; free space there or set ADDCOW_CACHE_SIZE below its free space (said once per mount)`;
+/** Stores that failed: counted, traced, and said in one line once per object (per mount). */
+export class StoreFailures {
+  private warned = false;
+
+  constructor(
+    private readonly rootDir: string,
+    private readonly warn: (message: string) => void,
+  ) {}
+
+  note(stats: CacheStats, dir: string, err: unknown): void {
+    stats.storeFailures++;
+    const e = err as NodeJS.ErrnoException;
+    log.remote("cache %s: cannot store: %s", dir, e.message);
+    if (this.warned) return;
+    this.warned = true;
+    const why = e.code === "ENOSPC" ? "the file system is full" : (e.code ?? e.message);
+    this.warn(
+      `block cache ${this.rootDir} cannot store fetched blocks (${why}): reads go to the server instead; free space there or set ADDCOW_CACHE_SIZE below its free space (said once per mount)`,
+    );
+  }
 }
 
 /** Refreshes an open file's mtime (its age for eviction) at most once a minute. */

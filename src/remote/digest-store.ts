@@ -10,11 +10,12 @@ import {
   ENTRY,
   LAYOUT,
   type ObjectCache,
+  OpenFiles,
+  emptyStats,
   PRESENT,
-  cannotStoreMessage,
+  StoreFailures,
   preadFull,
   pwriteFull,
-  sweepDeleted,
   touchFile,
 } from "./block-cache";
 import type { Manifest } from "./manifest";
@@ -43,8 +44,6 @@ const MAGIC = Buffer.from("ACOWDIG1");
 /** Magic, digest, length, reserved; then the chunk entries. */
 const FIXED = 48;
 export const DIGEST_DIR = "sha256";
-/** Files kept open, with their checked headers. */
-const OPEN_FILES = 256;
 /** Files this process hashed whole, remembered (by inode) so they are hashed once. */
 const VERIFIED = 65536;
 
@@ -68,28 +67,22 @@ interface OpenDigest {
 /** The store of blocks by SHA-256 under a cache root (one per object view, see DigestCache). */
 export class DigestStore {
   readonly dir: string;
-  readonly stats: CacheStats = {
-    hits: 0,
-    misses: 0,
-    stored: 0,
-    storeFailures: 0,
-    corrupt: 0,
-    evicted: 0,
-  };
-  /** Open files by digest (hex), least recently used first. */
-  private readonly open = new Map<string, OpenDigest>();
+  readonly stats: CacheStats = emptyStats();
+  /** Open files by digest (hex), with their checked headers. */
+  private readonly open: OpenFiles<string, OpenDigest>;
   /** Digest (hex) to the inode this process hashed and found right. */
   private readonly verified = new Map<string, number>();
   private readonly shards = new Set<string>();
-  private warned = false;
-  private readonly swept = { at: 0, evictions: 0 };
+  private readonly failures: StoreFailures;
 
   constructor(
     private readonly root: CacheRoot,
     /** Where the one line about a cache that cannot store goes. */
-    private readonly warn: (message: string) => void = () => undefined,
+    warn: (message: string) => void = () => undefined,
   ) {
     this.dir = path.join(root.dir, LAYOUT, DIGEST_DIR);
+    this.open = new OpenFiles(root);
+    this.failures = new StoreFailures(root.dir, warn);
   }
 
   /** Where the block with this digest is stored. */
@@ -103,7 +96,7 @@ export class DigestStore {
    * digest and length when it is stored and checks; false on a miss.
    */
   read(digest: Buffer, length: number, at: number, target: Buffer): boolean {
-    this.sweep();
+    this.open.sweep();
     const hex = digest.toString("hex");
     const f = this.openFile(hex, digest, length);
     const ok = f !== null && this.readChecked(hex, f, length, at, target);
@@ -189,11 +182,11 @@ export class DigestStore {
     } catch (err) {
       if (fd !== null) fs.closeSync(fd);
       fs.rmSync(tmp, { force: true });
-      this.cannotStore(err);
+      this.failures.note(this.stats, this.dir, err);
       return;
     }
     const ino = fs.fstatSync(fd).ino;
-    this.keep(hex, { fd, ino, header, touchedAt: Date.now() });
+    this.open.keep(hex, { fd, ino, header, touchedAt: Date.now() });
     // Written from bytes just checked against the digest: first use is now.
     this.remember(hex, ino);
     this.stats.stored++;
@@ -207,11 +200,7 @@ export class DigestStore {
    */
   private openFile(hex: string, digest: Buffer, length: number): OpenDigest | null {
     const kept = this.open.get(hex);
-    if (kept !== undefined) {
-      this.open.delete(hex);
-      this.open.set(hex, kept);
-      return kept;
-    }
+    if (kept !== undefined) return kept;
     let fd: number;
     try {
       fd = fs.openSync(this.file(digest), "r");
@@ -220,7 +209,7 @@ export class DigestStore {
     }
     const header = Buffer.alloc(digestHeaderSize(length));
     const f: OpenDigest = { fd, ino: fs.fstatSync(fd).ino, header, touchedAt: 0 };
-    this.keep(hex, f);
+    this.open.keep(hex, f);
     const good =
       preadFull(fd, header, 0) === header.length &&
       header.subarray(0, 8).equals(MAGIC) &&
@@ -230,11 +219,6 @@ export class DigestStore {
     if (good) return f;
     this.damaged(hex, f);
     return null;
-  }
-
-  private keep(hex: string, f: OpenDigest): void {
-    this.open.set(hex, f);
-    if (this.open.size > OPEN_FILES) this.forget(this.open.keys().next().value as string);
   }
 
   private remember(hex: string, ino: number): void {
@@ -256,32 +240,12 @@ export class DigestStore {
       // Gone already.
     }
     this.verified.delete(hex);
-    this.forget(hex);
+    this.open.forget(hex);
     return false;
   }
 
-  private cannotStore(err: unknown): void {
-    this.stats.storeFailures++;
-    log.remote("cache %s: cannot store: %s", this.dir, (err as Error).message);
-    if (this.warned) return;
-    this.warned = true;
-    this.warn(cannotStoreMessage(this.root.dir, err));
-  }
-
-  /** Closes kept files that were evicted (by this process or another). */
-  private sweep(): void {
-    sweepDeleted(this.open, this.swept, this.root, (hex) => this.forget(hex));
-  }
-
-  private forget(hex: string): void {
-    const f = this.open.get(hex);
-    if (f === undefined) return;
-    this.open.delete(hex);
-    fs.closeSync(f.fd);
-  }
-
   close(): void {
-    for (const hex of [...this.open.keys()]) this.forget(hex);
+    this.open.closeAll();
   }
 }
 

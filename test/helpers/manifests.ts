@@ -4,6 +4,8 @@
  * base that share most of their blocks.
  */
 import * as crypto from "node:crypto";
+import * as fs from "node:fs";
+import * as path from "node:path";
 import { pattern } from "./pattern";
 
 export const sha256 = (b: Buffer) => crypto.createHash("sha256").update(b).digest();
@@ -65,4 +67,20 @@ export function someBlocks(blocks: number, count: number, seed: number): number[
     out.add((x >>> 8) % blocks);
   }
   return [...out].sort((a, b) => a - b);
+}
+
+/**
+ * DIR/www/v1.raw (`size` bytes of pattern `seed`) and v2.raw, which differs
+ * from it in 5% of its blocks of `blockSize`, spread at random.
+ */
+export function twoVersions(dir: string, size: number, blockSize: number, seed: number) {
+  const www = path.join(dir, "www");
+  fs.mkdirSync(www, { recursive: true });
+  const blocks = Math.ceil(size / blockSize);
+  const v1 = pattern(size, seed);
+  const changed = someBlocks(blocks, Math.round(blocks * 0.05), seed + 1);
+  const v2 = nextVersion(v1, blockSize, changed, seed * 1000);
+  fs.writeFileSync(path.join(www, "v1.raw"), v1);
+  fs.writeFileSync(path.join(www, "v2.raw"), v2);
+  return { www, blocks, changed, v1, v2 };
 }

@@ -155,6 +155,13 @@ http {
   return server;
 }
 
+/** Body bytes an nginx sent for `uri` (its access log lines), the one-byte probes left out. */
+export function servedBytes(lines: string[], uri: string): number {
+  return lines
+    .filter((l) => l.startsWith(`GET ${uri} `) && !l.includes('"bytes=0-0"'))
+    .reduce((sum, l) => sum + Number(l.split(" ")[4]), 0);
+}
+
 /** A fresh temp dir with www/base.raw (pattern data) and an nginx serving it. */
 export async function servedBase(
   bytes: number,

@@ -13,10 +13,9 @@ import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { cleanupAll, mountDisk, run, sh, tempDir } from "../helpers/mount";
 import { ADDCOW } from "../helpers/cli";
-import { servedBase, startNginx, startProxy } from "../helpers/remote-servers";
+import { servedBase, servedBytes, startNginx, startProxy } from "../helpers/remote-servers";
 import { cacheState } from "../helpers/remote-cache-layout";
-import { nextVersion, sha256, someBlocks } from "../helpers/manifests";
-import { pattern } from "../helpers/pattern";
+import { sha256, twoVersions } from "../helpers/manifests";
 
 afterEach(cleanupAll);
 
@@ -41,13 +40,6 @@ async function publishManifest(env: NodeJS.ProcessEnv, dir: string, url: string,
   const r = await addcow(env, dir, "manifest", url, "-o", `${file}.manifest`);
   expect(r.code, r.stderr).toBe(0);
   expect(r.stdout).toMatch(/ blocks of 65536 bytes over /);
-}
-
-/** Body bytes nginx sent for `uri`, the one-byte probes left out. */
-function servedBytes(lines: string[], uri: string): number {
-  return lines
-    .filter((l) => l.startsWith(`GET ${uri} `) && !l.includes('"bytes=0-0"'))
-    .reduce((sum, l) => sum + Number(l.split(" ")[4]), 0);
 }
 
 describe("verified blocks through the mount", () => {
@@ -177,14 +169,8 @@ describe("verified blocks through the mount", () => {
 
   it("v2 that differs from v1 in 5% of its 64 KiB blocks fetches about 5% when v1 is cached (nginx counts the bytes)", async () => {
     const dir = tempDir();
-    const www = path.join(dir, "www");
-    fs.mkdirSync(www);
     const SIZE = 32 * MiB;
-    const blocks = SIZE / BS;
-    const v1 = pattern(SIZE, 53);
-    const changed = someBlocks(blocks, Math.round(blocks * 0.05), 11);
-    fs.writeFileSync(path.join(www, "v1.raw"), v1);
-    fs.writeFileSync(path.join(www, "v2.raw"), nextVersion(v1, BS, changed, 5000));
+    const { www, blocks, changed } = twoVersions(dir, SIZE, BS, 53);
     const nginx = await startNginx(path.join(dir, "nginx"), www);
     const env = remoteEnv(dir);
     for (const v of ["v1", "v2"]) {

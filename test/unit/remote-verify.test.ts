@@ -9,17 +9,10 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { cleanupAll, tempDir } from "../helpers/mount";
-import { servedBase, startNginx, startProxy } from "../helpers/remote-servers";
+import { servedBase, servedBytes, startNginx, startProxy } from "../helpers/remote-servers";
 import { cacheState } from "../helpers/remote-cache-layout";
 import { refused } from "../helpers/remote-devices";
-import {
-  manifestBytes,
-  manifestDigest,
-  nextVersion,
-  sha256,
-  someBlocks,
-} from "../helpers/manifests";
-import { pattern } from "../helpers/pattern";
+import { manifestBytes, manifestDigest, sha256, twoVersions } from "../helpers/manifests";
 import { type RemoteOpenOptions, openRemoteDevice } from "../../src/remote/open-remote-device";
 import { remoteSettingsFromEnv } from "../../src/remote/options";
 import type { RemoteDevice } from "../../src/remote/remote-device";
@@ -63,13 +56,6 @@ async function failure(p: Promise<unknown>): Promise<Error> {
   );
   expect(err).toBeInstanceOf(Error);
   return err!;
-}
-
-/** Body bytes nginx sent for `uri`, the one-byte probes left out. */
-function servedBytes(lines: string[], uri: string): number {
-  return lines
-    .filter((l) => l.startsWith(`GET ${uri} `) && !l.includes('"bytes=0-0"'))
-    .reduce((sum, l) => sum + Number(l.split(" ")[4]), 0);
 }
 
 const hex16 = (d: Buffer) => d.toString("hex").slice(0, 16);
@@ -247,20 +233,10 @@ describe("verified blocks", () => {
 
   it("v2 differing from v1 in 5% of its blocks fetches about 5% once v1 is cached (bytes counted by nginx)", async () => {
     const dir = tempDir();
-    const www = path.join(dir, "www");
-    fs.mkdirSync(www);
     const SIZE = 16 * MiB;
-    const blocks = SIZE / BS;
-    const v1 = pattern(SIZE, 35);
-    const changed = someBlocks(blocks, Math.round(blocks * 0.05), 7);
-    const v2 = nextVersion(v1, BS, changed, 900);
-    for (const [name, data] of [
-      ["v1.raw", v1],
-      ["v2.raw", v2],
-    ] as const) {
-      fs.writeFileSync(path.join(www, name), data);
-      fs.writeFileSync(path.join(www, `${name}.manifest`), manifestBytes(data, BS));
-    }
+    const { www, blocks, changed, v1, v2 } = twoVersions(dir, SIZE, BS, 35);
+    fs.writeFileSync(path.join(www, "v1.raw.manifest"), manifestBytes(v1, BS));
+    fs.writeFileSync(path.join(www, "v2.raw.manifest"), manifestBytes(v2, BS));
     const nginx = await startNginx(path.join(dir, "nginx"), www);
     const env = { ADDCOW_CACHE_DIR: path.join(dir, "cache") };
     const readAll = async (name: string, data: Buffer) => {
