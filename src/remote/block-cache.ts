@@ -89,9 +89,8 @@ export interface ObjectCache {
   /** Stores bytes of the object (best effort: a cache that cannot store says so once). */
   put(offset: number, data: Buffer): void;
   close(): void;
-  /** Files holding some of the object, and the object's bytes held (for info). */
-  countBlocks(): number;
-  cachedBytes(): number;
+  /** Files holding some of the object, and the object's bytes they hold (for info: reads them all). */
+  usage(): { blocks: number; bytes: number };
 }
 
 export function emptyStats(): CacheStats {
@@ -423,6 +422,10 @@ export class BlockCache implements ObjectCache {
   /** Closes the block files kept open. */
   close(): void {
     this.open.closeAll();
+  }
+
+  usage(): { blocks: number; bytes: number } {
+    return { blocks: this.countBlocks(), bytes: this.cachedBytes() };
   }
 
   /** Block files of this object on disk now, whole or in part (for info). */

@@ -331,16 +331,8 @@ export class DigestCache implements ObjectCache {
     this.store.close();
   }
 
-  /** Manifest blocks of this base stored now (a block shared by several offsets counts at each). */
-  countBlocks(): number {
-    return this.stored().blocks;
-  }
-
-  cachedBytes(): number {
-    return this.stored().bytes;
-  }
-
-  private stored(): { blocks: number; bytes: number } {
+  /** Manifest blocks of this base stored now, and their bytes (a block at several offsets counts at each). */
+  usage(): { blocks: number; bytes: number } {
     const seen = new Map<string, boolean>();
     let blocks = 0;
     let bytes = 0;

@@ -491,6 +491,7 @@ export class RemoteDevice extends DeviceBase {
     const s = this.stats;
     const hits = s.memoryHits + s.cacheHits;
     const cache = this.opts.cache;
+    const usage = cache?.usage() ?? { blocks: 0, bytes: 0 };
     return {
       // The device is the object's bytes; the overlay's backing format field says what they are.
       format: "raw",
@@ -510,8 +511,8 @@ export class RemoteDevice extends DeviceBase {
         waitBoundMs: this.waitBoundMs,
         cacheDir: cache?.dir ?? null,
         blocks: Math.ceil(this.size / (this.opts.verifier?.blockSize ?? this.opts.blockSize)),
-        cachedBlocks: cache?.countBlocks() ?? 0,
-        cachedBytes: cache?.cachedBytes() ?? 0,
+        cachedBlocks: usage.blocks,
+        cachedBytes: usage.bytes,
         reads: s.reads,
         blockReads: s.blockReads,
         memoryHits: s.memoryHits,

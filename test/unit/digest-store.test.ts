@@ -87,8 +87,7 @@ describe("blocks stored by digest", () => {
     expect(get(b, 5 * BS + 100, 10)).toBeNull();
     expect(b.has(0, 2 * BS)).toBe(true);
     expect(b.has(0, 3 * BS)).toBe(false);
-    expect(b.cachedBytes()).toBe(6 * BS);
-    expect(b.countBlocks()).toBe(6);
+    expect(b.usage()).toEqual({ blocks: 6, bytes: 6 * BS });
     // Parts of a block, across chunk and block edges.
     expect(get(b, 7 * BS + 4000, 5000)!.equals(v2.subarray(7 * BS + 4000, 7 * BS + 9000))).toBe(
       true,
