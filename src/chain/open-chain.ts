@@ -31,6 +31,7 @@ import {
   isUrlName,
 } from "./access-policy";
 import type { RemoteSettings } from "../remote/options";
+import type { VerifyMode } from "../remote/verify";
 import { openRemoteBacking } from "./open-remote";
 import { NO_URL_RULES, type UrlRules, judgeUrl } from "./url-policy";
 
@@ -87,6 +88,8 @@ export interface OpenOptions {
    * user's (or a confined) disk may name, and which get credentials.
    */
   urls?: UrlRules;
+  /** Remote backings: whether a manifest is required (-o verify=; default ADDCOW_VERIFY, else auto). */
+  verify?: VerifyMode;
   /** Reads from the backing chain also fill the top disk's image file (copy-on-read). */
   copyOnRead?: boolean;
 }
@@ -491,7 +494,7 @@ async function openLayer(
       namer?.file,
       state.opts.remote,
       decision,
-      { manifest },
+      { manifest, ...(state.opts.verify ? { verify: state.opts.verify } : {}) },
     );
     state.cleanup.push(() => dev.close());
     return dev;

@@ -136,6 +136,7 @@ export class MountDaemon {
         copyOnRead: config.options.copyOnRead,
         confine: config.options.confine,
         urls: config.options.urls,
+        ...(config.options.verify ? { verify: config.options.verify } : {}),
         ...(config.opener ? { opener: config.opener } : {}),
       };
       for (const disk of config.disks) {

@@ -4,6 +4,7 @@ import type { Confinement } from "../chain/access-policy";
 import { NO_URL_RULES, type UrlRules, parseOrigins, withOrigins } from "../chain/url-policy";
 import type { CacheMode } from "../addcow/addcow-device";
 import type { LogDestination } from "./daemon-log";
+import { type VerifyMode, parseVerifyMode } from "../remote/verify";
 
 /** What `-o` can say; everything else is refused so typos do not pass silently. */
 export interface MountOptions {
@@ -34,10 +35,12 @@ export interface MountOptions {
   autoUnmount: boolean;
   /** -o host=NAME: serve the disks in the running host daemon NAME (addcow-mount --serve NAME). */
   host: string | undefined;
+  /** -o verify=required|auto: remote bases need a manifest (default: ADDCOW_VERIFY, else auto). */
+  verify: VerifyMode | undefined;
 }
 
 export const KNOWN_OPTIONS =
-  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, copy-on-read, log=syslog|stderr|FILE, confine, allow_dir=DIR, allow_url[=ORIGIN,...], url_auth=ORIGIN,..., fsname=NAME, debug, auto_unmount, host=NAME";
+  "ro, rw, allow_other, uid=N, gid=N, umask=OCTAL, cache=writeback|writethrough, copy-on-read, log=syslog|stderr|FILE, confine, allow_dir=DIR, allow_url[=ORIGIN,...], url_auth=ORIGIN,..., fsname=NAME, debug, auto_unmount, host=NAME, verify=required|auto";
 
 /**
  * Generic options mount(8) and mount.fuse hand every filesystem (from fstab or
@@ -101,6 +104,7 @@ export function defaultMountOptions(): MountOptions {
     debug: false,
     autoUnmount: false,
     host: undefined,
+    verify: undefined,
   };
 }
 
@@ -259,6 +263,9 @@ export function parseMountOptions(args: string[], cwd: string = process.cwd()): 
           break;
         case "host":
           opts.host = checkHostName(needValue());
+          break;
+        case "verify":
+          opts.verify = parseVerifyMode(needValue(), "-o verify=");
           break;
         default:
           if (IGNORED_OPTIONS.has(name) && value === undefined) break;

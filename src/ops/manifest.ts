@@ -4,9 +4,9 @@ import { AddCowError, errnoCode } from "../util/errors";
 import { openBacking } from "../chain/open-chain";
 import { isRemoteName, parseRemoteName } from "../remote/url";
 import {
-  DEFAULT_MANIFEST_BLOCK,
   Manifest,
   buildManifest,
+  defaultManifestBlock,
   defaultManifestLocation,
 } from "../remote/manifest";
 
@@ -45,7 +45,9 @@ export function defaultManifestFile(base: string): string {
 async function openBase(base: string) {
   if (!isRemoteName(base)) return openBacking(path.resolve(base), "raw");
   const { remoteSettingsFromEnv } = await import("../remote/options");
-  return openBacking(base, "raw", { remote: { ...remoteSettingsFromEnv(), cache: null } });
+  // Not checked against a manifest: this makes one (the old one may be of another version).
+  const remote = { ...remoteSettingsFromEnv(), cache: null, verify: "auto" as const };
+  return openBacking(base, "raw", { remote });
 }
 
 /**
@@ -54,11 +56,12 @@ async function openBase(base: string) {
  * new one, whole).
  */
 export async function makeManifest(req: ManifestRequest): Promise<ManifestResult> {
-  const blockSize = req.blockSize ?? DEFAULT_MANIFEST_BLOCK;
   const output = req.output ?? defaultManifestFile(req.base);
   const dev = await openBase(req.base);
   let bytes: Buffer;
+  let blockSize: number;
   try {
+    blockSize = req.blockSize ?? defaultManifestBlock(dev.size);
     bytes = await buildManifest(dev.size, blockSize, (buf, at) => dev.read(buf, at));
   } finally {
     await dev.close();

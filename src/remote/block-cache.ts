@@ -12,6 +12,8 @@ import type { ObjectIdentity } from "./source";
  *
  *   v3/<k[0..2]>/<k>/object.json      what the entry is (source, identity, block size), for people
  *   v3/<k[0..2]>/<k>/<index>.blk      one block of the object, possibly in part
+ *   v3/sha256/<d[0..2]>/<d>.blk       a block of a base with a manifest, named by its SHA-256
+ *                                     (digest-store.ts), whichever bases and versions hold it
  *
  * k = sha256(the source's cache key (URL; for S3 the endpoint it reached,
  * bucket and key), size, ETag, Last-Modified, block size): a changed object or
@@ -35,9 +37,10 @@ const MAGIC = Buffer.from("ACOWBLK3");
 const FIXED = 32;
 /** Checksum and presence granularity. */
 export const CHUNK = 4096;
-const ENTRY = 8;
+/** A chunk's entry: its CRC-32, then PRESENT once its bytes are stored. */
+export const ENTRY = 8;
 /** The second half of a chunk's entry once its bytes are stored ("CHNK"). */
-const PRESENT = 0x4b4e4843;
+export const PRESENT = 0x4b4e4843;
 /** Block files kept open per object, with their checked headers. */
 const OPEN_FILES = 256;
 /** Kept block files are checked this often for having been deleted (evicted) by another process. */
@@ -47,7 +50,7 @@ const TOUCH_AFTER_MS = 60_000;
 /** Temp files older than this are leftovers of a killed writer. */
 const STALE_TMP_MS = 10 * 60_000;
 export const DEFAULT_CACHE_BYTES = 8 * 2 ** 30;
-const LAYOUT = "v3";
+export const LAYOUT = "v3";
 
 /** The header page: the fixed part and the chunk entries, rounded up to 4 KiB. */
 export function headerSize(length: number): number {
@@ -70,7 +73,31 @@ export interface CacheStats {
   evicted: number;
 }
 
-function preadFull(fd: number, buf: Buffer, pos: number): number {
+/**
+ * What a remote device needs of its persistent cache, addressed by byte
+ * offsets of the object: this file's per-object entries, or a base's view of
+ * the blocks stored by digest (digest-store.ts).
+ */
+export interface ObjectCache {
+  /** Where it lives, for info. */
+  readonly dir: string;
+  readonly stats: CacheStats;
+  /** Fills target from `offset` when every byte is cached and checks; false on a miss. */
+  read(offset: number, target: Buffer): boolean;
+  /** Every byte of the range is cached (not checked: for readahead decisions). */
+  has(offset: number, length: number): boolean;
+  /** Stores bytes of the object (best effort: a cache that cannot store says so once). */
+  put(offset: number, data: Buffer): void;
+  close(): void;
+  /** Files holding some of the object, and the object's bytes they hold (for info: reads them all). */
+  usage(): { blocks: number; bytes: number };
+}
+
+export function emptyStats(): CacheStats {
+  return { hits: 0, misses: 0, stored: 0, storeFailures: 0, corrupt: 0, evicted: 0 };
+}
+
+export function preadFull(fd: number, buf: Buffer, pos: number): number {
   let done = 0;
   while (done < buf.length) {
     const n = fs.readSync(fd, buf, done, buf.length - done, pos + done);
@@ -81,7 +108,7 @@ function preadFull(fd: number, buf: Buffer, pos: number): number {
 }
 
 /** Writes all of buf or throws: a write that stops short (a full disk) is an error. */
-function pwriteFull(fd: number, buf: Buffer, pos: number): void {
+export function pwriteFull(fd: number, buf: Buffer, pos: number): void {
   let done = 0;
   while (done < buf.length) {
     const n = fs.writeSync(fd, buf, done, buf.length - done, pos + done);
@@ -107,21 +134,12 @@ interface OpenBlock {
 }
 
 /** One object's blocks in a {@link CacheRoot}, addressed by byte offsets of the object. */
-export class BlockCache {
-  readonly stats: CacheStats = {
-    hits: 0,
-    misses: 0,
-    stored: 0,
-    storeFailures: 0,
-    corrupt: 0,
-    evicted: 0,
-  };
+export class BlockCache implements ObjectCache {
+  readonly stats: CacheStats = emptyStats();
   private readonly keyBytes: Buffer;
   /** Open block files, least recently used first. */
-  private readonly open = new Map<number, OpenBlock>();
-  private warned = false;
-  private sweptAt = 0;
-  private sweptEvictions = 0;
+  private readonly open: OpenFiles<number, OpenBlock>;
+  private readonly failures: StoreFailures;
 
   constructor(
     private readonly root: CacheRoot,
@@ -130,9 +148,11 @@ export class BlockCache {
     readonly size: number,
     readonly blockSize: number,
     /** Where the one line per object about a cache that cannot store goes. */
-    private readonly warn: (message: string) => void = () => undefined,
+    warn: (message: string) => void = () => undefined,
   ) {
     this.keyBytes = Buffer.from(key.slice(0, 32), "hex");
+    this.open = new OpenFiles(root);
+    this.failures = new StoreFailures(root.dir, warn);
   }
 
   private file(index: number): string {
@@ -164,7 +184,7 @@ export class BlockCache {
    * touch is cached and checks; false on a miss (target may be partly written).
    */
   read(offset: number, target: Buffer): boolean {
-    this.sweep();
+    this.open.sweep();
     const ok = this.eachBlock(offset, target.length, (b, at, from, to) =>
       this.readBlock(b, at, target.subarray(from, to)),
     );
@@ -294,17 +314,8 @@ export class BlockCache {
     return true;
   }
 
-  /** A store failed: said once per object (per mount), then only traced. */
   private cannotStore(err: unknown): void {
-    this.stats.storeFailures++;
-    const e = err as NodeJS.ErrnoException;
-    const why = e.code === "ENOSPC" ? "the file system is full" : (e.code ?? e.message);
-    log.remote("cache %s: cannot store: %s", this.dir, e.message);
-    if (this.warned) return;
-    this.warned = true;
-    this.warn(
-      `block cache ${this.root.dir} cannot store fetched blocks (${why}): reads go to the server instead; free space there or set ADDCOW_CACHE_SIZE below its free space (said once per mount)`,
-    );
+    this.failures.note(this.stats, this.dir, err);
   }
 
   /**
@@ -314,12 +325,8 @@ export class BlockCache {
    */
   private openBlock(index: number, create: boolean): OpenBlock | "damaged" | null {
     const kept = this.open.get(index);
-    if (kept !== undefined && (!create || this.stillNamed(index, kept))) {
-      this.open.delete(index);
-      this.open.set(index, kept);
-      return kept;
-    }
-    if (kept !== undefined) this.forget(index);
+    if (kept !== undefined && (!create || this.stillNamed(index, kept))) return kept;
+    if (kept !== undefined) this.open.forget(index);
     const file = this.file(index);
     let fd: number;
     let writable = true;
@@ -346,8 +353,7 @@ export class BlockCache {
     const header = Buffer.alloc(headerSize(length));
     const ino = fs.fstatSync(fd).ino;
     const block: OpenBlock = { fd, writable, ino, header, fresh: false, touchedAt: 0 };
-    this.open.set(index, block);
-    if (this.open.size > OPEN_FILES) this.forget(this.open.keys().next().value as number);
+    this.open.keep(index, block);
     const good =
       preadFull(fd, header, 0) === header.length &&
       header.subarray(0, 8).equals(MAGIC) &&
@@ -410,39 +416,16 @@ export class BlockCache {
     if (block !== undefined && this.stillNamed(index, block)) {
       fs.rmSync(this.file(index), { force: true });
     }
-    this.forget(index);
-  }
-
-  /**
-   * Closes kept block files that were deleted (evicted, by this process or
-   * another): their space comes free, and their bytes are not served as
-   * cached any more.
-   */
-  private sweep(): void {
-    const now = Date.now();
-    if (now - this.sweptAt < SWEEP_MS && this.root.evictions === this.sweptEvictions) return;
-    this.sweptAt = now;
-    this.sweptEvictions = this.root.evictions;
-    for (const [index, block] of [...this.open]) {
-      try {
-        if (fs.fstatSync(block.fd).nlink > 0) continue;
-      } catch {
-        // Unusable descriptor: forget it too.
-      }
-      this.forget(index);
-    }
-  }
-
-  private forget(index: number): void {
-    const block = this.open.get(index);
-    if (block === undefined) return;
-    this.open.delete(index);
-    fs.closeSync(block.fd);
+    this.open.forget(index);
   }
 
   /** Closes the block files kept open. */
   close(): void {
-    for (const index of [...this.open.keys()]) this.forget(index);
+    this.open.closeAll();
+  }
+
+  usage(): { blocks: number; bytes: number } {
+    return { blocks: this.countBlocks(), bytes: this.cachedBytes() };
   }
 
   /** Block files of this object on disk now, whole or in part (for info). */
@@ -481,19 +464,107 @@ export class BlockCache {
     return total;
   }
 
-  /** Refreshes the block's mtime (its age for eviction) at most once a minute per open file. */
   private touch(block: OpenBlock): void {
-    const now = Date.now();
-    if (now - block.touchedAt < TOUCH_AFTER_MS) return;
-    block.touchedAt = now;
-    try {
-      if (now - fs.fstatSync(block.fd).mtimeMs > TOUCH_AFTER_MS) {
-        const date = new Date(now);
-        fs.futimesSync(block.fd, date, date);
-      }
-    } catch {
-      // Read-only cache: ages stay as they are.
+    touchFile(block);
+  }
+}
+
+/**
+ * Files kept open by key with what was read of them, least recently used
+ * first and at most OPEN_FILES of them; a file dropped is closed.
+ */
+export class OpenFiles<K, F extends { fd: number }> {
+  private readonly files = new Map<K, F>();
+  private sweptAt = 0;
+  private sweptEvictions = 0;
+
+  constructor(private readonly root: CacheRoot) {}
+
+  /** The kept file of `key`, now the most recently used. */
+  get(key: K): F | undefined {
+    const f = this.files.get(key);
+    if (f !== undefined) {
+      this.files.delete(key);
+      this.files.set(key, f);
     }
+    return f;
+  }
+
+  has(key: K): boolean {
+    return this.files.has(key);
+  }
+
+  keep(key: K, f: F): void {
+    this.files.set(key, f);
+    if (this.files.size > OPEN_FILES) this.forget(this.files.keys().next().value as K);
+  }
+
+  forget(key: K): void {
+    const f = this.files.get(key);
+    if (f === undefined) return;
+    this.files.delete(key);
+    fs.closeSync(f.fd);
+  }
+
+  closeAll(): void {
+    for (const key of [...this.files.keys()]) this.forget(key);
+  }
+
+  /**
+   * Closes kept files whose name was deleted (evicted, by this process or
+   * another): their space comes free, and their bytes are not served as
+   * cached any more. At most once a second, unless this process evicted since.
+   */
+  sweep(): void {
+    const now = Date.now();
+    if (now - this.sweptAt < SWEEP_MS && this.root.evictions === this.sweptEvictions) return;
+    this.sweptAt = now;
+    this.sweptEvictions = this.root.evictions;
+    for (const [key, f] of [...this.files]) {
+      try {
+        if (fs.fstatSync(f.fd).nlink > 0) continue;
+      } catch {
+        // Unusable descriptor: forget it too.
+      }
+      this.forget(key);
+    }
+  }
+}
+
+/** Stores that failed: counted, traced, and said in one line once per object (per mount). */
+export class StoreFailures {
+  private warned = false;
+
+  constructor(
+    private readonly rootDir: string,
+    private readonly warn: (message: string) => void,
+  ) {}
+
+  note(stats: CacheStats, dir: string, err: unknown): void {
+    stats.storeFailures++;
+    const e = err as NodeJS.ErrnoException;
+    log.remote("cache %s: cannot store: %s", dir, e.message);
+    if (this.warned) return;
+    this.warned = true;
+    const why = e.code === "ENOSPC" ? "the file system is full" : (e.code ?? e.message);
+    this.warn(
+      `block cache ${this.rootDir} cannot store fetched blocks (${why}): reads go to the server instead; free space there or set ADDCOW_CACHE_SIZE below its free space (said once per mount)`,
+    );
+  }
+}
+
+/** Refreshes an open file's mtime (its age for eviction) at most once a minute. */
+export function touchFile(file: { fd: number; touchedAt: number }): void {
+  const now = Date.now();
+  if (now - file.touchedAt < TOUCH_AFTER_MS) return;
+  file.touchedAt = now;
+  try {
+    if (now - fs.fstatSync(file.fd).mtimeMs > TOUCH_AFTER_MS) {
+      const date = new Date(now);
+      fs.futimesSync(file.fd, date, date);
+    }
+  } catch {
+    // Read-only cache: ages stay as they are.
   }
 }
 
@@ -581,7 +652,11 @@ export class CacheRoot {
     return removed;
   }
 
-  /** Every block file with the space it takes (sparse: its allocated blocks), stale temp files deleted. */
+  /**
+   * Every block file with the space it takes (sparse: its allocated blocks),
+   * stale temp files deleted. Entries by digest (v3/sha256/DD/) are at the
+   * same depth and are counted and evicted with the others.
+   */
   private scan(): Array<{ path: string; size: number; mtimeMs: number }> {
     const out: Array<{ path: string; size: number; mtimeMs: number }> = [];
     const base = path.join(this.dir, LAYOUT);
@@ -609,7 +684,7 @@ export class CacheRoot {
   }
 }
 
-function readdir(dir: string): string[] {
+export function readdir(dir: string): string[] {
   try {
     return fs.readdirSync(dir);
   } catch {

@@ -18,14 +18,27 @@ import { AddCowError } from "../util/errors";
  * | 32 | 32 x blocks | SHA-256 of each block (the last one: of its bytes, up to the end of the base) |
  * | end - 32 | 32 | SHA-256 of every byte before it |
  *
- * 8 GiB at 1 MiB blocks is 8192 digests, 256 KiB.
+ * 8 GiB at 64 KiB blocks (the default) is 131072 digests, 4 MiB.
  */
 export const MANIFEST_MAGIC = Buffer.from("ACOWMAN1", "latin1");
 const HEAD = 32;
 const DIGEST = 32;
 export const MIN_MANIFEST_BLOCK = 4096;
 export const MAX_MANIFEST_BLOCK = 64 << 20;
-export const DEFAULT_MANIFEST_BLOCK = 1 << 20;
+/**
+ * The default block size: the remote device's fetch piece (64 KiB), so that
+ * checking blocks widens no read, and blocks shared by two versions of a base
+ * are found at a fine grain; larger for bases over 32 GiB, so that the
+ * manifest (fetched whole at every open) stays within 16 MiB.
+ */
+export const DEFAULT_MANIFEST_BLOCK = 64 << 10;
+const DEFAULT_MANIFEST_DIGESTS = 512 << 10;
+
+export function defaultManifestBlock(size: number): number {
+  let bs = DEFAULT_MANIFEST_BLOCK;
+  while (bs < MAX_MANIFEST_BLOCK && Math.ceil(size / bs) > DEFAULT_MANIFEST_DIGESTS) bs *= 2;
+  return bs;
+}
 /** Largest manifest read: 16 TiB at 4 KiB blocks would be 128 GiB; 64 Mi digests is plenty. */
 const MAX_BLOCKS = 64 << 20;
 
@@ -54,9 +67,12 @@ export class Manifest {
     readonly blocks: number,
   ) {}
 
+  private digest: string | null = null;
+
   /** SHA-256 (hex) of the whole manifest file: what an overlay pins. */
   get sha256(): string {
-    return crypto.createHash("sha256").update(this.bytes).digest("hex");
+    this.digest ??= crypto.createHash("sha256").update(this.bytes).digest("hex");
+    return this.digest;
   }
 
   /** Bytes [start, end) of the base that block n covers. */

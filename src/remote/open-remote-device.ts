@@ -1,13 +1,17 @@
 import type { PinnedManifest } from "../block/layer-identity";
+import { AddCowError } from "../util/errors";
 import { log } from "../util/log";
-import { findManifest, loadPinnedManifest } from "./fetch-manifest";
-import type { FoundManifest } from "./manifest";
+import type { ObjectCache } from "./block-cache";
+import { openDigestCache } from "./digest-store";
+import { type SourceFor, findManifest, loadPinnedManifest } from "./fetch-manifest";
+import { type FoundManifest, defaultManifestLocation } from "./manifest";
 import { OPERATOR_ACCESS, type RemoteAccess } from "./access";
 import { HttpSource } from "./http-source";
 import { type RemoteSettings, remoteSettingsFromEnv } from "./options";
 import { DEFAULT_REMOTE_OPTIONS, RemoteDevice } from "./remote-device";
-import type { RangeSource } from "./source";
+import type { ObjectIdentity, RangeSource } from "./source";
 import { parseRemoteName } from "./url";
+import { BlockVerifier, type VerifyMode } from "./verify";
 
 /** How one remote base is opened: what the overlay's pin says, and what the chain allowed. */
 export interface RemoteOpenOptions {
@@ -18,6 +22,8 @@ export interface RemoteOpenOptions {
    * (remote/access.ts); the operator's own URLs by default.
    */
   access?: RemoteAccess;
+  /** Whether a manifest is required (default: settings.verify, from ADDCOW_VERIFY; else auto). */
+  verify?: VerifyMode;
 }
 
 /**
@@ -46,9 +52,31 @@ export function s3Endpoint(stored: string, env: NodeJS.ProcessEnv): string | nul
 }
 
 /**
+ * The manifest blocks are checked against: the pinned one (fetched again,
+ * it must be there), else with verify=required the one at `URL.manifest`,
+ * which must exist; else none.
+ */
+async function manifestToCheck(
+  name: string,
+  settings: RemoteSettings,
+  opts: RemoteOpenOptions,
+  sources: SourceFor,
+): Promise<FoundManifest | null> {
+  if (opts.manifest) return loadPinnedManifest(name, opts.manifest, settings, sources);
+  if ((opts.verify ?? settings.verify ?? "auto") !== "required") return null;
+  const found = await findManifest(name, null, null, settings, sources);
+  if (found !== null) return found;
+  const where = parseRemoteName(defaultManifestLocation(name)).name;
+  throw new AddCowError(
+    `remote backing ${name}: verification is required (verify=required) but it has no manifest: none is pinned in the disk and none is published at ${where} (HTTP 404); publish one there (addcow manifest ${name}), or open without verify=required`,
+    { code: "ENOENT", reason: "remote", file: where },
+  );
+}
+
+/**
  * Opens a remote object (http://, https://, s3://) as a read-only block
  * device, under `opts.access`: what the chain decided may be contacted and
- * with which credentials (the pinned manifest is fetched under it too).
+ * with which credentials (its manifest is fetched under it too).
  */
 export async function openRemoteDevice(
   stored: string,
@@ -57,28 +85,52 @@ export async function openRemoteDevice(
 ): Promise<RemoteDevice> {
   const loc = parseRemoteName(stored);
   const access = opts.access ?? OPERATOR_ACCESS;
-  const sources = (url: string, env: NodeJS.ProcessEnv) => sourceFor(url, env, access);
-  const manifest = opts.manifest
-    ? await loadPinnedManifest(loc.name, opts.manifest, settings, sources)
-    : null;
+  const sources: SourceFor = (url, env) => sourceFor(url, env, access);
+  const checked = await manifestToCheck(loc.name, settings, opts, sources);
+  const pinned = opts.manifest ? checked : null;
   const source = await sources(stored, settings.env);
-  const device = { ...settings.device, endpoint: s3Endpoint(stored, settings.env), manifest };
+  const warn = settings.device.warn ?? DEFAULT_REMOTE_OPTIONS.warn;
+  const verifier = checked === null ? null : new BlockVerifier(checked, source.name, warn);
+  const device = {
+    ...settings.device,
+    endpoint: s3Endpoint(stored, settings.env),
+    manifest: pinned,
+    verifier,
+  };
   try {
-    const warn = settings.device.warn ?? DEFAULT_REMOTE_OPTIONS.warn;
-    return await RemoteDevice.open(source, device, (identity) => {
-      if (!settings.cache) return null;
-      const blockSize = settings.device.blockSize ?? DEFAULT_REMOTE_OPTIONS.blockSize;
-      try {
-        return settings.cache.open(source.cacheKey, identity, blockSize, warn);
-      } catch (err) {
-        // A cache that cannot be used costs speed, not correctness.
-        log.remote("cache %s unusable: %s", settings.cache.dir, (err as Error).message);
-        return null;
-      }
-    });
+    // Blocks by digest are shared by every base on this host: a tenant's URL does not
+    // use that store, or its server could learn which blocks other disks read here.
+    const shared = access === OPERATOR_ACCESS ? verifier : null;
+    return await RemoteDevice.open(source, device, (identity) =>
+      cacheFor(source, identity, settings, shared, warn),
+    );
   } catch (err) {
     await source.close().catch(() => undefined);
     throw err;
+  }
+}
+
+/**
+ * The persistent cache of an object: with a manifest (`verifier`), its blocks
+ * by digest (shared with every base and version that holds them); else the
+ * entry of this source and identity.
+ */
+function cacheFor(
+  source: RangeSource,
+  identity: ObjectIdentity,
+  settings: RemoteSettings,
+  verifier: BlockVerifier | null,
+  warn: (message: string) => void,
+): ObjectCache | null {
+  if (!settings.cache) return null;
+  try {
+    if (verifier) return openDigestCache(settings.cache, verifier.found.manifest, warn);
+    const blockSize = settings.device.blockSize ?? DEFAULT_REMOTE_OPTIONS.blockSize;
+    return settings.cache.open(source.cacheKey, identity, blockSize, warn);
+  } catch (err) {
+    // A cache that cannot be used costs speed, not correctness.
+    log.remote("cache %s unusable: %s", settings.cache.dir, (err as Error).message);
+    return null;
   }
 }
 

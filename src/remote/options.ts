@@ -2,6 +2,7 @@ import { AddCowError } from "../util/errors";
 import { parseSize } from "../util/size";
 import { CacheRoot, DEFAULT_CACHE_BYTES, defaultCacheRoot } from "./block-cache";
 import { DEFAULT_REMOTE_OPTIONS, type RemoteDeviceOptions } from "./remote-device";
+import { type VerifyMode, parseVerifyMode } from "./verify";
 
 /**
  * Tuning of remote backings, from the environment (docs/remote.md); sizes in bytes
@@ -16,12 +17,16 @@ import { DEFAULT_REMOTE_OPTIONS, type RemoteDeviceOptions } from "./remote-devic
  *   ADDCOW_CACHE_DIR          block cache root, or "none" (default /var/cache/addcow
  *                             for root, else $XDG_CACHE_HOME/addcow or ~/.cache/addcow)
  *   ADDCOW_CACHE_SIZE         cache size limit (default 8G)
+ *   ADDCOW_VERIFY             auto (check blocks when a manifest is pinned) or required
+ *                             (refuse a base without a manifest); -o verify= at mount wins
  */
 export interface RemoteSettings {
   device: Partial<RemoteDeviceOptions>;
   cache: CacheRoot | null;
   /** Where credentials, endpoints and CA files are looked up. */
   env: NodeJS.ProcessEnv;
+  /** Whether a manifest is required (verify.ts); an open's own option wins. */
+  verify?: VerifyMode;
 }
 
 function number(
@@ -87,5 +92,6 @@ export function remoteSettingsFromEnv(env: NodeJS.ProcessEnv = process.env): Rem
     dir === "none"
       ? null
       : new CacheRoot(dir, size(env, "ADDCOW_CACHE_SIZE") ?? DEFAULT_CACHE_BYTES);
-  return { device, cache, env };
+  const verify = env.ADDCOW_VERIFY ? parseVerifyMode(env.ADDCOW_VERIFY, "ADDCOW_VERIFY=") : "auto";
+  return { device, cache, env, verify };
 }

@@ -3,11 +3,12 @@ import { checkRange } from "../block/range";
 import { AddCowError } from "../util/errors";
 import { log } from "../util/log";
 import { attempts, outOfTime, waitBoundMs } from "./attempts";
-import type { BlockCache } from "./block-cache";
+import type { ObjectCache } from "./block-cache";
 import { type RemoteIdentity, pinnableText } from "../block/layer-identity";
 import type { FoundManifest } from "./manifest";
 import { ReadAround, SequentialDetector } from "./readahead";
 import { RequestQueue, Ticket } from "./request-queue";
+import type { BlockVerifier } from "./verify";
 import {
   type ObjectIdentity,
   type RangeSource,
@@ -34,13 +35,19 @@ export interface RemoteDeviceOptions {
   /** Recently used bytes kept in memory. */
   memoryBytes: number;
   /** The persistent block cache of this object, if any. */
-  cache: BlockCache | null;
+  cache: ObjectCache | null;
   /** Where the one line about a changed object, a failing server or a full cache goes. */
   warn: (message: string) => void;
   /** s3: the endpoint requests go to (part of the identity an overlay pins); null for http(s). */
   endpoint: string | null;
   /** The manifest of per-block digests the overlay was pinned with (remote/manifest.ts). */
   manifest: FoundManifest | null;
+  /**
+   * Checks every fetched block against a manifest (the pinned one, or one
+   * found for verify=required) before it is used or cached; pieces are then
+   * whole manifest blocks.
+   */
+  verifier: BlockVerifier | null;
 }
 
 const KiB = 1024;
@@ -61,6 +68,7 @@ export const DEFAULT_REMOTE_OPTIONS: RemoteDeviceOptions = {
   warn: (m) => process.stderr.write(`addcow: ${m}\n`),
   endpoint: null,
   manifest: null,
+  verifier: null,
 };
 
 export interface RemoteStats {
@@ -74,6 +82,17 @@ export interface RemoteStats {
   bytesFetched: number;
   readaheadBytes: number;
   retries: number;
+  /** Pieces fetched that did not match the manifest (their reads failed with EIO). */
+  verifyFailures: number;
+}
+
+/**
+ * What the device learns of one reader (a disk of a shared device has its
+ * own): its sequential streams, and whether read-around pays off for it.
+ */
+export interface Reader {
+  readonly detector: SequentialDetector;
+  readonly around: ReadAround;
 }
 
 /** One request's pieces waiting for their bytes, and its place in the queue. */
@@ -106,6 +125,7 @@ export class RemoteDevice extends DeviceBase {
     bytesFetched: 0,
     readaheadBytes: 0,
     retries: 0,
+    verifyFailures: 0,
   };
   /** The longest a read waits for the server, queued or not. */
   readonly waitBoundMs: number;
@@ -114,8 +134,8 @@ export class RemoteDevice extends DeviceBase {
   private readonly memoryPieces: number;
   private readonly inflight = new Map<number, Pending>();
   private readonly queue: RequestQueue;
-  private readonly detector: SequentialDetector;
-  private readonly around: ReadAround;
+  /** The reader of plain read() calls. */
+  private readonly reader: Reader;
   private changed: AddCowError | null = null;
   private lastWarning = "";
   private closed = false;
@@ -127,24 +147,37 @@ export class RemoteDevice extends DeviceBase {
   ) {
     super();
     this.size = objectIdentity.size;
-    this.piece = opts.minRequestBytes;
+    // Verified blocks are fetched whole: a piece is at least one manifest block.
+    this.piece = Math.max(opts.minRequestBytes, opts.verifier?.blockSize ?? 0);
     this.memoryPieces = Math.max(1, Math.floor(opts.memoryBytes / this.piece));
     this.waitBoundMs = waitBoundMs(opts);
     this.queue = new RequestQueue(opts.maxInFlight, () => outOfTime(source.name, opts));
-    this.detector = new SequentialDetector({
-      maxBytes: opts.readaheadBytes,
-      minBytes: this.piece,
-      size: this.size,
-    });
-    // Read-around is readahead too: ADDCOW_REMOTE_READAHEAD=0 turns both off.
-    this.around = new ReadAround(opts.readaheadBytes > 0 ? READ_AROUND_PIECES : 0);
+    this.reader = this.newReader();
+  }
+
+  /**
+   * A reader with a pattern of its own: the disks sharing this device
+   * (shared-remote.ts) each read through one, so one disk's random reads do
+   * not turn read-around off for another, nor do many disks' streams push
+   * each other out of the detector.
+   */
+  newReader(): Reader {
+    return {
+      detector: new SequentialDetector({
+        maxBytes: this.opts.readaheadBytes,
+        minBytes: this.piece,
+        size: this.size,
+      }),
+      // Read-around is readahead too: ADDCOW_REMOTE_READAHEAD=0 turns both off.
+      around: new ReadAround(this.opts.readaheadBytes > 0 ? READ_AROUND_PIECES : 0),
+    };
   }
 
   /** Probes the object (with retries, within the wait bound) and fixes its identity. */
   static async open(
     source: RangeSource,
     options: Partial<RemoteDeviceOptions> = {},
-    cacheFor?: (identity: ObjectIdentity) => BlockCache | null,
+    cacheFor?: (identity: ObjectIdentity) => ObjectCache | null,
   ): Promise<RemoteDevice> {
     const opts = { ...DEFAULT_REMOTE_OPTIONS, ...options };
     let identity: ObjectIdentity;
@@ -156,6 +189,7 @@ export class RemoteDevice extends DeviceBase {
       throw err instanceof RemoteFailure ? remoteError(err, source.name) : err;
     }
     log.remote("%s: %s", source.name, describeIdentity(identity));
+    opts.verifier?.checkSize(identity.size);
     const cache = cacheFor ? cacheFor(identity) : opts.cache;
     return new RemoteDevice(source, identity, { ...opts, cache });
   }
@@ -164,11 +198,28 @@ export class RemoteDevice extends DeviceBase {
     return this.source.name;
   }
 
+  /** The manifest every fetched block is checked against, or null (for info and sharing). */
+  get verifiedBy(): { location: string; sha256: string; blockSize: number; blocks: number } | null {
+    const f = this.opts.verifier?.found;
+    if (!f) return null;
+    return {
+      location: f.location,
+      sha256: f.sha256,
+      blockSize: f.manifest.blockSize,
+      blocks: f.manifest.blocks,
+    };
+  }
+
   private pieceLength(p: number): number {
     return Math.min(this.piece, this.size - p * this.piece);
   }
 
   read(buf: Buffer, offset: number): Promise<void> {
+    return this.readAs(this.reader, buf, offset);
+  }
+
+  /** A read of `reader`: its pattern decides readahead and read-around. */
+  readAs(reader: Reader, buf: Buffer, offset: number): Promise<void> {
     try {
       checkRange(this, buf.length, offset);
       if (this.changed) throw this.changed;
@@ -192,7 +243,7 @@ export class RemoteDevice extends DeviceBase {
     const waits: Array<Promise<void>> = [];
     const missing: number[] = [];
     for (let p = p0; p < p1; p++) {
-      this.around.read(p);
+      reader.around.read(p);
       const start = p * ps;
       const from = Math.max(offset, start);
       const to = Math.min(end, start + this.pieceLength(p));
@@ -205,8 +256,8 @@ export class RemoteDevice extends DeviceBase {
         missing.push(p);
       }
     }
-    const ahead = new Set(this.aheadOf(offset, buf.length, p1));
-    if (missing.length > 0) for (const p of this.aroundOf(missing, p1)) ahead.add(p);
+    const ahead = new Set(this.aheadOf(reader, offset, buf.length, p1));
+    if (missing.length > 0) for (const p of this.aroundOf(reader, missing, p1)) ahead.add(p);
     const fetched = this.fetch(missing, [...ahead], deadline);
     for (const p of missing) waits.push(fetched.get(p)!.then((d) => into(p, d)));
     if (waits.length === 0) return Promise.resolve();
@@ -217,8 +268,8 @@ export class RemoteDevice extends DeviceBase {
   }
 
   /** The pieces the sequential detector wants fetched ahead of this read, not here yet. */
-  private aheadOf(offset: number, length: number, after: number): number[] {
-    const range = this.detector.observe(offset, length);
+  private aheadOf(reader: Reader, offset: number, length: number, after: number): number[] {
+    const range = reader.detector.observe(offset, length);
     if (range === null) return [];
     const out: number[] = [];
     const last = Math.ceil(range.end / this.piece);
@@ -241,13 +292,13 @@ export class RemoteDevice extends DeviceBase {
    * The pieces read-around fetches after a miss, joined to its request: only
    * when the read's last piece is missing, up to the first piece that is here.
    */
-  private aroundOf(missing: number[], after: number): number[] {
-    const n = this.around.missed();
+  private aroundOf(reader: Reader, missing: number[], after: number): number[] {
+    const n = reader.around.missed();
     if (missing[missing.length - 1] !== after - 1) return [];
     const out: number[] = [];
     const last = Math.ceil(this.size / this.piece);
     for (let p = after; p < Math.min(last, after + n) && !this.present(p); p++) {
-      this.around.fetched(p);
+      reader.around.fetched(p);
       out.push(p);
     }
     return out;
@@ -313,6 +364,8 @@ export class RemoteDevice extends DeviceBase {
   /**
    * Pieces [first, end) with one range request; every piece gets its own
    * promise. `unasked`: bytes of it no read asked for (readahead, read-around).
+   * With a manifest each piece is checked before it is kept or cached: a
+   * piece that does not match fails alone, the others of the answer are used.
    */
   private fetchRun(
     first: number,
@@ -327,15 +380,29 @@ export class RemoteDevice extends DeviceBase {
       .run(ticket, () => this.fetchRange(start, stop, ticket))
       .then((data) => {
         this.stats.readaheadBytes += unasked;
-        this.opts.cache?.put(start, data);
-        const pieces: Buffer[] = [];
+        const pieces: Array<Buffer | Error> = [];
+        // Runs of good pieces go to the cache in one call each.
+        let run = 0;
+        const store = (upTo: number) => {
+          if (upTo > run)
+            this.opts.cache?.put(start + run * ps, data.subarray(run * ps, upTo * ps));
+        };
         for (let p = first; p < end; p++) {
           const part = data.subarray((p - first) * ps, (p - first) * ps + this.pieceLength(p));
+          const bad = this.opts.verifier?.check(p * ps, part) ?? null;
+          if (bad !== null) {
+            this.stats.verifyFailures++;
+            store(p - first);
+            run = p - first + 1;
+            pieces.push(bad);
+            continue;
+          }
           // Copied out of a longer answer, so each piece can be dropped from memory alone.
           const piece = end - first === 1 ? part : Buffer.from(part);
           this.remember(p, piece);
           pieces.push(piece);
         }
+        store(end - first);
         return pieces;
       })
       .catch((err: unknown) => {
@@ -344,7 +411,11 @@ export class RemoteDevice extends DeviceBase {
     const out: Array<Promise<Buffer>> = [];
     for (let p = first; p < end; p++) {
       const data = whole
-        .then((pieces) => pieces[p - first]!)
+        .then((pieces) => {
+          const piece = pieces[p - first]!;
+          if (piece instanceof Error) throw piece;
+          return piece;
+        })
         .finally(() => this.inflight.delete(p));
       data.catch(() => undefined);
       this.inflight.set(p, { data, ticket });
@@ -420,6 +491,7 @@ export class RemoteDevice extends DeviceBase {
     const s = this.stats;
     const hits = s.memoryHits + s.cacheHits;
     const cache = this.opts.cache;
+    const usage = cache?.usage() ?? { blocks: 0, bytes: 0 };
     return {
       // The device is the object's bytes; the overlay's backing format field says what they are.
       format: "raw",
@@ -431,15 +503,16 @@ export class RemoteDevice extends DeviceBase {
         size: this.size,
         etag: this.objectIdentity.etag,
         lastModified: this.objectIdentity.lastModified,
-        blockSize: this.opts.blockSize,
+        // The size of a cache block file: by digest, one manifest block.
+        blockSize: this.opts.verifier?.blockSize ?? this.opts.blockSize,
         minRequest: this.piece,
         maxRequest: this.opts.maxRequestBytes,
         readahead: this.opts.readaheadBytes,
         waitBoundMs: this.waitBoundMs,
         cacheDir: cache?.dir ?? null,
-        blocks: Math.ceil(this.size / this.opts.blockSize),
-        cachedBlocks: cache?.countBlocks() ?? 0,
-        cachedBytes: cache?.cachedBytes() ?? 0,
+        blocks: Math.ceil(this.size / (this.opts.verifier?.blockSize ?? this.opts.blockSize)),
+        cachedBlocks: usage.blocks,
+        cachedBytes: usage.bytes,
         reads: s.reads,
         blockReads: s.blockReads,
         memoryHits: s.memoryHits,
@@ -450,6 +523,8 @@ export class RemoteDevice extends DeviceBase {
         readaheadBytes: s.readaheadBytes,
         retries: s.retries,
         cacheStoreFailures: cache?.stats.storeFailures ?? 0,
+        verifiedBy: this.verifiedBy,
+        verifyFailures: this.stats.verifyFailures,
       },
     };
   }

@@ -4,7 +4,7 @@ import { log } from "../util/log";
 import { OPERATOR_ACCESS } from "./access";
 import { type RemoteOpenOptions, openRemoteDevice } from "./open-remote-device";
 import { type RemoteSettings, remoteSettingsFromEnv } from "./options";
-import type { RemoteDevice } from "./remote-device";
+import type { Reader, RemoteDevice } from "./remote-device";
 import { sameIdentity } from "./source";
 
 /** A remote device open for one or more disks of this process. */
@@ -21,14 +21,25 @@ let nextEnvId = 0;
 
 /**
  * What must be equal for two opens to share a device: the object, how it is
- * read, the credentials, and the manifest its disk was pinned with (blocks
- * are checked against it).
+ * read, the credentials, the manifest its disk was pinned with (what the
+ * device says it is) and the one its blocks are checked against.
  */
-function sharingKey(name: string, settings: RemoteSettings, opts: RemoteOpenOptions): string {
+function sharingKey(
+  device: RemoteDevice,
+  settings: RemoteSettings,
+  opts: RemoteOpenOptions,
+): string {
   let envId = envIds.get(settings.env);
   if (envId === undefined) envIds.set(settings.env, (envId = nextEnvId++));
   const { cache: _cache, warn: _warn, ...tuning } = settings.device;
-  return JSON.stringify([name, tuning, settings.cache?.dir ?? null, envId, opts.manifest ?? null]);
+  return JSON.stringify([
+    device.name,
+    tuning,
+    settings.cache?.dir ?? null,
+    envId,
+    opts.manifest ?? null,
+    device.verifiedBy?.sha256 ?? null,
+  ]);
 }
 
 /**
@@ -50,7 +61,7 @@ export async function openSharedRemoteDevice(
   // A tenant's URL is reached under its own decision (origins, credentials, addresses):
   // only the operator's own URLs share a device.
   if (opts.access !== undefined && opts.access !== OPERATOR_ACCESS) return fresh;
-  const key = sharingKey(fresh.name, settings, opts);
+  const key = sharingKey(fresh, settings, opts);
   const same = open.find(
     (s) => s.key === key && sameIdentity(s.device.objectIdentity, fresh.objectIdentity),
   );
@@ -65,12 +76,22 @@ export async function openSharedRemoteDevice(
   return new SharedRemote(shared);
 }
 
-/** One disk's handle on a shared remote device; closing it closes the device only if it was the last. */
+/**
+ * One disk's handle on a shared remote device: its reads have a pattern of
+ * their own (streams, read-around); closing it closes the device only if it
+ * was the last.
+ */
 class SharedRemote extends FilterDevice {
   private closed = false;
+  private readonly reader: Reader;
 
   constructor(private readonly shared: Shared) {
     super(shared.device);
+    this.reader = shared.device.newReader();
+  }
+
+  override read(buf: Buffer, offset: number): Promise<void> {
+    return this.shared.device.readAs(this.reader, buf, offset);
   }
 
   override async close(): Promise<void> {

@@ -1,6 +1,6 @@
 import * as fs from "node:fs";
 import * as path from "node:path";
-import type { BenchContext, BenchSuite } from "./suite";
+import type { BenchContext, BenchSuite, SuiteReport } from "./suite";
 import {
   addcowMountJs,
   fileIn,
@@ -40,9 +40,9 @@ interface Workload {
   reads(size: number): Array<[number, number]>;
 }
 
-const TRACE = path.join(repoRoot, "test/bench/traces/boot-ext4.trace");
+export const TRACE = path.join(repoRoot, "test/bench/traces/boot-ext4.trace");
 
-function traceReads(file: string): Array<[number, number]> {
+export function traceReads(file: string): Array<[number, number]> {
   return fs
     .readFileSync(file, "utf8")
     .split("\n")
@@ -77,7 +77,7 @@ const WORKLOADS: Workload[] = [
 ];
 
 /** What a workload reads, counted in the 64 KiB-aligned pieces it touches (the issue's yardstick). */
-function bytesAt64K(reads: Array<[number, number]>): number {
+export function bytesAt64K(reads: Array<[number, number]>): number {
   const pieces = new Set<number>();
   for (const [off, len] of reads) {
     for (let p = Math.floor(off / 65536); p * 65536 < off + len; p++) pieces.add(p);
@@ -86,7 +86,7 @@ function bytesAt64K(reads: Array<[number, number]>): number {
 }
 
 /** An fio v2 iolog of the reads (the file name is redirected at replay). */
-function writeIolog(file: string, reads: Array<[number, number]>): void {
+export function writeIolog(file: string, reads: Array<[number, number]>): void {
   const lines = ["fio version 2 iolog", "disk add", "disk open"];
   for (const [off, len] of reads) lines.push(`disk read ${off} ${len}`);
   lines.push("disk close");
@@ -109,7 +109,7 @@ interface Row {
   bytes: number[];
 }
 
-type Starter = (ctx: BenchContext, dir: string, url: string) => Promise<Mounted>;
+export type Starter = (ctx: BenchContext, dir: string, url: string) => Promise<Mounted>;
 
 function sizeFromEnv(): number {
   const text = process.env.ADDCOW_REMOTE_BENCH_SIZE;
@@ -122,7 +122,7 @@ function sizeFromEnv(): number {
  * addcow over the URL, or over `localBase` (the reference: what "local-disk
  * speed" means here), with the cache directory in env.
  */
-function addcowStarter(size: number, env: NodeJS.ProcessEnv, localBase?: string): Starter {
+export function addcowStarter(size: number, env: NodeJS.ProcessEnv, localBase?: string): Starter {
   return async (ctx, dir, url) => {
     const file = path.join(dir, "disk.add-cow");
     const fullEnv = { ...process.env, ...env };
@@ -178,7 +178,10 @@ function nbdkitCurlMissing(): string | null {
 }
 
 /** Replays an iolog with fio; returns wall seconds and the bytes it read (fio stops at --runtime). */
-async function fioRun(file: string, iolog: string): Promise<{ secs: number; bytes: number }> {
+export async function fioRun(
+  file: string,
+  iolog: string,
+): Promise<{ secs: number; bytes: number }> {
   const t0 = process.hrtime.bigint();
   const r = await run("fio", [
     "--name=boot",
@@ -253,15 +256,20 @@ function targets(rows: Row[], yardstick: Map<string, { read: number; at64K: numb
   return out;
 }
 
+/** A remote suite's report when its servers are missing, or null. */
+export function serversMissing(title: string): SuiteReport | null {
+  if (which("nginx") && which("fio")) return null;
+  const why = "nginx or fio is not installed (bash .ci/setup)";
+  return { markdown: `### ${title}\n\nSkipped: ${why}.`, data: { skipped: why } };
+}
+
 export const remoteSuite: BenchSuite = {
   name: "remote",
   description:
     "first boot from a remote base: addcow (cold/warm cache) vs qsd curl and nbdkit curl",
   async run(ctx: BenchContext) {
-    if (!which("nginx") || !which("fio")) {
-      const why = "nginx or fio is not installed (bash .ci/setup)";
-      return { markdown: `### Remote base\n\nSkipped: ${why}.`, data: { skipped: why } };
-    }
+    const missing = serversMissing("Remote base");
+    if (missing) return missing;
     const size = sizeFromEnv();
     const dir = fs.mkdtempSync(path.join(ctx.workDir, "remote-"));
     ctx.defer("remove remote bench files", () => fs.rmSync(dir, { recursive: true, force: true }));

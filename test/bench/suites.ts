@@ -3,6 +3,7 @@ import { fioSuite } from "./fio-bench";
 import { sparseSuite } from "./sparse-bench";
 import { jobsSuite } from "./jobs-bench";
 import { remoteSuite } from "./remote-bench";
+import { verifySuite } from "./verify-bench";
 import { qcow2Suite } from "./qcow2-bench";
 import { densitySuite } from "./density-bench";
 
@@ -13,5 +14,6 @@ export const suites: BenchSuite[] = [
   jobsSuite,
   qcow2Suite,
   remoteSuite,
+  verifySuite,
   densitySuite,
 ];

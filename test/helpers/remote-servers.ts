@@ -155,6 +155,13 @@ http {
   return server;
 }
 
+/** Body bytes an nginx sent for `uri` (its access log lines), the one-byte probes left out. */
+export function servedBytes(lines: string[], uri: string): number {
+  return lines
+    .filter((l) => l.startsWith(`GET ${uri} `) && !l.includes('"bytes=0-0"'))
+    .reduce((sum, l) => sum + Number(l.split(" ")[4]), 0);
+}
+
 /** A fresh temp dir with www/base.raw (pattern data) and an nginx serving it. */
 export async function servedBase(
   bytes: number,
@@ -241,7 +248,12 @@ export type ProxyMode =
   /** Sends the headers and part of the body, then drops the connection. */
   | { kind: "cut" }
   /** Accepts connections and never answers. */
-  | { kind: "hang" };
+  | { kind: "hang" }
+  /**
+   * Forwards answers with the byte at each object offset in `at` flipped
+   * (headers, ETag included, unchanged): a mirror serving wrong bytes.
+   */
+  | { kind: "corrupt"; at: number[] };
 
 export interface FaultProxy {
   url: string;
@@ -314,6 +326,21 @@ export async function startProxy(
             return;
           }
           upRes.on("data", (chunk: Buffer) => (proxy.bytes += chunk.length));
+          if (m.kind === "corrupt") {
+            // Where the body starts in the object: a 206's Content-Range, else 0.
+            const cr = /^bytes (\d+)-/.exec(String(upRes.headers["content-range"] ?? ""));
+            let pos = cr ? Number(cr[1]) : 0;
+            upRes.on("data", (chunk: Buffer) => {
+              const out = Buffer.from(chunk);
+              for (const at of m.at) {
+                if (at >= pos && at < pos + out.length) out[at - pos] = out[at - pos]! ^ 0xff;
+              }
+              pos += chunk.length;
+              res.write(out);
+            });
+            upRes.on("end", () => res.end());
+            return;
+          }
           upRes.pipe(res);
         },
       );

@@ -144,7 +144,7 @@ describe("a changed base, through the mount", () => {
     expect(made.code, made.stderr).toBe(0);
     expect(made.stdout).toMatch(
       new RegExp(
-        `^wrote base\\.raw\\.manifest: 7 blocks of 1048576 bytes over ${BASE} bytes, sha256 [0-9a-f]{64}; publish it at ${url}\\.manifest`,
+        `^wrote base\\.raw\\.manifest: 97 blocks of 65536 bytes over ${BASE} bytes, sha256 [0-9a-f]{64}; publish it at ${url}\\.manifest`,
       ),
     );
     const local = await addcow(env, dir, "manifest", base, "-o", path.join(dir, "local.manifest"));
@@ -196,7 +196,7 @@ describe("a changed base, through the mount", () => {
           "manifest",
           "-q",
           "--block-size",
-          "64K",
+          "1M",
           base,
           "-o",
           `${base}.manifest`,

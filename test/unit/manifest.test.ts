@@ -8,7 +8,7 @@ import * as fs from "node:fs";
 import * as path from "node:path";
 import { execFileSync } from "node:child_process";
 import { describe, expect, it } from "vitest";
-import { Manifest } from "../../src/remote/manifest";
+import { Manifest, defaultManifestBlock } from "../../src/remote/manifest";
 import { AddCowError } from "../../src/util/errors";
 import { addcow, tempDir } from "../helpers/cli";
 import { pattern, writeRaw } from "../helpers/jobs";
@@ -37,7 +37,8 @@ describe("addcow manifest", () => {
       const dir = tempDir("addcow-manifest-");
       const base = path.join(dir, "base.raw");
       writeRaw(base, pattern(size, 3));
-      const args = bs === 1024 * KiB ? [] : ["--block-size", `${bs / KiB}K`];
+      // 64 KiB is the default block size.
+      const args = bs === 64 * KiB ? [] : ["--block-size", `${bs / KiB}K`];
       const r = addcow(dir, "manifest", ...args, "base.raw");
       expect(r.code, r.stderr).toBe(0);
       const blocks = Math.ceil(size / bs);
@@ -74,6 +75,20 @@ describe("addcow manifest", () => {
       expect(m.verify(0, data.subarray(0, bs - 1))).toBe(false);
     },
   );
+
+  it("the default block size is 64 KiB, larger for bases over 32 GiB so the manifest stays within 16 MiB", () => {
+    const GiB = 1024 * 1024 * KiB;
+    expect(defaultManifestBlock(0)).toBe(64 * KiB);
+    expect(defaultManifestBlock(8 * GiB)).toBe(64 * KiB); // 131072 digests, 4 MiB
+    expect(defaultManifestBlock(32 * GiB)).toBe(64 * KiB);
+    expect(defaultManifestBlock(32 * GiB + 1)).toBe(128 * KiB);
+    expect(defaultManifestBlock(1024 * GiB)).toBe(2048 * KiB);
+    for (const size of [8 * GiB, 33 * GiB, 1024 * GiB, 16 * 1024 * GiB]) {
+      expect(32 + 32 * Math.ceil(size / defaultManifestBlock(size)) + 32).toBeLessThanOrEqual(
+        16 * 1024 * KiB + 64,
+      );
+    }
+  });
 
   it("a manifest with any flipped byte is refused by its own checksum, in one line", () => {
     const dir = tempDir("addcow-manifest-");

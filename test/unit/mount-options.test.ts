@@ -30,6 +30,13 @@ describe("addcow-mount -o parsing", () => {
     expect(() => parseMountOptions(["ro,copy-on-read"])).toThrow(/cannot be combined with -o ro/);
     expect(parseMountOptions([]).cacheMode).toBe("writeback");
     expect(parseMountOptions(["sync"]).cacheMode).toBe("writethrough");
+    expect(parseMountOptions(["verify=required"]).verify).toBe("required");
+    expect(parseMountOptions(["verify=required,verify=auto"]).verify).toBe("auto");
+    expect(parseMountOptions([]).verify).toBeUndefined();
+    expect(() => parseMountOptions(["verify=strict"])).toThrow(
+      /^invalid -o verify=strict: use verify=required/,
+    );
+    expect(() => parseMountOptions(["verify"])).toThrow(/verify needs a value/);
   });
 
   it("log= chooses where warnings and errors go besides stderr", () => {

@@ -79,4 +79,41 @@ describe("remote devices shared by the disks of one process", () => {
     await fresh.close();
     expect(sharedRemoteCount().devices).toBe(0);
   });
+
+  it("each disk has its own read pattern: another disk's random reads leave its read-around on, ten disks' streams all get readahead", async () => {
+    const { base, nginx, url } = await servedBase(32 << 20, 9);
+    const local = fs.readFileSync(base);
+    const s = remoteSettingsFromEnv({ ADDCOW_CACHE_DIR: "none" });
+    s.device = { ...s.device, warn: () => undefined };
+    const disks = await Promise.all(
+      Array.from({ length: 10 }, () => openSharedRemoteDevice(url, s)),
+    );
+    expect(sharedRemoteCount()).toEqual({ devices: 1, handles: 10 });
+    const read = async (d: (typeof disks)[number], off: number, len: number) => {
+      const buf = Buffer.alloc(len);
+      await d.read(buf, off);
+      expect(buf.equals(local.subarray(off, off + len)), `[${off}, +${len})`).toBe(true);
+    };
+    const lines = () => nginx.requests().filter((l) => !/"bytes=0-0"/.test(l));
+    // Disk 0 reads at random: 40 misses whose read-around nobody reads turn it off for disk 0.
+    for (let i = 0; i < 40; i++) await read(disks[0]!, (i * 11 + 3) * 65536, 4096);
+    const before = lines().length;
+    await read(disks[0]!, 30 << 20, 4096);
+    expect(lines()[lines().length - 1]).toMatch(/"bytes=31457280-31522815"/); // its piece alone
+    // Disk 1's first miss still fetches the 2 pieces after it.
+    await read(disks[1]!, 29 << 20, 4096);
+    expect(lines()[lines().length - 1]).toMatch(/"bytes=30408704-30605311"/);
+    expect(lines().length).toBe(before + 2);
+    // Ten disks read a stream each, interleaved: more streams than a detector follows (8).
+    const start = lines().length;
+    for (let r = 0; r < 48; r++) {
+      for (let d = 0; d < 10; d++) await read(disks[d]!, d * (3 << 20) + r * 65536, 65536);
+    }
+    const requests = lines().length - start;
+    // Read-around alone would take a request per 3 pieces (160); with readahead once a stream
+    // has read 1 MiB, 122. One detector for all (before): 375, with read-around off too.
+    expect(requests).toBeLessThan(140);
+    for (const d of disks) await d.close();
+    expect(sharedRemoteCount().devices).toBe(0);
+  });
 });

@@ -77,12 +77,22 @@ function formatRemote(r: Record<string, unknown>): string[] {
     `remote block size: ${formatSize(Number(r.blockSize))}`,
   ];
   if (r.cacheDir) {
+    const cached = Number(r.cachedBytes);
+    const size = Number(r.size);
+    const share = size > 0 ? ` (${((cached * 100) / size).toFixed(2)}%)` : "";
+    const by = r.verifiedBy ? ", blocks stored by SHA-256 and shared with other bases" : "";
     lines.push(
-      `remote cache: ${String(r.cacheDir)}: ${Number(r.cachedBlocks)} of ${Number(r.blocks)} blocks cached`,
+      `remote cache: ${String(r.cacheDir)}: ${formatSize(cached)} of ${formatSize(size)} cached${share}${by}`,
     );
   } else {
     lines.push(`remote cache: none`);
   }
+  const v = r.verifiedBy as { location: string; sha256: string; blockSize: number } | null;
+  lines.push(
+    v
+      ? `remote blocks: verified (each ${formatSize(v.blockSize)} block against manifest ${v.location}, sha256 ${v.sha256.slice(0, 16)}...)`
+      : `remote blocks: not verified (no manifest pinned; publish one with addcow manifest, then re-pin with addcow rebase -u)`,
+  );
   if (Number(r.blockReads) > 0) {
     lines.push(
       `remote reads: ${Number(r.blockReads)} blocks, hit rate ${Number(r.hitRate).toFixed(2)}%, ${Number(r.requests)} requests, ${formatSize(Number(r.bytesFetched))} fetched`,

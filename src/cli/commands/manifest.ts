@@ -22,14 +22,19 @@ export function register(program: Command): void {
       "-o, --output-file <file>",
       "where to write it (default: BASE.manifest; for a URL, its name + .manifest here)",
     )
-    .option("--block-size <size>", "bytes each digest covers, a power of two from 4K to 64M", "1M")
+    .option(
+      "--block-size <size>",
+      "bytes each digest covers, a power of two from 4K to 64M (default 64K; larger over 32G, keeping the manifest within 16M)",
+    )
     .option("-q, --quiet", "print nothing on success");
   addJsonOption(cmd, "print the result as JSON").action(
     action(async (base: string, flags: ManifestFlags) => {
       const result = await makeManifest({
         base,
         ...(flags.outputFile === undefined ? {} : { output: flags.outputFile }),
-        blockSize: parseSize(flags.blockSize ?? "1M", "block size"),
+        ...(flags.blockSize === undefined
+          ? {}
+          : { blockSize: parseSize(flags.blockSize, "block size") }),
       });
       if (flags.json) process.stdout.write(JSON.stringify(result, null, 2) + "\n");
       else if (!flags.quiet) process.stdout.write(describeManifest(result) + "\n");
