@@ -294,3 +294,36 @@ describe("verified blocks", () => {
     expect(cacheState(env.ADDCOW_CACHE_DIR).badDigests).toEqual([]);
   });
 });
+
+describe("the store of blocks by digest and a tenant's URL", () => {
+  it("a tenant's URL is verified against its manifest but cached by URL, never in the shared digest store", async () => {
+    const SIZE = 1 * MiB;
+    const { dir, base, url } = await servedBase(SIZE, 41);
+    const local = fs.readFileSync(base);
+    const m = manifestBytes(local, BS);
+    fs.writeFileSync(`${base}.manifest`, m);
+    const origin = new URL(url).origin;
+    const { judgeUrl } = await import("../../src/chain/url-policy");
+    const decision = await judgeUrl({ any: false, origins: [origin], auth: [] }, url, {
+      writers: [{ uid: 65534, owns: "/home/tenant/vm.add-cow" }],
+      confined: false,
+      role: "backing file",
+    });
+    const cache = path.join(dir, "cache");
+    const dev = await open(
+      url,
+      { ADDCOW_CACHE_DIR: cache },
+      { ...pinned(m), access: decision.access },
+    );
+    try {
+      expect((await readAt(dev, 0, SIZE)).equals(local)).toBe(true);
+      await dev.settled();
+      expect(dev.describe().details).toMatchObject({ verifiedBy: { sha256: manifestDigest(m) } });
+    } finally {
+      await dev.close();
+    }
+    const state = cacheState(cache);
+    expect(state.digests).toEqual([]);
+    expect(state.files.length).toBeGreaterThan(0);
+  });
+});
